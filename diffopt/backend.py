@@ -1,0 +1,62 @@
+"""The ``diffopt`` torch.compile backend: analyze → passes → lower → region executor.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="diffopt", options={...})`` works without ``import diffopt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+
+from diffopt.config import Config, ConfigError
+from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
+from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
+
+
+@dataclass
+class Optimized:
+    """Everything one backend call produced, for the executor and for `inspect`."""
+
+    graph: DenoiserGraph
+    reports: list[PassReport]
+    """Region analysis first, then one report per pass that ran."""
+    program: RegionProgram
+    before: RegionProgram | None = None
+    """The regions as captured, before any pass (kept only when asked for)."""
+
+
+def optimize(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    config: Config,
+    *,
+    keep_before: bool = False,
+    compile_regions: bool = True,
+) -> Optimized:
+    """Run diffopt's pipeline on one dynamo graph."""
+    graph, analysis = analyze(gm, example_inputs)
+    if config.strict:
+        analysis.raise_if_skipped()
+    before = split_regions(graph) if keep_before else None
+    graph, reports = run_passes(graph, config)
+    program = lower(graph, config.inner) if compile_regions else split_regions(graph)
+    return Optimized(graph, [analysis, *reports], program, before)
+
+
+def diffopt_backend(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: Config | dict[str, Any] | None = None,
+    **unsupported: Any,
+) -> RegionExecutor:
+    """torch.compile backend entry point; `options` is a `diffopt.Config` or a dict of its keys."""
+    if unsupported:
+        raise ConfigError(
+            f"the diffopt backend takes options=..., not {sorted(unsupported)}; "
+            "pass settings as options={'inner': 'inductor', ...}"
+        )
+    config = Config.coerce(options)
+    return RegionExecutor(optimize(gm, example_inputs, config).program)

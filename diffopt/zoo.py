@@ -1,0 +1,214 @@
+"""Built-in models and the ways a user names a model on the command line.
+
+The tiny models are the five diffusers families at toy size, built in code with fixed seeds, so
+tests and demos never download anything. `example_inputs` makes a call's keyword arguments for
+any of these classes from the model's own config, which is also how a local diffusers folder
+gets its inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ExampleInputs = dict[str, Any] | tuple[Any, ...]
+
+
+def _tiny_flux() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )  # fmt: skip
+
+
+def _tiny_sd3() -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        pooled_projection_dim=32, out_channels=4,
+    )  # fmt: skip
+
+
+def _tiny_dit() -> torch.nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    )  # fmt: skip
+
+
+def _tiny_pixart() -> torch.nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=32,
+        use_additional_conditions=False,
+    )  # fmt: skip
+
+
+def _tiny_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+
+
+TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "tiny-flux": _tiny_flux,
+    "tiny-sd3": _tiny_sd3,
+    "tiny-dit": _tiny_dit,
+    "tiny-pixart": _tiny_pixart,
+    "tiny-unet": _tiny_unet,
+}
+
+
+def build(name: str, *, batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A built-in model (eval mode, seeded weights) and example inputs for it."""
+    if name not in TINY_MODELS:
+        raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]().eval()
+    return model, example_inputs(model, batch=batch, seed=seed)
+
+
+def example_inputs(model: torch.nn.Module, *, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments for one denoiser call, shaped from the model's config."""
+    kind = type(model).__name__
+    if kind not in _INPUTS:
+        raise TypeError(
+            f"no example inputs known for {kind}; known classes: {sorted(_INPUTS)}. "
+            "Pass a 'package.module:factory' that returns (model, example_inputs) instead."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    return _INPUTS[kind](model.config, batch, gen)
+
+
+def _latents(cfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
+    size = cfg.sample_size
+    return torch.randn(batch, cfg.in_channels, size, size, generator=gen)
+
+
+def _timestep(batch: int, gen: torch.Generator, scale: float = 1000.0) -> torch.Tensor:
+    return (torch.rand(batch, generator=gen) * scale).round()
+
+
+def _flux_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    side, text = 4, 8
+    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
+    img_ids = torch.cat([torch.zeros(side * side, 1), ids.reshape(-1, 2).float()], dim=1)
+    return {
+        "hidden_states": torch.randn(batch, side * side, cfg.in_channels, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, text, cfg.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+        "timestep": torch.rand(batch, generator=gen),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(text, 3),
+        "return_dict": False,
+    }
+
+
+def _sd3_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _latents(cfg, batch, gen),
+        "encoder_hidden_states": torch.randn(batch, 6, cfg.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+        "timestep": _timestep(batch, gen),
+        "return_dict": False,
+    }
+
+
+def _dit_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _latents(cfg, batch, gen),
+        "timestep": _timestep(batch, gen),
+        "class_labels": torch.randint(0, cfg.num_embeds_ada_norm, (batch,), generator=gen),
+        "return_dict": False,
+    }
+
+
+def _pixart_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    inputs = {
+        "hidden_states": _latents(cfg, batch, gen),
+        "encoder_hidden_states": torch.randn(batch, 6, cfg.caption_channels, generator=gen),
+        "timestep": _timestep(batch, gen),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "return_dict": False,
+    }
+    if cfg.use_additional_conditions:
+        size = float(cfg.sample_size * 8)
+        inputs["added_cond_kwargs"] = {
+            "resolution": torch.tensor([[size, size]] * batch),
+            "aspect_ratio": torch.ones(batch, 1),
+        }
+    return inputs
+
+
+def _unet_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "sample": _latents(cfg, batch, gen),
+        "timestep": _timestep(batch, gen),
+        "encoder_hidden_states": torch.randn(batch, 6, cfg.cross_attention_dim, generator=gen),
+        "return_dict": False,
+    }
+
+
+_INPUTS: dict[str, Callable[[Any, int, torch.Generator], dict[str, Any]]] = {
+    "FluxTransformer2DModel": _flux_inputs,
+    "SD3Transformer2DModel": _sd3_inputs,
+    "DiTTransformer2DModel": _dit_inputs,
+    "PixArtTransformer2DModel": _pixart_inputs,
+    "UNet2DConditionModel": _unet_inputs,
+}
+
+
+def resolve(spec: str) -> tuple[torch.nn.Module, ExampleInputs]:
+    """A model named on the command line: a built-in name, a local diffusers model folder
+    (loaded with ``from_pretrained``, never downloaded), or ``package.module:factory`` returning
+    ``(model, example_inputs)``."""
+    if spec in TINY_MODELS:
+        return build(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return _from_folder(path)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load factory {spec!r}: {e}") from e
+        model, inputs = factory()
+        return model.eval(), inputs
+    raise ValueError(
+        f"{spec!r} is not a built-in model ({', '.join(sorted(TINY_MODELS))}), "
+        "a local diffusers model folder, or a 'package.module:factory'"
+    )
+
+
+def _from_folder(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    import diffusers
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"{path} has no config.json; is it a diffusers model folder?")
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None:
+        raise ValueError(f"{config_file} names class {class_name!r}, which diffusers lacks")
+    model = cls.from_pretrained(path, local_files_only=True).eval()
+    return model, example_inputs(model)

@@ -1,0 +1,84 @@
+"""The object every pass takes and returns: a captured FX graph plus what analysis found in it.
+
+Region membership lives on the nodes themselves (``node.meta[REGION_KEY]``), so a pass that
+rewrites nodes keeps it by construction; the region list only records names and order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+REGION_KEY = "diffopt_region"
+"""``node.meta`` key naming the region a node belongs to."""
+
+INPUT_KEY = "diffopt_input"
+"""``placeholder.meta`` key: ``"param"``, ``"buffer"`` or ``"user"``."""
+
+RegionKind = Literal["prologue", "block", "epilogue"]
+
+
+@dataclass(frozen=True)
+class Region:
+    """A contiguous span of the graph that runs as one unit: prologue, one block, or epilogue."""
+
+    name: str
+    """``"prologue"``, ``"epilogue"``, or the block's module path (``"transformer_blocks.3"``)."""
+    kind: RegionKind
+    group: str | None = None
+    """For blocks: the container they belong to (``"transformer_blocks"``)."""
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """A graph value the analysis gave a meaning to (the timestep, a token stream, ...)."""
+
+    node: str
+    """The FX node's name."""
+    shape: tuple[int, ...]
+    why: str
+
+
+@dataclass
+class InputRoles:
+    """What analysis found at the blocks' boundary."""
+
+    timestep: TensorRole | None = None
+    token_streams: list[TensorRole] = field(default_factory=list)
+    """[B, N, D] tensors entering the first block and flowing through the blocks."""
+    per_token: list[TensorRole] = field(default_factory=list)
+    """Side inputs of the first block indexed by token (e.g. rotary embeddings)."""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DenoiserGraph:
+    """A captured denoiser: the FX graph, its regions in execution order, and input roles."""
+
+    gm: fx.GraphModule
+    regions: list[Region]
+    roles: InputRoles
+    example_inputs: list[object] = field(default_factory=list)
+    """The graph's inputs as the capture saw them (real tensors for parameters)."""
+
+    @property
+    def blocks(self) -> list[Region]:
+        return [r for r in self.regions if r.kind == "block"]
+
+    def nodes_of(self, region: str) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.meta.get(REGION_KEY) == region]
+
+
+def example_value(node: fx.Node) -> object:
+    """The value a node held during capture (a fake tensor under dynamo), if recorded."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    value = example_value(node)
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return None

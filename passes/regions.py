@@ -1,0 +1,242 @@
+"""Region analysis: prologue · block 0..N-1 · epilogue, found from the module hierarchy.
+
+Dynamo records on every node the stack of modules it was traced in (``nn_module_stack``).
+A *block* is a module addressed by an index in its path (``transformer_blocks.3``, or
+``backbone.blocks.3`` in a user model): a `ModuleList` entry. This needs no model-specific
+adapter for the diffusers transformers nor for a user's embed → blocks → head model; the UNet's
+``mid_block`` is found by the one extra rule below (a module called between two blocks is a block).
+
+Rules, in order of the graph (which is program order under dynamo):
+- the first contiguous run of nodes inside a block path is that block; a later run inside an
+  already-finished block path is root code (DiT's head calls ``transformer_blocks[0].norm1.emb``);
+- any other module run between the first and the last block is a block of its own;
+- root code between blocks joins the region that follows it, so every block starts where the
+  previous one ended;
+- everything before the first block is the prologue, everything after the last is the epilogue.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, InputRoles, Region, TensorRole, shape_of
+from .report import PassReport
+
+_PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
+_SKIPPED_TOKENS = {"__dict__", "_modules"}
+_TIME_NAMES = ("timestep", "timesteps", "sigma", "sigmas", "t")
+
+
+def module_path(source: str) -> str:
+    """Dynamo's source string for a module, as the dotted path `named_modules()` would give.
+
+    ``L['self'].__dict__['_modules']['transformer_blocks'].0`` → ``transformer_blocks.0``.
+    """
+    source = re.sub(r"^[A-Z]\['[^']*'\]", "", source)  # the root: L['self'], L['model'], ...
+    parts = []
+    for quoted, index, attr in _PATH_TOKEN.findall(source):
+        part = quoted or index or attr
+        if part not in _SKIPPED_TOKENS:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [module_path(entry[0]) for entry in stack.values()]
+
+
+def _block_path(paths: list[str]) -> str | None:
+    """The outermost module in the stack that is addressed by an index."""
+    return next((p for p in paths if p.rsplit(".", 1)[-1].isdigit()), None)
+
+
+def analyze(gm: fx.GraphModule, example_inputs: list[object]) -> tuple[DenoiserGraph, PassReport]:
+    """Tag every node with its region and find the timestep, token streams and side inputs."""
+    report = PassReport("regions")
+    _tag_inputs(gm, example_inputs)
+    regions = _assign_regions(gm, report)
+    graph = DenoiserGraph(gm, regions, InputRoles(), list(example_inputs))
+    if graph.blocks:
+        graph.roles = find_roles(graph)
+        report.notes.extend(graph.roles.notes)
+    return graph, report
+
+
+def _tag_inputs(gm: fx.GraphModule, example_inputs: list[object]) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs, strict=False):
+        if isinstance(value, torch.nn.Parameter):
+            node.meta[INPUT_KEY] = "param"
+        elif "_buffers_" in node.name:
+            node.meta[INPUT_KEY] = "buffer"
+        else:
+            node.meta[INPUT_KEY] = "user"
+
+
+def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+
+    # Runs of consecutive nodes with the same owner: ("block", path), ("module", path) or root.
+    runs: list[tuple[str | None, str | None, list[fx.Node]]] = []
+    finished: set[str] = set()
+    for node in body:
+        paths = _module_paths(node)
+        block = _block_path(paths)
+        current = runs[-1][1] if runs and runs[-1][0] == "block" else None
+        if block is not None and block != current and block in finished:
+            block = None  # a finished block's submodule called again later: root code
+        if block is not None:
+            kind, owner = "block", block
+        elif paths:
+            kind, owner = "module", paths[0]
+        else:
+            kind, owner = None, None
+        if runs and runs[-1][:2] == (kind, owner):
+            runs[-1][2].append(node)
+        else:
+            if current is not None:
+                finished.add(current)
+            runs.append((kind, owner, [node]))
+
+    block_runs = [i for i, run in enumerate(runs) if run[0] == "block"]
+    if not block_runs:
+        report.skip(
+            "graph",
+            "no repeated blocks found (no module addressed by an index, such as blocks.0, "
+            "was called); the graph runs as one region",
+        )
+        for node in body:
+            node.meta[REGION_KEY] = "graph"
+        _tag_get_attrs(gm)
+        return [Region("graph", "prologue")]
+
+    first, last = block_runs[0], block_runs[-1]
+    regions = [Region("prologue", "prologue")]
+    pending: list[fx.Node] = []  # root code waiting for the region that follows it
+    for i, (kind, owner, nodes) in enumerate(runs):
+        if i < first:
+            name = "prologue"
+        elif i > last:
+            name = "epilogue"
+        elif kind is None:
+            pending.extend(nodes)
+            continue
+        else:
+            name = owner
+            group = owner.rsplit(".", 1)[0] if kind == "block" else None
+            if all(r.name != name for r in regions):
+                regions.append(Region(name, "block", group))
+        for node in pending + nodes:
+            node.meta[REGION_KEY] = name
+        pending = []
+    regions.append(Region("epilogue", "epilogue"))
+    _tag_get_attrs(gm)
+    report.notes.append(
+        f"{len(regions) - 2} blocks in "
+        + ", ".join(sorted({r.group or r.name for r in regions if r.kind == "block"}))
+    )
+    return regions
+
+
+def _tag_get_attrs(gm: fx.GraphModule) -> None:
+    """Constants belong to the region of their first user."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            node.meta[REGION_KEY] = next(iter(node.users)).meta.get(REGION_KEY)
+
+
+def region_inputs(graph: DenoiserGraph, region: str) -> list[fx.Node]:
+    """Values a region reads that are produced outside it, in first-use order."""
+    inputs: dict[fx.Node, None] = {}
+    for node in graph.nodes_of(region):
+        for arg in node.all_input_nodes:
+            if arg.meta.get(REGION_KEY) != region:
+                inputs[arg] = None
+    return list(inputs)
+
+
+def region_outputs(graph: DenoiserGraph, region: str) -> list[fx.Node]:
+    """Values a region produces that are read outside it."""
+    return [
+        n
+        for n in graph.nodes_of(region)
+        if any(user.meta.get(REGION_KEY) != region for user in n.users)
+    ]
+
+
+def find_roles(graph: DenoiserGraph) -> InputRoles:
+    """Timestep input, token streams entering the first block, and per-token side inputs."""
+    roles = InputRoles()
+    first = graph.blocks[0].name
+    entering = [
+        n for n in region_inputs(graph, first) if n.meta.get(INPUT_KEY) not in ("param", "buffer")
+    ]
+    leaving = {shape_of(n) for n in region_outputs(graph, first)}
+
+    for node in entering:
+        shape = shape_of(node)
+        if shape is not None and len(shape) == 3 and shape in leaving:
+            roles.token_streams.append(
+                TensorRole(node.name, shape, "[B, N, D] in and out of the first block")
+            )
+    if not roles.token_streams:
+        roles.notes.append(
+            "no [B, N, D] token stream enters the first block (a convolutional feature map?): "
+            "token-level passes will not apply"
+        )
+
+    lengths = {s.shape[1] for s in roles.token_streams}
+    if len(lengths) > 1:
+        lengths.add(sum(lengths))  # joint attention over the concatenated streams
+    streams = {s.node for s in roles.token_streams}
+    for node in entering:
+        shape = shape_of(node)
+        if node.name in streams or shape is None or len(shape) < 2:
+            continue
+        if any(dim in lengths for dim in shape[:-1]):
+            roles.per_token.append(TensorRole(node.name, shape, "has a token-length dimension"))
+
+    roles.timestep = _find_timestep(graph)
+    if roles.timestep is None:
+        roles.notes.append("no timestep input found (no user input feeds a sin/cos embedding)")
+    return roles
+
+
+def _find_timestep(graph: DenoiserGraph) -> TensorRole | None:
+    """The user input whose values reach a sinusoidal embedding; names break ties."""
+    trig = {torch.sin, torch.cos, "sin", "cos"}
+    candidates = []
+    for node in graph.gm.graph.nodes:
+        if node.op != "placeholder" or node.meta.get(INPUT_KEY) != "user":
+            continue
+        shape = shape_of(node)
+        if shape is None or len(shape) > 1:
+            continue
+        if _reaches(node, lambda n: n.target in trig):
+            candidates.append(node)
+    if not candidates:
+        return None
+
+    def name_rank(node: fx.Node) -> int:
+        bare = node.name.removeprefix("l_").rstrip("_")
+        return 0 if bare in _TIME_NAMES else 1
+
+    best = min(candidates, key=name_rank)
+    return TensorRole(best.name, shape_of(best), "user input that feeds a sin/cos embedding")
+
+
+def _reaches(start: fx.Node, predicate) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if predicate(node):
+            return True
+        todo.extend(node.users)
+    return False

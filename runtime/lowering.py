@@ -1,0 +1,161 @@
+"""Lowering: split the rewritten graph into one submodule per region and compile each.
+
+`torch.fx.passes.split_module` does the cut; this file turns its parent graph into a flat
+`RegionProgram` (value slots in, regions in order, value slots out) that the executor walks.
+Each region is compiled by the inner backend on its own, with the fake tensors dynamo recorded
+as example inputs, so dynamic shapes stay symbolic and nothing runs at compile time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+
+from diffopt.config import InnerBackend
+from diffopt.passes.graph import REGION_KEY, DenoiserGraph, Region, example_value
+
+
+class LoweringError(RuntimeError):
+    """A region could not be split out or compiled."""
+
+
+@dataclass
+class LoweredRegion:
+    """One region, ready to run: its eager module, its compiled callable and its value slots."""
+
+    region: Region
+    module: fx.GraphModule
+    """The region's graph as Python code (always returns a tuple)."""
+    inputs: list[int]
+    outputs: list[int]
+    compiled: Callable[..., Any] | None = None
+    boxed: bool = False
+    """Whether `compiled` takes its inputs as one list (AOTAutograd's boxed convention)."""
+
+    def __call__(self, *args: Any) -> Sequence[Any]:
+        fn = self.compiled or self.module
+        return fn(list(args)) if self.boxed else fn(*args)
+
+
+@dataclass
+class RegionProgram:
+    """A denoiser graph as a straight line of regions over numbered value slots."""
+
+    num_inputs: int
+    num_slots: int
+    regions: list[LoweredRegion]
+    output: Any
+    """The graph's output structure, with `Slot` where a value comes from a slot."""
+    release: list[list[int]] = field(default_factory=list)
+    """Slots no longer needed after region i: freed so intermediate activations do not pile up."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+
+
+def split_regions(graph: DenoiserGraph) -> RegionProgram:
+    """Cut `graph` into its regions; the regions run uncompiled until `compile_regions`."""
+    gm = graph.gm
+    index = {r.name: i for i, r in enumerate(graph.regions)}
+    missing = [
+        n.name
+        for n in gm.graph.nodes
+        if n.op not in ("placeholder", "output") and n.meta.get(REGION_KEY) not in index
+    ]
+    if missing:
+        raise LoweringError(f"nodes {missing[:5]} have no region; was the graph analyzed?")
+
+    parent = split_module(
+        gm,
+        None,
+        lambda node: index[node.meta[REGION_KEY]],
+        keep_original_order=True,
+        keep_original_node_name=True,
+    )
+    slots: dict[fx.Node, int] = {}
+    num_slots = 0
+    produced: dict[fx.Node, list[int]] = {}  # region call -> the slots of its outputs
+    lowered: list[LoweredRegion] = []
+    output: Any = None
+    for node in parent.graph.nodes:
+        if node.op == "placeholder":
+            slots[node] = num_slots
+            num_slots += 1
+        elif node.op == "call_module":
+            module = getattr(parent, node.target)
+            arity = _return_tuple(module)
+            outputs = produced[node] = list(range(num_slots, num_slots + arity))
+            num_slots += arity
+            if arity == 1:  # split_module uses a single output directly, several via getitem
+                slots[node] = outputs[0]
+            region = graph.regions[int(node.target.removeprefix("submod_"))]
+            lowered.append(
+                LoweredRegion(region, module, [slots[a] for a in node.args], outputs)
+            )
+        elif node.op == "call_function" and node.target.__name__ == "getitem":
+            source, i = node.args
+            slots[node] = produced[source][i]
+        elif node.op == "output":
+            output = fx.node.map_arg(node.args[0], lambda n: Slot(slots[n]))
+        else:
+            raise LoweringError(f"unexpected node {node.format_node()} between regions")
+
+    num_inputs = sum(1 for n in parent.graph.nodes if n.op == "placeholder")
+    return RegionProgram(num_inputs, num_slots, lowered, output, _releases(lowered, output))
+
+
+def _return_tuple(module: fx.GraphModule) -> int:
+    """Make the region return a tuple (what compilers expect); returns how many values."""
+    out = next(n for n in module.graph.nodes if n.op == "output")
+    values = out.args[0]
+    if not isinstance(values, (tuple, list)):
+        values = (values,)
+        out.args = (values,)
+        module.recompile()
+    return len(values)
+
+
+def _releases(regions: list[LoweredRegion], output: Any) -> list[list[int]]:
+    kept: set[int] = set()
+    fx.node.map_aggregate(output, lambda v: kept.add(v.index) if isinstance(v, Slot) else None)
+    last_use: dict[int, int] = {}
+    for i, region in enumerate(regions):
+        for slot in region.inputs:
+            last_use[slot] = i
+    release: list[list[int]] = [[] for _ in regions]
+    for slot, i in last_use.items():
+        if slot not in kept:
+            release[i].append(slot)
+    return release
+
+
+def compile_regions(program: RegionProgram, graph: DenoiserGraph, inner: InnerBackend) -> None:
+    """Compile every region with the inner backend, using the captured fake values as inputs."""
+    if inner == "eager":
+        return
+    backend = torch._dynamo.lookup_backend(inner)
+    captured = {n.name: n for n in graph.gm.graph.nodes}
+    for lowered in program.regions:
+        placeholders = [n for n in lowered.module.graph.nodes if n.op == "placeholder"]
+        try:
+            examples = [example_value(captured[p.name]) for p in placeholders]
+            lowered.compiled = backend(lowered.module, examples)
+        except Exception as e:  # name the region; the backend's own error follows
+            raise LoweringError(
+                f"inner backend {inner!r} failed on region {lowered.region.name!r}: {e}"
+            ) from e
+        lowered.boxed = bool(getattr(lowered.compiled, "_boxed_call", False))
+
+
+def lower(graph: DenoiserGraph, inner: InnerBackend) -> RegionProgram:
+    """Split `graph` into regions and compile each one with `inner`."""
+    program = split_regions(graph)
+    compile_regions(program, graph, inner)
+    return program
