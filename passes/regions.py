@@ -7,6 +7,7 @@ adapter for the diffusers transformers nor for a user's embed → blocks → hea
 ``mid_block`` is found by the one extra rule below (a module called between two blocks is a block).
 
 Rules, in order of the graph (which is program order under dynamo):
+- only indexed modules at the shallowest indexed depth are blocks;
 - the first contiguous run of nodes inside a block path is that block; a later run inside an
   already-finished block path is root code (DiT's head calls ``transformer_blocks[0].norm1.emb``);
 - any other module run between the first and the last block is a block of its own;
@@ -54,6 +55,16 @@ def _block_path(paths: list[str]) -> str | None:
     return next((p for p in paths if p.rsplit(".", 1)[-1].isdigit()), None)
 
 
+def _block_depth(nodes: list[fx.Node]) -> int | None:
+    """The shallowest depth at which indexed modules are called.
+
+    Blocks live at this depth only: the UNet's ``down_blocks.0`` counts, the
+    ``mid_block.resnets.0`` inside its mid block does not (the mid block is one block).
+    """
+    depths = [p.count(".") for n in nodes if (p := _block_path(_module_paths(n))) is not None]
+    return min(depths, default=None)
+
+
 def analyze(gm: fx.GraphModule, example_inputs: list[object]) -> tuple[DenoiserGraph, PassReport]:
     """Tag every node with its region and find the timestep, token streams and side inputs."""
     report = PassReport("regions")
@@ -83,9 +94,12 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
     # Runs of consecutive nodes with the same owner: ("block", path), ("module", path) or root.
     runs: list[tuple[str | None, str | None, list[fx.Node]]] = []
     finished: set[str] = set()
+    depth = _block_depth(body)
     for node in body:
         paths = _module_paths(node)
         block = _block_path(paths)
+        if block is not None and block.count(".") != depth:
+            block = None
         current = runs[-1][1] if runs and runs[-1][0] == "block" else None
         if block is not None and block != current and block in finished:
             block = None  # a finished block's submodule called again later: root code

@@ -34,12 +34,10 @@ class LoweredRegion:
     inputs: list[int]
     outputs: list[int]
     compiled: Callable[..., Any] | None = None
-    boxed: bool = False
-    """Whether `compiled` takes its inputs as one list (AOTAutograd's boxed convention)."""
+    """What the inner backend returned; dynamo backends take their inputs unboxed."""
 
     def __call__(self, *args: Any) -> Sequence[Any]:
-        fn = self.compiled or self.module
-        return fn(list(args)) if self.boxed else fn(*args)
+        return (self.compiled or self.module)(*args)
 
 
 @dataclass
@@ -151,7 +149,6 @@ def compile_regions(program: RegionProgram, graph: DenoiserGraph, inner: InnerBa
             raise LoweringError(
                 f"inner backend {inner!r} failed on region {lowered.region.name!r}: {e}"
             ) from e
-        lowered.boxed = bool(getattr(lowered.compiled, "_boxed_call", False))
 
 
 def lower(graph: DenoiserGraph, inner: InnerBackend) -> RegionProgram:
