@@ -97,9 +97,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in {path}; valid keys are: {sorted(fields)}"
-        )
+        raise ConfigError(f"unknown key(s) {unknown} in {path}; valid keys are: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

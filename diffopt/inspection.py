@@ -6,7 +6,7 @@ import difflib
 import html
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,11 @@ def _regions_table(regions: Sequence[RegionStats]) -> Table:
     for r in regions:
         table.add_row(r.name, r.kind, str(r.nodes), f"{r.params:,}", f"{r.flops / 1e6:,.3f}")
     table.add_row(
-        "total", "", str(sum(r.nodes for r in regions)), "", f"{sum(r.flops for r in regions) / 1e6:,.3f}"
+        "total",
+        "",
+        str(sum(r.nodes for r in regions)),
+        "",
+        f"{sum(r.flops for r in regions) / 1e6:,.3f}",
     )
     return table
 

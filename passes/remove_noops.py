@@ -103,6 +103,8 @@ def remove_noops(graph: DenoiserGraph, config: CleanupConfig) -> tuple[DenoiserG
             if isinstance(source, fx.Node):
                 node.replace_all_uses_with(source)
                 graph.gm.graph.erase_node(node)
-                report.rewrite(f"{node.meta.get(REGION_KEY)} / {node.name}", f"removed no-op {name}")
+                report.rewrite(
+                    f"{node.meta.get(REGION_KEY)} / {node.name}", f"removed no-op {name}"
+                )
                 break
     return graph, report

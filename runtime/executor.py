@@ -28,11 +28,11 @@ class RegionExecutor:
         program = self.program
         values: list[Any] = list(args)
         values.extend([None] * (program.num_slots - len(values)))
-        for index, (region, release) in enumerate(zip(program.regions, program.release)):
+        for index, region in enumerate(program.regions):
             outputs = self.run_region(index, region, [values[s] for s in region.inputs])
             for slot, value in zip(region.outputs, outputs, strict=True):
                 values[slot] = value
-            for slot in release:
+            for slot in program.release[index]:
                 values[slot] = None
         return fx.node.map_aggregate(
             program.output, lambda v: values[v.index] if isinstance(v, Slot) else v

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from diffopt.passes.graph import REGION_KEY, DenoiserGraph, Region, example_value
 from torch.fx.passes.split_module import split_module
 
 from diffopt.config import InnerBackend
-from diffopt.passes.graph import REGION_KEY, DenoiserGraph, Region, example_value
 
 
 class LoweringError(RuntimeError):
@@ -94,9 +94,7 @@ def split_regions(graph: DenoiserGraph) -> RegionProgram:
             if arity == 1:  # split_module uses a single output directly, several via getitem
                 slots[node] = outputs[0]
             region = graph.regions[int(node.target.removeprefix("submod_"))]
-            lowered.append(
-                LoweredRegion(region, module, [slots[a] for a in node.args], outputs)
-            )
+            lowered.append(LoweredRegion(region, module, [slots[a] for a in node.args], outputs))
         elif node.op == "call_function" and node.target.__name__ == "getitem":
             source, i = node.args
             slots[node] = produced[source][i]

@@ -1,0 +1,69 @@
+"""User models with no diffusers adapter: what generic region analysis must handle."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    angles = t[:, None].float() * freqs[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mod = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.mod(temb)[:, None].chunk(2, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm(x))
+
+
+class UserDenoiser(nn.Module):
+    """embed → ModuleList of blocks → head, called as model(x, t, cond=None)."""
+
+    def __init__(self, channels: int = 4, dim: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(channels, dim)
+        self.time = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
+        temb = self.time(timestep_embedding(t, self.dim))
+        if cond is not None:
+            temb = temb + cond
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return {"sample": self.head(h)}
+
+
+class NoBlocks(nn.Module):
+    """No ModuleList anywhere: region analysis must say so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def user_model(depth: int = 3):
+    """A factory for `diffopt inspect tests.models:user_model`: (model, positional inputs)."""
+    torch.manual_seed(0)
+    model = UserDenoiser(depth=depth).eval()
+    return model, (torch.randn(2, 10, 4), torch.tensor([3.0, 700.0]))

@@ -1,0 +1,35 @@
+"""Config: dicts and JSON round-trip; unknown keys and values are errors that list the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffopt import CleanupConfig, Config, ConfigError
+
+
+def test_round_trips_through_dict_and_json(tmp_path):
+    config = Config(inner="eager", strict=True, cleanup=CleanupConfig(squeeze=False))
+    assert Config.from_dict(config.to_dict()) == config
+    config.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == config
+
+
+def test_nested_dicts_and_none_disable():
+    config = Config.from_dict({"cleanup": {"dropout": False}})
+    assert config.cleanup == CleanupConfig(dropout=False)
+    assert Config.from_dict({"cleanup": None}).cleanup is None
+
+
+def test_unknown_keys_list_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"\['innr'\].*valid keys are: \['cleanup', 'inner'"):
+        Config.from_dict({"innr": "eager"})
+    with pytest.raises(ConfigError, match=r"options\.cleanup.*'dropout'"):
+        Config.from_dict({"cleanup": {"drop": True}})
+
+
+def test_bad_types_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"must be a dict or a diffopt\.Config"):
+        Config.coerce(["eager"])
+    (tmp_path / "bad.json").write_text("{inner: eager")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Config.load(tmp_path / "bad.json")

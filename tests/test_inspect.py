@@ -1,0 +1,111 @@
+"""diffopt.inspect, its report and HTML page, and the `diffopt inspect` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffopt
+from diffopt.cli import main
+
+from .models import user_model
+
+
+@pytest.fixture(scope="module")
+def dit_report():
+    model, inputs = diffopt.zoo.build("tiny-dit")
+    return diffopt.inspect(model, inputs, {"inner": "eager"})
+
+
+def test_report_lists_regions_with_nodes_params_and_flops(dit_report):
+    names = [r.name for r in dit_report.regions]
+    assert names == ["prologue", "transformer_blocks.0", "transformer_blocks.1", "epilogue"]
+    block = dit_report.regions[1]
+    assert block.nodes > 10
+    model, _ = diffopt.zoo.build("tiny-dit")
+    own = sum(p.numel() for p in model.transformer_blocks[0].parameters())
+    assert block.params == own
+    # every token goes through the block's attention and MLP weights: 2 FLOPs per weight
+    tokens = 2 * (model.config.sample_size // model.config.patch_size) ** 2
+    per_token = [model.transformer_blocks[0].attn1, model.transformer_blocks[0].ff]
+    weights = sum(p.numel() for m in per_token for p in m.parameters() if p.dim() == 2)
+    assert block.flops >= 2 * tokens * weights
+    assert dit_report.regions[2].flops == block.flops
+
+
+def test_report_text_shows_regions_passes_and_code(dit_report):
+    text = str(dit_report)
+    for expected in ("prologue", "transformer_blocks.1", "epilogue", "pass regions",
+                     "pass remove_noops", "timestep input", "before passes", "after passes",
+                     "def forward"):  # fmt: skip
+        assert expected in text
+
+
+def test_cleanup_pass_rewrites_are_visible(dit_report):
+    cleanup = next(p for p in dit_report.passes if p.name == "remove_noops")
+    assert cleanup.rewritten, "eval-mode dropout is in every diffusers block"
+    dropout = next(e for e in cleanup.rewritten if e.what.endswith("dropout"))
+    region = dropout.where.split(" / ")[0]
+    assert "dropout" in dit_report.code_before[region]
+    assert dit_report.code_after[region].count("dropout") < dit_report.code_before[region].count(
+        "dropout"
+    )
+
+
+def test_save_html_is_one_self_contained_page(dit_report, tmp_path):
+    page = dit_report.save_html(tmp_path / "report.html").read_text()
+    assert page.startswith("<!doctype html>")
+    assert "<script src" not in page and "<link" not in page
+    assert page.count('<table class="diff"') == len(dit_report.regions)
+    assert "transformer_blocks.0" in page
+
+
+def test_positional_inputs_are_accepted():
+    model, inputs = user_model()
+    report = diffopt.inspect(model, inputs)
+    assert len(report.blocks) == 3
+
+
+def test_graph_break_is_a_clear_error():
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            print("side effect")
+            return x.item()
+
+    with pytest.raises(ValueError, match="graph break"):
+        diffopt.inspect(Breaks(), (torch.ones(1),))
+
+
+def test_cli_inspect_builtin(capsys, tmp_path):
+    assert (
+        main(["inspect", "tiny-pixart", "--inner", "eager", "--html", str(tmp_path / "p.html")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "transformer_blocks.1" in out and "MFLOPs" in out
+    assert (tmp_path / "p.html").exists()
+
+
+def test_cli_inspect_local_diffusers_folder(capsys, tmp_path):
+    model, _ = diffopt.zoo.build("tiny-sd3")
+    model.save_pretrained(tmp_path / "sd3")
+    assert main(["inspect", str(tmp_path / "sd3")]) == 0
+    assert "transformer_blocks.1" in capsys.readouterr().out
+
+
+def test_cli_inspect_factory_and_strict_in_a_subprocess():
+    command = [sys.executable, "-m", "diffopt.cli", "inspect", "tests.models:user_model"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "blocks.2" in out
+
+    command[-1] = "tests.models:NoBlocks"  # not a factory of (model, inputs)
+    failed = subprocess.run(command, capture_output=True, text=True)
+    assert failed.returncode == 2 and "error" in failed.stderr
+
+
+def test_cli_rejects_unknown_model(capsys):
+    assert main(["inspect", "tiny-nope"]) == 2
+    assert "not a built-in model" in capsys.readouterr().err
