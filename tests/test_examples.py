@@ -1,0 +1,26 @@
+"""The examples run as written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [("inspect_tiny.py", []), ("compile_diffusers.py", ["--inner", "aot_eager"])],
+)
+def test_example_runs(script, args, tmp_path):
+    command = [sys.executable, str(EXAMPLES / script), *args]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    if script == "compile_diffusers.py":
+        diffs = [float(line.split("=")[-1]) for line in out.stdout.splitlines() if "max |" in line]
+        assert len(diffs) == 3 and max(diffs) <= 1e-5
+    else:
+        assert (tmp_path / "inspect_tiny.html").exists()
