@@ -12,7 +12,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,105 @@ def _tiny_unet() -> torch.nn.Module:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
         attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class Reference:
+    """A denoiser and what it takes to use it: scheduler, inputs, class-conditioned sampling."""
+
+    name: str
+    model: torch.nn.Module
+    scheduler: Any
+    make_inputs: Callable[..., dict[str, Any]]
+    """``make_inputs(batch=2, seed=0)``: keyword arguments of one denoiser call."""
+    null_class: int
+    guidance: float
+    """Classifier-free guidance scale the model was tuned for."""
+    steps: int = 50
+
+    def sample(
+        self,
+        labels: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        denoiser: Callable[..., Any] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
+        """Images [len(labels), C, H, W] in about [-1, 1], one seed per image.
+
+        `denoiser` defaults to the model; pass an optimized one to compare on the same seeds.
+        """
+        from diffopt.runtime.sampler import initial_noise, sample
+
+        config = self.model.config
+        noise = initial_noise((config.in_channels, config.sample_size, config.sample_size), seeds)
+        return sample(
+            denoiser or self.model,
+            self.scheduler,
+            noise,
+            {"class_labels": labels},
+            {"class_labels": torch.full_like(labels, self.null_class)},
+            steps=steps or self.steps,
+            guidance=self.guidance if guidance is None else guidance,
+        )
+
+
+def load(name: str) -> Reference:
+    """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt) or
+    ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffopt.data import NUM_CLASSES
+
+    if name == "ref-dit":
+        from diffusers import DiTTransformer2DModel
+
+        folder = ASSETS / "ref-dit"
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"{folder} is missing; train it with python benchmarks/train_ref_dit.py"
+            )
+        model = DiTTransformer2DModel.from_pretrained(folder, local_files_only=True)
+        guidance = 2.0
+    elif name == "dit-s2":
+        torch.manual_seed(0)
+        model = _dit_s2()
+        guidance = 1.5
+    else:
+        raise KeyError(f"unknown reference model {name!r}; choose 'ref-dit' or 'dit-s2'")
+    model = model.eval().requires_grad_(False)
+
+    def make_inputs(batch: int = 2, seed: int = 0) -> dict[str, Any]:
+        return example_inputs(model, batch=batch, seed=seed)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return Reference(name, model, scheduler, make_inputs, NUM_CLASSES, guidance)
+
+
+def _dit_s2() -> torch.nn.Module:
+    """DiT-S/2 size: 12 blocks, hidden 384, 256 tokens (32×32×4 latents, 2×2 patches)."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4,
+        num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
+    )  # fmt: skip
+
+
+def ref_dit_architecture() -> torch.nn.Module:
+    """The untrained `ref-dit`: DiT with 8 blocks, hidden 64, 64 tokens, 10 classes + null."""
+    from diffusers import DiTTransformer2DModel
+
+    from diffopt.data import IMAGE_SIZE, NUM_CLASSES
+
+    return DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1,
+        num_layers=8, sample_size=IMAGE_SIZE, patch_size=2, num_embeds_ada_norm=NUM_CLASSES,
     )  # fmt: skip
 
 
@@ -186,6 +286,9 @@ def resolve(spec: str) -> tuple[torch.nn.Module, ExampleInputs]:
     ``(model, example_inputs)``."""
     if spec in TINY_MODELS:
         return build(spec)
+    if spec in ("ref-dit", "dit-s2"):
+        reference = load(spec)
+        return reference.model, reference.make_inputs()
     path = Path(spec)
     if path.is_dir():
         return _from_folder(path)

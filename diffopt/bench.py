@@ -1,0 +1,243 @@
+"""`diffopt bench`: a baseline and any number of variants, on the same seeds, side by side.
+
+Every variant samples the same images (same labels, same per-image seeds) as the baseline.
+Timing rounds are interleaved across variants and the median is kept, so machine drift hits all
+of them alike; quality is scored once, against the baseline's images (PSNR, SSIM) and with the
+digits classifier (class accuracy, ref-FID against the real digits). FLOPs are counted with each
+variant's regions run eagerly (what a compiled kernel hides from the flop counter it cannot
+count); peak memory is measured in a separate run.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from diffopt import metrics
+from diffopt.zoo import Reference
+
+Build = Callable[[torch.nn.Module, str], Callable[..., Any]]
+"""``build(model copy, inner backend) -> denoiser``: `inner` is "eager" when counting FLOPs."""
+
+
+@dataclass
+class Variant:
+    """One way of running the denoiser."""
+
+    name: str
+    build: Build
+    family: str = "diffopt"
+    """``"baseline"``, ``"diffopt"`` or ``"peer"`` (another library, run through an adapter)."""
+    reset: Callable[[Any], None] = field(default=lambda denoiser: None)
+    """Clears state carried between sampling runs (cache hooks), so every run starts cold."""
+
+
+def baseline() -> Variant:
+    """The unoptimized model, eager."""
+    return Variant("baseline", lambda model, inner: model, family="baseline")
+
+
+def diffopt_variant(name: str, options: dict[str, Any] | None = None) -> Variant:
+    """`torch.compile(model, backend="diffopt", options=...)`; inner backend from the harness."""
+
+    def build(model: torch.nn.Module, inner: str) -> Callable[..., Any]:
+        return torch.compile(model, backend="diffopt", options={**(options or {}), "inner": inner})
+
+    return Variant(name, build)
+
+
+def torch_compile_variant() -> Variant:
+    """Plain `torch.compile` with the same inner backend: the bar any compiler must clear."""
+
+    def build(model: torch.nn.Module, inner: str) -> Callable[..., Any]:
+        return model if inner == "eager" else torch.compile(model, backend=inner)
+
+    return Variant("torch.compile", build, family="peer")
+
+
+@dataclass
+class Row:
+    name: str
+    family: str
+    seconds: float
+    """Median wall time of sampling all images once."""
+    time_ratio: float
+    flops: int
+    flops_ratio: float
+    psnr: float
+    ssim: float
+    ref_fid: float
+    accuracy: float
+    peak_mb: float
+
+
+@dataclass
+class BenchResult:
+    model: str
+    images: int
+    steps: int
+    repeats: int
+    inner: str
+    rows: list[Row]
+    samples: dict[str, torch.Tensor]
+    """Each variant's images, [N, C, H, W] in [-1, 1]."""
+
+    def markdown(self) -> str:
+        from tabulate import tabulate
+
+        table = [
+            [
+                r.name,
+                r.family,
+                f"{r.seconds:.2f}",
+                f"{r.time_ratio:.3f}",
+                f"{r.flops_ratio:.3f}",
+                "inf" if r.psnr == float("inf") else f"{r.psnr:.1f}",
+                f"{r.ssim:.3f}",
+                f"{r.ref_fid:.2f}",
+                f"{r.accuracy:.3f}",
+                f"{r.peak_mb:.1f}",
+            ]
+            for r in self.rows
+        ]
+        headers = ["variant", "family", "seconds", "time / base", "FLOPs / base", "PSNR dB",
+                   "SSIM", "ref-FID", "accuracy", "peak MB"]  # fmt: skip
+        caption = (
+            f"{self.model}: {self.images} images, {self.steps} steps, median of {self.repeats} "
+            f"interleaved runs, inner={self.inner}"
+        )
+        return caption + "\n\n" + tabulate(table, headers, tablefmt="github")
+
+    def plot(self, path: str | Path) -> Path:
+        """Speed–quality scatter: speedup over the baseline against ref-FID."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for row in self.rows:
+            marker = {"baseline": "s", "diffopt": "o", "peer": "^"}.get(row.family, "x")
+            ax.scatter(1 / row.time_ratio, row.ref_fid, marker=marker, s=50)
+            ax.annotate(row.name, (1 / row.time_ratio, row.ref_fid), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("speedup over baseline (wall time)")
+        ax.set_ylabel("ref-FID (lower is better)")
+        ax.set_title(f"{self.model}: speed vs quality ({self.steps} steps)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "samples"}
+
+
+def run(
+    reference: Reference,
+    variants: Sequence[Variant],
+    *,
+    images: int = 100,
+    repeats: int = 3,
+    steps: int | None = None,
+    inner: str = "inductor",
+    seed: int = 0,
+    progress: bool = True,
+) -> BenchResult:
+    """Sample `images` images (labels 0..9 in turn) with each variant; the first is the baseline."""
+    if not variants or variants[0].family != "baseline":
+        raise ValueError("the first variant must be the baseline (diffopt.bench.baseline())")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
+    steps = steps or reference.steps
+    labels = torch.arange(images) % 10
+    seeds = [seed + i for i in range(images)]
+
+    def sample_with(variant: Variant, denoiser: Callable[..., Any]) -> torch.Tensor:
+        variant.reset(denoiser)
+        return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
+
+    denoisers = {}
+    samples: dict[str, torch.Tensor] = {}
+    flops: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    bar = tqdm(total=len(variants) * (2 + repeats), desc="bench", disable=not progress)
+    for variant in variants:  # build, compile and check quality once
+        bar.set_postfix_str(variant.name)
+        counting = variant.build(copy.deepcopy(reference.model), "eager")
+        _, flops[variant.name] = metrics.count_flops(
+            lambda v=variant, d=counting: sample_with(v, d)
+        )
+        denoisers[variant.name] = variant.build(copy.deepcopy(reference.model), inner)
+        samples[variant.name] = sample_with(variant, denoisers[variant.name])  # also warms up
+        bar.update(2)
+    for variant in variants:
+        _, peaks[variant.name] = metrics.measure_peak_memory(
+            lambda v=variant: sample_with(v, denoisers[v.name])
+        )
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for variant in variants:
+            start = time.perf_counter()
+            sample_with(variant, denoisers[variant.name])
+            times[variant.name].append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+
+    real, _ = _real_digits()
+    base = names[0]
+    rows = []
+    for variant in variants:
+        name = variant.name
+        seconds = statistics.median(times[name])
+        rows.append(
+            Row(
+                name=name,
+                family=variant.family,
+                seconds=seconds,
+                time_ratio=seconds / statistics.median(times[base]),
+                flops=flops[name],
+                flops_ratio=flops[name] / flops[base],
+                psnr=metrics.psnr(samples[name], samples[base]),
+                ssim=metrics.ssim(samples[name], samples[base]),
+                ref_fid=metrics.ref_fid(samples[name], real),
+                accuracy=metrics.class_accuracy(samples[name], labels),
+                peak_mb=peaks[name] / 2**20,
+            )
+        )
+    return BenchResult(reference.name, images, steps, repeats, inner, rows, samples)
+
+
+def _real_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from diffopt.data import digits
+
+    return digits("all")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10) -> Path:
+    """Write images [N, 1, H, W] in [-1, 1] as one grayscale PNG, `columns` per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    padded = torch.full((rows * columns, h + 2, w + 2), -1.0)
+    padded[:n, 1:-1, 1:-1] = images[:, 0].clamp(-1, 1)
+    grid = padded.reshape(rows, columns, h + 2, w + 2).permute(0, 2, 1, 3)
+    grid = grid.reshape(rows * (h + 2), columns * (w + 2))
+    path = Path(path)
+    plt.imsave(path, ((grid + 1) / 2).numpy(), cmap="gray", vmin=0, vmax=1)
+    return path

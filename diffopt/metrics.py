@@ -1,0 +1,143 @@
+"""Quality and cost metrics for denoiser runs on the reference data (16×16 digits in [-1, 1]).
+
+- `psnr` / `ssim`: an optimized run against the unoptimized run with the same seeds
+  (torchmetrics; data range 2 for images in [-1, 1], SSIM window 7 for 16×16 images).
+- `DigitClassifier`: a small CNN trained on the digits by ``benchmarks/train_classifier.py`` and
+  shipped with its weights; `class_accuracy` scores whether samples show their conditioning class,
+  `ref_fid` is the Fréchet distance between its penultimate-layer features of generated and real
+  images (the FID recipe with a digits network in place of Inception).
+- `count_flops` (torch.utils.flop_counter) and `measure_peak_memory` for the cost side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ASSETS = Path(__file__).parent / "assets"
+CLASSIFIER_WEIGHTS = ASSETS / "digits-classifier.safetensors"
+DATA_RANGE = 2.0  # images live in [-1, 1]
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of `images` against `reference` (inf when identical)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    if torch.equal(images, reference):
+        return float("inf")
+    return peak_signal_noise_ratio(images, reference, data_range=DATA_RANGE).item()
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Structural similarity of `images` to `reference`, averaged over the batch (1 = identical)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    value = structural_similarity_index_measure(
+        images, reference, data_range=DATA_RANGE, kernel_size=7
+    )
+    return float(value)
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN for 1×16×16 digits in [-1, 1]; `features` is its 128-d penultimate layer."""
+
+    num_features = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(self.num_features, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+@cache
+def classifier() -> DigitClassifier:
+    """The shipped digits classifier (eval mode, no grad)."""
+    from safetensors.torch import load_file
+
+    if not CLASSIFIER_WEIGHTS.exists():
+        raise FileNotFoundError(
+            f"{CLASSIFIER_WEIGHTS} is missing; train it with python benchmarks/train_classifier.py"
+        )
+    model = DigitClassifier()
+    model.load_state_dict(load_file(CLASSIFIER_WEIGHTS))
+    return model.eval().requires_grad_(False)
+
+
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of `images` the classifier assigns to their conditioning `labels`."""
+    with torch.no_grad():
+        predicted = classifier()(images.clamp(-1, 1)).argmax(-1)
+    return (predicted == labels).float().mean().item()
+
+
+class _ClassifierFeatures(nn.Module):
+    """torchmetrics' FID feature extractor protocol around the classifier."""
+
+    num_features = DigitClassifier.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return classifier().features(images * 2 - 1)  # FID hands us [0, 1]
+
+
+def ref_fid(images: torch.Tensor, real: torch.Tensor) -> float:
+    """Fréchet distance between classifier features of `images` and of `real` (both in [-1, 1])."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=_ClassifierFeatures(), normalize=True)
+    fid.update((real.clamp(-1, 1) + 1) / 2, real=True)
+    fid.update((images.clamp(-1, 1) + 1) / 2, real=False)
+    return fid.compute().item()
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run `fn()` once under torch.utils.flop_counter; returns its result and the FLOPs counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops()
+
+
+def measure_peak_memory(
+    fn: Callable[[], Any], device: torch.device | str = "cpu"
+) -> tuple[Any, int]:
+    """Run `fn()` once; returns its result and the peak bytes of live tensors it reached.
+
+    On CUDA this is the allocator's peak. On CPU, where torch keeps no allocator statistics, it is
+    the running sum of the allocations and frees the PyTorch profiler records, in time order
+    (memory held before `fn` started is not counted).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak

@@ -1,0 +1,58 @@
+"""Flow-matching sampling with classifier-free guidance: the loop every optimization is judged in.
+
+One denoiser call per step on the conditional and unconditional batch together (the usual CFG
+batching), Euler steps from diffusers' `FlowMatchEulerDiscreteScheduler`. Each sample's starting
+noise comes from its own seed, so any subset of a batch reproduces exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Denoiser = Callable[..., Any]
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """One [C, H, W] noise tensor per seed, stacked: [len(seeds), *shape]."""
+    return torch.stack(
+        [torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler: Any,
+    noise: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None = None,
+    *,
+    steps: int = 50,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """Integrate from `noise` to images.
+
+    `denoiser(hidden_states=..., timestep=..., **cond, return_dict=False)[0]` must return the
+    velocity. With `uncond` and `guidance` ≠ 1, each step runs cond and uncond as one batch and
+    mixes them as uncond + guidance · (cond − uncond). The scheduler is copied, never mutated.
+    """
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(steps)
+    guided = uncond is not None and guidance != 1.0
+    inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if guided else cond
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            batch = torch.cat([x, x]) if guided else x
+            timestep = t.expand(batch.shape[0]).to(batch.dtype)
+            velocity = denoiser(
+                hidden_states=batch, timestep=timestep, **inputs, return_dict=False
+            )[0]
+            if guided:
+                v_cond, v_uncond = velocity.chunk(2)
+                velocity = v_uncond + guidance * (v_cond - v_uncond)
+            x = scheduler.step(velocity, t, x, return_dict=False)[0]
+    return x
