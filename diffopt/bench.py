@@ -54,6 +54,11 @@ def diffopt_variant(name: str, options: dict[str, Any] | None = None) -> Variant
     return Variant(name, build)
 
 
+def diffopt_variants() -> list[Variant]:
+    """Every diffopt optimization that exists, one variant each (grows as passes land)."""
+    return [diffopt_variant("diffopt (capture + cleanup)")]
+
+
 def torch_compile_variant() -> Variant:
     """Plain `torch.compile` with the same inner backend: the bar any compiler must clear."""
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+import torch
 
 from diffopt.config import Config
 
@@ -24,6 +27,55 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, *, demo: bool = False) -> int:
+    from pathlib import Path
+
+    from diffopt import bench, peers, zoo
+
+    reference = zoo.load(args.model)
+    steps = args.steps or reference.steps
+    variants = [bench.baseline(), *bench.diffopt_variants()]
+    if args.peers:
+        labels, seeds = torch.arange(10), list(range(10))
+
+        def calibrate(denoiser: object) -> torch.Tensor:
+            return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
+
+        variants += [bench.torch_compile_variant(), *peers.all_peers(calibrate, steps)]
+    result = bench.run(
+        reference, variants, images=args.images, repeats=args.repeats, steps=steps,
+        inner=args.inner, seed=args.seed,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = result.markdown()
+    print(table)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written = [result.plot(out / "speed_quality.png")]
+    if demo:
+        for i, (name, images) in enumerate(result.samples.items()):
+            written.append(bench.save_grid(images, out / f"grid_{i}_{_slug(name)}.png"))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def _add_bench_arguments(
+    p: argparse.ArgumentParser, *, images: int, repeats: int, out: str
+) -> None:
+    p.add_argument("--model", default="ref-dit", choices=["ref-dit", "dit-s2"])
+    p.add_argument("--images", type=int, default=images, help="images per variant (labels 0..9)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 50)")
+    p.add_argument("--repeats", type=int, default=repeats, help="interleaved timing rounds")
+    p.add_argument("--inner", default="inductor", choices=["eager", "aot_eager", "inductor"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help="folder for the table, plot and grids")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffopt", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -39,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="a pass that cannot apply is an error")
     p.add_argument("--html", help="also write the report as one HTML page here")
     p.set_defaults(run=_inspect)
+
+    p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")
+    _add_bench_arguments(p, images=100, repeats=3, out="bench-out")
+    p.add_argument("--peers", action="store_true", help="also run torch.compile and cache peers")
+    p.set_defaults(run=_bench)
+
+    p = verbs.add_parser("demo", help="ref-dit sampled with every diffopt optimization, as grids")
+    _add_bench_arguments(p, images=20, repeats=3, out="demo-out")
+    p.set_defaults(run=lambda args: _bench(args, demo=True), peers=False)
 
     args = parser.parse_args(argv)
     try:

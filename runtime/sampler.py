@@ -48,9 +48,8 @@ def sample(
         for t in scheduler.timesteps:
             batch = torch.cat([x, x]) if guided else x
             timestep = t.expand(batch.shape[0]).to(batch.dtype)
-            velocity = denoiser(
-                hidden_states=batch, timestep=timestep, **inputs, return_dict=False
-            )[0]
+            out = denoiser(hidden_states=batch, timestep=timestep, **inputs, return_dict=False)
+            velocity = out[0][:, : x.shape[1]]  # learned-sigma DiTs append variance channels
             if guided:
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + guidance * (v_cond - v_uncond)

@@ -1,0 +1,147 @@
+"""Adapters that run other libraries' caches in `diffopt bench`, on the same seeds as diffopt.
+
+Peers are the diffusers cache hooks (FirstBlockCache, MagCache, TaylorSeerCache, FasterCache,
+PyramidAttentionBroadcast) and, when installed (``pip install cache-dit``), cache-dit's DBCache.
+Each runs on its own copy of the model, eagerly (the hooks decide in Python around each block),
+with the settings its authors suggest as a starting point; state is reset before every run.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from diffopt.bench import Variant
+
+
+class _InCacheContext:
+    """Calls the hooked model inside a diffusers cache context, as its pipelines do.
+
+    One context for the whole call: the sampler batches the cond and uncond branches together.
+    `CacheMixin.cache_context` only needs a module, so it serves models without the mixin (DiT).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from diffusers.models.cache_utils import CacheMixin
+
+        with CacheMixin.cache_context(self.model, "diffopt-bench"):
+            return self.model(*args, **kwargs)
+
+    def reset(self) -> None:
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks()
+
+
+def _timestep_tracker(model: torch.nn.Module) -> Callable[[], int]:
+    """The timestep of the call in progress, for hooks that schedule by timestep (PAB)."""
+    current = {"t": 1000}
+
+    def remember(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        current["t"] = int(kwargs["timestep"].flatten()[0])
+
+    model.register_forward_pre_hook(remember, with_kwargs=True)
+    return lambda: current["t"]
+
+
+def _hook_variant(name: str, apply: Callable[[torch.nn.Module], None]) -> Variant:
+    def build(model: torch.nn.Module, inner: str) -> _InCacheContext:
+        apply(model)
+        return _InCacheContext(model)
+
+    return Variant(name, build, family="peer", reset=_InCacheContext.reset)
+
+
+def first_block_cache(threshold: float = 0.05) -> Variant:
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    return _hook_variant(
+        f"diffusers FBCache {threshold}",
+        lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold)),
+    )
+
+
+def taylorseer_cache(interval: int = 5) -> Variant:
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    config = TaylorSeerCacheConfig(cache_interval=interval, taylor_factors_dtype=torch.float32)
+    return _hook_variant(
+        f"diffusers TaylorSeer {interval}", lambda m: apply_taylorseer_cache(m, config)
+    )
+
+
+def pyramid_attention_broadcast(skip_range: int = 2) -> Variant:
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    def apply(model: torch.nn.Module) -> None:
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=skip_range,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=_timestep_tracker(model),
+        )
+        apply_pyramid_attention_broadcast(model, config)
+
+    return _hook_variant(f"diffusers PAB {skip_range}", apply)
+
+
+def faster_cache(skip_range: int = 2) -> Variant:
+    from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+
+    def apply(model: torch.nn.Module) -> None:
+        config = FasterCacheConfig(
+            spatial_attention_block_skip_range=skip_range,
+            spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=_timestep_tracker(model),
+            attention_weight_callback=lambda _: 0.3,
+            tensor_format="BFCHW",
+            is_guidance_distilled=True,  # our CFG batch is [cond, uncond]; no uncond-branch skip
+        )
+        apply_faster_cache(model, config)
+
+    return _hook_variant(f"diffusers FasterCache {skip_range}", apply)
+
+
+def mag_cache(
+    sample: Callable[[torch.nn.Module], Any], steps: int, threshold: float = 0.06
+) -> Variant:
+    """MagCache needs per-model magnitude ratios: calibrated with one run of `sample(model)`."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    def apply(model: torch.nn.Module) -> None:
+        from diffusers.hooks import HookRegistry
+
+        apply_mag_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=steps))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            sample(_InCacheContext(model))
+        ratios = next(
+            ast.literal_eval(line)
+            for line in reversed(printed.getvalue().splitlines())
+            if line.startswith("[") and line.endswith("]")
+        )
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        for name in list(registry.hooks):
+            registry.remove_hook(name)
+        config = MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=ratios)
+        apply_mag_cache(model, config)
+
+    return _hook_variant(f"diffusers MagCache {threshold}", apply)
+
+
+def all_peers(sample: Callable[[torch.nn.Module], Any], steps: int) -> list[Variant]:
+    """Every peer whose library is importable, with default settings."""
+    return [
+        first_block_cache(),
+        mag_cache(sample, steps),
+        taylorseer_cache(),
+        faster_cache(),
+        pyramid_attention_broadcast(),
+    ]

@@ -1,0 +1,57 @@
+"""The bench harness and `diffopt demo`: same seeds, honest ratios, table, plot and grids."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from diffopt import bench, peers, zoo
+from diffopt.cli import main
+
+
+@pytest.fixture(scope="module")
+def result():
+    reference = zoo.load("ref-dit")
+    variants = [bench.baseline(), *bench.diffopt_variants(), peers.first_block_cache(0.2)]
+    return bench.run(reference, variants, images=10, repeats=2, steps=6, inner="eager")
+
+
+def test_baseline_row_is_the_unit(result):
+    base = result.rows[0]
+    assert base.name == "baseline"
+    assert base.time_ratio == 1.0 and base.flops_ratio == 1.0
+    assert base.psnr == math.inf and base.ssim == pytest.approx(1.0)
+    assert base.flops > 0 and base.peak_mb > 0
+
+
+def test_variants_are_scored_against_the_baseline(result):
+    capture = result.rows[1]  # no caching yet: the same images and FLOPs as the baseline
+    assert capture.psnr > 60 and capture.flops_ratio == pytest.approx(1.0)
+    fbcache = result.rows[2]
+    assert fbcache.family == "peer"
+    assert fbcache.flops_ratio < 1.0, "threshold 0.2 must skip some steps' blocks"
+    assert fbcache.psnr < capture.psnr
+
+
+def test_table_and_plot(result, tmp_path):
+    table = result.markdown()
+    for header in ("time / base", "FLOPs / base", "PSNR dB", "SSIM", "ref-FID", "accuracy"):
+        assert header in table
+    assert table.count("\n|") == 1 + len(result.rows)  # separator + one line per variant
+    assert result.plot(tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_baseline_must_come_first():
+    with pytest.raises(ValueError, match="first variant must be the baseline"):
+        bench.run(zoo.load("ref-dit"), bench.diffopt_variants(), images=2)
+
+
+def test_demo_writes_table_and_grids(tmp_path, capsys):
+    args = ["demo", "--images", "10", "--steps", "4", "--repeats", "1", "--inner", "eager"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert "| baseline" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("grid_*.png"))) == 1 + len(bench.diffopt_variants())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["name"] == "baseline"

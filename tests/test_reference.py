@@ -1,0 +1,52 @@
+"""ref-dit: shipped, the right size, and it has learned the digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffopt import metrics, zoo
+from diffopt.cli import main
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return zoo.load("ref-dit")
+
+
+def test_ref_dit_is_a_diffusers_dit_of_the_promised_size(ref):
+    from diffusers import DiTTransformer2DModel
+
+    assert isinstance(ref.model, DiTTransformer2DModel)
+    config = ref.model.config
+    assert config.num_layers >= 8
+    assert (config.sample_size // config.patch_size) ** 2 >= 64
+    weights = zoo.ASSETS / "ref-dit" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    inputs = ref.make_inputs(batch=3)
+    assert ref.model(**inputs)[0].shape == (3, 1, 16, 16)
+
+
+def test_fifty_step_samples_show_their_class(ref):
+    labels = torch.arange(30) % 10
+    images = ref.sample(labels, seeds=range(1000, 1030))
+    assert metrics.class_accuracy(images, labels) >= 0.8
+
+
+def test_inspect_ref_dit(capsys):
+    assert main(["inspect", "ref-dit", "--inner", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_blocks.7" in out
+
+
+def test_dit_s2_is_dit_s2_sized():
+    model = zoo.load("dit-s2").model
+    config = model.config
+    assert config.num_layers == 12
+    assert config.num_attention_heads * config.attention_head_dim == 384
+    assert (config.sample_size // config.patch_size) ** 2 == 256
+
+
+def test_unknown_reference_is_a_clear_error():
+    with pytest.raises(KeyError, match="choose 'ref-dit' or 'dit-s2'"):
+        zoo.load("ref-unet")
