@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_inspect)
 
     p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")
-    _add_bench_arguments(p, images=100, repeats=3, out="bench-out")
+    _add_bench_arguments(p, images=300, repeats=3, out="bench-out")
     p.add_argument("--peers", action="store_true", help="also run torch.compile and cache peers")
     p.set_defaults(run=_bench)
 
     p = verbs.add_parser("demo", help="ref-dit sampled with every diffopt optimization, as grids")
-    _add_bench_arguments(p, images=20, repeats=3, out="demo-out")
+    _add_bench_arguments(p, images=50, repeats=3, out="demo-out")
     p.set_defaults(run=lambda args: _bench(args, demo=True), peers=False)
 
     args = parser.parse_args(argv)

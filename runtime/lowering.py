@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from diffopt.passes.graph import REGION_KEY, DenoiserGraph, Region, example_value
 from torch.fx.passes.split_module import split_module
 
 from diffopt.config import InnerBackend
+from diffopt.passes.graph import REGION_KEY, DenoiserGraph, Region, example_value
 
 
 class LoweringError(RuntimeError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffopt.passes import PassError
 
 import diffopt
 from diffopt import ConfigError
+from diffopt.passes import PassError
 
 from .conftest import first_output
 from .models import NoBlocks, user_model

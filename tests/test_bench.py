@@ -39,7 +39,7 @@ def test_table_and_plot(result, tmp_path):
     table = result.markdown()
     for header in ("time / base", "FLOPs / base", "PSNR dB", "SSIM", "ref-FID", "accuracy"):
         assert header in table
-    assert table.count("\n|") == 1 + len(result.rows)  # separator + one line per variant
+    assert table.count("\n|") == 2 + len(result.rows)  # header, separator, one line per variant
     assert result.plot(tmp_path / "p.png").stat().st_size > 1000
 
 

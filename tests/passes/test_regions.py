@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffopt.passes.regions import module_path
 
 import diffopt
+from diffopt.passes.regions import module_path
 
 from ..models import NoBlocks, user_model
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diffopt.runtime import RegionExecutor
 
 import diffopt
 from diffopt.backend import optimize
 from diffopt.config import Config
+from diffopt.runtime import RegionExecutor
 
 
 def capture(model, inputs, config: Config, executor=RegionExecutor):
