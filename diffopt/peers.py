@@ -72,7 +72,12 @@ def first_block_cache(threshold: float = 0.05) -> Variant:
 def taylorseer_cache(interval: int = 5) -> Variant:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
-    config = TaylorSeerCacheConfig(cache_interval=interval, taylor_factors_dtype=torch.float32)
+    # whole blocks: the default patterns ("^transformer_blocks.*attn", full match) miss DiT's attn1
+    config = TaylorSeerCacheConfig(
+        cache_interval=interval,
+        taylor_factors_dtype=torch.float32,
+        cache_identifiers=[r"^transformer_blocks\.\d+$"],
+    )
     return _hook_variant(
         f"diffusers TaylorSeer {interval}", lambda m: apply_taylorseer_cache(m, config)
     )

@@ -1,6 +1,6 @@
 """The runtime: lowering a rewritten graph into compiled regions and executing them."""
 
-from .executor import RegionExecutor
+from .executor import FlopTally, RegionExecutor, counting_flops
 from .lowering import (
     LoweredRegion,
     LoweringError,
@@ -11,11 +11,13 @@ from .lowering import (
 )
 
 __all__ = [
+    "FlopTally",
     "LoweredRegion",
     "LoweringError",
     "RegionExecutor",
     "RegionProgram",
     "compile_regions",
+    "counting_flops",
     "lower",
     "split_regions",
 ]

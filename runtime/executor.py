@@ -6,12 +6,40 @@ Python, once per region, never inside a compiled region: subclasses override `ru
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
 
 from .lowering import LoweredRegion, RegionProgram, Slot
+
+
+@dataclass
+class FlopTally:
+    total: int = 0
+
+
+_TALLIES: list[FlopTally] = []
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopTally]:
+    """Count the FLOPs of every region a diffopt executor runs inside this block.
+
+    Why not `FlopCounterMode` around the compiled model: dynamo does not compile a frame while a
+    dispatch mode is active, runs it eagerly (so skipped regions would count), and keeps skipping
+    that code afterwards. Counting here, inside the executor, sees exactly the regions that ran.
+    Exact when regions run eagerly (``inner="eager"``); compiled kernels hide work from the counter.
+    """
+    tally = FlopTally()
+    _TALLIES.append(tally)
+    try:
+        yield tally
+    finally:
+        _TALLIES.remove(tally)
 
 
 class RegionExecutor:
@@ -25,6 +53,15 @@ class RegionExecutor:
         return region(*inputs)
 
     def __call__(self, *args: Any) -> Any:
+        if not _TALLIES:
+            return self._run(args)
+        with FlopCounterMode(display=False) as counter:
+            outputs = self._run(args)
+        for tally in _TALLIES:
+            tally.total += counter.get_total_flops()
+        return outputs
+
+    def _run(self, args: Sequence[Any]) -> Any:
         program = self.program
         values: list[Any] = list(args)
         values.extend([None] * (program.num_slots - len(values)))

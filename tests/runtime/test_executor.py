@@ -66,3 +66,24 @@ def test_executor_runs_regions_in_order_and_releases_dead_values():
         "transformer_blocks.1",
         "epilogue",
     ]
+
+
+def test_counting_flops_sees_compiled_regions_and_leaves_dynamo_compiling():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffopt.runtime import counting_flops
+
+    model, inputs = diffopt.zoo.build("tiny-dit")
+    with torch.no_grad(), FlopCounterMode(display=False) as eager:
+        model(**inputs)
+    compiled = torch.compile(model, backend="diffopt", options={"inner": "eager"})
+    with torch.no_grad(), counting_flops() as tally:
+        compiled(**inputs)
+        compiled(**inputs)
+    assert tally.total == 2 * eager.get_total_flops()
+
+    calls = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=lambda gm, ex: calls.append(gm) or gm)(**inputs)
+    assert calls, "dynamo still compiles the model after counting"
