@@ -1,7 +1,8 @@
 """Adapters that run other libraries' caches in `diffopt bench`, on the same seeds as diffopt.
 
 Peers are the diffusers cache hooks (FirstBlockCache, MagCache, TaylorSeerCache, FasterCache,
-PyramidAttentionBroadcast) and, when installed (``pip install cache-dit``), cache-dit's DBCache.
+PyramidAttentionBroadcast) and, when installed (``pip install -e ".[peers]"``), cache-dit's
+DBCache.
 Each runs on its own copy of the model, eagerly (the hooks decide in Python around each block),
 with the settings its authors suggest as a starting point; state is reset before every run.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.util
 import io
 from collections.abc import Callable
 from typing import Any
@@ -141,12 +143,59 @@ def mag_cache(
     return _hook_variant(f"diffusers MagCache {threshold}", apply)
 
 
+class _CacheDiT:
+    """A model under cache-dit, whose context is refreshed before each sampling run."""
+
+    def __init__(self, model: torch.nn.Module, steps: int) -> None:
+        self.model, self.steps = model, steps
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def reset(self) -> None:
+        import cache_dit
+
+        cache_dit.refresh_context(self.model, num_inference_steps=self.steps)
+
+
+def db_cache(steps: int, threshold: float = 0.08, front: int = 1, back: int = 0) -> Variant:
+    """cache-dit's DBCache (F`front`B`back`) on a diffusers DiT, through cache-dit's DiT patch.
+
+    The patch is needed because DiT's forward reads ``transformer_blocks[0].norm1`` after its
+    block loop, which cache-dit's block wrapper hides.
+    """
+    import cache_dit
+    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+    from cache_dit.caching.patch_functors.functor_dit import DiTPatchFunctor
+
+    def build(model: torch.nn.Module, inner: str) -> _CacheDiT:
+        adapter = BlockAdapter(
+            transformer=model,
+            blocks=model.transformer_blocks,
+            forward_pattern=ForwardPattern.Pattern_3,  # hidden_states in, hidden_states out
+            patch_functor=DiTPatchFunctor(),
+        )
+        config = DBCacheConfig(
+            Fn_compute_blocks=front,
+            Bn_compute_blocks=back,
+            residual_diff_threshold=threshold,
+            num_inference_steps=steps,
+        )
+        cache_dit.enable_cache(adapter, cache_config=config)
+        return _CacheDiT(model, steps)
+
+    return Variant(f"cache-dit DBCache F{front}B{back} {threshold}", build, "peer", _CacheDiT.reset)
+
+
 def all_peers(sample: Callable[[torch.nn.Module], Any], steps: int) -> list[Variant]:
-    """Every peer whose library is importable, with default settings."""
-    return [
+    """Every peer, with default settings; cache-dit's only when it is installed."""
+    peers = [
         first_block_cache(),
         mag_cache(sample, steps),
         taylorseer_cache(),
         faster_cache(),
         pyramid_attention_broadcast(),
     ]
+    if importlib.util.find_spec("cache_dit") is not None:
+        peers.append(db_cache(steps))
+    return peers
