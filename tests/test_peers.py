@@ -38,7 +38,7 @@ def _check(ref, variant):
         peers.taylorseer_cache,
         peers.faster_cache,
         peers.pyramid_attention_broadcast,
-    ],  # fmt: skip
+    ],
 )
 def test_diffusers_hook_peers(ref, make):
     _check(ref, make())
