@@ -3,13 +3,17 @@
 Three ways in:
 - ``torch.compile(model, backend="diffopt", options={...})`` (no import needed);
 - `diffopt.inspect(model, example_inputs, config)` to see what the passes did;
-- the ``diffopt`` command line (``diffopt inspect tiny-dit``).
+- the ``diffopt`` command line (``diffopt demo``, ``diffopt bench``, ``diffopt inspect tiny-dit``).
+
+Reference models live in `diffopt.zoo` (``zoo.load("ref-dit")``), quality and cost metrics in
+`diffopt.metrics`, the benchmark harness in `diffopt.bench`.
 
 Importing diffopt loads neither onnx, onnxruntime nor tensorrt, and does not initialize CUDA.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import bench, metrics, zoo
 from .backend import diffopt_backend
 from .config import CleanupConfig, Config, ConfigError
 from .inspection import InspectReport, inspect
@@ -25,6 +29,9 @@ __all__ = [
     "ConfigError",
     "InspectReport",
     "__version__",
+    "bench",
     "diffopt_backend",
     "inspect",
+    "metrics",
+    "zoo",
 ]

@@ -13,7 +13,11 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 @pytest.mark.parametrize(
     "script, args",
-    [("inspect_tiny.py", []), ("compile_diffusers.py", ["--inner", "aot_eager"])],
+    [
+        ("inspect_tiny.py", []),
+        ("compile_diffusers.py", ["--inner", "aot_eager"]),
+        ("bench_reference.py", ["--images", "10", "--steps", "4"]),
+    ],
 )
 def test_example_runs(script, args, tmp_path):
     command = [sys.executable, str(EXAMPLES / script), *args]
@@ -22,5 +26,7 @@ def test_example_runs(script, args, tmp_path):
     if script == "compile_diffusers.py":
         diffs = [float(line.split("=")[-1]) for line in out.stdout.splitlines() if "max |" in line]
         assert len(diffs) == 3 and max(diffs) <= 1e-5
+    elif script == "bench_reference.py":
+        assert "| baseline" in out.stdout and (tmp_path / "speed_quality.png").exists()
     else:
         assert (tmp_path / "inspect_tiny.html").exists()
