@@ -16,13 +16,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-ASSETS = Path(__file__).parent / "assets"
+from diffopt.zoo import ASSETS
+
 CLASSIFIER_WEIGHTS = ASSETS / "digits-classifier.safetensors"
 DATA_RANGE = 2.0  # images live in [-1, 1]
 

@@ -129,11 +129,13 @@ def mag_cache(
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             sample(_InCacheContext(model))
-        ratios = next(
-            ast.literal_eval(line)
-            for line in reversed(printed.getvalue().splitlines())
-            if line.startswith("[") and line.endswith("]")
-        )
+        lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+        if not lists:
+            raise RuntimeError(
+                "MagCache calibration printed no ratios; this diffusers version reports them "
+                f"differently. Its output was: {printed.getvalue()[-500:]!r}"
+            )
+        ratios = ast.literal_eval(lists[-1])
         registry = HookRegistry.check_if_exists_or_initialize(model)
         for name in list(registry.hooks):
             registry.remove_hook(name)

@@ -123,8 +123,6 @@ def load(name: str) -> Reference:
     ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from diffopt.data import NUM_CLASSES
-
     if name == "ref-dit":
         from diffusers import DiTTransformer2DModel
 
@@ -149,7 +147,8 @@ def load(name: str) -> Reference:
         return example_inputs(model, batch=batch, seed=seed)
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return Reference(name, model, scheduler, make_inputs, NUM_CLASSES, guidance)
+    null_class = model.config.num_embeds_ada_norm  # DiT's label table has one extra, null, row
+    return Reference(name, model, scheduler, make_inputs, null_class, guidance)
 
 
 def _dit_s2() -> torch.nn.Module:

@@ -45,6 +45,7 @@ def test_dit_s2_is_dit_s2_sized():
     assert config.num_layers == 12
     assert config.num_attention_heads * config.attention_head_dim == 384
     assert (config.sample_size // config.patch_size) ** 2 == 256
+    assert zoo.load("dit-s2").null_class == 1000 and zoo.load("ref-dit").null_class == 10
 
 
 def test_unknown_reference_is_a_clear_error():
