@@ -13,7 +13,9 @@ import torch.fx as fx
 
 from diffopt.config import Config, ConfigError
 from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
+from diffopt.passes.graph import INPUT_KEY
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
+from diffopt.runtime.cache import CachingExecutor
 
 
 @dataclass
@@ -59,4 +61,23 @@ def diffopt_backend(
             "pass settings as options={'inner': 'inductor', ...}"
         )
     config = Config.coerce(options)
-    return RegionExecutor(optimize(gm, example_inputs, config).program)
+    return executor_for(optimize(gm, example_inputs, config), config)
+
+
+def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
+    """The plain region executor, or the caching one when cache guards applied."""
+    graph = optimized.graph
+    if config.cache is None or not graph.guards:
+        return RegionExecutor(optimized.program)
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    timestep = graph.roles.timestep.node if graph.roles.timestep else None
+    return CachingExecutor(
+        optimized.program,
+        config.cache,
+        graph.guards,
+        timestep_slot=next((i for i, n in enumerate(placeholders) if n.name == timestep), None),
+        param_slots={
+            i for i, n in enumerate(placeholders) if n.meta.get(INPUT_KEY) in ("param", "buffer")
+        },
+        inner=config.inner,
+    )

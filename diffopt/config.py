@@ -34,6 +34,79 @@ class CleanupConfig:
     """Drop `.to(dtype)` / `.type(dtype)` to the dtype the tensor already has."""
 
 
+CacheAction = Literal["full", "block", "token", "reuse"]
+"""What one denoiser call does under cache guards, from most to least compute."""
+
+
+@dataclass
+class CacheConfig:
+    """Cache-reuse guards and the dual-threshold "push then polish" controller.
+
+    The controller adds up a per-step change indicator since the last full step. Below `early`
+    it reuses the whole block stack (step guard); between `early` and `critical` it polishes
+    (recomputes some blocks, or the most-changed tokens); past `critical` it runs a full step.
+    Thresholds are fractions of the whole run's calibrated change, so they transfer across
+    models and step counts. Without a `profile`, the first request runs in full and calibrates.
+    """
+
+    steps: int | None = None
+    """Denoiser calls per request; or give it per request with `diffopt.request(steps=...)`."""
+    mode: Literal["online", "plan"] = "online"
+    """``online``: decide each step from the indicator; ``plan``: follow `plan` step by step."""
+    indicator: Literal["profile", "block0"] = "profile"
+    """``profile``: the calibrated per-step change of the block stack's residual (free at run
+    time); ``block0``: the measured change of block 0's residual, per sample (block 0 always
+    runs)."""
+    early: float = 0.05
+    """Early-warning line: reuse whole steps while the accumulated change stays below it."""
+    critical: float = 0.1
+    """Critical line: run a full step (and restart the accumulator) once the change reaches it."""
+    polish: Literal["token", "block", "none"] = "token"
+    """How steps between the two lines are refreshed."""
+    token_ratio: float = 0.25
+    """Token refresh: the fraction of tokens (highest recent change) that are recomputed."""
+    block_ratio: float = 0.5
+    """Block refresh: the fraction of blocks (highest recent change) that are recomputed."""
+    extrapolate: bool = True
+    """Reused residuals are extended linearly from the last two computed ones (else held)."""
+    warmup: int = 2
+    """The first steps always compute (the last step always does too)."""
+    max_reuse: int = 8
+    """Cap on consecutive steps that are not full."""
+    profile: list[float] | None = None
+    """The calibrated per-step indicator (from `diffopt.calibrate`), resampled to `steps`."""
+    plan: list[CacheAction] | str | None = None
+    """For ``mode="plan"``: one action per step, or the path of a JSON file holding the list."""
+    step_guard: bool = True
+    block_guard: bool = True
+    token_guard: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("cache.mode", self.mode, ("online", "plan"))
+        _check_choice("cache.indicator", self.indicator, ("profile", "block0"))
+        _check_choice("cache.polish", self.polish, ("token", "block", "none"))
+        if not 0 <= self.early <= self.critical:
+            raise ConfigError(
+                f"cache thresholds need 0 <= early <= critical, got early={self.early}, "
+                f"critical={self.critical}"
+            )
+        for name in ("token_ratio", "block_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"cache.{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"cache.steps must be a positive step count, got {self.steps}")
+        if self.mode == "plan" and self.plan is None:
+            raise ConfigError(
+                'cache.mode="plan" needs cache.plan: a list of actions per step or a JSON file '
+                "(diffopt.calibrate(...).plan writes one)"
+            )
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {allowed}")
+
+
 @dataclass
 class Config:
     """Everything that decides what diffopt does to a denoiser.
@@ -49,11 +122,16 @@ class Config:
     """Turn every skipped rewrite (a pass that could not apply somewhere) into an error."""
     cleanup: CleanupConfig | None = field(default_factory=CleanupConfig)
     """The `remove_noops` pass; ``None`` disables it."""
+    cache: CacheConfig | None = None
+    """Cache-reuse guards (step, block and token granularity); ``None`` disables them."""
 
     def __post_init__(self) -> None:
-        allowed = typing.get_args(InnerBackend)
-        if self.inner not in allowed:
-            raise ConfigError(f"inner={self.inner!r} is not a known backend; use one of {allowed}")
+        _check_choice("inner", self.inner, typing.get_args(InnerBackend))
+        if self.cache == "auto":
+            raise ConfigError(
+                'cache="auto" searches settings on calibration inputs, which a compile call does '
+                "not have: run diffopt.calibrate(model, run, target_psnr=...) and pass its .config"
+            )
 
     @classmethod
     def coerce(cls, options: Config | dict[str, Any] | None) -> Config:

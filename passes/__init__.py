@@ -3,14 +3,15 @@
 Importing this package registers every pass it holds.
 """
 
-from . import remove_noops  # noqa: F401  (registers the pass)
-from .graph import DenoiserGraph, InputRoles, Region, TensorRole
+from . import block_guard, remove_noops, step_guard, token_guard  # noqa: F401  (register)
+from .graph import DenoiserGraph, Guard, InputRoles, Region, TensorRole
 from .manager import PassSpec, register_pass, registered_passes, run_passes
 from .regions import analyze
 from .report import PassError, PassReport
 
 __all__ = [
     "DenoiserGraph",
+    "Guard",
     "InputRoles",
     "PassError",
     "PassReport",

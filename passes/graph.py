@@ -6,6 +6,7 @@ rewrites nodes keeps it by construction; the region list only records names and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +55,24 @@ class InputRoles:
     notes: list[str] = field(default_factory=list)
 
 
+GuardKind = Literal["step", "block", "token"]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A place where the runtime may reuse cached results instead of running regions.
+
+    Guards are data, not code: the runtime reads them to know what it may skip, `inspect` lists
+    them, and exporters carry them into the engine manifest.
+    """
+
+    kind: GuardKind
+    regions: tuple[str, ...]
+    """The regions the guard can skip (step and token guards: a contiguous span of blocks)."""
+    why: str
+    """What is cached and how it is re-added, in words."""
+
+
 @dataclass
 class DenoiserGraph:
     """A captured denoiser: the FX graph, its regions in execution order, and input roles."""
@@ -63,6 +82,7 @@ class DenoiserGraph:
     roles: InputRoles
     example_inputs: list[object] = field(default_factory=list)
     """The graph's inputs as the capture saw them (real tensors for parameters)."""
+    guards: list[Guard] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[Region]:
@@ -82,3 +102,19 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
     return None
+
+
+def residual_bases(
+    outputs: Sequence[tuple[int, ...] | None], inputs: Sequence[tuple[int, ...] | None]
+) -> list[int | None]:
+    """For each output shape, the index of the one input of the same shape, if exactly one.
+
+    A cached region output is stored as a residual against that input (re-added to the fresh
+    input on reuse, which tracks the step far better than the stale value); an output with no
+    unique partner is cached as a value.
+    """
+    bases: list[int | None] = []
+    for shape in outputs:
+        matches = [i for i, s in enumerate(inputs) if shape is not None and s == shape]
+        bases.append(matches[0] if len(matches) == 1 else None)
+    return bases

@@ -19,11 +19,21 @@ Rules, in order of the graph (which is program order under dynamo):
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 import torch.fx as fx
 
-from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, InputRoles, Region, TensorRole, shape_of
+from .graph import (
+    INPUT_KEY,
+    REGION_KEY,
+    DenoiserGraph,
+    InputRoles,
+    Region,
+    TensorRole,
+    residual_bases,
+    shape_of,
+)
 from .report import PassReport
 
 _PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
@@ -163,32 +173,60 @@ def _tag_get_attrs(gm: fx.GraphModule) -> None:
             node.meta[REGION_KEY] = next(iter(node.users)).meta.get(REGION_KEY)
 
 
-def region_inputs(graph: DenoiserGraph, region: str) -> list[fx.Node]:
-    """Values a region reads that are produced outside it, in first-use order."""
+def region_inputs(graph: DenoiserGraph, regions: str | Collection[str]) -> list[fx.Node]:
+    """Values one region (or a span of regions) reads from outside it, in first-use order."""
+    inside = {regions} if isinstance(regions, str) else set(regions)
     inputs: dict[fx.Node, None] = {}
-    for node in graph.nodes_of(region):
-        for arg in node.all_input_nodes:
-            if arg.meta.get(REGION_KEY) != region:
-                inputs[arg] = None
+    for node in graph.gm.graph.nodes:
+        if node.meta.get(REGION_KEY) in inside:
+            for arg in node.all_input_nodes:
+                if arg.meta.get(REGION_KEY) not in inside:
+                    inputs[arg] = None
     return list(inputs)
 
 
-def region_outputs(graph: DenoiserGraph, region: str) -> list[fx.Node]:
-    """Values a region produces that are read outside it."""
+def region_outputs(graph: DenoiserGraph, regions: str | Collection[str]) -> list[fx.Node]:
+    """Values one region (or a span of regions) produces that are read outside it."""
+    inside = {regions} if isinstance(regions, str) else set(regions)
     return [
         n
-        for n in graph.nodes_of(region)
-        if any(user.meta.get(REGION_KEY) != region for user in n.users)
+        for n in graph.gm.graph.nodes
+        if n.meta.get(REGION_KEY) in inside
+        and any(user.meta.get(REGION_KEY) not in inside for user in n.users)
     ]
+
+
+def user_values(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The nodes that are not parameters or buffers."""
+    return [n for n in nodes if n.meta.get(INPUT_KEY) not in ("param", "buffer")]
+
+
+def guarded_span(graph: DenoiserGraph, *, keep_first_block: bool) -> list[str]:
+    """The regions cache guards can skip: first (or second) block through the last block.
+
+    With `keep_first_block` (the block-0 indicator) block 0 always runs, so the span starts after.
+    """
+    names = [r.name for r in graph.regions]
+    blocks = [r.name for r in graph.blocks]
+    first = blocks[1] if keep_first_block else blocks[0]
+    return names[names.index(first) : names.index(blocks[-1]) + 1]
+
+
+def describe_residuals(outputs: list[fx.Node], inputs: list[fx.Node]) -> str:
+    """How a guard rebuilds `outputs` from `inputs`: residual re-add or cached value."""
+    bases = residual_bases([shape_of(n) for n in outputs], [shape_of(n) for n in inputs])
+    return "; ".join(
+        f"{out.name} = {inputs[b].name} + cached residual" if b is not None else
+        f"{out.name} = cached value"
+        for out, b in zip(outputs, bases, strict=True)
+    )  # fmt: skip
 
 
 def find_roles(graph: DenoiserGraph) -> InputRoles:
     """Timestep input, token streams entering the first block, and per-token side inputs."""
     roles = InputRoles()
     first = graph.blocks[0].name
-    entering = [
-        n for n in region_inputs(graph, first) if n.meta.get(INPUT_KEY) not in ("param", "buffer")
-    ]
+    entering = user_values(region_inputs(graph, first))
     leaving = {shape_of(n) for n in region_outputs(graph, first)}
 
     for node in entering:

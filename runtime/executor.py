@@ -65,12 +65,21 @@ class RegionExecutor:
         program = self.program
         values: list[Any] = list(args)
         values.extend([None] * (program.num_slots - len(values)))
-        for index, region in enumerate(program.regions):
-            outputs = self.run_region(index, region, [values[s] for s in region.inputs])
-            for slot, value in zip(region.outputs, outputs, strict=True):
-                values[slot] = value
-            for slot in program.release[index]:
-                values[slot] = None
+        for index in range(len(program.regions)):
+            self.step(index, values)
+        return self.outputs(values)
+
+    def step(self, index: int, values: list[Any]) -> None:
+        """Run region `index` over the value slots, then free what no later region reads."""
+        region = self.program.regions[index]
+        outputs = self.run_region(index, region, [values[s] for s in region.inputs])
+        for slot, value in zip(region.outputs, outputs, strict=True):
+            values[slot] = value
+        for slot in self.program.release[index]:
+            values[slot] = None
+
+    def outputs(self, values: list[Any]) -> Any:
+        """The graph's output structure filled from the slots."""
         return fx.node.map_aggregate(
-            program.output, lambda v: values[v.index] if isinstance(v, Slot) else v
+            self.program.output, lambda v: values[v.index] if isinstance(v, Slot) else v
         )

@@ -8,6 +8,7 @@ as example inputs, so dynamic shapes stay symbolic and nothing runs at compile t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,17 +137,26 @@ def compile_regions(program: RegionProgram, graph: DenoiserGraph, inner: InnerBa
     """Compile every region with the inner backend, using the captured fake values as inputs."""
     if inner == "eager":
         return
-    backend = torch._dynamo.lookup_backend(inner)
     captured = {n.name: n for n in graph.gm.graph.nodes}
     for lowered in program.regions:
         placeholders = [n for n in lowered.module.graph.nodes if n.op == "placeholder"]
-        try:
-            examples = [example_value(captured[p.name]) for p in placeholders]
-            lowered.compiled = backend(lowered.module, examples)
-        except Exception as e:  # name the region; the backend's own error follows
-            raise LoweringError(
-                f"inner backend {inner!r} failed on region {lowered.region.name!r}: {e}"
-            ) from e
+        examples = [example_value(captured[p.name]) for p in placeholders]
+        lowered.compiled = compile_region(lowered, examples, inner)
+
+
+def compile_region(
+    lowered: LoweredRegion, examples: Sequence[Any], inner: InnerBackend
+) -> Callable[..., Any]:
+    """Compile one region for inputs like `examples` (fake or real tensors)."""
+    if inner == "eager":
+        return lowered.module
+    backend = torch._dynamo.lookup_backend(inner)
+    try:  # a copy: the backend may rewrite the module it is given
+        return backend(copy.deepcopy(lowered.module), list(examples))
+    except Exception as e:  # name the region; the backend's own error follows
+        raise LoweringError(
+            f"inner backend {inner!r} failed on region {lowered.region.name!r}: {e}"
+        ) from e
 
 
 def lower(graph: DenoiserGraph, inner: InnerBackend) -> RegionProgram:

@@ -1,0 +1,489 @@
+"""Cache state and the caching executor: run guarded regions, or re-add cached residuals.
+
+The executor walks the regions like `RegionExecutor`, except across the guarded span of blocks,
+where the controller's action for this step decides what runs:
+
+- ``full``: every region runs; the span's residuals (and each guarded block's) are cached;
+- ``reuse`` (step guard): the span is skipped, its outputs are its fresh inputs + cached residual;
+- ``block`` (block guard): the blocks whose residual changed most run, the others re-add theirs;
+- ``token`` (token guard): the most-changed tokens run through the span as a shorter sequence
+  and are scattered into the cached output.
+
+State lives here, never in the compiled regions: one `Branch` per request and guidance branch,
+with per-sample accumulators. A request starts when `diffopt.request()` is entered, when the
+timestep stops decreasing, or after `steps` calls; calls that repeat the previous call's
+timestep are further guidance branches of the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffopt.config import CacheAction, CacheConfig, ConfigError, InnerBackend
+from diffopt.passes.graph import Guard, residual_bases
+from diffopt.passes.token_guard import refresh_count, token_indexed
+
+from .controller import Controller, compute_fraction, resample_profile
+from .executor import RegionExecutor
+from .lowering import RegionProgram, compile_region
+
+
+@dataclass
+class Request:
+    """One sampling run: its step count, its controller settings, and what the guards did."""
+
+    steps: int | None = None
+    cache: CacheConfig | None = None
+    """Controller settings for this request only (thresholds, mode, plan); guards are fixed."""
+    actions: dict[int, list[CacheAction]] = field(default_factory=dict)
+    """Per guidance branch, the action taken at each step."""
+    recorded: dict[str, list[float]] = field(default_factory=dict)
+    """Indicator per step (``"stack"``, ``"block0"``) when this request calibrated."""
+
+    def hit_rates(self) -> dict[CacheAction, float]:
+        """The share of steps (over all branches) that took each action."""
+        taken = Counter(a for steps in self.actions.values() for a in steps)
+        total = sum(taken.values()) or 1
+        return {a: taken[a] / total for a in ("full", "block", "token", "reuse")}
+
+    def compute(self, config: CacheConfig) -> float:
+        """Block work done, as a share of running every step in full."""
+        steps = [a for branch in self.actions.values() for a in branch]
+        return sum(compute_fraction(a, config) for a in steps) / max(1, len(steps))
+
+
+_REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("diffopt_request")
+
+
+@contextlib.contextmanager
+def request(steps: int | None = None, cache: CacheConfig | None = None) -> Iterator[Request]:
+    """Scope one sampling run: a fresh cache, an explicit step count, optional settings.
+
+    ``with diffopt.request(steps=50) as req: pipe(...)``, then ``req.hit_rates()``.
+    """
+    token = _REQUEST.set(Request(steps, cache))
+    try:
+        yield _REQUEST.get()
+    finally:
+        _REQUEST.reset(token)
+
+
+class Trend:
+    """One cached residual: its latest estimate, and its per-step slope between full steps."""
+
+    def __init__(self) -> None:
+        self.latest: torch.Tensor | None = None
+        self.at_step = 0
+        self.full: torch.Tensor | None = None
+        self.full_step = 0
+        self.slope: torch.Tensor | None = None
+
+    def record_full(self, value: torch.Tensor, step: int) -> None:
+        if self.full is not None and step > self.full_step:
+            self.slope = (value - self.full) / (step - self.full_step)
+        self.full = self.latest = value
+        self.full_step = self.at_step = step
+
+    def record(self, value: torch.Tensor, step: int) -> None:
+        """A partial refresh: a better estimate now, same slope."""
+        self.latest, self.at_step = value, step
+
+    def at(self, step: int, extrapolate: bool) -> torch.Tensor:
+        if not extrapolate or self.slope is None:
+            return self.latest
+        return self.latest + self.slope * (step - self.at_step)
+
+    def change(self) -> float:
+        """Relative L1 change per step at the last full step (0 before there were two)."""
+        if self.slope is None:
+            return 0.0
+        return float(self.slope.abs().mean() / self.full.abs().mean().clamp_min(1e-12))
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean |new − old| / mean |old|, shape [B]."""
+    return (new - old).abs().flatten(1).mean(1) / old.abs().flatten(1).mean(1).clamp_min(1e-12)
+
+
+@dataclass
+class Boundary:
+    """A span of regions as value slots: what it reads, what it leaves, and residual bases."""
+
+    start: int
+    stop: int
+    entries: list[int]
+    exits: list[int]
+    bases: list[int | None] = field(default_factory=list)
+    """For each exit, the entry slot it is a residual of (None: cached as a value)."""
+
+
+@dataclass
+class Branch:
+    """The cache of one guidance branch of one request."""
+
+    controller: Controller | None
+    step: int = 0
+    calibrating: bool = False
+    stack: dict[int, Trend] = field(default_factory=dict)
+    blocks: dict[int, dict[int, Trend]] = field(default_factory=dict)
+    probe: torch.Tensor | None = None
+    """Block 0's residual at the previous step (block-0 indicator)."""
+    last_stack: torch.Tensor | None = None
+    """The first exit's residual at the previous step (calibration)."""
+
+
+class CachingExecutor(RegionExecutor):
+    """Runs a `RegionProgram` with the cache guards the passes marked."""
+
+    def __init__(
+        self,
+        program: RegionProgram,
+        config: CacheConfig,
+        guards: Sequence[Guard],
+        *,
+        timestep_slot: int | None,
+        param_slots: set[int],
+        inner: InnerBackend,
+    ) -> None:
+        super().__init__(program)
+        self.config = config
+        self.inner = inner
+        self.timestep_slot = timestep_slot
+        self.param_slots = param_slots
+        index = {lowered.region.name: i for i, lowered in enumerate(program.regions)}
+        spans = {g.kind: (index[g.regions[0]], index[g.regions[-1]] + 1) for g in guards}
+        self.kinds = {g.kind for g in guards}
+        span = spans.get("step") or spans.get("token")
+        if span is None:
+            raise ConfigError("no step or token guard applied; see the step_guard pass report")
+        self.span = self._boundary(*span)
+        self.token_span = spans.get("token")
+        self.block_spans = {
+            index[g.regions[0]]: self._boundary(index[g.regions[0]], index[g.regions[0]] + 1)
+            for g in guards
+            if g.kind == "block"
+        }
+        self.probe = self._boundary(span[0] - 1, span[0]) if config.indicator == "block0" else None
+        self.profile: list[float] | None = config.profile
+        self._variants: dict[tuple[int, int], Any] = {}
+        self._request: Request | None = None
+        self._branches: dict[int, Branch] = {}
+        self._branch = 0
+        self._last_t: float | None = None
+
+    # ---- structure -------------------------------------------------------------------------
+
+    def _boundary(self, start: int, stop: int) -> Boundary:
+        regions = self.program.regions
+        produced: set[int] = set()
+        entries: dict[int, None] = {}
+        for lowered in regions[start:stop]:
+            entries.update((s, None) for s in lowered.inputs if s not in produced)
+            produced.update(lowered.outputs)
+        later = {s for lowered in regions[stop:] for s in lowered.inputs}
+        later |= {s.index for s in _slots_in(self.program.output)}
+        exits = [s for lowered in regions[start:stop] for s in lowered.outputs if s in later]
+        user = [s for s in entries if s not in self.param_slots]
+        return Boundary(start, stop, user, exits)
+
+    def _bind(self, boundary: Boundary, inputs: dict[int, Any], values: list[Any]) -> None:
+        """Pair each exit with its residual base, from the real shapes of a run (once)."""
+        if boundary.bases:
+            return
+        shapes = [tuple(inputs[s].shape) for s in boundary.entries]
+        exits = [tuple(values[s].shape) for s in boundary.exits]
+        bases = residual_bases(exits, shapes)
+        boundary.bases = [None if b is None else boundary.entries[b] for b in bases]
+
+    # ---- requests and branches -------------------------------------------------------------
+
+    def _current_branch(self, values: list[Any]) -> Branch:
+        ctx = _REQUEST.get(None)
+        t = None
+        if self.timestep_slot is not None:
+            t = float(values[self.timestep_slot].reshape(-1)[0])
+        same_step = t is not None and t == self._last_t
+        new = ctx is not self._request and ctx is not None
+        if not same_step:
+            steps = self._steps()
+            first = self._branches.get(0)
+            finished = first is not None and steps is not None and first.step >= steps
+            restarted = t is not None and self._last_t is not None and t > self._last_t
+            new = new or finished or restarted or not self._branches
+        if new:
+            self._finish_request()
+            self._request = ctx if ctx is not None else Request()
+            self._branches = {}
+        self._branch = self._branch + 1 if same_step and not new else 0
+        self._last_t = t
+        if self._branch not in self._branches:
+            self._branches[self._branch] = self._new_branch()
+        return self._branches[self._branch]
+
+    def _steps(self) -> int | None:
+        ctx = _REQUEST.get(None)
+        return (ctx.steps if ctx is not None else None) or self.config.steps
+
+    def _settings(self) -> CacheConfig:
+        ctx = _REQUEST.get(None)
+        return (ctx.cache if ctx is not None else None) or self.config
+
+    def _new_branch(self) -> Branch:
+        config = self._settings()
+        if self.profile is None and config.mode == "online":
+            return Branch(None, calibrating=True)  # this request runs in full and calibrates
+        steps = self._steps()
+        if steps is None:
+            raise ConfigError(
+                "cache guards need the step count: set options={'cache': {'steps': N}} or run "
+                "sampling inside `with diffopt.request(steps=N):`"
+            )
+        return Branch(Controller(config, steps, self._polish(config)))
+
+    def _polish(self, config: CacheConfig) -> CacheAction:
+        if config.polish == "none":
+            return "reuse"
+        kind = config.polish
+        if kind not in self.kinds:
+            warnings.warn(
+                f"cache.polish={kind!r} but the {kind}_guard pass did not apply (see its report); "
+                "polish steps run in full",
+                stacklevel=3,
+            )
+            return "full"
+        return kind
+
+    def _finish_request(self) -> None:
+        """Close the previous request: keep a calibrated profile, warn about idle guards."""
+        req, branches = self._request, self._branches
+        if req is None or not branches:
+            return
+        first = branches.get(0)
+        steps = self._steps()
+        if first.calibrating:
+            key = "block0" if self.probe is not None else "stack"
+            if req.recorded.get(key):
+                self.profile = req.recorded[key]
+            return
+        if steps is not None and first.step < steps:
+            warnings.warn(
+                f"a request ended after {first.step} of steps={steps} denoiser calls, so its last "
+                "step was not protected; give the real step count",
+                stacklevel=3,
+            )
+        rates = req.hit_rates()
+        config = self._settings()
+        idle = [a for a in ("reuse", first.controller.polish) if a != "full" and rates[a] == 0]
+        if idle and config.mode == "online":
+            warnings.warn(
+                f"cache guard action(s) {idle} never fired in a {first.step}-step request; "
+                "raise cache.early / cache.critical or calibrate (diffopt.calibrate)",
+                stacklevel=3,
+            )
+
+    # ---- one denoiser call -----------------------------------------------------------------
+
+    def _run(self, args: Sequence[Any]) -> Any:
+        program = self.program
+        values: list[Any] = list(args) + [None] * (program.num_slots - len(args))
+        branch = self._current_branch(values)
+        step = branch.step
+        steps = self._steps()
+        if steps is not None and step >= steps and not branch.calibrating:
+            raise ConfigError(f"more than steps={steps} denoiser calls in one request")
+        span = self.span
+        config = self._settings()
+
+        probe_inputs = None
+        for index in range(span.start):
+            if self.probe is not None and index == self.probe.start:
+                probe_inputs = {s: values[s] for s in self.probe.entries}
+            self.step(index, values)
+        change = self._indicator(branch, values, step, probe_inputs)
+        action: CacheAction = (
+            "full" if branch.calibrating else branch.controller.decide(step, change)
+        )
+        if action != "full" and not self._can(action, branch, span):
+            action = "full"  # nothing cached yet to reuse (only before the second full step)
+        entries = {s: values[s] for s in span.entries}
+        {
+            "full": self._full,
+            "reuse": self._reuse,
+            "block": self._refresh_blocks,
+            "token": self._refresh_tokens,
+        }[action](branch, values, entries, step, config)
+        for index in range(span.stop, len(program.regions)):
+            self.step(index, values)
+
+        self._request.actions.setdefault(self._branch, []).append(action)
+        branch.step += 1
+        return self.outputs(values)
+
+    def _can(self, action: CacheAction, branch: Branch, span: Boundary) -> bool:
+        trends = [branch.stack.get(s) for s in span.exits]
+        if any(t is None for t in trends):
+            return False
+        if action == "token":
+            return all(t.slope is not None for t in trends)
+        if action == "block":
+            return bool(branch.blocks)
+        return True
+
+    def _indicator(
+        self, branch: Branch, values: list[Any], step: int, probe_inputs: dict[int, Any] | None
+    ) -> torch.Tensor:
+        """Each sample's change this step, as a share of the calibrated whole-run change."""
+        batch = values[self.span.entries[0]].shape[0]
+        if self.probe is not None:  # block 0 just ran: its residual's change
+            probe = self.probe
+            self._bind(probe, probe_inputs, values)
+            if probe.bases[0] is None:
+                raise ConfigError(
+                    "the block-0 indicator needs block 0's output to be a residual of its input; "
+                    "use cache.indicator='profile'"
+                )
+            residual = values[probe.exits[0]] - probe_inputs[probe.bases[0]]
+            raw = (
+                relative_change(residual, branch.probe)
+                if branch.probe is not None
+                else torch.zeros(batch)
+            )
+            branch.probe = residual
+            if branch.calibrating:
+                self._record(branch, "block0", raw, step)
+                return raw
+            return raw / max(sum(self._profile(branch)), 1e-12)
+        if branch.calibrating:
+            return torch.zeros(batch)
+        profile = self._profile(branch)
+        return torch.full((batch,), profile[step] / max(sum(profile), 1e-12))
+
+    def _profile(self, branch: Branch) -> list[float]:
+        return resample_profile(self.profile, branch.controller.steps)
+
+    def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
+        if self._branch == 0:
+            recorded = self._request.recorded.setdefault(key, [])
+            recorded.append(float(change.mean()) if step > 0 else 0.0)
+
+    # ---- the four actions ------------------------------------------------------------------
+
+    def _full(self, branch, values, entries, step, config) -> None:
+        span = self.span
+        track_blocks = "block" in self.kinds and (config.polish == "block" or config.mode == "plan")
+        for index in range(span.start, span.stop):
+            block = self.block_spans.get(index) if track_blocks else None
+            inputs = {s: values[s] for s in block.entries} if block else None
+            self.step(index, values)
+            if block:
+                self._bind(block, inputs, values)
+                trends = branch.blocks.setdefault(index, {})
+                for out, base in zip(block.exits, block.bases, strict=True):
+                    value = values[out] - inputs[base] if base is not None else values[out]
+                    trends.setdefault(out, Trend()).record_full(value, step)
+        self._bind(span, entries, values)
+        for out, base in zip(span.exits, span.bases, strict=True):
+            value = values[out] - entries[base] if base is not None else values[out]
+            trend = branch.stack.setdefault(out, Trend())
+            if branch.calibrating and out == span.exits[0]:
+                if branch.last_stack is not None:
+                    self._record(branch, "stack", relative_change(value, branch.last_stack), step)
+                else:
+                    self._record(branch, "stack", torch.zeros(1), step)
+                branch.last_stack = value
+            trend.record_full(value, step)
+
+    def _rebuild(self, trend: Trend, base: int | None, entries: dict[int, Any], step, config):
+        cached = trend.at(step, config.extrapolate)
+        return entries[base] + cached if base is not None else cached
+
+    def _reuse(self, branch, values, entries, step, config) -> None:
+        span = self.span
+        for out, base in zip(span.exits, span.bases, strict=True):
+            values[out] = self._rebuild(branch.stack[out], base, entries, step, config)
+        self._release(span, values)
+
+    def _release(self, span: Boundary, values: list[Any]) -> None:
+        for index in range(span.start, span.stop):
+            for slot in self.program.release[index]:
+                values[slot] = None
+
+    def _refresh_blocks(self, branch, values, entries, step, config) -> None:
+        span = self.span
+        ranked = sorted(branch.blocks, key=lambda i: -_block_change(branch.blocks[i]))
+        run = set(ranked[: math.ceil(config.block_ratio * len(ranked))])
+        for index in range(span.start, span.stop):
+            trends = branch.blocks.get(index)
+            if trends is None or index in run:
+                self.step(index, values)
+                continue
+            block = self.block_spans[index]
+            inputs = {s: values[s] for s in block.entries}
+            for out, base in zip(block.exits, block.bases, strict=True):
+                values[out] = self._rebuild(trends[out], base, inputs, step, config)
+            self._release(block, values)
+        for out, base in zip(span.exits, span.bases, strict=True):
+            value = values[out] - entries[base] if base is not None else values[out]
+            branch.stack[out].record(value, step)
+
+    def _refresh_tokens(self, branch, values, entries, step, config) -> None:
+        span = self.span
+        stream = values[span.bases[0]]
+        batch, tokens = stream.shape[:2]
+        count = refresh_count(config, tokens)
+        scores = branch.stack[span.exits[0]].slope.abs().mean(-1)  # [B, N]: recent change
+        chosen = scores.topk(count, dim=1).indices.sort(dim=1).values
+        short = list(values)
+        for slot in span.entries:
+            value = values[slot]
+            if token_indexed(tuple(value.shape), batch, tokens):
+                short[slot] = value.gather(1, _expand(chosen, value))
+        for index in range(span.start, span.stop):
+            lowered = self.program.regions[index]
+            outputs = self._variant(index, count, [short[s] for s in lowered.inputs])(
+                *[short[s] for s in lowered.inputs]
+            )
+            for slot, value in zip(lowered.outputs, outputs, strict=True):
+                short[slot] = value
+        for out, base in zip(span.exits, span.bases, strict=True):
+            full = self._rebuild(branch.stack[out], base, entries, step, config).clone()
+            full.scatter_(1, _expand(chosen, full), short[out])
+            branch.stack[out].record(full - entries[base], step)
+            values[out] = full
+        self._release(span, values)
+
+    def _variant(self, index: int, count: int, examples: list[Any]) -> Any:
+        """Region `index` compiled for a `count`-token sequence (compiled on first use)."""
+        key = (index, count)
+        if key not in self._variants:
+            lowered = self.program.regions[index]
+            self._variants[key] = compile_region(lowered, examples, self.inner)
+        return self._variants[key]
+
+
+def _block_change(trends: dict[int, Trend]) -> float:
+    return max(t.change() for t in trends.values())
+
+
+def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, k] token indices broadcast over `like`'s trailing dimensions, for gather/scatter."""
+    return index.view(*index.shape, *[1] * (like.dim() - 2)).expand(-1, -1, *like.shape[2:])
+
+
+def _slots_in(structure: Any) -> list[Any]:
+    import torch.fx as fx
+
+    from .lowering import Slot
+
+    found: list[Any] = []
+    fx.node.map_aggregate(structure, lambda v: found.append(v) if isinstance(v, Slot) else None)
+    return found

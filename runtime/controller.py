@@ -1,0 +1,106 @@
+"""The push-then-polish controller: per-step decisions from an accumulated change indicator.
+
+Two lines on the change accumulated since the last full step: below `early` the whole block stack
+is reused (push); between `early` and `critical` the step is polished with a block or token
+refresh; past `critical` a full step runs and the accumulator restarts. The first `warmup` steps
+and the last step always compute, and no more than `max_reuse` steps in a row skip the full stack.
+
+Every sample keeps its own accumulator. A batch runs the most compute any of its samples asks
+for, so no sample is ever skipped because its batch mates changed little; a sample that receives
+a full step because of a batch mate restarts its accumulator, since its cache is fresh.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import torch
+
+from diffopt.config import CacheAction, CacheConfig, ConfigError
+
+ACTIONS: tuple[CacheAction, ...] = get_args(CacheAction)
+"""From most to least compute: full, block, token, reuse."""
+
+
+def resample_profile(profile: Sequence[float], steps: int) -> list[float]:
+    """A per-step change profile calibrated at one step count, re-cut for `steps` steps.
+
+    The cumulative change over the normalized trajectory is interpolated, so the resampled
+    profile keeps the same total and the same shape over time.
+    """
+    if len(profile) == steps:
+        return list(profile)
+    cumulative = np.concatenate([[0.0], np.cumsum(profile)])
+    source = np.linspace(0.0, 1.0, len(cumulative))
+    target = np.interp(np.linspace(0.0, 1.0, steps + 1), source, cumulative)
+    return np.diff(target).tolist()
+
+
+def load_plan(plan: Sequence[str] | str, steps: int) -> list[CacheAction]:
+    """A plan as a list of actions, read from JSON if it is a path, checked against `steps`."""
+    if isinstance(plan, str):
+        try:
+            plan = json.loads(Path(plan).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cache.plan {plan!r} is not a readable JSON list: {e}") from e
+    plan = list(plan)
+    unknown = sorted({a for a in plan if a not in ACTIONS})
+    if unknown:
+        raise ConfigError(f"cache.plan has unknown action(s) {unknown}; use {ACTIONS}")
+    if len(plan) != steps:
+        raise ConfigError(
+            f"cache.plan has {len(plan)} actions but the request runs {steps} steps; "
+            "calibrate a plan for this step count"
+        )
+    return plan
+
+
+class Controller:
+    """Decisions for one guidance branch of one request: one call per denoiser step."""
+
+    def __init__(self, config: CacheConfig, steps: int, polish: CacheAction) -> None:
+        self.config = config
+        self.steps = steps
+        self.polish = polish
+        """What the polish band runs: "token" or "block", "reuse" for ``polish="none"``."""
+        self.plan = load_plan(config.plan, steps) if config.mode == "plan" else None
+        self.accumulated: torch.Tensor | None = None
+        self.since_full: torch.Tensor | None = None
+
+    def decide(self, step: int, change: torch.Tensor) -> CacheAction:
+        """The batch's action at `step`, given each sample's indicator `change` [B]."""
+        if self.accumulated is None:
+            self.accumulated = torch.zeros_like(change)
+            self.since_full = torch.zeros_like(change)
+        config = self.config
+        if step < config.warmup or step >= self.steps - 1:
+            action: CacheAction = "full"
+        elif self.plan is not None:
+            action = self.plan[step]
+        else:
+            self.accumulated += change
+            # Per sample: 0 reuse, 1 polish, 2 full; the batch runs the most anyone needs.
+            want = (self.accumulated >= config.early).to(torch.int8)
+            want += (self.accumulated >= config.critical) | (self.since_full >= config.max_reuse)
+            rank = int(want.max())  # the one host read per step
+            action = ("reuse", self.polish, "full")[rank]
+        if action == "full":
+            self.accumulated.zero_()
+            self.since_full.zero_()
+        else:
+            self.since_full += 1
+        return action
+
+
+def compute_fraction(action: CacheAction, config: CacheConfig) -> float:
+    """The share of a full step's block work an action does (for reports and the search)."""
+    return {
+        "full": 1.0,
+        "block": config.block_ratio,
+        "token": config.token_ratio,
+        "reuse": 0.0,
+    }[action]
