@@ -3,6 +3,7 @@
 Three ways in:
 - ``torch.compile(model, backend="diffopt", options={...})`` (no import needed);
 - `diffopt.inspect(model, example_inputs, config)` to see what the passes did;
+- `diffopt.calibrate(model, run, steps=...)` to fit cache-guard settings on calibration inputs;
 - the ``diffopt`` command line (``diffopt demo``, ``diffopt bench``, ``diffopt inspect tiny-dit``).
 
 Reference models live in `diffopt.zoo` (``zoo.load("ref-dit")``), quality and cost metrics in
@@ -15,8 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import bench, metrics, zoo
 from .backend import diffopt_backend
-from .config import CleanupConfig, Config, ConfigError
+from .config import CacheConfig, CleanupConfig, Config, ConfigError
 from .inspection import InspectReport, inspect
+from .runtime import Calibration, calibrate, request
 
 try:
     __version__ = version("diffopt")
@@ -24,14 +26,18 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "CacheConfig",
+    "Calibration",
     "CleanupConfig",
     "Config",
     "ConfigError",
     "InspectReport",
     "__version__",
     "bench",
+    "calibrate",
     "diffopt_backend",
     "inspect",
     "metrics",
+    "request",
     "zoo",
 ]

@@ -27,13 +27,16 @@ CLASSIFIER_WEIGHTS = ASSETS / "digits-classifier.safetensors"
 DATA_RANGE = 2.0  # images live in [-1, 1]
 
 
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of `images` against `reference` (inf when identical)."""
+def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = DATA_RANGE) -> float:
+    """Peak signal-to-noise ratio in dB of `images` against `reference` (inf when identical).
+
+    `data_range` is the span of valid values: 2 for images in [-1, 1].
+    """
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     if torch.equal(images, reference):
         return float("inf")
-    return peak_signal_noise_ratio(images, reference, data_range=DATA_RANGE).item()
+    return peak_signal_noise_ratio(images, reference, data_range=data_range).item()
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:

@@ -1,5 +1,7 @@
 """The runtime: lowering a rewritten graph into compiled regions and executing them."""
 
+from .cache import CachingExecutor, Request, request
+from .calibration import Calibration, calibrate
 from .executor import FlopTally, RegionExecutor, counting_flops
 from .lowering import (
     LoweredRegion,
@@ -11,13 +13,18 @@ from .lowering import (
 )
 
 __all__ = [
+    "CachingExecutor",
+    "Calibration",
     "FlopTally",
     "LoweredRegion",
     "LoweringError",
     "RegionExecutor",
     "RegionProgram",
+    "Request",
+    "calibrate",
     "compile_regions",
     "counting_flops",
     "lower",
+    "request",
     "split_regions",
 ]

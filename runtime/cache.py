@@ -32,7 +32,7 @@ from diffopt.config import CacheAction, CacheConfig, ConfigError, InnerBackend
 from diffopt.passes.graph import Guard, residual_bases
 from diffopt.passes.token_guard import refresh_count, token_indexed
 
-from .controller import Controller, compute_fraction, resample_profile
+from .controller import Controller, resample_profile
 from .executor import RegionExecutor
 from .lowering import RegionProgram, compile_region
 
@@ -46,6 +46,8 @@ class Request:
     """Controller settings for this request only (thresholds, mode, plan); guards are fixed."""
     actions: dict[int, list[CacheAction]] = field(default_factory=dict)
     """Per guidance branch, the action taken at each step."""
+    work: dict[int, list[float]] = field(default_factory=dict)
+    """Per guidance branch, each step's guarded block work as a share of a full step's."""
     recorded: dict[str, list[float]] = field(default_factory=dict)
     """Indicator per step (``"stack"``, ``"block0"``) when this request calibrated."""
 
@@ -55,10 +57,10 @@ class Request:
         total = sum(taken.values()) or 1
         return {a: taken[a] / total for a in ("full", "block", "token", "reuse")}
 
-    def compute(self, config: CacheConfig) -> float:
-        """Block work done, as a share of running every step in full."""
-        steps = [a for branch in self.actions.values() for a in branch]
-        return sum(compute_fraction(a, config) for a in steps) / max(1, len(steps))
+    def compute(self) -> float:
+        """Guarded block work done, as a share of running every step in full."""
+        steps = [w for branch in self.work.values() for w in branch]
+        return sum(steps) / max(1, len(steps))
 
 
 _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("diffopt_request")
@@ -139,6 +141,19 @@ class Branch:
     """Block 0's residual at the previous step (block-0 indicator)."""
     last_stack: torch.Tensor | None = None
     """The first exit's residual at the previous step (calibration)."""
+    token: TokenAnchor | None = None
+
+
+@dataclass
+class TokenAnchor:
+    """What a token refresh compares against, set at each full step."""
+
+    chosen: torch.Tensor
+    """[B, k] the tokens each sample refreshes: the most-changed between the last full steps."""
+    outputs: dict[int, torch.Tensor]
+    """The full step's span outputs at the chosen tokens."""
+    short: dict[int, torch.Tensor]
+    """The span run on the chosen tokens alone, at the full step."""
 
 
 class CachingExecutor(RegionExecutor):
@@ -235,7 +250,13 @@ class CachingExecutor(RegionExecutor):
 
     def _settings(self) -> CacheConfig:
         ctx = _REQUEST.get(None)
-        return (ctx.cache if ctx is not None else None) or self.config
+        settings = (ctx.cache if ctx is not None else None) or self.config
+        if settings.indicator != self.config.indicator:
+            raise ConfigError(
+                f"a request cannot switch cache.indicator ({self.config.indicator!r} was compiled "
+                f"in, the request asks {settings.indicator!r}): the guards differ; recompile"
+            )
+        return settings
 
     def _new_branch(self) -> Branch:
         config = self._settings()
@@ -315,6 +336,7 @@ class CachingExecutor(RegionExecutor):
         if action != "full" and not self._can(action, branch, span):
             action = "full"  # nothing cached yet to reuse (only before the second full step)
         entries = {s: values[s] for s in span.entries}
+        self._work = 0.0
         {
             "full": self._full,
             "reuse": self._reuse,
@@ -325,6 +347,7 @@ class CachingExecutor(RegionExecutor):
             self.step(index, values)
 
         self._request.actions.setdefault(self._branch, []).append(action)
+        self._request.work.setdefault(self._branch, []).append(self._work)
         branch.step += 1
         return self.outputs(values)
 
@@ -333,7 +356,7 @@ class CachingExecutor(RegionExecutor):
         if any(t is None for t in trends):
             return False
         if action == "token":
-            return all(t.slope is not None for t in trends)
+            return branch.token is not None
         if action == "block":
             return bool(branch.blocks)
         return True
@@ -380,6 +403,8 @@ class CachingExecutor(RegionExecutor):
     def _full(self, branch, values, entries, step, config) -> None:
         span = self.span
         track_blocks = "block" in self.kinds and (config.polish == "block" or config.mode == "plan")
+        before = list(values)  # keeps parameters alive for the short run after the span
+        self._work = 1.0
         for index in range(span.start, span.stop):
             block = self.block_spans.get(index) if track_blocks else None
             inputs = {s: values[s] for s in block.entries} if block else None
@@ -401,6 +426,8 @@ class CachingExecutor(RegionExecutor):
                     self._record(branch, "stack", torch.zeros(1), step)
                 branch.last_stack = value
             trend.record_full(value, step)
+        if "token" in self.kinds and (config.polish == "token" or config.mode == "plan"):
+            self._set_anchor(branch, before, values)
 
     def _rebuild(self, trend: Trend, base: int | None, entries: dict[int, Any], step, config):
         cached = trend.at(step, config.extrapolate)
@@ -421,6 +448,7 @@ class CachingExecutor(RegionExecutor):
         span = self.span
         ranked = sorted(branch.blocks, key=lambda i: -_block_change(branch.blocks[i]))
         run = set(ranked[: math.ceil(config.block_ratio * len(ranked))])
+        self._work = len(run) / len(ranked)
         for index in range(span.start, span.stop):
             trends = branch.blocks.get(index)
             if trends is None or index in run:
@@ -436,12 +464,41 @@ class CachingExecutor(RegionExecutor):
             branch.stack[out].record(value, step)
 
     def _refresh_tokens(self, branch, values, entries, step, config) -> None:
+        """Refresh the anchor's tokens: their output moves as the short run's output moves.
+
+        The short run sees only the chosen tokens, so its attention misses the others; using
+        its change since the anchor (not its value) cancels that to first order.
+        """
+        span, anchor = self.span, branch.token
+        current = self._run_short(values, anchor.chosen)
+        self._work = anchor.chosen.shape[1] / values[span.bases[0]].shape[1]
+        for out, base in zip(span.exits, span.bases, strict=True):
+            full = self._rebuild(branch.stack[out], base, entries, step, config).clone()
+            moved = anchor.outputs[out] + current[out] - anchor.short[out]
+            full.scatter_(1, _expand(anchor.chosen, full), moved)
+            branch.stack[out].record(full - entries[base], step)
+            values[out] = full
+        self._release(span, values)
+
+    def _set_anchor(self, branch: Branch, before: list[Any], values: list[Any]) -> None:
+        """After a full step: pick the most-changed tokens and run them alone, for reference."""
         span = self.span
-        stream = values[span.bases[0]]
-        batch, tokens = stream.shape[:2]
-        count = refresh_count(config, tokens)
-        scores = branch.stack[span.exits[0]].slope.abs().mean(-1)  # [B, N]: recent change
-        chosen = scores.topk(count, dim=1).indices.sort(dim=1).values
+        trend = branch.stack[span.exits[0]]
+        if trend.slope is None:
+            return
+        tokens = trend.slope.shape[1]
+        scores = trend.slope.abs().mean(-1)  # [B, N]: change between the last two full steps
+        chosen = scores.topk(refresh_count(self._settings(), tokens), dim=1).indices
+        chosen = chosen.sort(dim=1).values
+        outputs = {out: values[out].gather(1, _expand(chosen, values[out])) for out in span.exits}
+        branch.token = TokenAnchor(chosen, outputs, self._run_short(before, chosen))
+        self._work += chosen.shape[1] / tokens
+
+    def _run_short(self, values: list[Any], chosen: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The span run on the `chosen` tokens of each sample only: its exits, [B, k, ...]."""
+        span = self.span
+        batch, count = chosen.shape
+        tokens = values[span.bases[0]].shape[1]
         short = list(values)
         for slot in span.entries:
             value = values[slot]
@@ -449,17 +506,11 @@ class CachingExecutor(RegionExecutor):
                 short[slot] = value.gather(1, _expand(chosen, value))
         for index in range(span.start, span.stop):
             lowered = self.program.regions[index]
-            outputs = self._variant(index, count, [short[s] for s in lowered.inputs])(
-                *[short[s] for s in lowered.inputs]
-            )
+            inputs = [short[s] for s in lowered.inputs]
+            outputs = self._variant(index, count, inputs)(*inputs)
             for slot, value in zip(lowered.outputs, outputs, strict=True):
                 short[slot] = value
-        for out, base in zip(span.exits, span.bases, strict=True):
-            full = self._rebuild(branch.stack[out], base, entries, step, config).clone()
-            full.scatter_(1, _expand(chosen, full), short[out])
-            branch.stack[out].record(full - entries[base], step)
-            values[out] = full
-        self._release(span, values)
+        return {out: short[out] for out in span.exits}
 
     def _variant(self, index: int, count: int, examples: list[Any]) -> Any:
         """Region `index` compiled for a `count`-token sequence (compiled on first use)."""

@@ -85,7 +85,8 @@ class Controller:
             self.accumulated += change
             # Per sample: 0 reuse, 1 polish, 2 full; the batch runs the most anyone needs.
             want = (self.accumulated >= config.early).to(torch.int8)
-            want += (self.accumulated >= config.critical) | (self.since_full >= config.max_reuse)
+            want += self.accumulated >= config.critical
+            want[self.since_full >= config.max_reuse] = 2
             rank = int(want.max())  # the one host read per step
             action = ("reuse", self.polish, "full")[rank]
         if action == "full":
@@ -94,13 +95,3 @@ class Controller:
         else:
             self.since_full += 1
         return action
-
-
-def compute_fraction(action: CacheAction, config: CacheConfig) -> float:
-    """The share of a full step's block work an action does (for reports and the search)."""
-    return {
-        "full": 1.0,
-        "block": config.block_ratio,
-        "token": config.token_ratio,
-        "reuse": 0.0,
-    }[action]

@@ -1,0 +1,160 @@
+"""`diffopt.calibrate`: record the change indicator on calibration inputs, then pick settings.
+
+One full run records the indicator at every step; that profile is what thresholds are measured
+against (they are fractions of the whole run's change), so the same settings transfer across
+models, step counts and quantization. With ``cache="auto"`` and a quality budget, every setting
+on a small grid is run on the same inputs and the one that does the least block work while
+meeting the budget wins; each setting is a per-request override, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from diffopt.config import CacheAction, CacheConfig, Config, ConfigError, InnerBackend
+
+from .cache import request
+
+Run = Callable[[Callable[..., Any]], torch.Tensor]
+"""``run(denoiser) -> samples``: one whole sampling run on the calibration inputs."""
+
+CRITICAL_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+"""Critical lines searched by ``cache="auto"`` (fractions of the run's calibrated change)."""
+
+
+@dataclass
+class Trial:
+    """One setting tried by the search, and how it did against the uncached run."""
+
+    settings: dict[str, Any]
+    psnr: float
+    work: float
+    """Guarded block work as a share of the uncached run's."""
+    hit_rates: dict[str, float]
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` found: the settings to use, and the evidence for them."""
+
+    config: CacheConfig
+    """Ready for ``options={"cache": calibration.config}``; holds the calibrated profile."""
+    plan: list[CacheAction]
+    """The chosen setting's actions per step (first guidance branch), for ``mode="plan"``."""
+    trials: list[Trial] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the cache config as JSON (loadable with `CacheConfig(**json.load(...))`)."""
+        path = Path(path)
+        path.write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        return path
+
+    def save_plan(self, path: str | Path) -> Path:
+        """Write the plan as a JSON list of actions, for ``cache.plan``."""
+        path = Path(path)
+        path.write_text(json.dumps(self.plan) + "\n")
+        return path
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rows = [
+            [json.dumps(t.settings), f"{t.psnr:.1f}", f"{t.work:.3f}"]
+            + [f"{t.hit_rates[a]:.2f}" for a in ("full", "block", "token", "reuse")]
+            for t in self.trials
+        ]
+        headers = ["settings", "PSNR dB", "work", "full", "block", "token", "reuse"]
+        return tabulate(rows, headers, tablefmt="github")
+
+
+def calibrate(
+    model: torch.nn.Module,
+    run: Run,
+    *,
+    steps: int,
+    cache: CacheConfig | Literal["auto"] | None = None,
+    target_psnr: float | None = None,
+    data_range: float = 2.0,
+    inner: InnerBackend = "eager",
+) -> Calibration:
+    """Calibrate cache guards for `model` on the inputs `run` samples.
+
+    `run(denoiser)` must sample once with the given denoiser (``steps`` denoiser calls per
+    guidance branch) and return the result. Without ``cache="auto"``, the given (or default)
+    settings get the calibrated profile. With ``cache="auto"`` and `target_psnr`, the grid is
+    searched for the least block work whose samples stay within `target_psnr` dB (PSNR with
+    `data_range`) of the uncached run's; if none does, a `ConfigError` says how close it got.
+    """
+    auto = cache == "auto"
+    if auto and target_psnr is None:
+        raise ConfigError('cache="auto" needs a quality budget, e.g. target_psnr=30')
+    base = CacheConfig(steps=steps) if cache in (None, "auto") else cache
+    base = dataclasses.replace(base, steps=steps, profile=None, mode="online")
+    denoiser = torch.compile(model, backend="diffopt", options=Config(inner=inner, cache=base))
+
+    with request(steps=steps) as calibration_run:
+        reference = run(denoiser)
+    key = "block0" if base.indicator == "block0" else "stack"
+    profile = calibration_run.recorded.get(key)
+    if not profile:
+        raise ConfigError(
+            "calibration recorded no indicator: the denoiser was never called with cache guards "
+            "(did `run` use the denoiser it was given? see the step_guard pass report)"
+        )
+    base = dataclasses.replace(base, profile=profile)
+    candidates = _grid(base) if auto else [base]
+
+    from diffopt import metrics
+
+    trials, plans = [], []
+    for settings in candidates:
+        with request(steps=steps, cache=settings) as req:
+            samples = run(denoiser)
+        changed = {
+            k: v for k, v in dataclasses.asdict(settings).items() if v != getattr(base, k)
+        }  # fmt: skip
+        trials.append(
+            Trial(
+                changed, metrics.psnr(samples, reference, data_range), req.compute(),
+                req.hit_rates(),
+            )
+        )  # fmt: skip
+        plans.append(req.actions.get(0, []))
+    if not auto:
+        return Calibration(base, plans[0], trials)
+    passing = [i for i, t in enumerate(trials) if t.psnr >= target_psnr]
+    if not passing:
+        best = max(trials, key=lambda t: t.psnr)
+        raise ConfigError(
+            f"no cache setting reached target_psnr={target_psnr} dB (best: {best.psnr:.1f} dB "
+            f"with {best.settings}); lower the target or calibrate with more steps"
+        )
+    chosen = min(passing, key=lambda i: (trials[i].work, -trials[i].psnr))
+    return Calibration(candidates[chosen], plans[chosen], trials)
+
+
+def _grid(base: CacheConfig) -> list[CacheConfig]:
+    """Settings ``cache="auto"`` tries: push-only, and push-then-polish with each refresh."""
+    grid = []
+    for critical, extrapolate in itertools.product(CRITICAL_GRID, (False, True)):
+        grid.append(
+            dataclasses.replace(
+                base, early=critical, critical=critical, polish="none", extrapolate=extrapolate
+            )
+        )
+        for polish in ("token", "block"):
+            grid.append(
+                dataclasses.replace(
+                    base, early=critical / 2, critical=critical, polish=polish,
+                    extrapolate=extrapolate,
+                )
+            )  # fmt: skip
+    return grid
