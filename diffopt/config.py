@@ -104,7 +104,7 @@ class CacheConfig:
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {allowed}")
+        raise ConfigError(f"{name}={value!r} is not a known choice; use one of {allowed}")
 
 
 @dataclass

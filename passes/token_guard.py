@@ -71,9 +71,11 @@ def _why_not(
     exits: list[fx.Node],
     tokens: int,
 ) -> str | None:
+    per_token = {r.node for r in graph.roles.per_token}
     for node in entries:
         shape = shape_of(node)
-        if node not in gathered and shape is not None and tokens in shape:
+        indexed = shape is not None and (node.name in per_token or tokens in shape[:-1])
+        if node not in gathered and indexed:
             return (
                 f"input {node.name} {list(shape)} is indexed by token but not as [B, N, ...] "
                 "(e.g. rotary embeddings shared by the batch), so per-sample token sets "

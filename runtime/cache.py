@@ -126,6 +126,16 @@ class Boundary:
     exits: list[int]
     bases: list[int | None] = field(default_factory=list)
     """For each exit, the entry slot it is a residual of (None: cached as a value)."""
+    strides: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Each exit's strides when the span runs: compiled consumers check them."""
+
+    def laid_out(self, slot: int, value: torch.Tensor) -> torch.Tensor:
+        """`value` with the strides the span's own output has at `slot`."""
+        stride = self.strides[slot]
+        if value.stride() == stride:
+            return value
+        out = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
+        return out.copy_(value)
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Branch:
     last_stack: torch.Tensor | None = None
     """The first exit's residual at the previous step (calibration)."""
     token: TokenAnchor | None = None
+    profile: list[float] | None = None
 
 
 @dataclass
@@ -218,6 +229,7 @@ class CachingExecutor(RegionExecutor):
         exits = [tuple(values[s].shape) for s in boundary.exits]
         bases = residual_bases(exits, shapes)
         boundary.bases = [None if b is None else boundary.entries[b] for b in bases]
+        boundary.strides = {s: values[s].stride() for s in boundary.exits}
 
     # ---- requests and branches -------------------------------------------------------------
 
@@ -231,7 +243,10 @@ class CachingExecutor(RegionExecutor):
         if not same_step:
             steps = self._steps()
             first = self._branches.get(0)
-            finished = first is not None and steps is not None and first.step >= steps
+            # without a request scope, a request ends after `steps` calls; inside one, more
+            # calls than `steps` are an error (raised in `_run`)
+            finished = ctx is None and first is not None and steps is not None
+            finished = finished and first.step >= steps
             restarted = t is not None and self._last_t is not None and t > self._last_t
             new = new or finished or restarted or not self._branches
         if new:
@@ -365,7 +380,8 @@ class CachingExecutor(RegionExecutor):
         self, branch: Branch, values: list[Any], step: int, probe_inputs: dict[int, Any] | None
     ) -> torch.Tensor:
         """Each sample's change this step, as a share of the calibrated whole-run change."""
-        batch = values[self.span.entries[0]].shape[0]
+        stream = values[self.span.entries[0]]
+        batch, device = stream.shape[0], stream.device
         if self.probe is not None:  # block 0 just ran: its residual's change
             probe = self.probe
             self._bind(probe, probe_inputs, values)
@@ -378,7 +394,7 @@ class CachingExecutor(RegionExecutor):
             raw = (
                 relative_change(residual, branch.probe)
                 if branch.probe is not None
-                else torch.zeros(batch)
+                else torch.zeros(batch, device=device)
             )
             branch.probe = residual
             if branch.calibrating:
@@ -386,12 +402,14 @@ class CachingExecutor(RegionExecutor):
                 return raw
             return raw / max(sum(self._profile(branch)), 1e-12)
         if branch.calibrating:
-            return torch.zeros(batch)
+            return torch.zeros(batch, device=device)
         profile = self._profile(branch)
-        return torch.full((batch,), profile[step] / max(sum(profile), 1e-12))
+        return torch.full((batch,), profile[step] / max(sum(profile), 1e-12), device=device)
 
     def _profile(self, branch: Branch) -> list[float]:
-        return resample_profile(self.profile, branch.controller.steps)
+        if branch.profile is None:  # resampled once per request and branch
+            branch.profile = resample_profile(self.profile, branch.controller.steps)
+        return branch.profile
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
         if self._branch == 0:
@@ -436,7 +454,8 @@ class CachingExecutor(RegionExecutor):
     def _reuse(self, branch, values, entries, step, config) -> None:
         span = self.span
         for out, base in zip(span.exits, span.bases, strict=True):
-            values[out] = self._rebuild(branch.stack[out], base, entries, step, config)
+            rebuilt = self._rebuild(branch.stack[out], base, entries, step, config)
+            values[out] = span.laid_out(out, rebuilt)
         self._release(span, values)
 
     def _release(self, span: Boundary, values: list[Any]) -> None:
@@ -457,7 +476,8 @@ class CachingExecutor(RegionExecutor):
             block = self.block_spans[index]
             inputs = {s: values[s] for s in block.entries}
             for out, base in zip(block.exits, block.bases, strict=True):
-                values[out] = self._rebuild(trends[out], base, inputs, step, config)
+                rebuilt = self._rebuild(trends[out], base, inputs, step, config)
+                values[out] = block.laid_out(out, rebuilt)
             self._release(block, values)
         for out, base in zip(span.exits, span.bases, strict=True):
             value = values[out] - entries[base] if base is not None else values[out]
@@ -477,7 +497,7 @@ class CachingExecutor(RegionExecutor):
             moved = anchor.outputs[out] + current[out] - anchor.short[out]
             full.scatter_(1, _expand(anchor.chosen, full), moved)
             branch.stack[out].record(full - entries[base], step)
-            values[out] = full
+            values[out] = span.laid_out(out, full)
         self._release(span, values)
 
     def _set_anchor(self, branch: Branch, before: list[Any], values: list[Any]) -> None:
@@ -491,6 +511,7 @@ class CachingExecutor(RegionExecutor):
         chosen = scores.topk(refresh_count(self._settings(), tokens), dim=1).indices
         chosen = chosen.sort(dim=1).values
         outputs = {out: values[out].gather(1, _expand(chosen, values[out])) for out in span.exits}
+        outputs = {out: value.contiguous() for out, value in outputs.items()}
         branch.token = TokenAnchor(chosen, outputs, self._run_short(before, chosen))
         self._work += chosen.shape[1] / tokens
 
@@ -503,7 +524,8 @@ class CachingExecutor(RegionExecutor):
         for slot in span.entries:
             value = values[slot]
             if token_indexed(tuple(value.shape), batch, tokens):
-                short[slot] = value.gather(1, _expand(chosen, value))
+                # gather takes the index's strides; compiled regions expect dense rows
+                short[slot] = value.gather(1, _expand(chosen, value)).contiguous()
         for index in range(span.start, span.stop):
             lowered = self.program.regions[index]
             inputs = [short[s] for s in lowered.inputs]

@@ -21,7 +21,9 @@ def test_nested_dicts_and_none_disable():
 
 
 def test_unknown_keys_list_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"\['innr'\].*valid keys are: \['cleanup', 'inner'"):
+    with pytest.raises(
+        ConfigError, match=r"\['innr'\].*valid keys are: \['cache', 'cleanup', 'inner'"
+    ):
         Config.from_dict({"innr": "eager"})
     with pytest.raises(ConfigError, match=r"options\.cleanup.*'dropout'"):
         Config.from_dict({"cleanup": {"drop": True}})

@@ -1,0 +1,38 @@
+"""Helpers for the cache-guard tests: a denoising loop over any tiny family."""
+
+from __future__ import annotations
+
+import torch
+
+from diffopt import zoo
+
+from .conftest import first_output
+
+
+def latent_key(inputs: dict) -> str:
+    return "sample" if "sample" in inputs else "hidden_states"
+
+
+def denoise(denoiser, inputs: dict, steps: int, start: float | None = None) -> torch.Tensor:
+    """`steps` Euler-like steps with a decreasing timestep; returns the final latents."""
+    key = latent_key(inputs)
+    x = inputs[key].clone()
+    top = float(inputs["timestep"].max()) if start is None else start
+    with torch.no_grad():
+        for t in torch.linspace(top, top / steps, steps):
+            call = {**inputs, key: x, "timestep": t.expand(x.shape[0]).to(x.dtype)}
+            v = first_output(denoiser(**call))
+            x = x - v[:, : x.shape[1]] / steps
+    return x
+
+
+def build(name: str = "tiny-dit", batch: int = 2):
+    model, inputs = zoo.build(name, batch=batch)
+    inputs = {k: v for k, v in inputs.items() if k != "return_dict"}
+    return model, inputs
+
+
+def cached(model, steps: int | None = 12, **settings):
+    """The model compiled with cache guards (eager regions)."""
+    cache = {"steps": steps, **settings}
+    return torch.compile(model, backend="diffopt", options={"inner": "eager", "cache": cache})

@@ -1,0 +1,168 @@
+"""The caching executor: what it skips, what it rebuilds, and whose state it keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffopt
+from diffopt.config import CacheConfig, ConfigError
+from diffopt.runtime import counting_flops
+
+from ..caching import build, cached, denoise
+from ..conftest import FAMILIES
+
+ALWAYS_FULL = {"early": 0.0, "critical": 0.0}
+ALWAYS_REUSE = {"early": 100.0, "critical": 100.0, "max_reuse": 100, "polish": "none"}
+
+
+def calibrated(model, inputs, steps=12, **settings):
+    """A cached model whose first request (the calibration) has run."""
+    compiled = cached(model, steps, **settings)
+    denoise(compiled, inputs, steps)
+    return compiled
+
+
+def test_always_full_matches_the_uncached_run_exactly():
+    model, inputs = build()
+    expected = denoise(model, inputs, 12)
+    compiled = calibrated(model, inputs, **ALWAYS_FULL)
+    with diffopt.request(steps=12) as req:
+        out = denoise(compiled, inputs, 12)
+    assert req.hit_rates()["full"] == 1.0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_reused_steps_skip_the_blocks_and_stay_close():
+    model, inputs = build()
+    expected = denoise(model, inputs, 12)
+    compiled = calibrated(model, inputs, **ALWAYS_REUSE)
+    with counting_flops() as flops, diffopt.request(steps=12) as req:
+        out = denoise(compiled, inputs, 12)
+    with (
+        counting_flops() as full_flops,
+        diffopt.request(steps=12, cache=CacheConfig(**ALWAYS_FULL)),
+    ):
+        denoise(compiled, inputs, 12)
+    assert req.actions[0] == ["full"] * 2 + ["reuse"] * 9 + ["full"]
+    assert flops.total < 0.4 * full_flops.total  # 3 of 12 steps ran the blocks
+    assert out.isfinite().all()
+    assert (out - expected).abs().mean() < 0.5 * expected.abs().mean()
+
+
+@pytest.mark.parametrize("polish", ["token", "block"])
+def test_a_full_refresh_is_a_full_step(polish):
+    """Refreshing every token (or every block) must reproduce the uncached step."""
+    model, inputs = build()
+    expected = denoise(model, inputs, 12)
+    compiled = calibrated(model, inputs)
+    settings = CacheConfig(early=0.0, critical=100.0, max_reuse=100, polish=polish,
+                           token_ratio=1.0, block_ratio=1.0, extrapolate=False)  # fmt: skip
+    with diffopt.request(steps=12, cache=settings) as req:
+        out = denoise(compiled, inputs, 12)
+    assert req.actions[0][2:-1] == [polish] * 9
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_partial_token_refresh_runs_a_shorter_sequence():
+    model, inputs = build()
+    compiled = calibrated(model, inputs)
+    settings = CacheConfig(early=0.0, critical=100.0, max_reuse=100, token_ratio=0.25)
+    with counting_flops() as flops, diffopt.request(steps=12, cache=settings) as req:
+        out = denoise(compiled, inputs, 12)
+    with (
+        counting_flops() as full_flops,
+        diffopt.request(steps=12, cache=CacheConfig(**ALWAYS_FULL)),
+    ):
+        denoise(compiled, inputs, 12)
+    assert req.actions[0].count("token") == 9
+    assert 0.25 < req.compute() < 0.6
+    assert flops.total < 0.7 * full_flops.total
+    assert out.isfinite().all()
+
+
+def test_a_new_request_never_sees_the_previous_cache():
+    model, inputs = build()
+    compiled = calibrated(model, inputs, **ALWAYS_REUSE)
+    other = {**inputs, "hidden_states": torch.randn_like(inputs["hidden_states"])}
+    denoise(compiled, inputs, 12)
+    # no request context: the timestep jumping back up starts a new request
+    torch.testing.assert_close(
+        denoise(compiled, other, 1), denoise(model, other, 1), rtol=0, atol=0
+    )
+
+
+def test_separate_guidance_calls_keep_separate_state():
+    """A pipeline that calls cond and uncond one after the other at each timestep."""
+    model, inputs = build(batch=1)
+    compiled = calibrated(model, inputs, **ALWAYS_REUSE)
+    uncond = {**inputs, "class_labels": torch.full_like(inputs["class_labels"], 0)}
+    with diffopt.request(steps=6) as req, torch.no_grad():
+        x = inputs["hidden_states"]
+        for t in torch.linspace(900, 100, 6):
+            step = {"hidden_states": x, "timestep": t.expand(1)}
+            cond_out = compiled(**inputs | step)[0]
+            uncond_out = compiled(**uncond | step)[0]
+            assert not torch.equal(cond_out, uncond_out)
+            x = x - 0.1 * (uncond_out + 2 * (cond_out - uncond_out))[:, :1]
+    assert set(req.actions) == {0, 1}
+    assert req.actions[0] == req.actions[1] == ["full", "full", "reuse", "reuse", "reuse", "full"]
+
+
+def test_missing_step_count_is_a_clear_error():
+    model, inputs = build()
+    compiled = cached(model, steps=None, profile=[1.0] * 12)
+    with pytest.raises(ConfigError, match="need the step count"):
+        denoise(compiled, inputs, 3)
+
+
+def test_more_calls_than_steps_is_an_error():
+    model, inputs = build()
+    compiled = calibrated(model, inputs, steps=12)
+    with pytest.raises(ConfigError, match="more than steps=4"), diffopt.request(steps=4):
+        denoise(compiled, inputs, 6)
+
+
+def test_block0_indicator_decides_per_sample():
+    model, inputs = build()
+    compiled = calibrated(model, inputs, indicator="block0", early=0.2, critical=0.4)
+    with diffopt.request(steps=12) as req:
+        denoise(compiled, inputs, 12)
+    assert "reuse" in req.actions[0] and req.actions[0][-1] == "full"
+
+
+def test_no_recompiles_over_fifty_steps():
+    model, inputs = build()
+    compiled = cached(model, steps=50, early=0.1, critical=0.2)
+    denoise(compiled, inputs, 50)  # calibrates (and compiles)
+    denoise(compiled, inputs, 50)  # warm-up of the cached request
+    with torch.compiler.set_stance("fail_on_recompile"), diffopt.request(steps=50) as req:
+        denoise(compiled, inputs, 50, start=777.0)
+    assert req.hit_rates()["reuse"] > 0.3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_reuses_steps(family):
+    model, inputs = build(family)
+    expected = denoise(model, inputs, 10)
+    compiled = calibrated(model, inputs, steps=10, early=0.3, critical=0.6)
+    with diffopt.request(steps=10) as req:
+        out = denoise(compiled, inputs, 10)
+    assert req.hit_rates()["reuse"] > 0
+    assert out.isfinite().all()
+    assert (out - expected).abs().mean() < expected.abs().mean()
+
+
+@pytest.mark.inductor
+def test_inductor_regions_with_token_refresh():
+    model, inputs = build()
+    expected = denoise(model, inputs, 12)
+    compiled = torch.compile(model, backend="diffopt", options={
+        "inner": "inductor", "cache": {"steps": 12, "early": 0.0, "critical": 100.0,
+                                        "max_reuse": 100, "token_ratio": 1.0,
+                                        "extrapolate": False}})  # fmt: skip
+    denoise(compiled, inputs, 12)  # calibration
+    with diffopt.request(steps=12) as req:
+        out = denoise(compiled, inputs, 12)
+    assert req.actions[0].count("token") == 9
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)

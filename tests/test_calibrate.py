@@ -1,0 +1,99 @@
+"""diffopt.calibrate on the reference model, and cache guards inside a diffusers pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+import diffopt
+from diffopt.config import CacheConfig, ConfigError
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return diffopt.zoo.load("ref-dit")
+
+
+def sampler(reference, images=6):
+    labels, seeds = torch.arange(images) % 10, list(range(500, 500 + images))
+    return lambda denoiser: reference.sample(labels, seeds, denoiser=denoiser, steps=STEPS)
+
+
+def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_path):
+    calibration = diffopt.calibrate(
+        reference.model, sampler(reference), steps=STEPS, cache="auto", target_psnr=30
+    )
+    assert len(calibration.config.profile) == STEPS
+    passing = [t for t in calibration.trials if t.psnr >= 30]
+    chosen = min(t.work for t in passing)
+    assert chosen < 0.5  # most steps reuse
+    assert calibration.trials and "PSNR dB" in calibration.table()
+
+    # the chosen config and plan reproduce on fresh seeds, through files
+    config = CacheConfig(**json.loads(calibration.save(tmp_path / "cache.json").read_text()))
+    config.mode, config.plan = "plan", str(calibration.save_plan(tmp_path / "plan.json"))
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.model, backend="diffopt",
+                             options={"inner": "eager", "cache": config})  # fmt: skip
+    with diffopt.request(steps=STEPS) as req:
+        sampler(reference)(compiled)
+    assert req.actions[0] == calibration.plan
+
+
+def test_an_impossible_budget_says_how_close_it_got(reference):
+    with pytest.raises(ConfigError, match=r"no cache setting reached target_psnr=200.*best"):
+        diffopt.calibrate(
+            reference.model, sampler(reference, 2), steps=STEPS, cache="auto", target_psnr=200
+        )
+
+
+def test_a_run_that_ignores_the_denoiser_is_named(reference):
+    with pytest.raises(ConfigError, match="did `run` use the denoiser"):
+        diffopt.calibrate(reference.model, lambda d: torch.zeros(1), steps=STEPS)
+
+
+def tiny_dit_pipeline() -> DiTPipeline:
+    """A DiT pipeline from tiny random components (1000 classes: the pipeline's null label)."""
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=2,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4, sample_size=8,
+    )  # fmt: skip
+    pipe = DiTPipeline(transformer.eval(), vae.eval(), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_cached_transformer_inside_a_diffusers_pipeline():
+    """`pipe.transformer = torch.compile(..., backend="diffopt", options={"cache": ...})`."""
+    pipe = tiny_dit_pipeline()
+
+    def generate():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(class_labels=[3, 7], num_inference_steps=STEPS, guidance_scale=4.0,
+                    output_type="np", generator=generator).images  # fmt: skip
+
+    baseline = generate()
+    pipe.transformer = torch.compile(
+        pipe.transformer, backend="diffopt",
+        options={"inner": "eager", "cache": {"steps": STEPS, "early": 0.1, "critical": 0.2}},
+    )  # fmt: skip
+    first = generate()  # no request scope: the first request calibrates, so it is exact
+    np.testing.assert_allclose(first, baseline, atol=1e-5)
+    with diffopt.request(steps=STEPS) as req:
+        images = generate()
+    assert req.hit_rates()["reuse"] >= 0.25
+    assert np.isfinite(images).all() and not np.array_equal(images, baseline)
+    with diffopt.request(steps=STEPS, cache=CacheConfig(steps=STEPS, early=0, critical=0)):
+        np.testing.assert_allclose(generate(), baseline, atol=1e-5)  # thresholds 0: all full
