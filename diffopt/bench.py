@@ -159,8 +159,12 @@ def run(
     inner: str = "inductor",
     seed: int = 0,
     progress: bool = True,
+    memory: bool = True,
 ) -> BenchResult:
-    """Sample `images` images (labels 0..9 in turn) with each variant; the first is the baseline."""
+    """Sample `images` images (labels 0..9 in turn) with each variant; the first is the baseline.
+
+    ``memory=False`` skips the separate peak-memory run (the column reads nan).
+    """
     if not variants or variants[0].family != "baseline":
         raise ValueError("the first variant must be the baseline (diffopt.bench.baseline())")
     names = [v.name for v in variants]
@@ -189,8 +193,10 @@ def run(
         samples[variant.name] = sample_with(variant, denoisers[variant.name])  # also warms up
         bar.update(2)
     for variant in variants:
-        _, peaks[variant.name] = metrics.measure_peak_memory(
-            lambda v=variant: sample_with(v, denoisers[v.name])
+        peaks[variant.name] = (
+            metrics.measure_peak_memory(lambda v=variant: sample_with(v, denoisers[v.name]))[1]
+            if memory
+            else float("nan")
         )
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):

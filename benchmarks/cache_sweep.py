@@ -1,0 +1,139 @@
+"""diffopt's cache guards against every caching peer on ref-dit, each tuned over its own knob.
+
+For each step count: diffopt calibrated with ``cache="auto"`` at several PSNR budgets (on
+calibration seeds disjoint from the benchmark's), with inductor regions and with eager regions
+(the caching policy alone), against diffusers' FBCache, MagCache, TaylorSeer, FasterCache, PAB
+and cache-dit's DBCache at several settings each. All variants sample the same images; timing
+rounds are interleaved and the median kept. Writes a table (markdown, JSON) and a speed-vs-PSNR
+plot per step count.
+
+    python benchmarks/cache_sweep.py --steps 50 28 --images 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+
+import diffopt
+from diffopt import bench, peers, zoo
+
+PEER_KNOBS = {
+    "fbcache": (0.05, 0.1, 0.2, 0.3),
+    "magcache": (0.06, 0.12, 0.24, 0.5),
+    "taylorseer": (3, 5, 8),
+    "fastercache": (2, 3, 5),
+    "pab": (2, 4, 6),
+    "dbcache": (0.08, 0.16, 0.32),
+}
+
+
+def cached_variant(name: str, cache: diffopt.CacheConfig, inner: str | None) -> bench.Variant:
+    """diffopt with cache guards; `inner` fixes the region backend (None: the harness's)."""
+
+    def build(model: torch.nn.Module, harness_inner: str):
+        options = {"inner": inner or harness_inner, "cache": dataclasses.asdict(cache)}
+        if harness_inner == "eager":  # the FLOP-counting build: regions must run eagerly
+            options["inner"] = "eager"
+        return torch.compile(model, backend="diffopt", options=options)
+
+    return bench.Variant(name, build)
+
+
+def variants_for(reference: zoo.Reference, steps: int, targets: list[float]) -> list:
+    labels, seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
+
+    def calibration_run(denoiser):
+        return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
+
+    out = [bench.baseline(), bench.torch_compile_variant()]
+    for target in targets:
+        found = diffopt.calibrate(
+            reference.model, calibration_run, steps=steps, cache="auto", target_psnr=target
+        )
+        print(f"calibrated for {target} dB at {steps} steps: {found.config.early=} "
+              f"{found.config.critical=} {found.config.polish=} {found.config.extrapolate=}")  # fmt: skip
+        out.append(cached_variant(f"diffopt cache {target:g}dB", found.config, None))
+        out.append(cached_variant(f"diffopt cache {target:g}dB eager", found.config, "eager"))
+    small = (torch.arange(10), list(range(10)))
+
+    def peer_calibration(denoiser):
+        return reference.sample(*small, denoiser=denoiser, steps=steps)
+
+    out += [peers.first_block_cache(t) for t in PEER_KNOBS["fbcache"]]
+    out += [peers.mag_cache(peer_calibration, steps, t) for t in PEER_KNOBS["magcache"]]
+    out += [peers.taylorseer_cache(i) for i in PEER_KNOBS["taylorseer"]]
+    out += [peers.faster_cache(r) for r in PEER_KNOBS["fastercache"]]
+    out += [peers.pyramid_attention_broadcast(r) for r in PEER_KNOBS["pab"]]
+    out += [peers.db_cache(steps, t) for t in PEER_KNOBS["dbcache"]]
+    return out
+
+
+def family_of(name: str) -> str:
+    """The method behind a row: its name without the knob value."""
+    return re.sub(r" [\d.]+(dB)?( eager)?$", lambda m: " eager" if m.group(2) else "", name)
+
+
+def plot(result: bench.BenchResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[bench.Row]] = {}
+    for row in result.rows[1:]:
+        families.setdefault(family_of(row.name), []).append(row)
+    for family, rows in families.items():
+        rows = sorted(rows, key=lambda r: r.psnr)
+        xs = [min(r.psnr, 60) for r in rows]
+        ys = [1 / r.time_ratio for r in rows]
+        style = "o-" if family.startswith("diffopt") else "^--"
+        ax.plot(xs, ys, style, label=family, linewidth=2 if family.startswith("diffopt") else 1)
+    ax.axvline(30, color="gray", linestyle=":", linewidth=1)
+    ax.axhline(4, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("PSNR vs uncached run, dB (60 = identical)")
+    ax.set_ylabel("speedup over the uncached eager run")
+    ax.set_title(f"{result.model}, {result.steps} steps, {result.images} images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 28])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--targets", type=float, nargs="+", default=[40, 34, 31])
+    parser.add_argument("--inner", default="inductor")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    reference = zoo.load("ref-dit")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for steps in args.steps:
+        variants = variants_for(reference, steps, args.targets)
+        result = bench.run(
+            reference, variants, images=args.images, repeats=args.repeats, steps=steps,
+            inner=args.inner, memory=False,
+        )  # fmt: skip
+        table = result.markdown()
+        print(table)
+        stem = f"cache-sweep-{steps}"
+        (out / f"{stem}.md").write_text(table + "\n")
+        (out / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print("wrote", plot(result, out / f"{stem}.png"))
+
+
+if __name__ == "__main__":
+    main()
