@@ -13,7 +13,6 @@ plot per step count.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -33,18 +32,6 @@ PEER_KNOBS = {
 }
 
 
-def cached_variant(name: str, cache: diffopt.CacheConfig, inner: str | None) -> bench.Variant:
-    """diffopt with cache guards; `inner` fixes the region backend (None: the harness's)."""
-
-    def build(model: torch.nn.Module, harness_inner: str):
-        options = {"inner": inner or harness_inner, "cache": dataclasses.asdict(cache)}
-        if harness_inner == "eager":  # the FLOP-counting build: regions must run eagerly
-            options["inner"] = "eager"
-        return torch.compile(model, backend="diffopt", options=options)
-
-    return bench.Variant(name, build)
-
-
 def variants_for(reference: zoo.Reference, steps: int, targets: list[float]) -> list:
     labels, seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
 
@@ -56,10 +43,11 @@ def variants_for(reference: zoo.Reference, steps: int, targets: list[float]) -> 
         found = diffopt.calibrate(
             reference.model, calibration_run, steps=steps, cache="auto", target_psnr=target
         )
-        print(f"calibrated for {target} dB at {steps} steps: {found.config.early=} "
-              f"{found.config.critical=} {found.config.polish=} {found.config.extrapolate=}")  # fmt: skip
-        out.append(cached_variant(f"diffopt cache {target:g}dB", found.config, None))
-        out.append(cached_variant(f"diffopt cache {target:g}dB eager", found.config, "eager"))
+        c = found.config
+        print(f"{steps} steps, {target} dB: early={c.early} critical={c.critical} "
+              f"polish={c.polish} extrapolate={c.extrapolate}")  # fmt: skip
+        out.append(bench.cached_variant(f"diffopt cache {target:g}dB", found.config))
+        out.append(bench.cached_variant(f"diffopt cache {target:g}dB eager", found.config, "eager"))
     small = (torch.arange(10), list(range(10)))
 
     def peer_calibration(denoiser):

@@ -11,6 +11,7 @@ count); peak memory is measured in a separate run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from diffopt import metrics
+from diffopt.config import CacheConfig
 from diffopt.runtime import counting_flops
 from diffopt.zoo import Reference
 
@@ -55,9 +57,53 @@ def diffopt_variant(name: str, options: dict[str, Any] | None = None) -> Variant
     return Variant(name, build)
 
 
-def diffopt_variants() -> list[Variant]:
-    """Every diffopt optimization that exists, one variant each (grows as passes land)."""
-    return [diffopt_variant("diffopt (capture + cleanup)")]
+def cached_variant(
+    name: str, cache: CacheConfig | Callable[[], CacheConfig], inner: str | None = None
+) -> Variant:
+    """diffopt with cache guards. `cache` may be a function, called once at the first build
+    (to calibrate lazily); `inner` pins the region backend (None: the harness's)."""
+    settings: list[CacheConfig] = []
+
+    def build(model: torch.nn.Module, harness_inner: str) -> Callable[..., Any]:
+        if not settings:
+            settings.append(cache() if callable(cache) else cache)
+        regions = "eager" if harness_inner == "eager" else (inner or harness_inner)
+        options = {"inner": regions, "cache": dataclasses.asdict(settings[0])}
+        return torch.compile(model, backend="diffopt", options=options)
+
+    return Variant(name, build)
+
+
+def auto_cache_variant(
+    reference: Reference, steps: int, target_psnr: float = 30.0, images: int = 20
+) -> Variant:
+    """Cache guards from ``diffopt.calibrate(cache="auto", target_psnr=...)``, calibrated on
+    `images` seeds disjoint from the benchmark's (which start at 0)."""
+    labels, seeds = torch.arange(images) % 10, list(range(10_000, 10_000 + images))
+
+    def calibrated() -> CacheConfig:
+        from diffopt.runtime import calibrate
+
+        def sample(denoiser: Callable[..., Any]) -> torch.Tensor:
+            return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
+
+        found = calibrate(
+            reference.model, sample, steps=steps, cache="auto", target_psnr=target_psnr
+        )
+        return found.config
+
+    return cached_variant(f"diffopt cache (auto, {target_psnr:g} dB)", calibrated)
+
+
+def diffopt_variants(reference: Reference | None = None, steps: int | None = None) -> list[Variant]:
+    """Every diffopt optimization that exists, one variant each (grows as passes land).
+
+    With a `reference`, the cache guards join, calibrated for that model and step count.
+    """
+    variants = [diffopt_variant("diffopt (capture + cleanup)")]
+    if reference is not None:
+        variants.append(auto_cache_variant(reference, steps or reference.steps))
+    return variants
 
 
 def torch_compile_variant() -> Variant:

@@ -34,7 +34,7 @@ def _bench(args: argparse.Namespace, *, demo: bool = False) -> int:
 
     reference = zoo.load(args.model)
     steps = args.steps or reference.steps
-    variants = [bench.baseline(), *bench.diffopt_variants()]
+    variants = [bench.baseline(), *bench.diffopt_variants(reference, steps)]
     if args.peers:
         labels, seeds = torch.arange(10), list(range(10))
 

@@ -97,10 +97,11 @@ def example_value(node: fx.Node) -> object:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+def shape_of(node: fx.Node) -> tuple[int | str, ...] | None:
+    """The captured shape; a symbolic dimension (dynamic shapes) appears as its name, ``"s0"``."""
     value = example_value(node)
     if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
+        return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
     return None
 
 

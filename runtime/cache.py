@@ -44,6 +44,8 @@ class Request:
     steps: int | None = None
     cache: CacheConfig | None = None
     """Controller settings for this request only (thresholds, mode, plan); guards are fixed."""
+    calibrate: bool = False
+    """Run every step in full and record the indicator (the executor then uses it)."""
     actions: dict[int, list[CacheAction]] = field(default_factory=dict)
     """Per guidance branch, the action taken at each step."""
     work: dict[int, list[float]] = field(default_factory=dict)
@@ -67,12 +69,15 @@ _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("diffo
 
 
 @contextlib.contextmanager
-def request(steps: int | None = None, cache: CacheConfig | None = None) -> Iterator[Request]:
+def request(
+    steps: int | None = None, cache: CacheConfig | None = None, *, calibrate: bool = False
+) -> Iterator[Request]:
     """Scope one sampling run: a fresh cache, an explicit step count, optional settings.
 
     ``with diffopt.request(steps=50) as req: pipe(...)``, then ``req.hit_rates()``.
+    ``calibrate=True`` runs the request in full and records the change profile.
     """
-    token = _REQUEST.set(Request(steps, cache))
+    token = _REQUEST.set(Request(steps, cache, calibrate))
     try:
         yield _REQUEST.get()
     finally:
@@ -225,8 +230,8 @@ class CachingExecutor(RegionExecutor):
         """Pair each exit with its residual base, from the real shapes of a run (once)."""
         if boundary.bases:
             return
-        shapes = [tuple(inputs[s].shape) for s in boundary.entries]
-        exits = [tuple(values[s].shape) for s in boundary.exits]
+        shapes = [_shape(inputs[s]) for s in boundary.entries]
+        exits = [_shape(values[s]) for s in boundary.exits]
         bases = residual_bases(exits, shapes)
         boundary.bases = [None if b is None else boundary.entries[b] for b in bases]
         boundary.strides = {s: values[s].stride() for s in boundary.exits}
@@ -275,7 +280,9 @@ class CachingExecutor(RegionExecutor):
 
     def _new_branch(self) -> Branch:
         config = self._settings()
-        if self.profile is None and config.mode == "online":
+        ctx = _REQUEST.get(None)
+        uncalibrated = config.profile is None and self.profile is None and config.mode == "online"
+        if uncalibrated or (ctx is not None and ctx.calibrate):
             return Branch(None, calibrating=True)  # this request runs in full and calibrates
         steps = self._steps()
         if steps is None:
@@ -380,7 +387,7 @@ class CachingExecutor(RegionExecutor):
         self, branch: Branch, values: list[Any], step: int, probe_inputs: dict[int, Any] | None
     ) -> torch.Tensor:
         """Each sample's change this step, as a share of the calibrated whole-run change."""
-        stream = values[self.span.entries[0]]
+        stream = next(values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor))
         batch, device = stream.shape[0], stream.device
         if self.probe is not None:  # block 0 just ran: its residual's change
             probe = self.probe
@@ -408,7 +415,8 @@ class CachingExecutor(RegionExecutor):
 
     def _profile(self, branch: Branch) -> list[float]:
         if branch.profile is None:  # resampled once per request and branch
-            branch.profile = resample_profile(self.profile, branch.controller.steps)
+            profile = self._settings().profile or self.profile
+            branch.profile = resample_profile(profile, branch.controller.steps)
         return branch.profile
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
@@ -523,7 +531,7 @@ class CachingExecutor(RegionExecutor):
         short = list(values)
         for slot in span.entries:
             value = values[slot]
-            if token_indexed(tuple(value.shape), batch, tokens):
+            if token_indexed(_shape(value), batch, tokens):
                 # gather takes the index's strides; compiled regions expect dense rows
                 short[slot] = value.gather(1, _expand(chosen, value)).contiguous()
         for index in range(span.start, span.stop):
@@ -541,6 +549,11 @@ class CachingExecutor(RegionExecutor):
             lowered = self.program.regions[index]
             self._variants[key] = compile_region(lowered, examples, self.inner)
         return self._variants[key]
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """A tensor's shape; None for the sizes dynamic shapes pass as inputs."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def _block_change(trends: dict[int, Trend]) -> float:

@@ -100,7 +100,7 @@ def calibrate(
     base = dataclasses.replace(base, steps=steps, profile=None, mode="online")
     denoiser = torch.compile(model, backend="diffopt", options=Config(inner=inner, cache=base))
 
-    with request(steps=steps) as calibration_run:
+    with request(steps=steps, calibrate=True) as calibration_run:
         reference = run(denoiser)
     key = "block0" if base.indicator == "block0" else "stack"
     profile = calibration_run.recorded.get(key)
@@ -145,11 +145,13 @@ def _grid(base: CacheConfig) -> list[CacheConfig]:
     """Settings ``cache="auto"`` tries: push-only, and push-then-polish with each refresh."""
     grid = []
     for critical, extrapolate in itertools.product(CRITICAL_GRID, (False, True)):
-        grid.append(
-            dataclasses.replace(
-                base, early=critical, critical=critical, polish="none", extrapolate=extrapolate
-            )
-        )
+        for max_reuse in (base.max_reuse, 2 * base.max_reuse):
+            grid.append(
+                dataclasses.replace(
+                    base, early=critical, critical=critical, polish="none",
+                    extrapolate=extrapolate, max_reuse=max_reuse,
+                )
+            )  # fmt: skip
         for polish in ("token", "block"):
             grid.append(
                 dataclasses.replace(

@@ -49,9 +49,10 @@ def test_baseline_must_come_first():
 
 
 def test_demo_writes_table_and_grids(tmp_path, capsys):
-    args = ["demo", "--images", "10", "--steps", "4", "--repeats", "1", "--inner", "eager"]
+    args = ["demo", "--images", "10", "--steps", "12", "--repeats", "1", "--inner", "eager"]
     assert main([*args, "--out", str(tmp_path)]) == 0
-    assert "| baseline" in capsys.readouterr().out
-    assert len(list(tmp_path.glob("grid_*.png"))) == 1 + len(bench.diffopt_variants())
+    out = capsys.readouterr().out
+    assert "| baseline" in out and "| diffopt cache (auto, 30 dB)" in out
+    assert len(list(tmp_path.glob("grid_*.png"))) == 3  # baseline, capture, cache
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["name"] == "baseline"

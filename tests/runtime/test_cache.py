@@ -166,3 +166,14 @@ def test_inductor_regions_with_token_refresh():
         out = denoise(compiled, inputs, 12)
     assert req.actions[0].count("token") == 9
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_a_second_batch_size_recompiles_dynamic_and_keeps_caching():
+    model, inputs = build(batch=2)
+    compiled = calibrated(model, inputs, early=0.0, critical=100.0, max_reuse=100)
+    _, bigger = build(batch=3)
+    denoise(compiled, bigger, 12)  # dynamic batch: a new graph, calibrated on its first request
+    with diffopt.request(steps=12) as req:
+        out = denoise(compiled, bigger, 12)
+    assert req.actions[0].count("token") == 9
+    assert out.shape[0] == 3 and out.isfinite().all()
