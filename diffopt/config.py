@@ -57,9 +57,9 @@ class CacheConfig:
     """``profile``: the calibrated per-step change of the block stack's residual (free at run
     time); ``block0``: the measured change of block 0's residual, per sample (block 0 always
     runs)."""
-    early: float = 0.05
+    early: float = 0.25
     """Early-warning line: reuse whole steps while the accumulated change stays below it."""
-    critical: float = 0.1
+    critical: float = 0.5
     """Critical line: run a full step (and restart the accumulator) once the change reaches it."""
     polish: Literal["token", "block", "none"] = "token"
     """How steps between the two lines are refreshed."""
@@ -68,13 +68,18 @@ class CacheConfig:
     block_ratio: float = 0.5
     """Block refresh: the fraction of blocks (highest recent change) that are recomputed."""
     extrapolate: bool = True
-    """Reused residuals are extended linearly from the last two computed ones (else held)."""
-    warmup: int = 2
+    """Reused residuals are extended linearly from the last two full steps (else held); the
+    controller then accumulates the calibrated curvature, weighted by the distance from the last
+    full step (the error a linear extrapolation makes), instead of the change."""
+    warmup: int = 1
     """The first steps always compute (the last step always does too)."""
     max_reuse: int = 8
     """Cap on consecutive steps that are not full."""
     profile: list[float] | None = None
     """The calibrated per-step indicator (from `diffopt.calibrate`), resampled to `steps`."""
+    curvature: list[float] | None = None
+    """The calibrated per-step second difference of the stack residual: with `extrapolate`, the
+    controller accumulates the error of a linear extrapolation from it instead of `profile`."""
     plan: list[CacheAction] | str | None = None
     """For ``mode="plan"``: one action per step, or the path of a JSON file holding the list."""
     step_guard: bool = True

@@ -158,6 +158,9 @@ class Branch:
     """The first exit's residual at the previous step (calibration)."""
     token: TokenAnchor | None = None
     profile: list[float] | None = None
+    curvature: list[float] | None = None
+    earlier_stack: torch.Tensor | None = None
+    """The first exit's residual two steps back (calibration of the curvature)."""
 
 
 @dataclass
@@ -205,6 +208,7 @@ class CachingExecutor(RegionExecutor):
         }
         self.probe = self._boundary(span[0] - 1, span[0]) if config.indicator == "block0" else None
         self.profile: list[float] | None = config.profile
+        self.curvature: list[float] | None = config.curvature
         self._variants: dict[tuple[int, int], Any] = {}
         self._request: Request | None = None
         self._branches: dict[int, Branch] = {}
@@ -316,6 +320,7 @@ class CachingExecutor(RegionExecutor):
             key = "block0" if self.probe is not None else "stack"
             if req.recorded.get(key):
                 self.profile = req.recorded[key]
+                self.curvature = req.recorded.get("curvature")
             return
         if steps is not None and first.step < steps:
             warnings.warn(
@@ -353,7 +358,9 @@ class CachingExecutor(RegionExecutor):
             self.step(index, values)
         change = self._indicator(branch, values, step, probe_inputs)
         action: CacheAction = (
-            "full" if branch.calibrating else branch.controller.decide(step, change)
+            "full"
+            if branch.calibrating
+            else branch.controller.decide(step, change, self._curvature(branch, step, change))
         )
         if action != "full" and not self._can(action, branch, span):
             action = "full"  # nothing cached yet to reuse (only before the second full step)
@@ -413,6 +420,17 @@ class CachingExecutor(RegionExecutor):
         profile = self._profile(branch)
         return torch.full((batch,), profile[step] / max(sum(profile), 1e-12), device=device)
 
+    def _curvature(self, branch: Branch, step: int, like: torch.Tensor) -> torch.Tensor | None:
+        """With extrapolated reuse: this step's share of the calibrated curvature."""
+        settings = self._settings()
+        curvature = settings.curvature or self.curvature
+        if not settings.extrapolate or not curvature or self.probe is not None:
+            return None
+        if branch.curvature is None:
+            branch.curvature = resample_profile(curvature, branch.controller.steps)
+        total = max(sum(branch.curvature), 1e-12)
+        return torch.full_like(like, branch.curvature[step] / total)
+
     def _profile(self, branch: Branch) -> list[float]:
         if branch.profile is None:  # resampled once per request and branch
             profile = self._settings().profile or self.profile
@@ -446,14 +464,22 @@ class CachingExecutor(RegionExecutor):
             value = values[out] - entries[base] if base is not None else values[out]
             trend = branch.stack.setdefault(out, Trend())
             if branch.calibrating and out == span.exits[0]:
-                if branch.last_stack is not None:
-                    self._record(branch, "stack", relative_change(value, branch.last_stack), step)
-                else:
-                    self._record(branch, "stack", torch.zeros(1), step)
-                branch.last_stack = value
+                self._record_stack(branch, value, step)
             trend.record_full(value, step)
         if "token" in self.kinds and (config.polish == "token" or config.mode == "plan"):
             self._set_anchor(branch, before, values)
+
+    def _record_stack(self, branch: Branch, value: torch.Tensor, step: int) -> None:
+        """Calibration: the residual's change (first difference) and curvature (second)."""
+        last, earlier = branch.last_stack, branch.earlier_stack
+        zero = torch.zeros(1)
+        self._record(
+            branch, "stack", relative_change(value, last) if last is not None else zero, step
+        )
+        bent = (value - last) - (last - earlier) if earlier is not None else None
+        curvature = relative_change(bent + last, last) if bent is not None else zero
+        self._record(branch, "curvature", curvature, step)
+        branch.earlier_stack, branch.last_stack = last, value
 
     def _rebuild(self, trend: Trend, base: int | None, entries: dict[int, Any], step, config):
         cached = trend.at(step, config.extrapolate)

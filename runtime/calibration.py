@@ -10,7 +10,6 @@ meeting the budget wins; each setting is a per-request override, so nothing reco
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,12 @@ from .cache import request
 Run = Callable[[Callable[..., Any]], torch.Tensor]
 """``run(denoiser) -> samples``: one whole sampling run on the calibration inputs."""
 
-CRITICAL_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
-"""Critical lines searched by ``cache="auto"`` (fractions of the run's calibrated change)."""
+CRITICAL_GRID = {
+    False: (0.05, 0.1, 0.15, 0.2, 0.3, 0.4),
+    True: (0.2, 0.35, 0.5, 0.8, 1.2, 1.6),
+}
+"""Critical lines searched by ``cache="auto"``, held and extrapolated reuse: fractions of the
+run's calibrated change, or of its curvature weighted by the distance from the last full step."""
 
 
 @dataclass
@@ -97,7 +100,7 @@ def calibrate(
     if auto and target_psnr is None:
         raise ConfigError('cache="auto" needs a quality budget, e.g. target_psnr=30')
     base = CacheConfig(steps=steps) if cache in (None, "auto") else cache
-    base = dataclasses.replace(base, steps=steps, profile=None, mode="online")
+    base = dataclasses.replace(base, steps=steps, profile=None, curvature=None, mode="online")
     denoiser = torch.compile(model, backend="diffopt", options=Config(inner=inner, cache=base))
 
     with request(steps=steps, calibrate=True) as calibration_run:
@@ -109,7 +112,8 @@ def calibrate(
             "calibration recorded no indicator: the denoiser was never called with cache guards "
             "(did `run` use the denoiser it was given? see the step_guard pass report)"
         )
-    base = dataclasses.replace(base, profile=profile)
+    curvature = calibration_run.recorded.get("curvature") if key == "stack" else None
+    base = dataclasses.replace(base, profile=profile, curvature=curvature)
     candidates = _grid(base) if auto else [base]
 
     from diffopt import metrics
@@ -144,7 +148,8 @@ def calibrate(
 def _grid(base: CacheConfig) -> list[CacheConfig]:
     """Settings ``cache="auto"`` tries: push-only, and push-then-polish with each refresh."""
     grid = []
-    for critical, extrapolate in itertools.product(CRITICAL_GRID, (False, True)):
+    pairs = [(c, extrapolate) for extrapolate, grid in CRITICAL_GRID.items() for c in grid]
+    for critical, extrapolate in pairs:
         for max_reuse in (base.max_reuse, 2 * base.max_reuse):
             grid.append(
                 dataclasses.replace(

@@ -71,8 +71,15 @@ class Controller:
         self.accumulated: torch.Tensor | None = None
         self.since_full: torch.Tensor | None = None
 
-    def decide(self, step: int, change: torch.Tensor) -> CacheAction:
-        """The batch's action at `step`, given each sample's indicator `change` [B]."""
+    def decide(
+        self, step: int, change: torch.Tensor, curvature: torch.Tensor | None = None
+    ) -> CacheAction:
+        """The batch's action at `step`, given each sample's indicator `change` [B].
+
+        With `curvature` (for extrapolated reuse), the accumulated quantity is the error a linear
+        extrapolation makes instead: each step's curvature weighs by its distance from the
+        last full step.
+        """
         if self.accumulated is None:
             self.accumulated = torch.zeros_like(change)
             self.since_full = torch.zeros_like(change)
@@ -82,7 +89,7 @@ class Controller:
         elif self.plan is not None:
             action = self.plan[step]
         else:
-            self.accumulated += change
+            self.accumulated += change if curvature is None else curvature * (self.since_full + 1)
             # Per sample: 0 reuse, 1 polish, 2 full; the batch runs the most anyone needs.
             want = (self.accumulated >= config.early).to(torch.int8)
             want += self.accumulated >= config.critical
