@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("inspect_tiny.py", []),
         ("compile_diffusers.py", ["--inner", "aot_eager"]),
         ("bench_reference.py", ["--images", "10", "--steps", "4"]),
+        ("cache_reference.py", ["--images", "6", "--steps", "20", "--target-psnr", "25"]),
     ],
 )
 def test_example_runs(script, args, tmp_path):
@@ -28,5 +29,8 @@ def test_example_runs(script, args, tmp_path):
         assert len(diffs) == 3 and max(diffs) <= 1e-5
     elif script == "bench_reference.py":
         assert "| baseline" in out.stdout and (tmp_path / "speed_quality.png").exists()
+    elif script == "cache_reference.py":
+        psnr = float(out.stdout.split("PSNR on fresh seeds: ")[1].split(" dB")[0])
+        assert psnr > 20 and "'reuse'" in out.stdout
     else:
         assert (tmp_path / "inspect_tiny.html").exists()
