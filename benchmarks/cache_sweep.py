@@ -40,9 +40,13 @@ def variants_for(reference: zoo.Reference, steps: int, targets: list[float]) -> 
 
     out = [bench.baseline(), bench.torch_compile_variant()]
     for target in targets:
-        found = diffopt.calibrate(
-            reference.model, calibration_run, steps=steps, cache="auto", target_psnr=target
-        )
+        try:
+            found = diffopt.calibrate(
+                reference.model, calibration_run, steps=steps, cache="auto", target_psnr=target
+            )
+        except diffopt.ConfigError as e:  # a budget no setting meets is a finding, not a crash
+            print(f"{steps} steps, {target} dB: {e}")
+            continue
         c = found.config
         print(f"{steps} steps, {target} dB: early={c.early} critical={c.critical} "
               f"polish={c.polish} extrapolate={c.extrapolate}")  # fmt: skip

@@ -27,7 +27,7 @@ Run = Callable[[Callable[..., Any]], torch.Tensor]
 
 CRITICAL_GRID = {
     False: (0.05, 0.1, 0.15, 0.2, 0.3, 0.4),
-    True: (0.2, 0.35, 0.5, 0.8, 1.2, 1.6),
+    True: (0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.2, 1.6),
 }
 """Critical lines searched by ``cache="auto"``, held and extrapolated reuse: fractions of the
 run's calibrated change, or of its curvature weighted by the distance from the last full step."""
