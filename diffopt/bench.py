@@ -224,6 +224,9 @@ def run(
         variant.reset(denoiser)
         return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
 
+    # every variant compiles the same forward: past dynamo's limit it would silently run eager
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(variants))
+    torch._dynamo.config.recompile_limit = limit
     denoisers = {}
     samples: dict[str, torch.Tensor] = {}
     flops: dict[str, int] = {}
@@ -235,6 +238,11 @@ def run(
         flops[variant.name] = _count_flops(
             lambda v=variant, d=counting: sample_with(v, d), counting
         )
+        if flops[variant.name] == 0:
+            raise RuntimeError(
+                f"variant {variant.name!r} ran no counted work: dynamo ran it eagerly outside "
+                "diffopt (recompile limit?); raise torch._dynamo.config.recompile_limit"
+            )
         denoisers[variant.name] = variant.build(copy.deepcopy(reference.model), inner)
         samples[variant.name] = sample_with(variant, denoisers[variant.name])  # also warms up
         bar.update(2)

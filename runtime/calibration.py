@@ -102,7 +102,21 @@ def calibrate(
     base = CacheConfig(steps=steps) if cache in (None, "auto") else cache
     base = dataclasses.replace(base, steps=steps, profile=None, curvature=None, mode="online")
     denoiser = torch.compile(model, backend="diffopt", options=Config(inner=inner, cache=base))
+    # a model compiled often (a benchmark, repeated calibration) must not fall back to eager
+    limit = max(torch._dynamo.config.recompile_limit, 64)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _search(denoiser, run, base, steps, auto, target_psnr, data_range)
 
+
+def _search(
+    denoiser: Callable[..., Any],
+    run: Run,
+    base: CacheConfig,
+    steps: int,
+    auto: bool,
+    target_psnr: float | None,
+    data_range: float,
+) -> Calibration:
     with request(steps=steps, calibrate=True) as calibration_run:
         reference = run(denoiser)
     key = "block0" if base.indicator == "block0" else "stack"
