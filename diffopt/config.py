@@ -107,7 +107,69 @@ class CacheConfig:
             )
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+QUANT_PRESETS: dict[str, dict[str, Any]] = {
+    "w4a4": {},
+    "w4a4-rtn": {"rotation": "none"},
+    "w4a4-sylvester": {"rotation": "sylvester"},
+    "w4a8": {"act_bits": 8},
+    "w8a8": {"weight_bits": 8, "act_bits": 8},
+}
+"""Named settings accepted as ``quant="w4a4"`` etc. (rotation ``regular`` unless named)."""
+
+
+@dataclass
+class QuantConfig:
+    """Rotated low-bit linears: group-wise Hadamard rotation, symmetric int weights and
+    per-token int activations, integer GEMM, dequantization (the `w4a4` pass).
+
+    Each eligible linear becomes one ``diffopt::w4a4_linear`` op. Weights are rotated and
+    quantized once, at compile time; activations are rotated and quantized inside the op.
+    """
+
+    weight_bits: Literal[4, 8] = 4
+    act_bits: Literal[4, 8] = 4
+    rotation: Literal["regular", "sylvester", "none"] = "regular"
+    """``regular``: the Kronecker power of the 4×4 Hadamard whose rows sum to 1 (ConvRot);
+    ``sylvester``: the classic Hadamard; ``none``: plain round-to-nearest."""
+    group: int | None = None
+    """Rotation group along K (a power of 4); ``None``: the largest of 256 / 64 / 16 dividing K."""
+    scope: Literal["blocks", "all"] = "blocks"
+    """``blocks``: only linears inside the repeated blocks, so embedders and the final norm and
+    projection (which live outside them) stay in high precision; ``all``: every linear."""
+    include: list[str] = field(default_factory=lambda: ["*"])
+    """fnmatch patterns on a linear's module path (``transformer_blocks.0.attn1.to_q``)."""
+    exclude: list[str] = field(default_factory=lambda: ["*norm*", "*emb*"])
+    """Patterns kept in high precision: by default the AdaLN modulation linears (under
+    ``norm1`` etc.) and time-embedding projections (``time_emb_proj``)."""
+    min_sqnr: float | None = 10.0
+    """Per-layer fallback: a layer whose output SQNR (dB) on the capture's inputs falls below
+    this stays in high precision, and the report says so. ``None`` skips the measurement."""
+
+    def __post_init__(self) -> None:
+        _check_choice("quant.weight_bits", self.weight_bits, (4, 8))
+        _check_choice("quant.act_bits", self.act_bits, (4, 8))
+        _check_choice("quant.rotation", self.rotation, ("regular", "sylvester", "none"))
+        _check_choice("quant.scope", self.scope, ("blocks", "all"))
+        if self.group is not None and self.group not in (16, 64, 256):
+            raise ConfigError(f"quant.group must be 16, 64 or 256 (a power of 4), not {self.group}")
+
+    @property
+    def label(self) -> str:
+        """``w4a4-regular``: bits and rotation, as tables and reports show them."""
+        return f"w{self.weight_bits}a{self.act_bits}-{self.rotation}"
+
+    @classmethod
+    def preset(cls, name: str) -> QuantConfig:
+        """The settings behind ``quant="w4a4"``, ``"w4a4-rtn"``, ``"w4a8"``, ``"w8a8"`` ..."""
+        if name not in QUANT_PRESETS:
+            raise ConfigError(
+                f"quant={name!r} is not a known preset; use one of {sorted(QUANT_PRESETS)} "
+                "or a dict of QuantConfig fields"
+            )
+        return cls(**QUANT_PRESETS[name])
+
+
+def _check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not a known choice; use one of {allowed}")
 
@@ -129,6 +191,8 @@ class Config:
     """The `remove_noops` pass; ``None`` disables it."""
     cache: CacheConfig | None = None
     """Cache-reuse guards (step, block and token granularity); ``None`` disables them."""
+    quant: QuantConfig | None = None
+    """Rotated low-bit linears (a `QuantConfig`, or a preset name such as ``"w4a4"``)."""
 
     def __post_init__(self) -> None:
         _check_choice("inner", self.inner, typing.get_args(InnerBackend))
@@ -137,6 +201,18 @@ class Config:
                 'cache="auto" searches settings on calibration inputs, which a compile call does '
                 "not have: run diffopt.calibrate(model, run, target_psnr=...) and pass its .config"
             )
+        if isinstance(self.quant, str):
+            self.quant = QuantConfig.preset(self.quant)
+        for name, kind in (
+            ("cleanup", CleanupConfig),
+            ("cache", CacheConfig),
+            ("quant", QuantConfig),
+        ):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ConfigError(
+                    f"{name} must be a {kind.__name__}, a dict of its fields or None, not {value!r}"
+                )
 
     @classmethod
     def coerce(cls, options: Config | dict[str, Any] | None) -> Config:
@@ -185,7 +261,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         sub = _dataclass_in(hints[name])
-        if sub is not None and value is not None and not dataclasses.is_dataclass(value):
+        if sub is not None and isinstance(value, dict):
             value = _from_dict(sub, value, f"{path}.{name}")
         kwargs[name] = value
     return cls(**kwargs)

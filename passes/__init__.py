@@ -3,7 +3,7 @@
 Importing this package registers every pass it holds.
 """
 
-from . import block_guard, remove_noops, step_guard, token_guard  # noqa: F401  (register)
+from . import block_guard, remove_noops, step_guard, token_guard, w4a4  # noqa: F401  (register)
 from .graph import DenoiserGraph, Guard, InputRoles, Region, TensorRole
 from .manager import PassSpec, register_pass, registered_passes, run_passes
 from .regions import analyze

@@ -60,6 +60,12 @@ def _module_paths(node: fx.Node) -> list[str]:
     return [module_path(entry[0]) for entry in stack.values()]
 
 
+def owning_module(node: fx.Node) -> str | None:
+    """The dotted path of the innermost module a node was called in (a Linear's own path)."""
+    paths = _module_paths(node)
+    return paths[-1] if paths else None
+
+
 def _block_path(paths: list[str]) -> str | None:
     """The outermost module in the stack that is addressed by an index."""
     return next((p for p in paths if p.rsplit(".", 1)[-1].isdigit()), None)

@@ -78,6 +78,7 @@ def split_regions(graph: DenoiserGraph) -> RegionProgram:
         keep_original_order=True,
         keep_original_node_name=True,
     )
+    _inline_constants(parent)
     slots: dict[fx.Node, int] = {}
     num_slots = 0
     produced: dict[fx.Node, list[int]] = {}  # region call -> the slots of its outputs
@@ -106,6 +107,28 @@ def split_regions(graph: DenoiserGraph) -> RegionProgram:
 
     num_inputs = sum(1 for n in parent.graph.nodes if n.op == "placeholder")
     return RegionProgram(num_inputs, num_slots, lowered, output, _releases(lowered, output))
+
+
+def _inline_constants(parent: fx.GraphModule) -> None:
+    """Move constants a pass added (get_attr nodes, e.g. quantized weights) into the regions.
+
+    split_module leaves them in the parent graph and passes them in as arguments; a region
+    that owns its constants needs no slot for them and lets the inner compiler fold them.
+    """
+    for node in [n for n in parent.graph.nodes if n.op == "get_attr"]:
+        value = getattr(parent, node.target)
+        for user in list(node.users):
+            module = getattr(parent, user.target)
+            index = user.args.index(node)
+            placeholder = [n for n in module.graph.nodes if n.op == "placeholder"][index]
+            module.register_buffer(node.target, value)
+            with module.graph.inserting_before(placeholder):
+                inlined = module.graph.get_attr(node.target)
+            placeholder.replace_all_uses_with(inlined)
+            module.graph.erase_node(placeholder)
+            module.recompile()
+            user.args = tuple(a for a in user.args if a is not node)
+        parent.graph.erase_node(node)
 
 
 def _return_tuple(module: fx.GraphModule) -> int:

@@ -1,0 +1,35 @@
+"""``diffopt::w4a4_linear``: the rotated low-bit linear as one torch.library op.
+
+One op for every bit width (W4A4, W4A8, W8A8): the bits are arguments. CUDA tensors run the
+Triton kernels; every other device runs the PyTorch reference (an integer matmul on CPU). The
+fake implementation gives torch.compile and torch.export the output's shape without running.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the schema from real annotations.
+import torch
+
+from . import reference
+
+
+@torch.library.custom_op("diffopt::w4a4_linear", mutates_args=())
+def w4a4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    act_bits: int,
+    weight_bits: int,
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W rotated and quantized offline by
+    `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside."""
+    if x.is_cuda:
+        from .triton_w4a4 import rotated_linear  # imported on first use: CPU never needs triton
+    else:
+        rotated_linear = reference.rotated_linear
+    return rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
+
+
+@w4a4_linear.register_fake
+def _(x, weight, weight_scale, bias, rotation, act_bits, weight_bits):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

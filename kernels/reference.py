@@ -1,0 +1,125 @@
+"""The PyTorch reference of the rotated low-bit linear: also the CPU path of the op.
+
+Every numerical step is written once here; the Triton kernels follow the same formulas (same
+rounding, same order of scale multiplications) so the integer parts agree exactly.
+
+Layout: a 4-bit tensor packs two signed values per byte along K, the even index in the low
+nibble; an 8-bit tensor is plain int8. Scales are symmetric: ``absmax / qmax``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hadamard import rotate
+
+SCALE_DTYPE = torch.float16
+"""Weight scales are stored in half precision: 2 bytes per output channel."""
+
+
+def qmax(bits: int) -> int:
+    """The largest magnitude of a symmetric signed integer of `bits` bits (7 for int4)."""
+    if bits not in (4, 8):
+        raise ValueError(f"only 4- and 8-bit quantization is supported, not {bits}-bit")
+    return 2 ** (bits - 1) - 1
+
+
+def round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (what the Triton kernels do, bit for bit)."""
+    return torch.floor(v.abs() + 0.5).copysign(v)
+
+
+def quantize_rows(v: torch.Tensor, bits: int, scale: torch.Tensor | None = None):
+    """Symmetric per-row quantization of float32 `v` [R, K]: int8 values and float32 scales [R].
+
+    With `scale` given (a stored, rounded scale), quantize against it instead of the absmax.
+    """
+    q = qmax(bits)
+    if scale is None:
+        absmax = v.abs().amax(dim=-1)
+        # torch.full_like(...) / absmax, not q / absmax: a scalar numerator becomes a multiply by
+        # the reciprocal, which is not correctly rounded and flips ties against the kernels.
+        inv = torch.where(absmax > 0, torch.full_like(absmax, q) / absmax, 0.0)
+        scale = absmax / q
+    else:
+        scale = scale.float()
+        inv = torch.where(scale > 0, torch.ones_like(scale) / scale, 0.0)
+    values = round_half_away(v * inv[:, None]).clamp(-q, q).to(torch.int8)
+    return values, scale
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in [-8, 7] of shape [R, K] (K even) into uint8 [R, K/2]."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even K, got {values.shape[-1]}")
+    nibbles = values.to(torch.uint8) & 0xF
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: uint8 [R, K/2] → sign-extended int8 [R, K]."""
+    signed = packed.view(torch.int8)
+    low = (signed << 4) >> 4  # arithmetic shift sign-extends the low nibble
+    high = signed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, rotation: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline: rotate [N, K] along K in float32, quantize per output channel, pack if 4-bit.
+
+    Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales [N] (float16).
+    """
+    rotated = rotate(weight.detach(), rotation)
+    scale = (rotated.abs().amax(dim=-1) / qmax(bits)).to(SCALE_DTYPE)
+    values, _ = quantize_rows(rotated, bits, scale=scale)
+    return (pack_int4(values) if bits == 4 else values), scale
+
+
+def stored_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The int8 [N, K] values of a stored weight."""
+    return unpack_int4(weight) if bits == 4 else weight
+
+
+def quantize_activation(
+    x: torch.Tensor, bits: int, rotation: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online: rotate rows of [M, K] in float32, quantize per token. int8 [M, K], scales [M]."""
+    return quantize_rows(rotate(x, rotation), bits)
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] × int8 [N, K]ᵀ → exact int32 [M, N]."""
+    return torch._int_mm(a.contiguous(), b.t().contiguous())
+
+
+def dequantize(
+    acc: torch.Tensor,
+    act_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """int32 [M, N] → ``acc · s_act · s_weight (+ bias)`` in `dtype`."""
+    out = acc.float() * act_scale[:, None] * weight_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+def rotated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    act_bits: int,
+    weight_bits: int,
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W stored by `quantize_weight`: rotate, quantize, GEMM."""
+    rows = x.reshape(-1, x.shape[-1])
+    values, act_scale = quantize_activation(rows, act_bits, rotation)
+    acc = int_matmul(values, stored_values(weight, weight_bits))
+    out = dequantize(acc, act_scale, weight_scale, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

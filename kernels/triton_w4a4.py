@@ -1,0 +1,257 @@
+"""Triton kernels of the rotated low-bit linear: fused rotate + quantize + pack, and int GEMM.
+
+The formulas are the reference's (`kernels/reference.py`), step for step. Two ideas keep the
+kernels short:
+
+- Even and odd K columns are kept apart. Packing puts k = 2i and 2i + 1 in one byte, so the
+  rotation is computed as two dots, one against the even and one against the odd columns of
+  the (block-diagonal) Hadamard tile, and the two halves are packed without any shuffle.
+- The GEMM never interleaves the nibbles back: ``Σ_k a_k b_k`` is the even sum plus the odd
+  sum, so it unpacks each operand to two int8 tiles in registers and issues two int8 dots into
+  one int32 accumulator. This is 4-bit memory with int8-class compute (H100/H200 have no
+  int4 tensor cores).
+
+Set ``TRITON_INTERPRET=1`` before importing this module to run the kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import qmax
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _round_half_away(v):
+    return tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+
+
+@triton.jit
+def _rotated_tile(
+    x_ptr, rows, row_mask, k0, K, stride_xm, h_even_ptr, h_odd_ptr,
+    ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The even and odd columns of one rotated [BLOCK_M, BLOCK_K] tile, in float32."""
+    if ROTATE:
+        # The block-diagonal Hadamard tile is the same for every K tile (it stays in cache).
+        h = tl.arange(0, BLOCK_K)[:, None] * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
+        h_even = tl.load(h_even_ptr + h)
+        h_odd = tl.load(h_odd_ptr + h)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :],
+            mask=row_mask[:, None] & (ks[None, :] < K),
+            other=0.0,
+        )
+        even = tl.dot(x, h_even, input_precision=PRECISION)
+        odd = tl.dot(x, h_odd, input_precision=PRECISION)
+    else:
+        ks = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        base = x_ptr + rows[:, None] * stride_xm + ks[None, :]
+        even = tl.load(base, mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
+        odd = tl.load(base + 1, mask=row_mask[:, None] & (ks[None, :] + 1 < K), other=0.0)
+        even, odd = even.to(tl.float32), odd.to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _rotate_quantize_kernel(
+    x_ptr, h_even_ptr, h_odd_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
+    QMAX: tl.constexpr, PACK: tl.constexpr, ROTATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    half = tl.arange(0, BLOCK_K // 2)
+
+    # Pass 1: the per-token absmax of the rotated row (recomputing the rotation in pass 2 is
+    # cheaper than holding a whole row of K values in registers).
+    absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        even, odd = _rotated_tile(
+            x_ptr,
+            rows,
+            row_mask,
+            k0,
+            K,
+            stride_xm,
+            h_even_ptr,
+            h_odd_ptr,
+            ROTATE,
+            BLOCK_K,
+            PRECISION,
+        )
+        tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+        absmax = tl.maximum(absmax, tile_max)
+    inv = tl.where(absmax > 0, QMAX / absmax, 0.0).to(tl.float32)
+    tl.store(scale_ptr + rows, absmax / QMAX, mask=row_mask)
+
+    # Pass 2: quantize, and pack two 4-bit values per byte (the even k in the low nibble).
+    for k0 in range(0, K, BLOCK_K):
+        even, odd = _rotated_tile(
+            x_ptr,
+            rows,
+            row_mask,
+            k0,
+            K,
+            stride_xm,
+            h_even_ptr,
+            h_odd_ptr,
+            ROTATE,
+            BLOCK_K,
+            PRECISION,
+        )
+        q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
+        q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
+        ks = k0 + 2 * half
+        if PACK:
+            kh = ks // 2
+            tl.store(
+                out_ptr + rows[:, None] * stride_om + kh[None, :],
+                (q_even & 0xF) | (q_odd << 4),
+                mask=row_mask[:, None] & (ks[None, :] < K),
+            )
+        else:
+            base = out_ptr + rows[:, None] * stride_om + ks[None, :]
+            tl.store(base, q_even, mask=row_mask[:, None] & (ks[None, :] < K))
+            tl.store(base + 1, q_odd, mask=row_mask[:, None] & (ks[None, :] + 1 < K))
+
+
+@triton.jit
+def _load_pair(ptr, rows, kh, row_mask, K, stride, PACKED: tl.constexpr):
+    """The int8 values at k = 2·kh and 2·kh + 1 of a row-major [rows, K] operand.
+
+    `rows` and `kh` broadcast against each other ([R, 1] with [1, KH], or transposed), so the
+    same loader gives the GEMM's A tile and its transposed B tile.
+    """
+    if PACKED:
+        byte = tl.load(ptr + rows * stride + kh, mask=row_mask & (2 * kh < K), other=0)
+        even = (byte << 4) >> 4  # arithmetic shifts sign-extend each nibble
+        odd = byte >> 4
+    else:
+        base = ptr + rows * stride + 2 * kh
+        even = tl.load(base, mask=row_mask & (2 * kh < K), other=0)
+        odd = tl.load(base + 1, mask=row_mask & (2 * kh + 1 < K), other=0)
+    return even, odd
+
+
+@triton.jit
+def _int_gemm_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    stride_am, stride_bn, stride_om,
+    A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, 2), BLOCK_KH):
+        kh = k0 + tl.arange(0, BLOCK_KH)
+        a_even, a_odd = _load_pair(
+            a_ptr, rm[:, None], kh[None, :], m_mask[:, None], K, stride_am, A_PACKED
+        )
+        b_even, b_odd = _load_pair(
+            b_ptr, rn[None, :], kh[:, None], n_mask[None, :], K, stride_bn, B_PACKED
+        )
+        acc += tl.dot(a_even, b_even, out_dtype=tl.int32)
+        acc += tl.dot(a_odd, b_odd, out_dtype=tl.int32)
+
+    a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0).to(tl.float32)
+    b_scale = tl.load(b_scale_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+def _blocks(device: torch.device) -> dict[str, int]:
+    # The interpreter pays per program, a GPU per register: big tiles there, MMA-sized here.
+    if INTERPRETED or device.type != "cuda":
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KH": 64, "BLOCK_K": 128}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_KH": 64, "BLOCK_K": 64}
+
+
+def rotate_quantize(
+    x: torch.Tensor, bits: int, rotation: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each row of [M, K] in groups, quantize per row; pack two values a byte at 4 bits.
+
+    Returns uint8 [M, ceil(K/2)] (4-bit) or int8 [M, K] (8-bit), and float32 scales [M].
+    """
+    m, k = x.shape
+    x = x.contiguous()
+    blocks = _blocks(x.device)
+    block_k = blocks["BLOCK_K"]
+    if rotation is not None:
+        group = rotation.shape[0]
+        block_k = max(block_k, group)  # whole groups per tile: padding then rotates to zero
+        tile = torch.block_diag(*[rotation] * (block_k // group)).to(x.device, x.dtype)
+        h_even, h_odd = tile[:, 0::2].contiguous(), tile[:, 1::2].contiguous()
+    else:
+        h_even = h_odd = x  # unused
+    packed = bits == 4
+    out = torch.empty(m, (k + 1) // 2 if packed else k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    _rotate_quantize_kernel[(triton.cdiv(m, blocks["BLOCK_M"]),)](
+        x, h_even, h_odd, out, scale, m, k, x.stride(0), out.stride(0),
+        QMAX=qmax(bits), PACK=packed, ROTATE=rotation is not None,
+        BLOCK_M=blocks["BLOCK_M"], BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return (out.view(torch.uint8) if packed else out), scale
+
+
+def int_gemm(
+    a: torch.Tensor,
+    a_bits: int,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_bits: int,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(A Bᵀ) · s_a · s_b (+ bias)`` for int4-packed or int8 A [M, K] and B [N, K]."""
+    m, n = a.shape[0], b.shape[0]
+    a, b = a.contiguous().view(torch.int8), b.contiguous().view(torch.int8)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    blocks = _blocks(a.device)
+    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
+    _int_gemm_kernel[grid](
+        a, b, a_scale, b_scale, b_scale if bias is None else bias, out, m, n, k,
+        a.stride(0), b.stride(0), out.stride(0),
+        A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=bias is not None,
+        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_KH=blocks["BLOCK_KH"],
+    )  # fmt: skip
+    return out
+
+
+def rotated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    act_bits: int,
+    weight_bits: int,
+) -> torch.Tensor:
+    """The fused path of `reference.rotated_linear`: two kernel launches, same result."""
+    rows = x.reshape(-1, x.shape[-1])
+    values, act_scale = rotate_quantize(rows, act_bits, rotation)
+    out = int_gemm(
+        values, act_bits, act_scale, weight, weight_bits, weight_scale, bias,
+        rows.shape[1], x.dtype,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,215 @@
+"""w4a4: replace eligible linears with ``diffopt::w4a4_linear`` (rotated low-bit matmul).
+
+Offline, each weight is rotated along K with the group Hadamard and quantized per output
+channel (packed two 4-bit values a byte); the stored weight, its scales and the rotation
+block become constants of the graph. Online, the op rotates the activation in the same
+groups, quantizes it per token, multiplies in integers and dequantizes (`kernels/`).
+
+Which linears: by default those inside the repeated blocks, minus AdaLN modulation and
+time-embedding projections (`QuantConfig.exclude`). A layer whose output SQNR on the
+capture's inputs falls below `min_sqnr` stays in high precision, reported as a skip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatch
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+
+from diffopt.config import QuantConfig
+from diffopt.kernels import default_group, hadamard, quantize_weight
+from diffopt.kernels.reference import rotated_linear
+
+from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph
+from .manager import register_pass
+from .regions import owning_module
+from .report import PassReport
+
+_LINEARS = (torch._C._nn.linear, F.linear)
+
+
+@dataclass
+class _Candidate:
+    """A linear the config selects, with its weight already rotated and quantized."""
+
+    where: str
+    weight: torch.Tensor
+    rotation: torch.Tensor | None
+    group: int | None
+    stored: torch.Tensor
+    scale: torch.Tensor
+
+
+@register_pass("w4a4", order=200, config="quant")
+def w4a4(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, PassReport]:
+    report = PassReport("w4a4")
+    chosen = _eligible_linears(graph, config, report)
+    sqnr = _measure_sqnr(graph, chosen, config, report) if config.min_sqnr is not None else {}
+    constants = _Constants(graph.gm)
+    quantized_bytes = fp16_bytes = 0
+    for node, c in chosen.items():
+        quality = sqnr.get(node)
+        if quality is not None and quality < config.min_sqnr:
+            report.skip(
+                c.where,
+                f"output SQNR {quality:.1f} dB < quant.min_sqnr={config.min_sqnr}: kept in high "
+                "precision (exclude it, or lower min_sqnr to quantize it anyway)",
+            )
+            continue
+        with graph.gm.graph.inserting_before(node):
+            args = (
+                node.args[0],
+                constants.add(f"{c.where}.qweight", c.stored, node),
+                constants.add(f"{c.where}.qscale", c.scale, node),
+                _bias(node),
+                constants.add(f"rotation_{config.rotation}_{c.group}", c.rotation, node),
+                config.act_bits,
+                config.weight_bits,
+            )
+            op = graph.gm.graph.call_function(torch.ops.diffopt.w4a4_linear.default, args)
+        op.meta = dict(node.meta)  # same region, module stack and output value
+        node.replace_all_uses_with(op)
+        graph.gm.graph.erase_node(node)
+        quantized_bytes += c.stored.numel() * c.stored.element_size() + c.scale.nbytes
+        fp16_bytes += c.weight.numel() * 2
+        shown = f", SQNR {quality:.1f} dB" if quality is not None else ""
+        report.rewrite(
+            c.where, f"{config.label} linear {tuple(c.weight.shape)}, group {c.group or '-'}{shown}"
+        )
+    if fp16_bytes:
+        report.notes.append(
+            f"quantized weights {quantized_bytes / 2**10:.1f} KiB (scales included) vs "
+            f"{fp16_bytes / 2**10:.1f} KiB in fp16: {fp16_bytes / quantized_bytes:.2f}× smaller"
+        )
+    return graph, report
+
+
+def _bias(node: fx.Node) -> fx.Node | None:
+    return node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+
+
+def _eligible_linears(
+    graph: DenoiserGraph, config: QuantConfig, report: PassReport
+) -> dict[fx.Node, _Candidate]:
+    """Linears the config selects, their weights quantized (once, here)."""
+    kinds = {r.name: r.kind for r in graph.regions}
+    values = _constant_values(graph)
+    chosen = {}
+    kept: dict[str, list[str]] = {"outside the blocks (quant.scope='blocks')": [],
+                                  "by quant.include / quant.exclude": []}  # fmt: skip
+    for node in graph.gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEARS:
+            continue
+        where = owning_module(node) or node.name
+        if config.scope == "blocks" and kinds.get(node.meta.get(REGION_KEY)) != "block":
+            kept["outside the blocks (quant.scope='blocks')"].append(where)
+            continue
+        if not any(fnmatch(where, p) for p in config.include) or any(
+            fnmatch(where, p) for p in config.exclude
+        ):
+            kept["by quant.include / quant.exclude"].append(where)
+            continue
+        weight = values.get(node.args[1])
+        if weight is None:
+            report.skip(where, "its weight is computed in the graph, not a parameter")
+            continue
+        k = weight.shape[1]
+        group = config.group or default_group(k)
+        if config.rotation != "none" and (group is None or k % group):
+            report.skip(
+                where,
+                f"K={k} is not a multiple of the rotation group ({group or '16, 64 or 256'}); "
+                "use quant.rotation='none' for it or exclude it",
+            )
+            continue
+        if config.weight_bits == 4 and k % 2:
+            report.skip(where, f"K={k} is odd; 4-bit packing needs an even K (exclude it)")
+            continue
+        group = group if config.rotation != "none" else None
+        rotation = hadamard(config.rotation, group) if group else None
+        stored, scale = quantize_weight(weight, config.weight_bits, rotation)
+        chosen[node] = _Candidate(where, weight, rotation, group, stored, scale)
+    for why, places in kept.items():
+        if places:
+            report.notes.append(
+                f"{len(places)} linears kept in high precision {why}, e.g. {places[0]}"
+            )
+    return chosen
+
+
+def _constant_values(graph: DenoiserGraph) -> dict[fx.Node, torch.Tensor]:
+    """The real tensors behind parameter placeholders and get_attr constants."""
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    values: dict[fx.Node, torch.Tensor] = {}
+    for node, value in zip(placeholders, graph.example_inputs, strict=False):
+        if node.meta.get(INPUT_KEY) in ("param", "buffer") and _is_real(value):
+            values[node] = value
+    for node in graph.gm.graph.nodes:
+        if node.op == "get_attr" and _is_real(value := _attr(graph.gm, node.target)):
+            values[node] = value
+    return values
+
+
+def _measure_sqnr(
+    graph: DenoiserGraph, chosen: dict[fx.Node, _Candidate], config: QuantConfig, report: PassReport
+) -> dict[fx.Node, float]:
+    """Each chosen linear's output SQNR (dB) under quantization, on the capture's inputs."""
+    if not all(_is_real(v) or not isinstance(v, torch.Tensor) for v in graph.example_inputs):
+        report.skip("graph", "no real example inputs to measure SQNR on; set min_sqnr=None")
+        return {}
+    found: dict[fx.Node, float] = {}
+
+    class Measure(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            out = super().run_node(node)
+            if node in chosen:
+                c, bias = chosen[node], _bias(node)
+                q = rotated_linear(
+                    self.env[node.args[0]], c.stored, c.scale, bias and self.env[bias],
+                    c.rotation, config.act_bits, config.weight_bits,
+                )  # fmt: skip
+                found[node] = _sqnr(out, q)
+            return out
+
+    with torch.no_grad():
+        Measure(graph.gm).run(*graph.example_inputs)
+    return found
+
+
+def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    signal = reference.double().pow(2).sum().item()
+    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+class _Constants:
+    """Tensors the pass adds to the graph module, one get_attr node per use site's region."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def add(self, name: str, value: torch.Tensor | None, user: fx.Node) -> fx.Node | None:
+        if value is None:
+            return None
+        attr = "diffopt_" + name.replace(".", "_")
+        if not hasattr(self.gm, attr):
+            self.gm.register_buffer(attr, value)
+        node = self.gm.graph.get_attr(attr)
+        node.meta[REGION_KEY] = user.meta.get(REGION_KEY)
+        return node
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    value: object = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
