@@ -89,7 +89,7 @@ def _rotate_quantize_kernel(
         )
         tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
         absmax = tl.maximum(absmax, tile_max)
-    inv = tl.where(absmax > 0, QMAX / absmax, 0.0).to(tl.float32)
+    inv = tl.where(absmax > 0, QMAX / tl.where(absmax > 0, absmax, 1.0), 0.0).to(tl.float32)
     tl.store(scale_ptr + rows, absmax / QMAX, mask=row_mask)
 
     # Pass 2: quantize, and pack two 4-bit values per byte (the even k in the low nibble).

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from diffopt import zoo
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before
+# triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from diffopt import zoo  # noqa: E402
 
 FAMILIES = sorted(zoo.TINY_MODELS)
 

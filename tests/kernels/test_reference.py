@@ -1,0 +1,102 @@
+"""The PyTorch reference (also the CPU path): packing, quantization, integer GEMM, the op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffopt.kernels  # noqa: F401  (registers the op)
+from diffopt.kernels import hadamard, pack_int4, quantize_weight, rotate, unpack_int4
+from diffopt.kernels.reference import (
+    int_matmul,
+    quantize_activation,
+    rotated_linear,
+    round_half_away,
+)
+
+
+def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    return (10 * torch.log10(reference.pow(2).sum() / (reference - approx).pow(2).sum())).item()
+
+
+def test_pack_unpack_round_trip_covers_every_nibble():
+    values = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # [3, 32]
+    packed = pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(unpack_int4(packed), values)
+    assert packed[0, 0].item() == ((-7 & 0xF) << 4) | (-8 & 0xF)  # even k in the low nibble
+    with pytest.raises(ValueError, match="even K"):
+        pack_int4(torch.zeros(2, 5, dtype=torch.int8))
+
+
+def test_rounding_is_half_away_from_zero():
+    v = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 0.49, -2.51])
+    assert round_half_away(v).tolist() == [1, 2, 3, -1, -2, 0, -3]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_quantization_is_symmetric_per_token(bits):
+    x = torch.randn(6, 64) * torch.arange(1, 7)[:, None]
+    h = hadamard("regular", 64)
+    values, scale = quantize_activation(x, bits, h)
+    limit = 2 ** (bits - 1) - 1
+    assert values.dtype == torch.int8
+    assert (values.abs().amax(dim=1) == limit).all()  # each token's absmax hits the top code
+    assert torch.allclose(scale, rotate(x, h).abs().amax(dim=1) / limit)  # absmax / qmax
+
+
+def test_int_matmul_is_exact():
+    a = torch.randint(-128, 128, (33, 70), dtype=torch.int8)
+    b = torch.randint(-128, 128, (17, 70), dtype=torch.int8)
+    assert torch.equal(int_matmul(a, b), a.int() @ b.int().T)
+
+
+@pytest.mark.parametrize(
+    ("act_bits", "weight_bits", "rotation", "min_db"),
+    [(4, 4, "regular", 14), (4, 4, "none", 12), (4, 8, "regular", 14), (8, 4, "regular", 18),
+     (8, 8, "regular", 36), (8, 8, "none", 36)],
+)  # fmt: skip
+def test_rotated_linear_approximates_the_linear(act_bits, weight_bits, rotation, min_db):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 9, 256) + 0.5, torch.randn(48, 256) / 16, torch.randn(48)
+    h = hadamard(rotation, 64)
+    stored, scale = quantize_weight(w, weight_bits, h)
+    assert scale.dtype == torch.float16 and stored.shape[1] == 256 * weight_bits // 8
+    y = rotated_linear(x, stored, scale, b, h, act_bits, weight_bits)
+    assert y.shape == (2, 9, 48) and y.dtype == x.dtype
+    assert sqnr(F.linear(x, w, b), y) > min_db
+
+
+def test_regular_rotation_tames_a_channel_outlier():
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 256), torch.randn(32, 256) / 16
+    x[:, 3] *= 40  # one outlier channel, as in real DiT activations
+    reference = F.linear(x, w)
+    plain = rotated_linear(x, *quantize_weight(w, 4, None), None, None, 4, 4)
+    h = hadamard("regular", 256)
+    rotated = rotated_linear(x, *quantize_weight(w, 4, h), None, h, 4, 4)
+    assert sqnr(reference, rotated) > sqnr(reference, plain) + 3
+
+
+def test_op_survives_compile_export_and_opcheck():
+    torch.manual_seed(0)
+    w, h = torch.randn(24, 64), hadamard("regular", 64)
+    stored, scale = quantize_weight(w, 4, h)
+    op = torch.ops.diffopt.w4a4_linear.default
+
+    def run(x):
+        return op(x, stored, scale, None, h, 4, 4)
+
+    x = torch.randn(3, 5, 64)
+    eager = run(x)
+    assert torch.equal(torch.compile(run, backend="aot_eager", fullgraph=True)(x), eager)
+    torch.library.opcheck(op, (x, stored, scale, torch.randn(24), h, 4, 4))
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            return run(x)
+
+    exported = torch.export.export(Linear(), (x,))
+    assert "diffopt.w4a4_linear" in str(exported.graph)
+    assert torch.equal(exported.module()(x), eager)
