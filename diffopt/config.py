@@ -133,6 +133,9 @@ class QuantConfig:
     ``sylvester``: the classic Hadamard; ``none``: plain round-to-nearest."""
     group: int | None = None
     """Rotation group along K (a power of 4); ``None``: the largest of 256 / 64 / 16 dividing K."""
+    weight_clip: bool = True
+    """Search each output channel's clipping ratio (0.5–1 × absmax) for the least squared
+    weight error, instead of plain absmax / qmax."""
     scope: Literal["blocks", "all"] = "blocks"
     """``blocks``: only linears inside the repeated blocks, so embedders and the final norm and
     projection (which live outside them) stay in high precision; ``all``: every linear."""

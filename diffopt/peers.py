@@ -1,10 +1,13 @@
-"""Adapters that run other libraries' caches in `diffopt bench`, on the same seeds as diffopt.
+"""Adapters that run other libraries in `diffopt bench`, on the same seeds as diffopt.
 
-Peers are the diffusers cache hooks (FirstBlockCache, MagCache, TaylorSeerCache, FasterCache,
-PyramidAttentionBroadcast) and, when installed (``pip install -e ".[peers]"``), cache-dit's
-DBCache.
-Each runs on its own copy of the model, eagerly (the hooks decide in Python around each block),
-with the settings its authors suggest as a starting point; state is reset before every run.
+Caches: the diffusers cache hooks (FirstBlockCache, MagCache, TaylorSeerCache, FasterCache,
+PyramidAttentionBroadcast) and cache-dit's DBCache. Each runs on its own copy of the model,
+eagerly (the hooks decide in Python around each block), with the settings its authors suggest
+as a starting point; state is reset before every run.
+
+Quantizers (``pip install -e ".[peers]"``): torchao, optimum-quanto and comfy-kitchen's
+ConvRot W4A4, each with the configs that run on CPU, applied in place to the linears a
+`select(name)` function picks (the ones diffopt's w4a4 pass would quantize), run eagerly.
 """
 
 from __future__ import annotations
@@ -201,3 +204,88 @@ def all_peers(sample: Callable[[torch.nn.Module], Any], steps: int) -> list[Vari
     if importlib.util.find_spec("cache_dit") is not None:
         peers.append(db_cache(steps))
     return peers
+
+
+# Quantization peers ---------------------------------------------------------------------------
+
+Select = Callable[[str], bool]
+
+
+def _linears(model: torch.nn.Module, select: Select) -> dict[str, torch.nn.Linear]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and select(name)
+    }
+
+
+def torchao_quant(scheme: str, select: Select) -> Variant:
+    """torchao's CPU-capable configs: ``"w8a8"`` (int8 dynamic per-token activations) or
+    ``"w4a8"`` (int4 per-channel weights, int8 dynamic activations)."""
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        PerAxis,
+        quantize_,
+    )
+
+    configs = {
+        "w8a8": Int8DynamicActivationInt8WeightConfig,
+        "w4a8": lambda: Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerAxis(0)
+        ),
+    }
+
+    def build(model: torch.nn.Module, inner: str) -> torch.nn.Module:
+        chosen = set(_linears(model, select).values())
+        quantize_(model, configs[scheme](), filter_fn=lambda module, fqn: module in chosen)
+        return model
+
+    return Variant(f"torchao {scheme.upper()}", build, family="peer")
+
+
+def quanto_quant(scheme: str, select: Select, calibrate: Callable[[Any], Any]) -> Variant:
+    """optimum-quanto ``"w4a8"`` / ``"w8a8"``: static per-tensor int8 activations, calibrated
+    by one `calibrate(model)` run (quanto's scales start at 1 without it)."""
+    from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
+
+    weights = {"w4a8": qint4, "w8a8": qint8}[scheme]
+
+    def build(model: torch.nn.Module, inner: str) -> torch.nn.Module:
+        quantize(model, weights=weights, activations=qint8, include=list(_linears(model, select)))
+        with torch.no_grad(), Calibration():
+            calibrate(model)
+        freeze(model)
+        return _Dequantized(model)
+
+    return Variant(f"optimum-quanto {scheme.upper()}", build, family="peer")
+
+
+class _Dequantized:
+    """quanto may return quantized tensors from a model whose last layer it quantized."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
+        sample = out[0] if isinstance(out, tuple) else out.sample
+        return (sample.dequantize() if hasattr(sample, "dequantize") else sample,)
+
+
+def convrot_quant(select: Select) -> Variant:
+    """comfy-kitchen's ConvRot W4A4 (regular Hadamard, per-row int4 scales), its CPU path; the
+    rotation group is the largest of 256 / 64 that divides K, as it requires."""
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    def build(model: torch.nn.Module, inner: str) -> torch.nn.Module:
+        for module in _linears(model, select).values():
+            k = module.in_features
+            group = 256 if k % 256 == 0 else 64
+            packed = QuantizedTensor.from_float(
+                module.weight.data, "TensorCoreConvRotW4A4Layout", convrot_groupsize=group
+            )
+            module.weight = torch.nn.Parameter(packed, requires_grad=False)
+        return model
+
+    return Variant("comfy-kitchen ConvRot W4A4", build, family="peer")

@@ -6,7 +6,10 @@ fake implementation gives torch.compile and torch.export the output's shape with
 """
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotations.
+import math
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
 
@@ -33,3 +36,10 @@ def w4a4_linear(
 @w4a4_linear.register_fake
 def _(x, weight, weight_scale, bias, rotation, act_bits, weight_bits):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@register_flop_formula(torch.ops.diffopt.w4a4_linear)
+def _flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """Integer multiply-adds count like float ones: FLOP ratios stay comparable."""
+    tokens = math.prod(x_shape[:-1])
+    return 2 * tokens * x_shape[-1] * weight_shape[0]

@@ -64,17 +64,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
+"""Candidate per-channel clipping ratios (× absmax) that `quantize_weight` may search."""
+
+
 def quantize_weight(
-    weight: torch.Tensor, bits: int, rotation: torch.Tensor | None
+    weight: torch.Tensor, bits: int, rotation: torch.Tensor | None, clip: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline: rotate [N, K] along K in float32, quantize per output channel, pack if 4-bit.
 
+    With `clip`, each channel's scale is the `CLIP_RATIOS` multiple of absmax / qmax with the
+    least squared error (clipping a few large weights buys resolution for all the others).
     Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales [N] (float16).
     """
     rotated = rotate(weight.detach(), rotation)
-    scale = (rotated.abs().amax(dim=-1) / qmax(bits)).to(SCALE_DTYPE)
-    values, _ = quantize_rows(rotated, bits, scale=scale)
-    return (pack_int4(values) if bits == 4 else values), scale
+    absmax = rotated.abs().amax(dim=-1)
+    best_scale, best_error = None, None
+    for ratio in CLIP_RATIOS if clip else [1.0]:
+        scale = (absmax * ratio / qmax(bits)).to(SCALE_DTYPE)
+        values, _ = quantize_rows(rotated, bits, scale=scale)
+        error = (values * scale.float()[:, None] - rotated).pow(2).sum(dim=-1)
+        if best_scale is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale = torch.where(better, scale, best_scale)
+            best_error = torch.where(better, error, best_error)
+    values, _ = quantize_rows(rotated, bits, scale=best_scale)
+    return (pack_int4(values) if bits == 4 else values), best_scale
 
 
 def stored_values(weight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ class PassReport:
     skipped: list[Entry] = field(default_factory=list)
     """Places the pass would have rewritten but could not, with the reason."""
     notes: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+    """Numbers the pass measured, for benchmarks and tools (e.g. bytes saved)."""
 
     def rewrite(self, where: str, what: str) -> None:
         self.rewritten.append(Entry(where, what))

@@ -81,6 +81,8 @@ def w4a4(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, Pass
         report.rewrite(
             c.where, f"{config.label} linear {tuple(c.weight.shape)}, group {c.group or '-'}{shown}"
         )
+    report.stats.update(layers=len(report.rewritten), weight_bytes=quantized_bytes,
+                        fp16_weight_bytes=fp16_bytes)  # fmt: skip
     if fp16_bytes:
         report.notes.append(
             f"quantized weights {quantized_bytes / 2**10:.1f} KiB (scales included) vs "
@@ -132,7 +134,7 @@ def _eligible_linears(
             continue
         group = group if config.rotation != "none" else None
         rotation = hadamard(config.rotation, group) if group else None
-        stored, scale = quantize_weight(weight, config.weight_bits, rotation)
+        stored, scale = quantize_weight(weight, config.weight_bits, rotation, config.weight_clip)
         chosen[node] = _Candidate(where, weight, rotation, group, stored, scale)
     for why, places in kept.items():
         if places:

@@ -1,0 +1,122 @@
+"""Rotated low-bit linears on ref-dit: quality against the unquantized model, memory, peers.
+
+Samples the same images (same labels and seeds) with the unquantized model, diffopt's w4a4
+pass in each setting (regular / Sylvester / no rotation at W4A4, and W4A8, W8A8) and the peer
+quantizers that run on CPU (torchao, optimum-quanto, comfy-kitchen ConvRot), all applied to
+the same linears. Quality: PSNR and SSIM against the unquantized images, ref-FID and class
+accuracy from the digits classifier. Memory: the quantized layers' bytes against fp16, on
+ref-dit and on a 2-block model of DiT-XL/2 width (K = 1152 and 4608), scales included.
+
+Wall time is printed, but on CPU the op runs its PyTorch reference (unpack + integer matmul),
+so it is not a speed claim; see benchmarks/w4a4_gpu.py for the kernels.
+
+    python benchmarks/quant_quality.py --images 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+from tabulate import tabulate
+
+import diffopt
+from diffopt import bench, peers, zoo
+from diffopt.config import Config
+
+SETTINGS = {  # variant name -> quant preset
+    "diffopt W4A4 regular": "w4a4",
+    "diffopt W4A4 Sylvester": "w4a4-sylvester",
+    "diffopt W4A4 no rotation": "w4a4-rtn",
+    "diffopt W4A8 regular": "w4a8",
+    "diffopt W8A8 regular": "w8a8",
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def quantized_layers(model: torch.nn.Module, inputs: dict, preset: str):
+    report = diffopt.inspect(model, inputs, Config(inner="eager", quant=preset))
+    return next(p for p in report.passes if p.name == "w4a4")
+
+
+def memory_rows(reference: zoo.Reference) -> list[list[str]]:
+    torch.manual_seed(0)
+    dit_xl = DiTTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, num_layers=2,
+        sample_size=8, num_embeds_ada_norm=10,
+    ).eval()  # fmt: skip
+    models = {
+        "ref-dit": (reference.model, reference.make_inputs(batch=2)),
+        "DiT-XL/2 width, 2 blocks": (dit_xl, zoo.example_inputs(dit_xl, batch=2)),
+    }
+    rows = []
+    for model_name, (model, inputs) in models.items():
+        fp16_model = sum(p.numel() for p in model.parameters()) * 2
+        for preset in ("w4a4", "w8a8"):
+            stats = quantized_layers(model, inputs, preset).stats
+            whole = fp16_model - stats["fp16_weight_bytes"] + stats["weight_bytes"]
+            rows.append([
+                model_name, preset, int(stats["layers"]),
+                f"{stats['fp16_weight_bytes'] / 2**10:.0f}", f"{stats['weight_bytes'] / 2**10:.0f}",
+                f"{stats['fp16_weight_bytes'] / stats['weight_bytes']:.2f}×",
+                f"{fp16_model / whole:.2f}×",
+            ])  # fmt: skip
+        torch._dynamo.reset()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--inner", default="eager")
+    args = parser.parse_args()
+
+    reference = zoo.load("ref-dit")
+    layers = quantized_layers(reference.model, reference.make_inputs(batch=2), "w4a4")
+    chosen = {e.where for e in layers.rewritten}
+    select = chosen.__contains__
+    calib_labels, calib_seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
+
+    def calibrate(model):
+        reference.sample(calib_labels, calib_seeds, denoiser=model, steps=args.steps)
+
+    variants = [bench.baseline()]
+    variants += [bench.diffopt_variant(name, {"quant": q}) for name, q in SETTINGS.items()]
+    variants += [
+        peers.convrot_quant(select),
+        peers.torchao_quant("w4a8", select),
+        peers.torchao_quant("w8a8", select),
+        peers.quanto_quant("w4a8", select, calibrate),
+        peers.quanto_quant("w8a8", select, calibrate),
+    ]
+    result = bench.run(
+        reference, variants, images=args.images, repeats=args.repeats, steps=args.steps,
+        inner=args.inner, memory=False,
+    )  # fmt: skip
+    memory = tabulate(
+        memory_rows(reference),
+        ["model", "setting", "layers", "fp16 KiB", "quantized KiB", "layers ratio",
+         "whole model ratio"],
+        tablefmt="github",
+    )  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    text = (
+        f"{result.markdown()}\n\n{len(chosen)} linears quantized (the blocks' attention and MLP "
+        "projections; embedders, AdaLN modulation and the final layer stay in float).\n\n"
+        f"Weight memory against fp16 (scales included):\n\n{memory}\n"
+    )
+    print(text)
+    (RESULTS / "quant-quality.md").write_text(text)
+    (RESULTS / "quant-quality.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    result.plot(RESULTS / "quant-quality.png")
+    bench.save_grid(torch.cat([result.samples[v.name][:10] for v in variants]),
+                    RESULTS / "quant-quality-samples.png", columns=10)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
