@@ -8,10 +8,10 @@ import os
 # triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from diffopt import zoo  # noqa: E402
+from diffopt import zoo
 
 FAMILIES = sorted(zoo.TINY_MODELS)
 

@@ -18,6 +18,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("compile_diffusers.py", ["--inner", "aot_eager"]),
         ("bench_reference.py", ["--images", "10", "--steps", "4"]),
         ("cache_reference.py", ["--images", "6", "--steps", "20", "--target-psnr", "25"]),
+        ("quantize_reference.py", ["--images", "6", "--steps", "8"]),
     ],
 )
 def test_example_runs(script, args, tmp_path):
@@ -32,5 +33,9 @@ def test_example_runs(script, args, tmp_path):
     elif script == "cache_reference.py":
         psnr = float(out.stdout.split("PSNR on fresh seeds: ")[1].split(" dB")[0])
         assert psnr > 20 and "'reuse'" in out.stdout
+    elif script == "quantize_reference.py":
+        assert "48 rewritten" in out.stdout and "diffopt::w4a4_linear" not in out.stderr
+        psnr = float(out.stdout.split("unquantized model: ")[1].split(" dB")[0])
+        assert psnr > 22
     else:
         assert (tmp_path / "inspect_tiny.html").exists()

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
-from diffopt.kernels import hadamard, pack_int4, quantize_weight  # noqa: E402
-from diffopt.kernels import reference as ref  # noqa: E402
-from diffopt.kernels import triton_w4a4 as tk  # noqa: E402
+from diffopt.kernels import hadamard, pack_int4, quantize_weight
+from diffopt.kernels import reference as ref
+from diffopt.kernels import triton_w4a4 as tk
 
 SHAPES = [  # (M, K, N): odd M and N, K not a multiple of the kernels' K tile, K < tile
     (33, 64, 24),

@@ -86,9 +86,9 @@ def test_presets_and_bad_settings():
     assert Config.from_dict({"quant": "w4a8"}).quant.act_bits == 8
     with pytest.raises(ConfigError, match="not a known preset"):
         Config(quant="w2a2")
-    with pytest.raises(ConfigError, match="quant.group must be 16, 64 or 256"):
+    with pytest.raises(ConfigError, match=r"quant\.group must be 16, 64 or 256"):
         QuantConfig(group=32)
-    with pytest.raises(ConfigError, match="quant.rotation"):
+    with pytest.raises(ConfigError, match=r"quant\.rotation"):
         QuantConfig(rotation="walsh")
 
 
