@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import bench, metrics, zoo
 from .backend import diffopt_backend
-from .config import CacheConfig, CleanupConfig, Config, ConfigError
+from .config import CacheConfig, CleanupConfig, Config, ConfigError, QuantConfig
 from .inspection import InspectReport, inspect
 from .runtime import Calibration, calibrate, request
 
@@ -32,6 +32,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "InspectReport",
+    "QuantConfig",
     "__version__",
     "bench",
     "calibrate",
