@@ -32,13 +32,20 @@ PEER_KNOBS = {
 }
 
 
-def variants_for(reference: zoo.Reference, steps: int, targets: list[float]) -> list:
+def variants_for(
+    reference: zoo.Reference, steps: int, targets: list[float], peer_names: list[str]
+) -> list:
     labels, seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
 
     def calibration_run(denoiser):
         return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
 
-    out = [bench.baseline(), bench.torch_compile_variant()]
+    # diffopt without a cache is a point too: full quality at the region-compiled speed
+    out = [
+        bench.baseline(),
+        bench.torch_compile_variant(),
+        bench.diffopt_variant("diffopt no cache"),
+    ]
     for target in targets:
         try:
             found = diffopt.calibrate(
@@ -59,12 +66,16 @@ def variants_for(reference: zoo.Reference, steps: int, targets: list[float]) -> 
     def peer_calibration(denoiser):
         return reference.sample(*small, denoiser=denoiser, steps=steps)
 
-    out += [peers.first_block_cache(t) for t in PEER_KNOBS["fbcache"]]
-    out += [peers.mag_cache(peer_calibration, steps, t) for t in PEER_KNOBS["magcache"]]
-    out += [peers.taylorseer_cache(i) for i in PEER_KNOBS["taylorseer"]]
-    out += [peers.faster_cache(r) for r in PEER_KNOBS["fastercache"]]
-    out += [peers.pyramid_attention_broadcast(r) for r in PEER_KNOBS["pab"]]
-    out += [peers.db_cache(steps, t) for t in PEER_KNOBS["dbcache"]]
+    makers = {
+        "fbcache": peers.first_block_cache,
+        "magcache": lambda t: peers.mag_cache(peer_calibration, steps, t),
+        "taylorseer": peers.taylorseer_cache,
+        "fastercache": peers.faster_cache,
+        "pab": peers.pyramid_attention_broadcast,
+        "dbcache": lambda t: peers.db_cache(steps, t),
+    }
+    for name in peer_names:
+        out += [makers[name](knob) for knob in PEER_KNOBS[name]]
     return out
 
 
@@ -108,6 +119,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[40, 34, 31])
+    parser.add_argument("--peers", nargs="+", choices=sorted(PEER_KNOBS), default=list(PEER_KNOBS))
     parser.add_argument("--inner", default="inductor")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -116,7 +128,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for steps in args.steps:
-        variants = variants_for(reference, steps, args.targets)
+        variants = variants_for(reference, steps, args.targets, args.peers)
         result = bench.run(
             reference, variants, images=args.images, repeats=args.repeats, steps=steps,
             inner=args.inner, memory=False,

@@ -157,6 +157,10 @@ class Branch:
     last_stack: torch.Tensor | None = None
     """The first exit's residual at the previous step (calibration)."""
     token: TokenAnchor | None = None
+    token_source: tuple[list[Any], dict[int, torch.Tensor]] | None = None
+    """The last full step's values at the span's start and its exits: the token anchor is built
+    from them on the first token refresh (its short run costs a share of a step, wasted when
+    no token refresh follows)."""
     profile: list[float] | None = None
     curvature: list[float] | None = None
     earlier_stack: torch.Tensor | None = None
@@ -385,7 +389,7 @@ class CachingExecutor(RegionExecutor):
         if any(t is None for t in trends):
             return False
         if action == "token":
-            return branch.token is not None
+            return branch.token_source is not None
         if action == "block":
             return bool(branch.blocks)
         return True
@@ -523,7 +527,7 @@ class CachingExecutor(RegionExecutor):
         The short run sees only the chosen tokens, so its attention misses the others; using
         its change since the anchor (not its value) cancels that to first order.
         """
-        span, anchor = self.span, branch.token
+        span, anchor = self.span, self._anchor(branch)
         current = self._run_short(values, anchor.chosen)
         self._work = anchor.chosen.shape[1] / values[span.bases[0]].shape[1]
         for out, base in zip(span.exits, span.bases, strict=True):
@@ -535,19 +539,28 @@ class CachingExecutor(RegionExecutor):
         self._release(span, values)
 
     def _set_anchor(self, branch: Branch, before: list[Any], values: list[Any]) -> None:
-        """After a full step: pick the most-changed tokens and run them alone, for reference."""
-        span = self.span
-        trend = branch.stack[span.exits[0]]
-        if trend.slope is None:
-            return
-        tokens = trend.slope.shape[1]
-        scores = trend.slope.abs().mean(-1)  # [B, N]: change between the last two full steps
-        chosen = scores.topk(refresh_count(self._settings(), tokens), dim=1).indices
-        chosen = chosen.sort(dim=1).values
-        outputs = {out: values[out].gather(1, _expand(chosen, values[out])) for out in span.exits}
-        outputs = {out: value.contiguous() for out, value in outputs.items()}
-        branch.token = TokenAnchor(chosen, outputs, self._run_short(before, chosen))
-        self._work += chosen.shape[1] / tokens
+        """After a full step: keep what a token refresh will compare against."""
+        trend = branch.stack[self.span.exits[0]]
+        branch.token = None
+        exits = {out: values[out] for out in self.span.exits}
+        branch.token_source = (before, exits) if trend.slope is not None else None
+
+    def _anchor(self, branch: Branch) -> TokenAnchor:
+        """The anchor of the last full step: its most-changed tokens, run alone (built once)."""
+        if branch.token is None:
+            before, exits = branch.token_source
+            slope = branch.stack[self.span.exits[0]].slope
+            tokens = slope.shape[1]
+            scores = slope.abs().mean(-1)  # [B, N]: change between the last two full steps
+            chosen = scores.topk(refresh_count(self._settings(), tokens), dim=1).indices
+            chosen = chosen.sort(dim=1).values
+            outputs = {
+                out: value.gather(1, _expand(chosen, value)).contiguous()
+                for out, value in exits.items()
+            }
+            branch.token = TokenAnchor(chosen, outputs, self._run_short(before, chosen))
+            self._work += chosen.shape[1] / tokens
+        return branch.token
 
     def _run_short(self, values: list[Any], chosen: torch.Tensor) -> dict[int, torch.Tensor]:
         """The span run on the `chosen` tokens of each sample only: its exits, [B, k, ...]."""
