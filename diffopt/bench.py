@@ -103,6 +103,8 @@ def diffopt_variants(reference: Reference | None = None, steps: int | None = Non
     variants = [diffopt_variant("diffopt (capture + cleanup)")]
     if reference is not None:
         variants.append(auto_cache_variant(reference, steps or reference.steps))
+    # on CPU the op runs its PyTorch reference: this row shows quality and memory, not speed
+    variants.append(diffopt_variant("diffopt W4A4 (rotated)", {"quant": "w4a4"}))
     return variants
 
 

@@ -178,8 +178,10 @@ def _measure_sqnr(
                 found[node] = _sqnr(out, q)
             return out
 
+    # dynamic shapes pass sizes as SymInts: measure at the sizes the capture saw
+    inputs = [v.node.hint if isinstance(v, torch.SymInt) else v for v in graph.example_inputs]
     with torch.no_grad():
-        Measure(graph.gm).run(*graph.example_inputs)
+        Measure(graph.gm).run(*inputs)
     return found
 
 

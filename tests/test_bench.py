@@ -53,6 +53,7 @@ def test_demo_writes_table_and_grids(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| baseline" in out and "| diffopt cache (auto, 30 dB)" in out
-    assert len(list(tmp_path.glob("grid_*.png"))) == 3  # baseline, capture, cache
+    assert "| diffopt W4A4 (rotated)" in out
+    assert len(list(tmp_path.glob("grid_*.png"))) == 4  # baseline, capture, cache, w4a4
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["name"] == "baseline"

@@ -99,3 +99,14 @@ def test_w4a4_under_inductor_matches_eager_regions():
     torch._dynamo.reset()
     compiled = quantized_output(model, inputs, "w4a4", inner="inductor")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_batch_measures_at_the_captured_sizes():
+    model, inputs = zoo.build("tiny-dit")
+    options = {"inner": "eager", "quant": "w4a4"}
+    compiled = torch.compile(model, backend="diffopt", options=options, dynamic=True)
+    for batch in (2, 3):
+        inputs = zoo.example_inputs(model, batch=batch)
+        with torch.no_grad():
+            expected, got = first_output(model(**inputs)), first_output(compiled(**inputs))
+        assert got.shape[0] == batch and sqnr(expected, got) > 20
