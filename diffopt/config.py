@@ -109,6 +109,7 @@ class CacheConfig:
 
 QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a4": {},
+    "w4a4-rht": {},  # rotated (regular Hadamard transform): DESIGN.md's name for the default
     "w4a4-rtn": {"rotation": "none"},
     "w4a4-sylvester": {"rotation": "sylvester"},
     "w4a8": {"act_bits": 8},

@@ -83,6 +83,7 @@ def test_groups_that_do_not_divide_k_are_reported():
 
 def test_presets_and_bad_settings():
     assert Config(quant="w4a4-sylvester").quant.label == "w4a4-sylvester"
+    assert Config(quant="w4a4-rht").quant == Config(quant="w4a4").quant
     assert Config.from_dict({"quant": "w4a8"}).quant.act_bits == 8
     with pytest.raises(ConfigError, match="not a known preset"):
         Config(quant="w2a2")
