@@ -35,3 +35,10 @@ def test_bad_types_are_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{inner: eager")
     with pytest.raises(ConfigError, match="not valid JSON"):
         Config.load(tmp_path / "bad.json")
+
+
+def test_pass_sections_must_be_their_config_or_a_preset():
+    with pytest.raises(ConfigError, match="cache must be a CacheConfig"):
+        Config.from_dict({"cache": 5})
+    with pytest.raises(ConfigError, match=r"quant=.* is not a known preset"):
+        Config.from_dict({"quant": "int3"})

@@ -54,3 +54,30 @@ def test_mag_cache_calibrates_itself(ref):
 def test_cache_dit_dbcache(ref):
     pytest.importorskip("cache_dit")
     _check(ref, peers.db_cache(STEPS, threshold=0.2))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda select, run: peers.convrot_quant(select),
+        lambda select, run: peers.torchao_quant("w8a8", select),
+        lambda select, run: peers.torchao_quant("w4a8", select),
+        lambda select, run: peers.quanto_quant("w8a8", select, run),
+    ],
+    ids=["convrot", "torchao-w8a8", "torchao-w4a8", "quanto-w8a8"],
+)
+def test_quant_peers_quantize_only_the_selected_linears(ref, make):
+    inputs = ref.make_inputs(batch=2)
+    chosen = {"transformer_blocks.0.attn1.to_q", "transformer_blocks.3.ff.net.2"}
+    variant = make(chosen.__contains__, lambda model: model(**inputs))
+    model = copy.deepcopy(ref.model)
+    denoiser = variant.build(model, "eager")
+    changed = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and type(module.weight) is not torch.nn.Parameter
+    } or {name for name, module in model.named_modules() if type(module).__name__ == "QLinear"}
+    assert changed == chosen, variant.name
+    with torch.no_grad():
+        expected, got = ref.model(**inputs)[0], denoiser(**inputs)[0]
+    assert 0 < (expected - got).abs().max() < 0.5 * expected.abs().max()

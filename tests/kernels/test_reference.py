@@ -100,3 +100,15 @@ def test_op_survives_compile_export_and_opcheck():
     exported = torch.export.export(Linear(), (x,))
     assert "diffopt.w4a4_linear" in str(exported.graph)
     assert torch.equal(exported.module()(x), eager)
+
+
+def test_weight_clip_search_never_increases_the_error():
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    w[:, 7] *= 8  # a heavy column: clipping pays off in most rows
+    errors = []
+    for clip in (False, True):
+        stored, scale = quantize_weight(w, 4, None, clip=clip)
+        restored = unpack_int4(stored).float() * scale.float()[:, None]
+        errors.append((restored - w).pow(2).sum(dim=1))
+    assert (errors[1] <= errors[0] + 1e-6).all() and errors[1].sum() < errors[0].sum()

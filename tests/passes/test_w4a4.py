@@ -46,6 +46,8 @@ def test_dit_keeps_embedders_and_modulation_in_high_precision():
     assert "w4a4-regular linear (16, 16), group 16, SQNR" in report.rewritten[0].what
     assert any("kept in high precision by quant.include / quant.exclude" in n for n in report.notes)
     assert any("smaller" in n for n in report.notes)
+    stats = report.stats  # 12 layers: weights at 4 bits plus 2-byte scales, against fp16
+    assert stats["layers"] == 12 and 3.0 < stats["fp16_weight_bytes"] / stats["weight_bytes"] < 4
     after = "\n".join(inspected.code_after.values())
     assert "torch.ops.diffopt.w4a4_linear.default" in after
     assert "diffopt_transformer_blocks_0_attn1_to_q_qweight" in after
