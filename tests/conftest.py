@@ -7,11 +7,18 @@ import os
 # Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before
 # triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Split the cores between xdist workers (and the example subprocesses they start): two workers
+# each spinning two OpenMP threads on a 2-core machine ran some tests 10x slower.
+os.environ["OMP_NUM_THREADS"] = str(
+    max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+)
 
 import pytest
 import torch
 
 from diffopt import zoo
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FAMILIES = sorted(zoo.TINY_MODELS)
 
