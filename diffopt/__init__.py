@@ -4,6 +4,8 @@ Three ways in:
 - ``torch.compile(model, backend="diffopt", options={...})`` (no import needed);
 - `diffopt.inspect(model, example_inputs, config)` to see what the passes did;
 - `diffopt.calibrate(model, run, steps=...)` to fit cache-guard settings on calibration inputs;
+- `diffopt.unroll(denoiser, scheduler, steps)` for a few-step schedule as one module (one graph),
+  fractional "1.x" schedules included (`diffopt.fit_compensation`);
 - the ``diffopt`` command line (``diffopt demo``, ``diffopt bench``, ``diffopt inspect tiny-dit``).
 
 Reference models live in `diffopt.zoo` (``zoo.load("ref-dit")``), quality and cost metrics in
@@ -18,7 +20,16 @@ from . import bench, metrics, zoo
 from .backend import diffopt_backend
 from .config import CacheConfig, CleanupConfig, Config, ConfigError, QuantConfig
 from .inspection import InspectReport, inspect
-from .runtime import Calibration, calibrate, request
+from .runtime import (
+    Calibration,
+    UnrolledSampler,
+    calibrate,
+    fit_compensation,
+    full,
+    partial,
+    request,
+    unroll,
+)
 
 try:
     __version__ = version("diffopt")
@@ -33,12 +44,17 @@ __all__ = [
     "ConfigError",
     "InspectReport",
     "QuantConfig",
+    "UnrolledSampler",
     "__version__",
     "bench",
     "calibrate",
     "diffopt_backend",
+    "fit_compensation",
+    "full",
     "inspect",
     "metrics",
+    "partial",
     "request",
+    "unroll",
     "zoo",
 ]

@@ -88,7 +88,8 @@ class Reference:
     null_class: int
     guidance: float
     """Classifier-free guidance scale the model was tuned for."""
-    steps: int = 50
+    steps: int | Sequence[float] = 50
+    """Default schedule: a step count, or a few-step student's explicit sigmas."""
 
     def sample(
         self,
@@ -96,7 +97,7 @@ class Reference:
         seeds: Sequence[int],
         *,
         denoiser: Callable[..., Any] | None = None,
-        steps: int | None = None,
+        steps: int | Sequence[float] | None = None,
         guidance: float | None = None,
     ) -> torch.Tensor:
         """Images [len(labels), C, H, W] in about [-1, 1], one seed per image.

@@ -30,17 +30,19 @@ def sample(
     cond: dict[str, torch.Tensor],
     uncond: dict[str, torch.Tensor] | None = None,
     *,
-    steps: int = 50,
+    steps: int | Sequence[float] = 50,
     guidance: float = 1.0,
 ) -> torch.Tensor:
     """Integrate from `noise` to images.
+
+    `steps` is a step count, or the explicit sigmas of a few-step schedule (``[1.0, 0.5]``).
 
     `denoiser(hidden_states=..., timestep=..., **cond, return_dict=False)[0]` must return the
     velocity. With `uncond` and `guidance` ≠ 1, each step runs cond and uncond as one batch and
     mixes them as uncond + guidance · (cond − uncond). The scheduler is copied, never mutated.
     """
     scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(steps)
+    set_schedule(scheduler, steps)
     guided = uncond is not None and guidance != 1.0
     inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if guided else cond
     x = noise
@@ -55,3 +57,11 @@ def sample(
                 velocity = v_uncond + guidance * (v_cond - v_uncond)
             x = scheduler.step(velocity, t, x, return_dict=False)[0]
     return x
+
+
+def set_schedule(scheduler: Any, steps: int | Sequence[float]) -> None:
+    """`scheduler.set_timesteps` from a step count or from explicit sigmas."""
+    if isinstance(steps, int):
+        scheduler.set_timesteps(steps)
+    else:
+        scheduler.set_timesteps(sigmas=list(steps))

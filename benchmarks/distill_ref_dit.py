@@ -1,0 +1,135 @@
+"""Distill `ref-dit` into few-step students by rectified-flow reflow, on 2 CPU cores.
+
+1. The teacher (guidance 1.5, 28 Euler steps) maps seeded noise ε to images x; these (ε, label, x)
+   pairs are the straight paths x_σ = (1 − σ)·x + σ·ε the students learn, velocity ε − x.
+2. Reflow: one student, initialized from the teacher, learns those straight paths at every σ.
+   It is guidance-distilled: one call per step, no unconditional batch.
+3. Two specializations of it: the 1-step student trains only at σ = 1 (it must land on x in one
+   Euler step); the 2-step student trains at σ ∈ {1, 0.5}, where half of the σ = 0.5 inputs come
+   from its own first step, so the second step learns to correct the first one's error.
+
+Seeded; about 25 minutes. Writes ``diffopt/assets/ref-dit-1step/`` and ``ref-dit-2step/``, which
+``diffopt.zoo.load("ref-dit-1step")`` and ``("ref-dit-2step")`` load.
+
+    python benchmarks/distill_ref_dit.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm, trange
+
+from diffopt import zoo
+from diffopt.runtime.sampler import initial_noise
+
+ASSETS = Path(__file__).parent.parent / "diffopt" / "assets"
+PAIR_SEEDS = 100_000  # disjoint from the benchmark (0…) and calibration (10 000…) seeds
+
+
+def teacher_pairs(count: int, steps: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """(noise, labels, images) from the teacher's guided sampling loop."""
+    teacher = zoo.load("ref-dit")
+    labels = torch.arange(count) % 10
+    noises, images = [], []
+    for start in tqdm(range(0, count, batch), desc="teacher pairs"):
+        seeds = range(PAIR_SEEDS + start, PAIR_SEEDS + min(count, start + batch))
+        noise = initial_noise((1, 16, 16), seeds)
+        noises.append(noise)
+        images.append(teacher.sample(labels[start : start + len(noise)], seeds, steps=steps))
+    return torch.cat(noises), labels, torch.cat(images)
+
+
+def train(
+    student: torch.nn.Module,
+    pairs: tuple[torch.Tensor, ...],
+    *,
+    steps: int,
+    sigmas: list[float] | None,
+    lr: float,
+    batch: int,
+    seed: int,
+    desc: str,
+) -> torch.nn.Module:
+    """Fit velocities on the straight paths; `sigmas=None` draws σ uniformly, else from the list.
+
+    With a list, an input at a σ below the first one comes half the time from the student's own
+    Euler step from the σ before it (its own trajectory), with the velocity that lands on x.
+    """
+    noise, labels, images = pairs
+    student = student.train().requires_grad_(True)
+    for block in student.transformer_blocks:  # labels are never dropped: guidance is distilled
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return student(x, timestep=sigma * 1000, class_labels=y).sample
+
+    bar = trange(steps, desc=desc)
+    for step in bar:
+        index = torch.randint(0, len(labels), (batch,), generator=gen)
+        eps, y, x0 = noise[index], labels[index], images[index]
+        if sigmas is None:
+            sigma = torch.rand(batch, generator=gen)
+        else:
+            sigma = torch.tensor(sigmas)[torch.randint(0, len(sigmas), (batch,), generator=gen)]
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * eps
+        if sigmas is not None and len(sigmas) > 1:
+            own = (sigma < sigmas[0]) & (torch.rand(batch, generator=gen) < 0.5)
+            if own.any():  # one Euler step of the student from the previous σ in the list
+                prev = torch.tensor([sigmas[sigmas.index(v) - 1] for v in sigma[own].tolist()])
+                p = prev[:, None, None, None]
+                start = (1 - p) * x0[own] + p * eps[own]
+                with torch.no_grad():
+                    xt[own] = start + (s[own] - p) * velocity(start, prev, y[own])
+        target = (xt - x0) / s  # the velocity from x_σ straight to x: ε − x on the path
+        loss = (velocity(xt, sigma, y) - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), student.parameters(), strict=True):
+                e.lerp_(p, 1 - min(0.995, (1 + step) / (10 + step)))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=6000)
+    parser.add_argument("--teacher-steps", type=int, default=28)
+    parser.add_argument("--reflow-steps", type=int, default=1500)
+    parser.add_argument("--specialize-steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--out", type=Path, default=ASSETS)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    start = time.time()
+    pairs = teacher_pairs(args.pairs, args.teacher_steps, batch=500)
+    common = {"lr": args.lr, "batch": args.batch}
+    reflow = train(zoo.load("ref-dit").model, pairs, steps=args.reflow_steps, sigmas=None,
+                   seed=1, desc="reflow", **common)  # fmt: skip
+    students = {
+        "ref-dit-1step": [1.0],
+        "ref-dit-2step": [1.0, 0.5],
+    }
+    for seed, (name, sigmas) in enumerate(students.items(), start=2):
+        student = train(copy.deepcopy(reflow), pairs, steps=args.specialize_steps, sigmas=sigmas,
+                        seed=seed, desc=name, **common)  # fmt: skip
+        student.save_pretrained(args.out / name, safe_serialization=True)
+    print(f"distilled in {(time.time() - start) / 60:.1f} min; wrote {sorted(students)}")
+
+
+if __name__ == "__main__":
+    main()

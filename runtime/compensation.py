@@ -1,0 +1,136 @@
+"""The compensation of a partial step, and `diffopt.fit_compensation` that fits it.
+
+A partial step reuses the residual its skipped blocks produced one step earlier; between the two
+steps the latents moved, so that residual is stale in a systematic way (its scale and mean per
+channel drift with the timestep). One small map per partial step corrects it: per-channel affine,
+optionally plus a low-rank linear map, fit in closed form by least squares on the sampler's own
+trajectory (the inputs the partial step really sees, not the teacher's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from diffopt.config import ConfigError
+
+if TYPE_CHECKING:
+    from .unroll import UnrolledSampler
+
+
+class Compensation(nn.Module):
+    """``r ↦ r · scale + shift + (r · down) · up`` over the last (channel) dimension.
+
+    Starts as the identity: an unfit partial step reuses the residual as it was.
+    """
+
+    def __init__(self, width: int, *, kind: str = "affine", rank: int = 8) -> None:
+        super().__init__()
+        if kind not in ("affine", "lowrank"):
+            raise ConfigError(f"compensation must be 'affine' or 'lowrank', not {kind!r}")
+        self.kind = kind
+        self.scale = nn.Parameter(torch.ones(width), requires_grad=False)
+        self.shift = nn.Parameter(torch.zeros(width), requires_grad=False)
+        rank = rank if kind == "lowrank" else 0
+        self.down = nn.Parameter(torch.zeros(width, rank), requires_grad=False)
+        self.up = nn.Parameter(torch.zeros(rank, width), requires_grad=False)
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        out = residual * self.scale + self.shift
+        return out + (residual @ self.down) @ self.up if self.down.shape[1] else out
+
+    @torch.no_grad()
+    def fit(self, reused: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Least squares from `reused` to `target` residuals ([..., width] each)."""
+        x = reused.reshape(-1, reused.shape[-1]).double()
+        y = target.reshape(-1, target.shape[-1]).double()
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        xc, yc = x - x_mean, y - y_mean
+        scale = (xc * yc).sum(0) / (xc.pow(2).sum(0) + ridge * len(x))
+        if self.down.shape[1]:  # what the per-channel scale leaves, as a rank-r linear map
+            rest = yc - xc * scale
+            gram = xc.T @ xc + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+            full = torch.linalg.solve(gram, xc.T @ rest)
+            u, s, vh = torch.linalg.svd(full)
+            rank = self.down.shape[1]
+            self.down.copy_(u[:, :rank] * s[:rank])
+            self.up.copy_(vh[:rank])
+        low_rank_of_mean = x_mean @ self.down.double() @ self.up.double()
+        self.scale.copy_(scale)
+        self.shift.copy_(y_mean - x_mean * scale - low_rank_of_mean)
+
+
+@dataclass
+class CompensationFit:
+    """How well each partial step's reused residual matches the blocks it skips."""
+
+    steps: dict[int, tuple[float, float]]
+    """Partial step index → relative error of the residual before and after the fit."""
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rows = [[i, f"{b:.4f}", f"{a:.4f}"] for i, (b, a) in self.steps.items()]
+        return tabulate(rows, ["partial step", "error before", "error after"], tablefmt="github")
+
+
+def fit_compensation(
+    sampler: UnrolledSampler,
+    latents: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None = None,
+    noise: torch.Tensor | None = None,
+) -> CompensationFit:
+    """Fit every partial step's compensation on calibration inputs, in schedule order.
+
+    Each partial step is fit on the trajectory the sampler really takes: earlier partial steps
+    already use their fitted compensation. Returns the residual errors before and after.
+    """
+    partial_steps = [int(i) for i in sampler.compensation]
+    if not partial_steps:
+        raise ConfigError("the schedule has no partial step: nothing to compensate")
+    errors = {}
+    for i in partial_steps:
+        with torch.no_grad():
+            _, (reused, target) = sampler._run(latents, cond, uncond, noise, collect=i)
+        compensation = sampler.compensation[str(i)]
+        before = _relative_error(compensation(reused), target)
+        compensation.fit(reused, target)
+        errors[i] = (before, _relative_error(compensation(reused), target))
+    return CompensationFit(errors)
+
+
+def _relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
+    return ((estimate - target).norm() / target.norm()).item()
+
+
+def save_compensation(sampler: UnrolledSampler, path: str | Path) -> Path:
+    """Write the fitted compensation with the schedule it belongs to (safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(sampler.compensation.state_dict(), path, metadata=_schedule_metadata(sampler))
+    return path
+
+
+def load_compensation(sampler: UnrolledSampler, path: str | Path) -> None:
+    """Load compensation written by `save_compensation`; refuses one fit for another schedule."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        saved = f.metadata() or {}
+    if saved != _schedule_metadata(sampler):
+        raise ConfigError(
+            f"{path} was fit for schedule {saved.get('schedule')!r}, this sampler runs "
+            f"{_schedule_metadata(sampler)['schedule']!r}; fit it again with fit_compensation"
+        )
+    sampler.compensation.load_state_dict(load_file(str(path)))
+
+
+def _schedule_metadata(sampler: UnrolledSampler) -> dict[str, str]:
+    return {"schedule": sampler.describe()}

@@ -1,0 +1,433 @@
+"""`diffopt.unroll`: a whole few-step sampling schedule as one module, so one static graph.
+
+The forward is the sampling loop written out step by step: latents and conditioning in, final
+latents out. Nothing in it depends on Python state that changes from step to step, so dynamo traces
+it into one graph (``torch.compile(sampler, backend="diffopt", fullgraph=True)``) and
+``torch.export`` / ONNX take it whole.
+
+Scheduler arithmetic: every single-step diffusers scheduler (flow-match Euler, Euler, DDIM with
+η = 0, LCM/TCD consistency sampling) moves the latents by an affine map of the latents, the model
+output and, for consistency samplers, fresh noise. `scheduler_steps` measures those coefficients by
+calling the scheduler itself on probe tensors, checks the map really is affine, and the forward
+inlines them as multiply-adds: the scheduler's own numbers, no re-implementation of its formulas.
+
+Fractional ("1.x-step") schedules: a `Partial` step runs the prologue and the first k blocks of the
+stack, and adds the residual the remaining blocks produced in the last full step, passed through a
+small per-step `Compensation` (fit with `diffopt.fit_compensation`). In the unrolled graph that
+residual is a plain dataflow edge from one step to the next: no cache, no runtime decisions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffopt.config import ConfigError
+
+from .compensation import Compensation
+from .sampler import set_schedule
+
+
+@dataclass(frozen=True)
+class Full:
+    """A step that runs the whole denoiser."""
+
+    def __str__(self) -> str:
+        return "full"
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A step that runs the prologue and the first `blocks` blocks, and reuses the rest.
+
+    The reused blocks contribute the residual they added in the last full step, through this
+    step's compensation.
+    """
+
+    blocks: int
+
+    def __str__(self) -> str:
+        return f"partial(blocks={self.blocks})"
+
+
+Step = Full | Partial
+full = Full()
+"""The step that runs everything: ``diffopt.unroll(..., [diffopt.full, diffopt.partial(5)])``."""
+partial = Partial
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One scheduler step as the affine map the forward inlines:
+
+    ``model_in = input_scale · x``; ``x ← latents · x + output · model(model_in, timestep)
+    + noise · ε`` (ε fresh Gaussian noise; 0 for deterministic schedulers)."""
+
+    timestep: float
+    input_scale: float
+    latents: float
+    output: float
+    noise: float
+
+
+def scheduler_steps(scheduler: Any, steps: int | Sequence[float]) -> list[StepCoefficients]:
+    """Measure each step of `scheduler` (a step count, or explicit sigmas) as `StepCoefficients`.
+
+    Raises `ConfigError` for a scheduler whose step is not affine in latents and model output
+    (clipping, thresholding, multistep solvers that remember earlier outputs).
+    """
+    for flag in ("clip_sample", "thresholding"):
+        if getattr(scheduler.config, flag, False):
+            raise ConfigError(
+                f"{type(scheduler).__name__} has {flag}=True, which clamps inside its step, so the "
+                f"step cannot be unrolled as arithmetic; build it with {flag}=False"
+            )
+    scheduler = copy.deepcopy(scheduler)
+    set_schedule(scheduler, steps)
+    shape = (64,)
+    probe = torch.Generator().manual_seed(0)
+    x_probe, v_probe = torch.randn(shape, generator=probe), torch.randn(shape, generator=probe)
+    seed = 1234
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def scale_input(state: Any, t: Any, latents: torch.Tensor) -> torch.Tensor:
+        scale = getattr(state, "scale_model_input", None)  # flow matching has none
+        return latents if scale is None else scale(latents, t)
+
+    def run(state: Any, t: Any, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        trial = copy.deepcopy(state)  # a step advances the scheduler; probe a copy
+        scale_input(trial, t, latents)
+        generator = torch.Generator().manual_seed(seed)
+        return trial.step(output, t, latents, generator=generator, return_dict=False)[0]
+
+    found = []
+    zeros, ones = torch.zeros(shape), torch.ones(shape)
+    for index, t in enumerate(scheduler.timesteps):
+        scale = scale_input(copy.deepcopy(scheduler), t, ones)
+        noise_term = run(scheduler, t, zeros, zeros)
+        noise = float((noise_term @ eps) / (eps @ eps))
+        coefficients = StepCoefficients(
+            timestep=float(t),
+            input_scale=float(scale.mean()),
+            latents=float((run(scheduler, t, zeros, ones) - noise_term).mean()),
+            output=float((run(scheduler, t, ones, zeros) - noise_term).mean()),
+            noise=noise,
+        )
+        expected = _apply(coefficients, x_probe, v_probe, eps)
+        actual = run(scheduler, t, v_probe, x_probe)
+        if not torch.allclose(actual, expected, rtol=1e-4, atol=1e-5) or not torch.allclose(
+            scale, torch.full_like(scale, coefficients.input_scale)
+        ):
+            raise ConfigError(
+                f"{type(scheduler).__name__} step {index} (timestep {float(t):g}) is not an affine "
+                "map of latents and model output (a multistep solver or a stochastic sampler "
+                "with churn?); unroll supports single-step schedulers: FlowMatchEulerDiscrete, "
+                "EulerDiscrete, DDIM (eta=0), LCM, TCD"
+            )
+        found.append(coefficients)
+        scale_input(scheduler, t, zeros)
+        scheduler.step(zeros, t, zeros, generator=torch.Generator(), return_dict=False)
+    return found
+
+
+def _apply(c: StepCoefficients, x: torch.Tensor, out: torch.Tensor, eps: Any) -> torch.Tensor:
+    x = c.latents * x + c.output * out
+    return x + c.noise * eps if c.noise else x
+
+
+def parse_schedule(steps: int | float | str | Sequence[Step], num_blocks: int | None) -> list[Step]:
+    """Steps from a count (``4``), a fractional count (``"1.67"``) or an explicit list.
+
+    A fractional count x runs ⌊x⌋ full steps and one partial step running ⌊frac(x) · blocks⌋
+    blocks, so its effective NFE is at most x (the exact figure comes from FLOPs).
+    """
+    if isinstance(steps, Sequence) and not isinstance(steps, str):
+        schedule = list(steps)
+        bad = [s for s in schedule if not isinstance(s, Full | Partial)]
+        if bad:
+            raise ConfigError(f"schedule entries must be diffopt.full or diffopt.partial(k): {bad}")
+    else:
+        count = float(steps)
+        if count < 1:
+            raise ConfigError(f"a schedule needs at least one full step, got {steps!r}")
+        whole, fraction = int(count), count - int(count)
+        schedule = [full] * whole
+        if fraction > 1e-9:
+            if num_blocks is None:
+                raise ConfigError("a fractional schedule needs the denoiser's block stack")
+            schedule.append(Partial(int(fraction * num_blocks)))
+    if not schedule or not isinstance(schedule[0], Full):
+        raise ConfigError("the first step must be full: a partial step reuses a full step's blocks")
+    for step in schedule:
+        if (
+            isinstance(step, Partial)
+            and num_blocks is not None
+            and not 0 <= step.blocks < num_blocks
+        ):
+            raise ConfigError(
+                f"{step} must run between 0 and {num_blocks - 1} of {num_blocks} blocks"
+            )
+    return schedule
+
+
+class _Tap(nn.Module):
+    """Wraps a block of a full step; keeps its input or output, the boundary of a residual."""
+
+    def __init__(self, block: nn.Module, keep: str) -> None:
+        super().__init__()
+        self.block, self.keep, self.value = block, keep, None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.keep == "input":
+            self.value = args[0] if args else kwargs["hidden_states"]
+        out = self.block(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(
+                f"partial steps need blocks that map hidden states to hidden states (as DiT and "
+                f"PixArt blocks do); {type(self.block).__name__} returns {type(out).__name__}"
+            )
+        if self.keep == "output":
+            self.value = out
+        return out
+
+
+class _Reuse(nn.Module):
+    """Stands in for the skipped blocks of a partial step: hidden + compensation(residual)."""
+
+    def __init__(self, compensation: Compensation) -> None:
+        super().__init__()
+        self.compensation, self.residual = compensation, None
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden + self.compensation(self.residual)
+
+
+def _with_blocks(denoiser: nn.Module, attribute: str, blocks: list[nn.Module]) -> nn.Module:
+    """A shallow copy of `denoiser` sharing its weights, with another block list."""
+    view = copy.copy(denoiser)
+    view._modules = dict(denoiser._modules)
+    view._modules[attribute] = nn.ModuleList(blocks)
+    return view
+
+
+def find_block_stack(denoiser: nn.Module, attribute: str | None = None) -> str:
+    """The attribute holding the denoiser's blocks: `attribute`, or its only `ModuleList`."""
+    if attribute is not None:
+        if not isinstance(getattr(denoiser, attribute, None), nn.ModuleList):
+            raise ConfigError(f"{type(denoiser).__name__}.{attribute} is not an nn.ModuleList")
+        return attribute
+    lists = [name for name, child in denoiser.named_children() if isinstance(child, nn.ModuleList)]
+    if len(lists) != 1:
+        raise ConfigError(
+            f"partial steps need one block stack; {type(denoiser).__name__} has ModuleLists "
+            f"{lists}: pass blocks='<name>'"
+        )
+    return lists[0]
+
+
+class UnrolledSampler(nn.Module):
+    """The whole schedule as one forward; build it with `diffopt.unroll`."""
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        coefficients: list[StepCoefficients],
+        schedule: list[Step],
+        *,
+        guidance: float,
+        guidance_input: str | None,
+        blocks: str | None,
+        compensation: str,
+        rank: int,
+    ) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.coefficients, self.schedule = coefficients, schedule
+        self.guidance, self.guidance_input = guidance, guidance_input
+        self.blocks = blocks
+        partial_steps = [i for i, s in enumerate(schedule) if isinstance(s, Partial)]
+        self.compensation = nn.ModuleDict()
+        # Built once: the views share the denoiser's weights and are not registered as children,
+        # so parameters and state_dict list every weight once.
+        self._views: dict[int, nn.Module] = {}
+        if not partial_steps:
+            return
+        stack = getattr(denoiser, blocks)
+        width = _hidden_width(stack)
+        starts = sorted({schedule[i].blocks for i in partial_steps})
+        tapped = list(stack)
+        self._taps: dict[int | str, _Tap] = {}
+        for k, where, keep in [*((k, max(k - 1, 0), "output" if k else "input") for k in starts),
+                               ("end", len(stack) - 1, "output")]:  # fmt: skip
+            tapped[where] = self._taps[k] = _Tap(tapped[where], keep)  # taps may nest
+        full_view = _with_blocks(denoiser, blocks, tapped)
+        self._reuse: dict[int, _Reuse] = {}
+        for i, step in enumerate(schedule):
+            if isinstance(step, Partial):
+                self.compensation[str(i)] = Compensation(width, kind=compensation, rank=rank)
+                self._reuse[i] = _Reuse(self.compensation[str(i)])
+                self._views[i] = _with_blocks(
+                    denoiser, blocks, [*stack[: step.blocks], self._reuse[i]]
+                )
+            else:
+                self._views[i] = full_view
+
+    @property
+    def noisy_steps(self) -> int:
+        """How many steps add fresh noise (consistency samplers): the first dim of `noise`."""
+        return sum(1 for c in self.coefficients if c.noise)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final latents from starting `latents`, conditioning `cond` (the denoiser's keyword
+        inputs) and, with guidance by a batch of two, `uncond`. `noise`: [noisy_steps, *latents
+        shape] for consistency samplers (drawn fresh when None)."""
+        return self._run(latents, cond, uncond, noise)[0]
+
+    def _run(
+        self,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
+        noise: torch.Tensor | None,
+        collect: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The loop; with `collect` = a partial step's index, also runs that step in full and
+        returns (reused residual, the residual the skipped blocks really produce) there."""
+        guided, inputs = self._inputs(latents, cond, uncond)
+        x, residuals, pair, noisy = latents, {}, None, 0
+        for i, (c, step) in enumerate(zip(self.coefficients, self.schedule, strict=True)):
+            model_in = c.input_scale * x
+            batch = torch.cat([model_in, model_in]) if guided else model_in
+            timestep = batch.new_full((batch.shape[0],), c.timestep)
+            if isinstance(step, Partial):
+                if i == collect:
+                    self._call(self._views[0], batch, timestep, inputs)  # the truth, for fitting
+                    pair = (residuals[step.blocks], self._residual(step.blocks))
+                self._reuse[i].residual = residuals[step.blocks]
+            out = self._call(self._views.get(i, self.denoiser), batch, timestep, inputs)
+            if isinstance(step, Partial):
+                self._reuse[i].residual = None
+            elif self._views:
+                residuals = {k: self._residual(k) for k in self._taps if k != "end"}
+            out = out[:, : x.shape[1]]  # learned-sigma models append variance channels
+            if guided:
+                v_cond, v_uncond = out.chunk(2)
+                out = v_uncond + self.guidance * (v_cond - v_uncond)
+            eps = None
+            if c.noise:
+                eps = torch.randn_like(x) if noise is None else noise[noisy]
+                noisy += 1
+            x = _apply(c, x, out, eps)
+        for tap in getattr(self, "_taps", {}).values():
+            tap.value = None  # hold no activations between calls
+        return x, pair
+
+    def _inputs(
+        self,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
+    ) -> tuple[bool, dict[str, Any]]:
+        """Whether guidance runs as a batch of two, and the denoiser's keyword inputs."""
+        guided = uncond is not None and self.guidance != 1.0 and self.guidance_input is None
+        inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if guided else dict(cond)
+        if self.guidance_input is not None:
+            inputs[self.guidance_input] = latents.new_full((latents.shape[0],), self.guidance)
+        return guided, inputs
+
+    def effective_nfe(
+        self,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None = None,
+    ) -> float:
+        """FLOPs of one sampler call over the FLOPs of one full step, counted on these inputs."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        guided, inputs = self._inputs(latents, cond, uncond)
+        batch = torch.cat([latents, latents]) if guided else latents
+        timestep = batch.new_full((batch.shape[0],), self.coefficients[0].timestep)
+        with torch.no_grad(), FlopCounterMode(display=False) as whole:
+            self(latents, cond, uncond)
+        with torch.no_grad(), FlopCounterMode(display=False) as step:
+            self._call(self.denoiser, batch, timestep, inputs)
+        return whole.get_total_flops() / step.get_total_flops()
+
+    def _residual(self, start: int) -> torch.Tensor:
+        return self._taps["end"].value - self._taps[start].value
+
+    def _call(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> Any:
+        return denoiser(hidden_states=x, timestep=t, **inputs, return_dict=False)[0]
+
+    def describe(self) -> str:
+        """The schedule in words: ``full@t=1000, partial(blocks=5)@t=500``."""
+        pairs = zip(self.schedule, self.coefficients, strict=True)
+        return ", ".join(f"{step}@t={c.timestep:g}" for step, c in pairs)
+
+    def extra_repr(self) -> str:
+        return f"schedule=[{self.describe()}], guidance={self.guidance}"
+
+
+def _hidden_width(stack: nn.ModuleList) -> int:
+    """The hidden size of a block stack: what a block's last linear (the MLP out) writes."""
+    linears = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("partial steps need transformer blocks (found no nn.Linear in block 0)")
+    return linears[-1].out_features
+
+
+def unroll(
+    denoiser: nn.Module,
+    scheduler: Any,
+    steps: int | float | str | Sequence[Step] = 1,
+    *,
+    sigmas: Sequence[float] | None = None,
+    guidance: float = 1.0,
+    guidance_input: str | None = None,
+    blocks: str | None = None,
+    compensation: str = "affine",
+    rank: int = 8,
+) -> UnrolledSampler:
+    """The whole sampling schedule of `denoiser` under `scheduler` as one module.
+
+    Args:
+        steps: a step count, a fractional count such as ``"1.67"`` (⌊x⌋ full steps and one
+            partial step), or explicit steps ``[diffopt.full, diffopt.partial(blocks=5)]``.
+        sigmas: explicit sigmas for the scheduler (one per step), for few-step students.
+        guidance: classifier-free guidance scale. With `guidance_input` unset and an `uncond`
+            passed to the forward, each step runs cond and uncond as a batch of two.
+        guidance_input: the denoiser's keyword for a guidance-distilled scale (Flux: "guidance").
+        blocks: the attribute holding the block stack (default: the denoiser's only ModuleList).
+        compensation: "affine" (per channel) or "lowrank" (affine plus a rank-`rank` map) on the
+            reused residual of each partial step; identity until `diffopt.fit_compensation`.
+    """
+    explicit = isinstance(steps, Sequence) and not isinstance(steps, str)
+    needs_blocks = explicit or not float(steps).is_integer()
+    stack = find_block_stack(denoiser, blocks) if needs_blocks else None
+    schedule = parse_schedule(steps, len(getattr(denoiser, stack)) if stack else None)
+    if not any(isinstance(s, Partial) for s in schedule):
+        stack = None
+    if sigmas is not None and len(sigmas) != len(schedule):
+        raise ConfigError(f"{len(sigmas)} sigmas for a {len(schedule)}-step schedule")
+    coefficients = scheduler_steps(scheduler, list(sigmas) if sigmas else len(schedule))
+    if len(coefficients) != len(schedule):
+        raise ConfigError(
+            f"{type(scheduler).__name__} made {len(coefficients)} steps for a {len(schedule)}-step "
+            "schedule; pass sigmas= explicitly"
+        )
+    return UnrolledSampler(
+        denoiser, coefficients, schedule, guidance=guidance, guidance_input=guidance_input,
+        blocks=stack, compensation=compensation, rank=rank,
+    )  # fmt: skip
