@@ -119,29 +119,34 @@ class Reference:
         )
 
 
+SHIPPED = {
+    "ref-dit": (1.5, 50),  # guidance 1.0 is already 99 % accurate; 1.5 keeps the batch of two
+    "ref-dit-1step": (1.0, [1.0]),  # students are guidance-distilled: one call per step
+    "ref-dit-2step": (1.0, [1.0, 0.5]),
+}
+"""Trained models in `ASSETS`: name → (guidance, default schedule)."""
+
+
 def load(name: str) -> Reference:
-    """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt) or
-    ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt), its
+    few-step students ``"ref-dit-1step"`` and ``"ref-dit-2step"`` (distilled from it, also
+    shipped), or ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
+    from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-    if name == "ref-dit":
-        from diffusers import DiTTransformer2DModel
-
-        folder = ASSETS / "ref-dit"
+    if name in SHIPPED:
+        folder = ASSETS / name
         if not (folder / "config.json").exists():
-            raise FileNotFoundError(
-                f"{folder} is missing; train it with python benchmarks/train_ref_dit.py"
-            )
+            script = "train_ref_dit.py" if name == "ref-dit" else "distill_ref_dit.py"
+            raise FileNotFoundError(f"{folder} is missing; make it with benchmarks/{script}")
         model = DiTTransformer2DModel.from_pretrained(
             folder, local_files_only=True, low_cpu_mem_usage=False
         )
-        guidance = 1.5  # 1.0 is already 99 % accurate; 1.5 keeps the guidance batch in play
+        guidance, steps = SHIPPED[name]
     elif name == "dit-s2":
         torch.manual_seed(0)
-        model = _dit_s2()
-        guidance = 1.5
+        model, guidance, steps = _dit_s2(), 1.5, 50
     else:
-        raise KeyError(f"unknown reference model {name!r}; choose 'ref-dit' or 'dit-s2'")
+        raise KeyError(f"unknown reference model {name!r}; choose one of {[*SHIPPED, 'dit-s2']}")
     model = model.eval().requires_grad_(False)
 
     def make_inputs(batch: int = 2, seed: int = 0) -> dict[str, Any]:
@@ -149,7 +154,7 @@ def load(name: str) -> Reference:
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     null_class = model.config.num_embeds_ada_norm  # DiT's label table has one extra, null, row
-    return Reference(name, model, scheduler, make_inputs, null_class, guidance)
+    return Reference(name, model, scheduler, make_inputs, null_class, guidance, steps)
 
 
 def _dit_s2() -> torch.nn.Module:
@@ -288,7 +293,7 @@ def resolve(spec: str) -> tuple[torch.nn.Module, ExampleInputs]:
     ``(model, example_inputs)``."""
     if spec in TINY_MODELS:
         return build(spec)
-    if spec in ("ref-dit", "dit-s2"):
+    if spec in SHIPPED or spec == "dit-s2":
         reference = load(spec)
         return reference.model, reference.make_inputs()
     path = Path(spec)

@@ -50,15 +50,20 @@ class Compensation(nn.Module):
         y = target.reshape(-1, target.shape[-1]).double()
         x_mean, y_mean = x.mean(0), y.mean(0)
         xc, yc = x - x_mean, y - y_mean
-        scale = (xc * yc).sum(0) / (xc.pow(2).sum(0) + ridge * len(x))
-        if self.down.shape[1]:  # what the per-channel scale leaves, as a rank-r linear map
-            rest = yc - xc * scale
+        if self.down.shape[1]:
+            # the least-squares linear map, split as diagonal + rank r by alternating the two
             gram = xc.T @ xc + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
-            full = torch.linalg.solve(gram, xc.T @ rest)
-            u, s, vh = torch.linalg.svd(full)
+            linear = torch.linalg.solve(gram, xc.T @ yc)
+            low_rank = torch.zeros_like(linear)
             rank = self.down.shape[1]
+            for _ in range(50):
+                scale = torch.diagonal(linear - low_rank)
+                u, s, vh = torch.linalg.svd(linear - torch.diag(scale))
+                low_rank = (u[:, :rank] * s[:rank]) @ vh[:rank]
             self.down.copy_(u[:, :rank] * s[:rank])
             self.up.copy_(vh[:rank])
+        else:
+            scale = (xc * yc).sum(0) / (xc.pow(2).sum(0) + ridge * len(x))
         low_rank_of_mean = x_mean @ self.down.double() @ self.up.double()
         self.scale.copy_(scale)
         self.shift.copy_(y_mean - x_mean * scale - low_rank_of_mean)

@@ -120,9 +120,12 @@ def scheduler_steps(scheduler: Any, steps: int | Sequence[float]) -> list[StepCo
         )
         expected = _apply(coefficients, x_probe, v_probe, eps)
         actual = run(scheduler, t, v_probe, x_probe)
-        if not torch.allclose(actual, expected, rtol=1e-4, atol=1e-5) or not torch.allclose(
-            scale, torch.full_like(scale, coefficients.input_scale)
-        ):
+        affine = (
+            torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)
+            and torch.allclose(noise_term, noise * eps, rtol=1e-4, atol=1e-5)  # no memory
+            and torch.allclose(scale, torch.full_like(scale, coefficients.input_scale))
+        )
+        if not affine:
             raise ConfigError(
                 f"{type(scheduler).__name__} step {index} (timestep {float(t):g}) is not an affine "
                 "map of latents and model output (a multistep solver or a stochastic sampler "
@@ -130,8 +133,9 @@ def scheduler_steps(scheduler: Any, steps: int | Sequence[float]) -> list[StepCo
                 "EulerDiscrete, DDIM (eta=0), LCM, TCD"
             )
         found.append(coefficients)
-        scale_input(scheduler, t, zeros)
-        scheduler.step(zeros, t, zeros, generator=torch.Generator(), return_dict=False)
+        # advance on non-zero values: a solver that remembers them shows it at the next step
+        scale_input(scheduler, t, x_probe)
+        scheduler.step(v_probe, t, x_probe, generator=torch.Generator(), return_dict=False)
     return found
 
 
@@ -144,7 +148,8 @@ def parse_schedule(steps: int | float | str | Sequence[Step], num_blocks: int | 
     """Steps from a count (``4``), a fractional count (``"1.67"``) or an explicit list.
 
     A fractional count x runs ⌊x⌋ full steps and one partial step running ⌊frac(x) · blocks⌋
-    blocks, so its effective NFE is at most x (the exact figure comes from FLOPs).
+    blocks, so its effective NFE is about x: the prologue, epilogue and compensation add a little
+    (`UnrolledSampler.effective_nfe` counts it exactly).
     """
     if isinstance(steps, Sequence) and not isinstance(steps, str):
         schedule = list(steps)

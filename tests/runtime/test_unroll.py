@@ -1,0 +1,199 @@
+"""`diffopt.unroll`: the schedule as one module, equal to the step loop; fractional steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
+)
+from torch import nn
+
+import diffopt
+from diffopt import ConfigError, zoo
+from diffopt.runtime.compensation import Compensation, load_compensation, save_compensation
+from diffopt.runtime.unroll import parse_schedule
+
+SCHEDULERS = {
+    "flow-match": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    "euler": lambda: EulerDiscreteScheduler(),
+    "ddim": lambda: DDIMScheduler(clip_sample=False),
+    "lcm": lambda: LCMScheduler(),
+    "tcd": lambda: TCDScheduler(),
+}
+
+
+def tiny_dit():
+    model, inputs = zoo.build("tiny-dit", batch=2)
+    labels = inputs["class_labels"]
+    return model, inputs["hidden_states"], {"class_labels": labels}, {"class_labels": labels * 0}
+
+
+def step_loop(model, scheduler, steps, latents, cond, uncond, guidance, seed):
+    """The usual diffusers loop, one scheduler.step per denoiser call."""
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = latents
+    inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    for t in scheduler.timesteps:
+        model_in = (
+            scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        )
+        batch = torch.cat([model_in, model_in])
+        out = model(batch, timestep=t.expand(len(batch)).float(), **inputs, return_dict=False)[0]
+        v_cond, v_uncond = out[:, : x.shape[1]].chunk(2)
+        out = v_uncond + guidance * (v_cond - v_uncond)
+        x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+    return x
+
+
+def noise_like_the_loop(sampler, latents, seed):
+    """The noises a seeded scheduler draws, in order, for the unrolled sampler's `noise`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [torch.randn(latents.shape, generator=generator) for _ in range(sampler.noisy_steps)]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_matches_the_step_loop_eager_and_compiled(name):
+    model, latents, cond, uncond = tiny_dit()
+    steps = 4
+    with torch.no_grad():
+        expected = step_loop(model, SCHEDULERS[name](), steps, latents, cond, uncond, 2.0, seed=7)
+        sampler = diffopt.unroll(model, SCHEDULERS[name](), steps, guidance=2.0)
+        noise = noise_like_the_loop(sampler, latents, seed=7) if sampler.noisy_steps else None
+        assert (sampler.noisy_steps > 0) == (name in ("lcm", "tcd"))
+        eager = sampler(latents, cond, uncond, noise)
+        compiled = torch.compile(
+            sampler, backend="diffopt", options={"inner": "eager"}, fullgraph=True
+        )(latents, cond, uncond, noise)
+    torch.testing.assert_close(eager, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_schedulers_that_are_not_affine_are_refused():
+    model = zoo.build("tiny-dit")[0]
+    with pytest.raises(ConfigError, match="clip_sample=True.*clip_sample=False"):
+        diffopt.unroll(model, DDIMScheduler(clip_sample=True), 2)
+    with pytest.raises(ConfigError, match="not an affine map"):
+        diffopt.unroll(model, DPMSolverMultistepScheduler(), 3)
+
+
+def test_schedule_parsing():
+    full, partial = diffopt.full, diffopt.partial
+    assert parse_schedule(2, None) == [full, full]
+    assert parse_schedule("1.67", 8) == [full, partial(5)]
+    assert parse_schedule(2.5, 8) == [full, full, partial(4)]
+    assert parse_schedule([full, partial(blocks=0)], 8) == [full, partial(0)]
+    with pytest.raises(ConfigError, match="first step must be full"):
+        parse_schedule([partial(2), full], 8)
+    with pytest.raises(ConfigError, match="between 0 and 7 of 8 blocks"):
+        parse_schedule([full, partial(8)], 8)
+    with pytest.raises(ConfigError, match="at least one full step"):
+        parse_schedule("0.5", 8)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + torch.tanh(self.linear(h))
+
+
+class Toy(nn.Module):
+    """embed → blocks → head, the shape of a user model; residual blocks we can follow by hand."""
+
+    def __init__(self, width: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(2, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, hidden_states, timestep, return_dict=False):
+        h = self.embed(hidden_states) + timestep[:, None, None] / 1000
+        for block in self.blocks:
+            h = block(h)
+        return (self.head(h),)
+
+
+def test_a_partial_step_reuses_the_last_full_steps_deep_residual():
+    toy, k = Toy(), 1
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    sampler = diffopt.unroll(toy, scheduler, [diffopt.full, diffopt.partial(blocks=k)],
+                             sigmas=[1.0, 0.5])  # fmt: skip
+    x = torch.randn(3, 5, 2)
+
+    def stack(h, blocks):
+        for block in blocks:
+            h = block(h)
+        return h
+
+    with torch.no_grad():
+        h0 = toy.embed(x) + 1.0
+        shallow = stack(h0, toy.blocks[:k])
+        residual = stack(shallow, toy.blocks[k:]) - shallow
+        x1 = x - 0.5 * toy.head(shallow + residual)
+        shallow1 = stack(toy.embed(x1) + 0.5, toy.blocks[:k])
+        expected = x1 - 0.5 * toy.head(shallow1 + residual)
+        torch.testing.assert_close(sampler(x, {}), expected)
+        # matmul FLOPs per token: embed 2·8, a block 8·8, head 8·2; the partial step skips 3 blocks
+        assert sampler.effective_nfe(x, {}) == pytest.approx(1 + (16 + 64 + 16) / (16 + 256 + 16))
+
+
+def test_fit_compensation_on_ref_dit_reduces_the_residual_error(tmp_path):
+    teacher = zoo.load("ref-dit")
+    labels = torch.arange(6) % 10
+    latents = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, 10)}
+    sampler = diffopt.unroll(teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5],
+                             guidance=1.5, compensation="lowrank", rank=4)  # fmt: skip
+    assert sampler.schedule == [diffopt.full, diffopt.partial(4)]
+    assert 1.45 < sampler.effective_nfe(latents, cond, uncond) < 1.55
+    with torch.no_grad():
+        before = sampler(latents, cond, uncond)
+    fit = diffopt.fit_compensation(sampler, latents, cond, uncond)
+    (error_before, error_after) = fit.steps[1]
+    assert error_after < 0.95 * error_before
+    assert "error after" in fit.table()
+    with torch.no_grad():
+        assert not torch.equal(sampler(latents, cond, uncond), before)
+
+    path = save_compensation(sampler, tmp_path / "comp.safetensors")
+    again = diffopt.unroll(teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5],
+                           guidance=1.5, compensation="lowrank", rank=4)  # fmt: skip
+    load_compensation(again, path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(latents, cond, uncond), sampler(latents, cond, uncond))
+    other = diffopt.unroll(teacher.model, teacher.scheduler, "1.25", sigmas=[1.0, 0.5],
+                           compensation="lowrank", rank=4)  # fmt: skip
+    with pytest.raises(ConfigError, match="was fit for schedule"):
+        load_compensation(other, path)
+
+
+@pytest.mark.parametrize("kind", ["affine", "lowrank"])
+def test_compensation_recovers_a_map_it_can_express(kind):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, 6, generator=gen)
+    y = x * torch.linspace(0.5, 2, 6) + 0.3
+    if kind == "lowrank":
+        y = y + x @ torch.randn(6, 1, generator=gen) @ torch.randn(1, 6, generator=gen)
+    compensation = Compensation(6, kind=kind, rank=1)
+    torch.testing.assert_close(compensation(x), x)  # the identity until fit
+    compensation.fit(x, y, ridge=0.0)
+    torch.testing.assert_close(compensation(x), y, atol=1e-3, rtol=1e-3)
+
+
+def test_partial_steps_need_one_single_stream_block_stack():
+    flux = zoo.build("tiny-flux")[0]
+    with pytest.raises(ConfigError, match="pass blocks="):
+        diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), "1.5")
+    diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), 2)  # full steps need no blocks
