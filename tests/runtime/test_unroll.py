@@ -79,7 +79,7 @@ def test_matches_the_step_loop_eager_and_compiled(name):
 
 def test_schedulers_that_are_not_affine_are_refused():
     model = zoo.build("tiny-dit")[0]
-    with pytest.raises(ConfigError, match="clip_sample=True.*clip_sample=False"):
+    with pytest.raises(ConfigError, match=r"clip_sample=True.*clip_sample=False"):
         diffopt.unroll(model, DDIMScheduler(clip_sample=True), 2)
     with pytest.raises(ConfigError, match="not an affine map"):
         diffopt.unroll(model, DPMSolverMultistepScheduler(), 3)
