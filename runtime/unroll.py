@@ -20,7 +20,7 @@ residual is a plain dataflow edge from one step to the next: no cache, no runtim
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,6 +261,7 @@ class UnrolledSampler(nn.Module):
         # Built once: the views share the denoiser's weights and are not registered as children,
         # so parameters and state_dict list every weight once.
         self._views: dict[int, nn.Module] = {}
+        self._plain: Callable[..., Any] = denoiser  # what a step without views calls
         if not partial_steps:
             return
         stack = getattr(denoiser, blocks)
@@ -321,7 +322,7 @@ class UnrolledSampler(nn.Module):
                     self._call(self._views[0], batch, timestep, inputs)  # the truth, for fitting
                     pair = (residuals[step.blocks], self._residual(step.blocks))
                 self._reuse[i].residual = residuals[step.blocks]
-            out = self._call(self._views.get(i, self.denoiser), batch, timestep, inputs)
+            out = self._call(self._views.get(i, self._plain), batch, timestep, inputs)
             if isinstance(step, Partial):
                 self._reuse[i].residual = None
             elif self._views:
@@ -375,6 +376,16 @@ class UnrolledSampler(nn.Module):
 
     def _call(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> Any:
         return denoiser(hidden_states=x, timestep=t, **inputs, return_dict=False)[0]
+
+    def as_step_loop(self, compile: Callable[[nn.Module], Callable[..., Any]]) -> UnrolledSampler:
+        """A copy that runs the same schedule as a loop of separately compiled denoiser calls
+        (``compile(denoiser_view)`` per distinct step), with the step arithmetic in Python:
+        the un-unrolled baseline, to measure what unrolling buys. Shares the weights."""
+        loop = copy.copy(self)
+        compiled = {id(v): compile(v) for v in {id(v): v for v in self._views.values()}.values()}
+        loop._views = {i: compiled[id(v)] for i, v in self._views.items()}
+        loop._plain = compile(self.denoiser)
+        return loop
 
     def describe(self) -> str:
         """The schedule in words: ``full@t=1000, partial(blocks=5)@t=500``."""

@@ -197,3 +197,14 @@ def test_partial_steps_need_one_single_stream_block_stack():
     with pytest.raises(ConfigError, match="pass blocks="):
         diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), "1.5")
     diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), 2)  # full steps need no blocks
+
+
+def test_the_step_loop_version_runs_the_same_schedule():
+    toy = Toy()
+    sampler = diffopt.unroll(toy, FlowMatchEulerDiscreteScheduler(), "2.5", sigmas=[1, 0.6, 0.3])
+    loop = sampler.as_step_loop(
+        lambda step: torch.compile(step, backend="diffopt", options={"inner": "eager"})
+    )
+    x = torch.randn(3, 5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loop(x, {}), sampler(x, {}))
