@@ -37,5 +37,10 @@ def test_example_runs(script, args, tmp_path):
         assert "48 rewritten" in out.stdout and "diffopt::w4a4_linear" not in out.stderr
         psnr = float(out.stdout.split("unquantized model: ")[1].split(" dB")[0])
         assert psnr > 22
+    elif script == "few_step_reference.py":
+        assert "partial(blocks=5)" in out.stdout and "error after" in out.stdout
+        nfe = float(out.stdout.split("effective NFE ")[1].split(";")[0])
+        assert 1.5 < nfe <= 1.7
+        assert float(out.stdout.split("accuracy ")[1].split()[0]) >= 0.8
     else:
         assert (tmp_path / "inspect_tiny.html").exists()
