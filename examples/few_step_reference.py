@@ -32,7 +32,6 @@ with torch.no_grad():
     images = engine(noise, {"class_labels": labels})
     two_steps = student.sample(labels, range(args.images))  # the full 2-step loop
 nfe = sampler.effective_nfe(noise, {"class_labels": labels})
-print(
-    f"effective NFE {nfe:.3f}; classifier accuracy {diffopt.metrics.class_accuracy(images, labels):.2f}"
-)
+accuracy = diffopt.metrics.class_accuracy(images, labels)
+print(f"effective NFE {nfe:.3f}; classifier accuracy {accuracy:.2f}")
 print(f"PSNR against the full 2-step student: {diffopt.metrics.psnr(images, two_steps):.1f} dB")
