@@ -48,6 +48,49 @@ def optimize(
     return Optimized(graph, [analysis, *reports], program, before)
 
 
+def capture(
+    model: Any,
+    example_inputs: dict[str, Any] | tuple[Any, ...],
+    config: Config,
+    *,
+    keep_before: bool = False,
+) -> tuple[Optimized, list[Any]]:
+    """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes.
+
+    Regions stay uncompiled. Returns the result and the call's flat graph inputs (the user's
+    tensors and the weights dynamo lifted), ready for ``RegionExecutor(result.program)(*flat)``.
+    """
+    import torch
+
+    captured: list[tuple[Optimized, list[Any]]] = []
+
+    def backend(gm: fx.GraphModule, inputs: list[Any]) -> Any:
+        result = optimize(gm, inputs, config, keep_before=keep_before, compile_regions=False)
+        executor = RegionExecutor(result.program)
+
+        def run(*args: Any) -> Any:
+            captured.append((result, list(args)))
+            return executor(*args)
+
+        return run
+
+    args, kwargs = (
+        ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    )
+    torch._dynamo.reset()  # a fresh capture, not a cached graph from an earlier compile
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+    except torch._dynamo.exc.Unsupported as e:
+        raise ValueError(
+            f"diffopt captures denoisers that dynamo traces as one graph; "
+            f"{type(model).__name__} has a graph break: {e}"
+        ) from e
+    finally:
+        torch._dynamo.reset()
+    return captured[0]
+
+
 def diffopt_backend(
     gm: fx.GraphModule,
     example_inputs: list[Any],

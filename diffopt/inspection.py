@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffopt.backend import Optimized, optimize
+from diffopt.backend import Optimized, capture
 from diffopt.config import Config
 from diffopt.passes import InputRoles, PassReport
 from diffopt.passes.graph import INPUT_KEY, example_value
@@ -178,28 +178,10 @@ def inspect(
     positional ones. Regions run eagerly here (inspect compiles nothing with the inner backend).
     """
     config = Config.coerce(config)
-    captured: list[tuple[Optimized, _CountingExecutor]] = []
-
-    def capture(gm: torch.fx.GraphModule, inputs: list[Any]) -> _CountingExecutor:
-        result = optimize(gm, inputs, config, keep_before=True, compile_regions=False)
-        captured.append((result, _CountingExecutor(result.program)))
-        return captured[-1][1]
-
-    args, kwargs = (
-        ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    )
-    torch._dynamo.reset()  # a fresh capture, not a cached graph from an earlier compile
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=capture, fullgraph=True)(*args, **kwargs)
-    except torch._dynamo.exc.Unsupported as e:
-        raise ValueError(
-            f"diffopt inspects denoisers that dynamo captures as one graph; "
-            f"{type(model).__name__} has a graph break: {e}"
-        ) from e
-    finally:
-        torch._dynamo.reset()
-    result, executor = captured[0]
+    result, flat_inputs = capture(model, example_inputs, config, keep_before=True)
+    executor = _CountingExecutor(result.program)
+    with torch.no_grad():
+        executor(*flat_inputs)
     return InspectReport(
         model=type(model).__name__,
         config=config,

@@ -51,3 +51,15 @@ def test_dit_s2_is_dit_s2_sized():
 def test_unknown_reference_is_a_clear_error():
     with pytest.raises(KeyError, match=r"choose one of \[.ref-dit"):
         zoo.load("ref-unet")
+
+
+@pytest.mark.parametrize("name, steps", [("ref-dit-1step", 1), ("ref-dit-2step", 2)])
+def test_few_step_students_ship_and_draw_their_class_in_their_steps(name, steps):
+    student = zoo.load(name)
+    assert student.guidance == 1.0 and len(student.steps) == steps  # guidance-distilled
+    labels = torch.arange(30) % 10
+    calls = []
+    student.model.register_forward_hook(lambda *_: calls.append(1))
+    images = student.sample(labels, seeds=range(1000, 1030))
+    assert len(calls) == steps  # one call per step: no unconditional batch
+    assert metrics.class_accuracy(images, labels) >= 0.8
