@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from diffopt.config import Config, ConfigError
 from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
-from diffopt.passes.graph import INPUT_KEY
+from diffopt.passes.graph import INPUT_KEY, Guard
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor
 
@@ -48,28 +48,42 @@ def optimize(
     return Optimized(graph, [analysis, *reports], program, before)
 
 
+@dataclass
+class Captured:
+    """One call of a model, captured and rewritten, with what it was called with."""
+
+    result: Optimized
+    inputs: list[Any]
+    """The call's flat graph inputs: the user's tensors and the weights dynamo lifted, ready for
+    ``RegionExecutor(result.program)(*inputs)``."""
+    sources: list[str]
+    """Where each graph input came from, as dynamo names it (``L['hidden_states']``)."""
+
+
 def capture(
     model: Any,
     example_inputs: dict[str, Any] | tuple[Any, ...],
     config: Config,
     *,
     keep_before: bool = False,
-) -> tuple[Optimized, list[Any]]:
-    """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes.
-
-    Regions stay uncompiled. Returns the result and the call's flat graph inputs (the user's
-    tensors and the weights dynamo lifted), ready for ``RegionExecutor(result.program)(*flat)``.
-    """
+) -> Captured:
+    """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes;
+    the regions stay uncompiled."""
     import torch
 
-    captured: list[tuple[Optimized, list[Any]]] = []
+    captured: list[Captured] = []
 
     def backend(gm: fx.GraphModule, inputs: list[Any]) -> Any:
+        sources = [
+            n.meta["grapharg"].source.name if "grapharg" in n.meta else n.name
+            for n in gm.graph.nodes
+            if n.op == "placeholder"
+        ]
         result = optimize(gm, inputs, config, keep_before=keep_before, compile_regions=False)
         executor = RegionExecutor(result.program)
 
         def run(*args: Any) -> Any:
-            captured.append((result, list(args)))
+            captured.append(Captured(result, list(args), sources))
             return executor(*args)
 
         return run
@@ -109,18 +123,36 @@ def diffopt_backend(
 
 def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
     """The plain region executor, or the caching one when cache guards applied."""
-    graph = optimized.graph
-    if config.cache is None or not graph.guards:
-        return RegionExecutor(optimized.program)
+    timestep_slot, weight_slots = input_slots(optimized.graph)
+    return build_executor(
+        optimized.program, config, optimized.graph.guards,
+        timestep_slot=timestep_slot, param_slots=weight_slots,
+    )  # fmt: skip
+
+
+def input_slots(graph: DenoiserGraph) -> tuple[int | None, set[int]]:
+    """The graph input slot of the timestep, and the slots of the weights dynamo lifted."""
     placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
     timestep = graph.roles.timestep.node if graph.roles.timestep else None
-    return CachingExecutor(
-        optimized.program,
-        config.cache,
-        graph.guards,
-        timestep_slot=next((i for i, n in enumerate(placeholders) if n.name == timestep), None),
-        param_slots={
-            i for i, n in enumerate(placeholders) if n.meta.get(INPUT_KEY) in ("param", "buffer")
-        },
-        inner=config.inner,
+    return (
+        next((i for i, n in enumerate(placeholders) if n.name == timestep), None),
+        {i for i, n in enumerate(placeholders) if n.meta.get(INPUT_KEY) in ("param", "buffer")},
     )
+
+
+def build_executor(
+    program: RegionProgram,
+    config: Config,
+    guards: list[Guard],
+    *,
+    timestep_slot: int | None,
+    param_slots: set[int],
+) -> RegionExecutor:
+    """`RegionExecutor`, or `CachingExecutor` when there is a cache config and guards; the
+    regions may be compiled torch code or engine sessions."""
+    if config.cache is None or not guards:
+        return RegionExecutor(program)
+    return CachingExecutor(
+        program, config.cache, guards, timestep_slot=timestep_slot, param_slots=param_slots,
+        inner=config.inner,
+    )  # fmt: skip

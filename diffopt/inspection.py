@@ -178,10 +178,11 @@ def inspect(
     positional ones. Regions run eagerly here (inspect compiles nothing with the inner backend).
     """
     config = Config.coerce(config)
-    result, flat_inputs = capture(model, example_inputs, config, keep_before=True)
+    captured = capture(model, example_inputs, config, keep_before=True)
+    result = captured.result
     executor = _CountingExecutor(result.program)
     with torch.no_grad():
-        executor(*flat_inputs)
+        executor(*captured.inputs)
     return InspectReport(
         model=type(model).__name__,
         config=config,

@@ -1,0 +1,321 @@
+"""ONNX engines: one file per region, a manifest, and a loader that runs them with onnxruntime.
+
+An engine directory holds what the torch runtime runs, with the regions swapped for ONNX files:
+
+- ``region_<i>_<name>.onnx``, one per region when the graph has cache guards (the runtime decides
+  between regions), or a single ``model.onnx`` when nothing is cached;
+- ``manifest.json``: the config (the calibrated cache schedule included), the regions in order with
+  their value slots, the guards, the graph's inputs (names, shapes, dtypes) and output structure,
+  the diffopt and opset versions, and a SHA-256 of every file.
+
+`load` rebuilds the same executor the torch backend would build (`RegionExecutor`, or the
+`CachingExecutor` with the same controller) over onnxruntime sessions, so a cached run through an
+engine makes the same compute / reuse decisions as the torch runtime.
+
+Weights dynamo lifted into graph inputs are baked back in as constants of the region that reads
+them, so an engine's inputs are the denoiser's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffopt.backend import build_executor, capture, input_slots
+from diffopt.config import Config, ConfigError
+from diffopt.passes.graph import Guard, Region
+from diffopt.runtime.executor import RegionExecutor
+from diffopt.runtime.lowering import RegionProgram, Slot
+
+FORMAT = "diffopt-engine"
+FORMAT_VERSION = 1
+OPSET = 18
+EXTERNAL_DATA_BYTES = 100 * 2**20
+"""Regions whose constants pass this size keep their weights in a side file."""
+
+
+class ExportError(RuntimeError):
+    """The graph holds something the exporter cannot express; the message names it."""
+
+
+class _RecordingExecutor(RegionExecutor):
+    """Runs the regions eagerly once, keeping each region's inputs as export examples."""
+
+    def __init__(self, program: RegionProgram) -> None:
+        super().__init__(program)
+        self.examples: dict[int, list[Any]] = {}
+
+    def run_region(self, index: int, region: Any, inputs: list[Any]) -> Sequence[Any]:
+        self.examples[index] = list(inputs)
+        return region(*inputs)
+
+
+class _Baked(nn.Module):
+    """A region with its weight inputs turned into constants: activations in, outputs out."""
+
+    def __init__(self, module: nn.Module, inputs: list[Any], weights: set[int]) -> None:
+        super().__init__()
+        self.module = module
+        self.order = [("weight" if i in weights else "input") for i in range(len(inputs))]
+        for i in sorted(weights):
+            self.register_buffer(f"w{i}", inputs[i].detach())
+
+    def forward(self, *activations: torch.Tensor) -> Any:
+        given = iter(activations)
+        args = [getattr(self, f"w{i}") if kind == "weight" else next(given)
+                for i, kind in enumerate(self.order)]  # fmt: skip
+        return self.module(*args)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: dict[str, Any] | tuple[Any, ...],
+    config: Config | dict[str, Any] | None = None,
+    *,
+    out: str | Path,
+    format: str = "onnx",
+) -> Path:
+    """Capture `model` on `example_inputs`, run diffopt's passes with `config`, and write an
+    engine directory to `out` (see the module doc). ``format="tensorrt"`` also builds TensorRT
+    engines from the ONNX files (the ``diffopt[tensorrt]`` extra)."""
+    if format not in ("onnx", "tensorrt"):
+        raise ConfigError(f"format must be 'onnx' or 'tensorrt', not {format!r}")
+    config = dataclasses.replace(Config.coerce(config), inner="eager")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    captured = capture(model, example_inputs, config)
+    result, flat = captured.result, captured.inputs
+    graph = result.graph
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    timestep_slot, weights = input_slots(graph)
+    if not graph.guards:  # nothing for a runtime to decide between regions: one file
+        program = _single_region(result.program, graph.gm, len(placeholders))
+    else:
+        program = result.program
+    recorder = _RecordingExecutor(program)
+    with torch.no_grad():
+        recorder(*flat)
+
+    regions = []
+    for index, lowered in enumerate(program.regions):
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", lowered.region.name)
+        name = "model.onnx" if len(program.regions) == 1 else f"region_{index}_{slug}.onnx"
+        examples = recorder.examples[index]
+        baked = {i for i, s in enumerate(lowered.inputs) if s in weights}
+        inputs = [s for i, s in enumerate(lowered.inputs) if i not in baked]
+        _export_region(lowered, examples, baked, out / name)
+        regions.append({
+            "name": lowered.region.name, "kind": lowered.region.kind,
+            "group": lowered.region.group, "file": name,
+            "inputs": inputs, "outputs": lowered.outputs,
+        })  # fmt: skip
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "diffopt": _version(),
+        "opset": OPSET,
+        "model": type(model).__name__,
+        "config": config.to_dict(),
+        "inputs": [
+            _describe_input(i, captured.sources[i], flat[i])
+            for i in range(len(placeholders))
+            if i not in weights
+        ],
+        "num_inputs": len(placeholders),
+        "num_slots": program.num_slots,
+        "regions": regions,
+        "release": program.release,
+        "output": _encode(program.output),
+        "guards": [dataclasses.asdict(g) for g in graph.guards],
+        "timestep_slot": timestep_slot,
+    }
+    manifest["hashes"] = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.suffix != ".json"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if format == "tensorrt":
+        from .tensorrt import build_engines
+
+        build_engines(out)
+    return out
+
+
+def _single_region(program: RegionProgram, gm: torch.fx.GraphModule, inputs: int) -> RegionProgram:
+    """The whole graph as one region over the same input slots."""
+    from diffopt.runtime.lowering import LoweredRegion
+
+    whole = LoweredRegion(Region("model", "block"), gm, list(range(inputs)), [])
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    leaves = torch.fx.node.map_aggregate(output, lambda v: v)
+    count = len(torch.utils._pytree.tree_leaves(leaves))
+    whole.outputs = list(range(inputs, inputs + count))
+    slots = iter(whole.outputs)
+    structure = torch.utils._pytree.tree_map(lambda _: Slot(next(slots)), leaves)
+    flat_module = _FlatOutputs(gm)
+    whole.module = flat_module
+    return RegionProgram(inputs, inputs + count, [whole], structure, [[]])
+
+
+class _FlatOutputs(nn.Module):
+    """A graph module whose outputs are flattened to a tuple, as a region's are."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: Any) -> tuple[Any, ...]:
+        return tuple(torch.utils._pytree.tree_leaves(self.gm(*args)))
+
+
+def _export_region(lowered: Any, examples: list[Any], baked: set[int], path: Path) -> None:
+    activations = tuple(v for i, v in enumerate(examples) if i not in baked)
+    bad = [type(v).__name__ for v in activations if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ExportError(
+            f"region {lowered.region.name!r} takes non-tensor inputs {bad}; export with static "
+            "shapes (no dynamic=True) so sizes are constants"
+        )
+    module = _Baked(lowered.module, examples, baked).eval()
+    size = sum(b.numel() * b.element_size() for b in module.buffers())
+    try:
+        program = torch.onnx.export(
+            module, activations, input_names=[f"slot_{s}" for s in _kept(lowered.inputs, baked)],
+            output_names=[f"slot_{s}" for s in lowered.outputs], opset_version=OPSET,
+            dynamo=True, external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
+        )  # fmt: skip
+    except Exception as e:  # the exporter's own errors name the op; add where it sits
+        raise ExportError(f"region {lowered.region.name!r} could not be exported: {e}") from e
+    program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
+
+
+def _kept(slots: Sequence[int], baked: set[int]) -> list[int]:
+    return [s for i, s in enumerate(slots) if i not in baked]
+
+
+def _describe_input(slot: int, source: str, value: Any) -> dict[str, Any]:
+    path = [a or b for a, b in re.findall(r"\['([^']*)'\]|\[(\d+)\]", source)]
+    tensor = value if isinstance(value, torch.Tensor) else None
+    return {
+        "slot": slot, "path": path,
+        "shape": None if tensor is None else list(tensor.shape),
+        "dtype": None if tensor is None else str(tensor.dtype).removeprefix("torch."),
+    }  # fmt: skip
+
+
+def _encode(structure: Any) -> Any:
+    """The output structure as JSON: a slot is {"slot": i}, tuples and lists are lists."""
+    if isinstance(structure, Slot):
+        return {"slot": structure.index}
+    if isinstance(structure, list | tuple):
+        return [_encode(v) for v in structure]
+    if isinstance(structure, dict):
+        return {"dict": {k: _encode(v) for k, v in structure.items()}}
+    return {"constant": structure}
+
+
+def _decode(structure: Any) -> Any:
+    if isinstance(structure, list):
+        return tuple(_decode(v) for v in structure)
+    if "slot" in structure:
+        return Slot(structure["slot"])
+    if "dict" in structure:
+        return {k: _decode(v) for k, v in structure["dict"].items()}
+    return structure["constant"]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _version() -> str:
+    import diffopt
+
+    return diffopt.__version__
+
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class _SessionRegion:
+    """A region run by an onnxruntime session; quacks like `LoweredRegion` for the executors."""
+
+    def __init__(self, region: Region, session: Any, inputs: list[int], outputs: list[int]) -> None:
+        self.region, self.session = region, session
+        self.inputs, self.outputs = inputs, outputs
+        self.names = [i.name for i in session.get_inputs()]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        feeds = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(self.names, args,
+                                                                          strict=True)}  # fmt: skip
+        return [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+
+
+class Engine:
+    """A loaded engine: call it like the denoiser (same keyword inputs), get its outputs."""
+
+    def __init__(self, manifest: dict[str, Any], executor: RegionExecutor) -> None:
+        self.manifest, self.executor = manifest, executor
+
+    def __call__(self, **inputs: Any) -> Any:
+        flat: list[Any] = [None] * self.manifest["num_inputs"]
+        for spec in self.manifest["inputs"]:
+            value: Any = inputs
+            for key in spec["path"]:
+                value = value[int(key)] if isinstance(value, list | tuple) else value[key]
+            flat[spec["slot"]] = value
+        return self.executor(*flat)
+
+
+def load(path: str | Path, provider: str = "cpu") -> Engine:
+    """An engine directory written by `export`, ready to call like the denoiser.
+
+    `provider`: "cpu", "cuda" or "tensorrt" (onnxruntime's execution providers). Refuses a
+    manifest from a newer diffopt format and any file whose hash does not match.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(
+            f"{path} is not a diffopt engine (manifest format {manifest.get('format')!r})"
+        )
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ConfigError(
+            f"{path} was written by diffopt {manifest['diffopt']} (engine format "
+            f"{manifest['format_version']}); this diffopt reads format {FORMAT_VERSION}: upgrade"
+        )
+    for name, digest in manifest["hashes"].items():
+        if not (path / name).exists() or _sha256(path / name) != digest:
+            raise ConfigError(f"{path / name} does not match its hash in manifest.json: the "
+                              "engine was modified or is incomplete; export it again")  # fmt: skip
+    if provider not in PROVIDERS:
+        raise ConfigError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise ConfigError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available})")
+    regions = [
+        _SessionRegion(Region(r["name"], r["kind"], r["group"]),
+                       ort.InferenceSession(str(path / r["file"]), providers=[PROVIDERS[provider]]),
+                       r["inputs"], r["outputs"])
+        for r in manifest["regions"]
+    ]  # fmt: skip
+    program = RegionProgram(
+        manifest["num_inputs"], manifest["num_slots"], regions, _decode(manifest["output"]),
+        manifest["release"],
+    )  # fmt: skip
+    config = Config.from_dict(manifest["config"])
+    guards = [Guard(g["kind"], tuple(g["regions"]), g["why"]) for g in manifest["guards"]]
+    executor = build_executor(program, config, guards, timestep_slot=manifest["timestep_slot"],
+                              param_slots=set())  # fmt: skip
+    return Engine(manifest, executor)
