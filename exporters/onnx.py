@@ -200,6 +200,8 @@ def _kept(slots: Sequence[int], baked: set[int]) -> list[int]:
 
 def _describe_input(slot: int, source: str, value: Any) -> dict[str, Any]:
     path = [a or b for a, b in re.findall(r"\['([^']*)'\]|\[(\d+)\]", source)]
+    if path[:1] == ["kwargs"]:  # a forward wrapped by a decorator taking **kwargs (Flux)
+        path = path[1:]
     tensor = value if isinstance(value, torch.Tensor) else None
     return {
         "slot": slot, "path": path,
