@@ -6,6 +6,8 @@ Three ways in:
 - `diffopt.calibrate(model, run, steps=...)` to fit cache-guard settings on calibration inputs;
 - `diffopt.unroll(denoiser, scheduler, steps)` for a few-step schedule as one module (one graph),
   fractional "1.x" schedules included (`diffopt.fit_compensation`);
+- `diffopt.export(model, example_inputs, config, out=DIR)` for an ONNX engine (one file per
+  region and a manifest) and `diffopt.load(DIR)` to run it with onnxruntime;
 - the ``diffopt`` command line (``diffopt demo``, ``diffopt bench``, ``diffopt inspect tiny-dit``).
 
 Reference models live in `diffopt.zoo` (``zoo.load("ref-dit")``), quality and cost metrics in
@@ -19,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import bench, metrics, zoo
 from .backend import diffopt_backend
 from .config import CacheConfig, CleanupConfig, Config, ConfigError, QuantConfig
+from .exporters import export, load
 from .inspection import InspectReport, inspect
 from .runtime import (
     Calibration,
@@ -49,9 +52,11 @@ __all__ = [
     "bench",
     "calibrate",
     "diffopt_backend",
+    "export",
     "fit_compensation",
     "full",
     "inspect",
+    "load",
     "metrics",
     "partial",
     "request",

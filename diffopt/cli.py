@@ -27,6 +27,17 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from diffopt import zoo
+    from diffopt.exporters import export
+
+    config = Config.load(args.config) if args.config else Config()
+    model, inputs = zoo.resolve(args.model)
+    out = export(model, inputs, config, format=args.format, out=args.out)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
 def _bench(args: argparse.Namespace, *, demo: bool = False) -> int:
     from pathlib import Path
 
@@ -91,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="a pass that cannot apply is an error")
     p.add_argument("--html", help="also write the report as one HTML page here")
     p.set_defaults(run=_inspect)
+
+    p = verbs.add_parser("export", help="write an engine: ONNX files per region and a manifest")
+    p.add_argument("model", help="as for inspect")
+    p.add_argument("--config", help="a Config as JSON (cache settings, quant, ...)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    p.add_argument("--out", required=True, help="engine folder to write")
+    p.set_defaults(run=_export)
 
     p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")
     _add_bench_arguments(p, images=300, repeats=3, out="bench-out")

@@ -1,5 +1,9 @@
 """Exporters: regions to ONNX (run by onnxruntime) or TensorRT, plus the engine manifest.
 
-Empty until the export issue lands; onnx and tensorrt are imported lazily, never by
+onnx, onnxruntime and tensorrt are imported when an engine is written or loaded, never by
 `import diffopt`.
 """
+
+from .onnx import Engine, ExportError, export, load
+
+__all__ = ["Engine", "ExportError", "export", "load"]

@@ -42,7 +42,7 @@ EXTERNAL_DATA_BYTES = 100 * 2**20
 """Regions whose constants pass this size keep their weights in a side file."""
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """The graph holds something the exporter cannot express; the message names it."""
 
 
@@ -88,6 +88,10 @@ def export(
     engines from the ONNX files (the ``diffopt[tensorrt]`` extra)."""
     if format not in ("onnx", "tensorrt"):
         raise ConfigError(f"format must be 'onnx' or 'tensorrt', not {format!r}")
+    if format == "tensorrt":
+        from .tensorrt import import_tensorrt
+
+        import_tensorrt()  # fail before the export work, with the install hint
     config = dataclasses.replace(Config.coerce(config), inner="eager")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +141,7 @@ def export(
         "guards": [dataclasses.asdict(g) for g in graph.guards],
         "timestep_slot": timestep_slot,
     }
-    manifest["hashes"] = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.suffix != ".json"}
+    manifest["hashes"] = {f.name: sha256(f) for f in sorted(out.iterdir()) if f.suffix != ".json"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if format == "tensorrt":
         from .tensorrt import build_engines
@@ -231,7 +235,8 @@ def _decode(structure: Any) -> Any:
     return structure["constant"]
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file, as the manifest records it."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -298,7 +303,7 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
             f"{manifest['format_version']}); this diffopt reads format {FORMAT_VERSION}: upgrade"
         )
     for name, digest in manifest["hashes"].items():
-        if not (path / name).exists() or _sha256(path / name) != digest:
+        if not (path / name).exists() or sha256(path / name) != digest:
             raise ConfigError(f"{path / name} does not match its hash in manifest.json: the "
                               "engine was modified or is incomplete; export it again")  # fmt: skip
     if provider not in PROVIDERS:

@@ -100,3 +100,26 @@ def test_pixart_loads_only_with_the_noop_cleanup(tmp_path):
     out = export(model, inputs, {"inner": "eager", "cleanup": None}, out=tmp_path)
     with pytest.raises(Exception, match="Squeeze"):  # onnxruntime's own error
         load(out)
+
+
+def test_tensorrt_engines_or_the_install_hint(cached_engine, tmp_path):
+    reference, *_ = cached_engine
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'diffopt\[tensorrt\]'"):
+            export(reference.model, reference.make_inputs(), format="tensorrt", out=tmp_path)
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("tensorrt imports but there is no GPU to build on")
+    out = export(reference.model, reference.make_inputs(), format="tensorrt", out=tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all((out / r["tensorrt"]).stat().st_size > 0 for r in manifest["regions"])
+
+
+def test_cli_export_writes_an_engine(tmp_path, capsys):
+    from diffopt.cli import main
+
+    assert main(["export", "tiny-dit", "--out", str(tmp_path / "engine")]) == 0
+    assert "model.onnx" in capsys.readouterr().out
+    assert main(["export", "no-such-model", "--out", str(tmp_path / "x")]) == 2
