@@ -186,16 +186,32 @@ def _export_region(lowered: Any, examples: list[Any], baked: set[int], path: Pat
             "shapes (no dynamic=True) so sizes are constants"
         )
     module = _Baked(lowered.module, examples, baked).eval()
+    quantized = any(
+        n.target is torch.ops.diffopt.w4a4_linear.default
+        for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
+        for n in gm.graph.nodes
+    )  # fmt: skip
     size = sum(b.numel() * b.element_size() for b in module.buffers())
     try:
         program = torch.onnx.export(
             module, activations, input_names=[f"slot_{s}" for s in _kept(lowered.inputs, baked)],
             output_names=[f"slot_{s}" for s in lowered.outputs], opset_version=OPSET,
             dynamo=True, external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
+            custom_translation_table=_translations(),
+            optimize=not quantized,  # the optimizer would fold the int4 unpack into int8 weights
         )  # fmt: skip
     except Exception as e:  # the exporter's own errors name the op; add where it sits
         raise ExportError(f"region {lowered.region.name!r} could not be exported: {e}") from e
     program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
+
+
+def _translations() -> dict[Any, Any]:
+    """diffopt's own ops, written in ONNX ops."""
+    import diffopt.kernels.ops  # noqa: F401  (registers torch.ops.diffopt)
+
+    from .w4a4_onnx import w4a4_linear
+
+    return {torch.ops.diffopt.w4a4_linear.default: w4a4_linear}
 
 
 def _kept(slots: Sequence[int], baked: set[int]) -> list[int]:

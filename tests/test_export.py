@@ -9,7 +9,7 @@ import torch
 
 import diffopt
 from diffopt import zoo
-from diffopt.config import CacheConfig, ConfigError
+from diffopt.config import CacheConfig, ConfigError, QuantConfig
 from tests.conftest import first_output
 
 pytest.importorskip("onnxruntime")
@@ -89,10 +89,39 @@ def test_a_tampered_or_newer_engine_is_refused(cached_engine, tmp_path):
         load(out, provider="metal")
 
 
+@torch.library.custom_op("diffopt_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
+    class Odd(torch.nn.Module):
+        def forward(self, hidden_states):
+            return mystery(hidden_states) + 1
+
+    with pytest.raises(ExportError, match=r"(?s)region 'model'.*diffopt_test.mystery"):
+        export(Odd(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["w4a4", "w8a8"])
+def test_quantized_layers_export_with_packed_weights_and_integer_matmuls(preset, tmp_path):
+    import onnx
+
     model, inputs = zoo.build("tiny-dit")
-    with pytest.raises(ExportError, match=r"(?s)region 'model'.*w4a4_linear"):
-        export(model, inputs, {"quant": {"min_sqnr": 0}}, out=tmp_path)
+    options = {"inner": "eager", "quant": {**QuantConfig.preset(preset).__dict__, "min_sqnr": 0}}
+    with torch.no_grad():
+        expected = torch.compile(model, backend="diffopt", options=options)(**inputs)[0]
+    out = export(model, inputs, {"quant": options["quant"]}, out=tmp_path)
+    torch.testing.assert_close(load(out)(**inputs)[0], expected, atol=1e-5, rtol=1e-5)
+    graph = onnx.load(out / "model.onnx").graph
+    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 12  # 6 linears × 2 blocks
+    packed = onnx.TensorProto.UINT8 if preset == "w4a4" else onnx.TensorProto.INT8
+    assert sum(i.data_type == packed for i in graph.initializer) == 12
 
 
 def test_pixart_loads_only_with_the_noop_cleanup(tmp_path):
