@@ -119,6 +119,8 @@ def main() -> None:
             "accuracy": round(metrics.class_accuracy(samples[name], labels), 3),
             "PSNR vs teacher-50 dB": round(metrics.psnr(samples[name],
                                                         samples["teacher, 50-step loop"]), 1),
+            "PSNR vs 2-step dB": round(metrics.psnr(samples[name],
+                                                    samples["2-step student, unrolled"]), 1),
             "seconds": round(seconds, 3),
             "time / teacher-50": round(seconds / base, 4),
         })  # fmt: skip
