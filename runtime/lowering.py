@@ -176,6 +176,8 @@ def compile_region(
     backend = torch._dynamo.lookup_backend(inner)
     try:  # a copy: the backend may rewrite the module it is given
         return backend(copy.deepcopy(lowered.module), list(examples))
+    except torch._dynamo.exc.RestartAnalysis:
+        raise  # dynamo's own control flow (e.g. a float input turned symbolic): not an error
     except Exception as e:  # name the region; the backend's own error follows
         raise LoweringError(
             f"inner backend {inner!r} failed on region {lowered.region.name!r}: {e}"

@@ -87,3 +87,27 @@ def test_counting_flops_sees_compiled_regions_and_leaves_dynamo_compiling():
     with torch.no_grad():
         torch.compile(model, backend=lambda gm, ex: calls.append(gm) or gm)(**inputs)
     assert calls, "dynamo still compiles the model after counting"
+
+
+def test_dynamo_restarts_pass_through_region_compilation(monkeypatch):
+    """A float that turns symbolic makes inductor ask dynamo to restart its analysis; wrapping
+    that in a LoweringError broke the third unrolled sampler compiled from the same code."""
+    import pytest
+
+    from diffopt.runtime.lowering import LoweringError, compile_region
+
+    def restarting(gm, examples):
+        raise torch._dynamo.exc.TensorifyScalarRestartAnalysis
+
+    def failing(gm, examples):
+        raise RuntimeError("boom")
+
+    lowered = type("Lowered", (), {"module": torch.nn.Identity(), "region": None})()
+    for backend, error in (
+        (restarting, torch._dynamo.exc.RestartAnalysis),
+        (failing, LoweringError),
+    ):
+        monkeypatch.setattr(torch._dynamo, "lookup_backend", lambda name, b=backend: b)
+        lowered.region = type("Region", (), {"name": "epilogue"})()
+        with pytest.raises(error):
+            compile_region(lowered, [], "inductor")
