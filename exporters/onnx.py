@@ -106,7 +106,8 @@ def export(
         program = result.program
     recorder = _RecordingExecutor(program)
     with torch.no_grad():
-        recorder(*flat)
+        graph_outputs = recorder(*flat)
+        returned = _returned_structure(model, example_inputs, graph_outputs)
 
     regions = []
     for index, lowered in enumerate(program.regions):
@@ -138,6 +139,7 @@ def export(
         "regions": regions,
         "release": program.release,
         "output": _encode(program.output),
+        "returns": returned,
         "guards": [dataclasses.asdict(g) for g in graph.guards],
         "timestep_slot": timestep_slot,
     }
@@ -148,6 +150,23 @@ def export(
 
         build_engines(out)
     return out
+
+
+def _returned_structure(model: nn.Module, example_inputs: Any, graph_outputs: Any) -> str | None:
+    """How the model packs the graph's outputs (a pytree spec), when it is a plain container of
+    exactly those tensors; None keeps the graph's own tuple."""
+    from torch.utils import _pytree as pytree
+
+    args, kwargs = (
+        ((), example_inputs) if isinstance(example_inputs, dict) else (example_inputs, {})
+    )
+    leaves, spec = pytree.tree_flatten(model(*args, **kwargs))
+    if len(leaves) != len(graph_outputs) or not all(isinstance(v, torch.Tensor) for v in leaves):
+        return None
+    try:
+        return pytree.treespec_dumps(spec)
+    except (TypeError, NotImplementedError):  # an output class pytree cannot serialize
+        return None
 
 
 def _single_region(program: RegionProgram, gm: torch.fx.GraphModule, inputs: int) -> RegionProgram:
@@ -296,7 +315,12 @@ class Engine:
             for key in spec["path"]:
                 value = value[int(key)] if isinstance(value, list | tuple) else value[key]
             flat[spec["slot"]] = value
-        return self.executor(*flat)
+        outputs = self.executor(*flat)
+        if self.manifest.get("returns") is None:
+            return outputs
+        from torch.utils import _pytree as pytree
+
+        return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.manifest["returns"]))
 
 
 def load(path: str | Path, provider: str = "cpu") -> Engine:
