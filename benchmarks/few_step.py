@@ -108,7 +108,7 @@ def main() -> None:
 
     real, _ = _real_digits()
     base = statistics.median(times["teacher, 50-step loop"])
-    loop_1x = next((n for n in rows if n.endswith("step loop")), None)
+    loop_1x = next((n for n in rows if n.endswith("blocks, step loop")), None)
     table = []
     for name, (_, nfe) in rows.items():
         seconds = statistics.median(times[name])
@@ -130,7 +130,7 @@ def main() -> None:
     for fraction, fit in fits.items():
         print(f"\ncompensation fit for {fraction}:\n{fit.table()}")
     if loop_1x:
-        unrolled_1x = loop_1x.replace("step loop", "unrolled")
+        unrolled_1x = loop_1x.replace("blocks, step loop", "blocks, unrolled")
         ratio = statistics.median(times[loop_1x]) / statistics.median(times[unrolled_1x])
         print(f"\nunrolling the 1.x schedule: {ratio:.2f}x faster than its step loop; "
               f"{base / statistics.median(times[unrolled_1x]):.1f}x faster than the teacher's "
@@ -150,7 +150,7 @@ def plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in table:
         ax.scatter(row["effective NFE"], row["ref-FID"], s=40)
-        label = row["schedule"].replace("2-step student, ", "").replace(", unrolled", "")
+        label = row["schedule"].removesuffix(", unrolled").replace("1.x: 2-step student, ", "1.x: ")
         ax.annotate(label, (row["effective NFE"], row["ref-FID"]), fontsize=6,
                     xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
