@@ -312,8 +312,17 @@ class Engine:
         flat: list[Any] = [None] * self.manifest["num_inputs"]
         for spec in self.manifest["inputs"]:
             value: Any = inputs
-            for key in spec["path"]:
-                value = value[int(key)] if isinstance(value, list | tuple) else value[key]
+            try:
+                for key in spec["path"]:
+                    value = value[int(key)] if isinstance(value, list | tuple) else value[key]
+            except (KeyError, IndexError) as e:
+                raise TypeError(f"the engine needs input {'.'.join(spec['path'])}") from e
+            if isinstance(value, torch.Tensor) and list(value.shape) != spec["shape"]:
+                raise ValueError(
+                    f"input {'.'.join(spec['path'])} has shape {list(value.shape)}; this engine "
+                    f"was exported for {spec['shape']} (static shapes: export again with example "
+                    "inputs of the shape you serve)"
+                )
             flat[spec["slot"]] = value
         outputs = self.executor(*flat)
         if self.manifest.get("returns") is None:

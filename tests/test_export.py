@@ -87,6 +87,9 @@ def test_a_tampered_or_newer_engine_is_refused(cached_engine, tmp_path):
         load(copy)
     with pytest.raises(ConfigError, match="provider must be one of"):
         load(out, provider="metal")
+    engine, wrong = load(out), zoo.load("ref-dit").make_inputs(batch=3)
+    with pytest.raises(ValueError, match=r"shape \[3, 1, 16, 16\]; this engine was exported for"):
+        engine(**wrong)
 
 
 @torch.library.custom_op("diffopt_test::mystery", mutates_args=())

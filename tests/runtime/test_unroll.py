@@ -221,3 +221,18 @@ def test_a_fractional_sampler_exports_as_one_onnx_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
     engine = diffopt.load(out)
     torch.testing.assert_close(engine(latents=latents, cond=cond), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_guidance_distilled_model_gets_the_scale_as_an_input():
+    seen = []
+
+    class Distilled(Toy):
+        def forward(self, hidden_states, timestep, guidance, return_dict=False):
+            seen.append(guidance)
+            return super().forward(hidden_states, timestep)
+
+    sampler = diffopt.unroll(Distilled(), FlowMatchEulerDiscreteScheduler(), 2,
+                             guidance=3.5, guidance_input="guidance")  # fmt: skip
+    with torch.no_grad():
+        sampler(torch.randn(3, 5, 2), {}, uncond={})  # no batch of two: the scale is an input
+    assert [g.tolist() for g in seen] == [[3.5] * 3] * 2
