@@ -95,7 +95,8 @@ class Trend:
         self.slope: torch.Tensor | None = None
 
     def record_full(self, value: torch.Tensor, step: int) -> None:
-        if self.full is not None and step > self.full_step:
+        # sizes a region passes on under dynamic shapes are ints: held, never extrapolated
+        if isinstance(value, torch.Tensor) and self.full is not None and step > self.full_step:
             self.slope = (value - self.full) / (step - self.full_step)
         self.full = self.latest = value
         self.full_step = self.at_step = step
@@ -136,6 +137,8 @@ class Boundary:
 
     def laid_out(self, slot: int, value: torch.Tensor) -> torch.Tensor:
         """`value` with the strides the span's own output has at `slot`."""
+        if not isinstance(value, torch.Tensor):
+            return value
         stride = self.strides[slot]
         if value.stride() == stride:
             return value
@@ -241,8 +244,15 @@ class CachingExecutor(RegionExecutor):
         shapes = [_shape(inputs[s]) for s in boundary.entries]
         exits = [_shape(values[s]) for s in boundary.exits]
         bases = residual_bases(exits, shapes)
-        boundary.bases = [None if b is None else boundary.entries[b] for b in bases]
-        boundary.strides = {s: values[s].stride() for s in boundary.exits}
+        pairs = [(out, None if b is None else boundary.entries[b])
+                 for out, b in zip(boundary.exits, bases, strict=True)]  # fmt: skip
+        # residual streams first: exits[0] is the token stream (sizes may exit too, dynamic=True)
+        pairs.sort(key=lambda pair: pair[1] is None)
+        boundary.exits = [out for out, _ in pairs]
+        boundary.bases = [base for _, base in pairs]
+        boundary.strides = {
+            s: values[s].stride() for s in boundary.exits if isinstance(values[s], torch.Tensor)
+        }
 
     # ---- requests and branches -------------------------------------------------------------
 

@@ -177,3 +177,16 @@ def test_a_second_batch_size_recompiles_dynamic_and_keeps_caching():
         out = denoise(compiled, bigger, 12)
     assert req.actions[0].count("token") == 9
     assert out.shape[0] == 3 and out.isfinite().all()
+
+
+def test_fully_dynamic_shapes_pass_sizes_through_reused_spans():
+    """Under dynamic=True a block region also hands sizes (ints, floats) to later regions; the
+    cache holds them as they are instead of treating them as tensors."""
+    model, inputs = build()
+    settings = {"steps": 12, "polish": "block", "early": 0.05, "critical": 0.15}
+    compiled = torch.compile(model, backend="diffopt", dynamic=True,
+                             options={"inner": "eager", "cache": settings})  # fmt: skip
+    denoise(compiled, inputs, 12)  # the calibration request
+    with diffopt.request(steps=12) as req:
+        out = denoise(compiled, inputs, 12)
+    assert req.hit_rates()["reuse"] > 0 and out.isfinite().all()
