@@ -66,10 +66,12 @@ def capture(
     config: Config,
     *,
     keep_before: bool = False,
+    dynamic_batch: bool = False,
 ) -> Captured:
     """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes;
-    the regions stay uncompiled."""
+    the regions stay uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic."""
     import torch
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
     captured: list[Captured] = []
 
@@ -92,6 +94,10 @@ def capture(
         ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
     )
     torch._dynamo.reset()  # a fresh capture, not a cached graph from an earlier compile
+    if dynamic_batch:
+        for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor) and value.ndim:
+                torch._dynamo.mark_dynamic(value, 0)
     try:
         with torch.no_grad():
             torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
@@ -99,6 +105,11 @@ def capture(
         raise ValueError(
             f"diffopt captures denoisers that dynamo traces as one graph; "
             f"{type(model).__name__} has a graph break: {e}"
+        ) from e
+    except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
+        raise ValueError(
+            f"{type(model).__name__} does not allow a dynamic batch (its code fixes the batch "
+            f"size); export with static shapes (dynamic_batch=False): {e}"
         ) from e
     finally:
         torch._dynamo.reset()

@@ -31,7 +31,7 @@ from torch import nn
 
 from diffopt.backend import build_executor, capture, input_slots
 from diffopt.config import Config, ConfigError
-from diffopt.passes.graph import Guard, Region
+from diffopt.passes.graph import Guard, Region, example_value
 from diffopt.runtime.executor import RegionExecutor
 from diffopt.runtime.lowering import RegionProgram, Slot
 
@@ -59,20 +59,73 @@ class _RecordingExecutor(RegionExecutor):
 
 
 class _Baked(nn.Module):
-    """A region with its weight inputs turned into constants: activations in, outputs out."""
+    """A region as an engine sees it: its weight inputs become constants, and the sizes dynamo
+    passed it (dynamic shapes) are read off its tensor inputs; only tensors come in."""
 
-    def __init__(self, module: nn.Module, inputs: list[Any], weights: set[int]) -> None:
+    def __init__(self, module: nn.Module, inputs: list[Any], plan: _RegionInputs) -> None:
         super().__init__()
-        self.module = module
-        self.order = [("weight" if i in weights else "input") for i in range(len(inputs))]
-        for i in sorted(weights):
+        self.module, self.plan = module, plan
+        for i in sorted(plan.weights):
             self.register_buffer(f"w{i}", inputs[i].detach())
 
     def forward(self, *activations: torch.Tensor) -> Any:
-        given = iter(activations)
-        args = [getattr(self, f"w{i}") if kind == "weight" else next(given)
-                for i, kind in enumerate(self.order)]  # fmt: skip
+        by_position = dict(zip(self.plan.kept, activations, strict=True))
+        args = []
+        for i in range(self.plan.count):
+            if i in self.plan.weights:
+                args.append(getattr(self, f"w{i}"))
+            elif i in self.plan.sizes:
+                tensor, dim = self.plan.sizes[i]
+                args.append(by_position[tensor].shape[dim])
+            else:
+                args.append(by_position[i])
         return self.module(*args)
+
+
+@dataclasses.dataclass
+class _RegionInputs:
+    """Which of a region's inputs are weights, which are sizes of another input, which stay."""
+
+    count: int
+    weights: set[int]
+    sizes: dict[int, tuple[int, int]]
+    """Input position → (position of a tensor input, dimension) it is the size of."""
+    dynamic: dict[int, dict[int, Any]]
+    """Kept position → {dimension: Dim.DYNAMIC} for its symbolic dimensions."""
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self.weights and i not in self.sizes]
+
+
+def _plan_inputs(lowered: Any, weights: set[int]) -> _RegionInputs:
+    graph = (lowered.module if isinstance(lowered.module, torch.fx.GraphModule)
+             else lowered.module.gm).graph  # fmt: skip
+    fakes = [example_value(n) for n in graph.nodes if n.op == "placeholder"]
+    positions = {i for i, s in enumerate(lowered.inputs) if s in weights}
+    sizes, dynamic = {}, {}
+    for i, fake in enumerate(fakes):
+        if i in positions:
+            continue
+        if isinstance(fake, torch.Tensor):
+            symbolic = {d: torch.export.Dim.DYNAMIC for d, n in enumerate(fake.shape)
+                        if isinstance(n, torch.SymInt)}  # fmt: skip
+            if symbolic:
+                dynamic[i] = symbolic
+        elif isinstance(fake, torch.SymInt):
+            sizes[i] = next(
+                ((j, d) for j, other in enumerate(fakes) if j not in positions
+                 and isinstance(other, torch.Tensor)
+                 for d, n in enumerate(other.shape)
+                 if isinstance(n, torch.SymInt) and n.node.expr == fake.node.expr),
+                None,
+            )  # fmt: skip
+            if sizes[i] is None:
+                raise ExportError(
+                    f"region {lowered.region.name!r} takes the size {fake} that is no dimension "
+                    "of its tensor inputs; export with static shapes (dynamic_batch=False)"
+                )
+    return _RegionInputs(len(fakes), positions, sizes, dynamic)
 
 
 def export(
@@ -82,10 +135,12 @@ def export(
     *,
     out: str | Path,
     format: str = "onnx",
+    dynamic_batch: bool = False,
 ) -> Path:
     """Capture `model` on `example_inputs`, run diffopt's passes with `config`, and write an
     engine directory to `out` (see the module doc). ``format="tensorrt"`` also builds TensorRT
-    engines from the ONNX files (the ``diffopt[tensorrt]`` extra)."""
+    engines from the ONNX files (the ``diffopt[tensorrt]`` extra). `dynamic_batch` exports the
+    batch dimension as a dynamic axis (a clear error if the model fixes its batch size)."""
     if format not in ("onnx", "tensorrt"):
         raise ConfigError(f"format must be 'onnx' or 'tensorrt', not {format!r}")
     if format == "tensorrt":
@@ -95,7 +150,7 @@ def export(
     config = dataclasses.replace(Config.coerce(config), inner="eager")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    captured = capture(model, example_inputs, config)
+    captured = capture(model, example_inputs, config, dynamic_batch=dynamic_batch)
     result, flat = captured.result, captured.inputs
     graph = result.graph
     placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
@@ -113,10 +168,9 @@ def export(
     for index, lowered in enumerate(program.regions):
         slug = re.sub(r"[^A-Za-z0-9]+", "_", lowered.region.name)
         name = "model.onnx" if len(program.regions) == 1 else f"region_{index}_{slug}.onnx"
-        examples = recorder.examples[index]
-        baked = {i for i, s in enumerate(lowered.inputs) if s in weights}
-        inputs = [s for i, s in enumerate(lowered.inputs) if i not in baked]
-        _export_region(lowered, examples, baked, out / name)
+        plan = _plan_inputs(lowered, weights)
+        _export_region(lowered, recorder.examples[index], plan, out / name)
+        inputs = [lowered.inputs[i] for i in plan.kept]
         regions.append({
             "name": lowered.region.name, "kind": lowered.region.kind,
             "group": lowered.region.group, "file": name,
@@ -130,7 +184,7 @@ def export(
         "model": type(model).__name__,
         "config": config.to_dict(),
         "inputs": [
-            _describe_input(i, captured.sources[i], flat[i])
+            _describe_input(i, captured.sources[i], example_value(placeholders[i]))
             for i in range(len(placeholders))
             if i not in weights
         ],
@@ -196,27 +250,29 @@ class _FlatOutputs(nn.Module):
         return tuple(torch.utils._pytree.tree_leaves(self.gm(*args)))
 
 
-def _export_region(lowered: Any, examples: list[Any], baked: set[int], path: Path) -> None:
-    activations = tuple(v for i, v in enumerate(examples) if i not in baked)
+def _export_region(lowered: Any, examples: list[Any], plan: _RegionInputs, path: Path) -> None:
+    activations = tuple(examples[i] for i in plan.kept)
     bad = [type(v).__name__ for v in activations if not isinstance(v, torch.Tensor)]
     if bad:
         raise ExportError(
-            f"region {lowered.region.name!r} takes non-tensor inputs {bad}; export with static "
-            "shapes (no dynamic=True) so sizes are constants"
+            f"region {lowered.region.name!r} takes non-tensor inputs {bad}, which an engine "
+            "cannot feed; export with static shapes (dynamic_batch=False)"
         )
-    module = _Baked(lowered.module, examples, baked).eval()
+    module = _Baked(lowered.module, examples, plan).eval()
     quantized = any(
         n.target is torch.ops.diffopt.w4a4_linear.default
         for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
         for n in gm.graph.nodes
     )  # fmt: skip
     size = sum(b.numel() * b.element_size() for b in module.buffers())
+    # one spec for the *activations varargs: a tuple with one entry per activation
+    dynamic = (tuple(plan.dynamic.get(i) for i in plan.kept),) if plan.dynamic else None
     try:
         program = torch.onnx.export(
-            module, activations, input_names=[f"slot_{s}" for s in _kept(lowered.inputs, baked)],
+            module, activations, input_names=[f"slot_{lowered.inputs[i]}" for i in plan.kept],
             output_names=[f"slot_{s}" for s in lowered.outputs], opset_version=OPSET,
             dynamo=True, external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
-            custom_translation_table=_translations(),
+            custom_translation_table=_translations(), dynamic_shapes=dynamic,
             optimize=not quantized,  # the optimizer would fold the int4 unpack into int8 weights
         )  # fmt: skip
     except Exception as e:  # the exporter's own errors name the op; add where it sits
@@ -233,18 +289,20 @@ def _translations() -> dict[Any, Any]:
     return {torch.ops.diffopt.w4a4_linear.default: w4a4_linear}
 
 
-def _kept(slots: Sequence[int], baked: set[int]) -> list[int]:
-    return [s for i, s in enumerate(slots) if i not in baked]
-
-
-def _describe_input(slot: int, source: str, value: Any) -> dict[str, Any]:
+def _describe_input(slot: int, source: str, fake: Any) -> dict[str, Any]:
+    """Where an engine finds graph input `slot` among the call's inputs: a (nested) keyword, or
+    the size of one (``L['hidden_states'].size()[0]`` under dynamic shapes)."""
+    source, _, size = source.partition(".size()")
     path = [a or b for a, b in re.findall(r"\['([^']*)'\]|\[(\d+)\]", source)]
     if path[:1] == ["kwargs"]:  # a forward wrapped by a decorator taking **kwargs (Flux)
         path = path[1:]
-    tensor = value if isinstance(value, torch.Tensor) else None
+    if size:
+        return {"slot": slot, "path": path, "size": int(re.findall(r"\d+", size)[0])}
+    tensor = fake if isinstance(fake, torch.Tensor) else None
     return {
         "slot": slot, "path": path,
-        "shape": None if tensor is None else list(tensor.shape),
+        "shape": None if tensor is None else [
+            n if isinstance(n, int) else None for n in tensor.shape],  # None: a dynamic axis
         "dtype": None if tensor is None else str(tensor.dtype).removeprefix("torch."),
     }  # fmt: skip
 
@@ -317,11 +375,20 @@ class Engine:
                     value = value[int(key)] if isinstance(value, list | tuple) else value[key]
             except (KeyError, IndexError) as e:
                 raise TypeError(f"the engine needs input {'.'.join(spec['path'])}") from e
-            if isinstance(value, torch.Tensor) and list(value.shape) != spec["shape"]:
+            if "size" in spec:
+                flat[spec["slot"]] = value.shape[spec["size"]]
+                continue
+            expected = spec["shape"]
+            if isinstance(value, torch.Tensor) and (
+                value.ndim != len(expected)
+                or any(
+                    e is not None and e != n for e, n in zip(expected, value.shape, strict=False)
+                )
+            ):
                 raise ValueError(
                     f"input {'.'.join(spec['path'])} has shape {list(value.shape)}; this engine "
-                    f"was exported for {spec['shape']} (static shapes: export again with example "
-                    "inputs of the shape you serve)"
+                    f"was exported for {expected} (None: dynamic); export again with example "
+                    "inputs of the shape you serve, or with dynamic_batch=True"
                 )
             flat[spec["slot"]] = value
         outputs = self.executor(*flat)

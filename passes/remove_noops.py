@@ -52,9 +52,12 @@ def noop_squeeze(node: fx.Node) -> fx.Node | None:
     dim = _arg(node, 1, "dim", None)
     if not is_squeeze or not isinstance(dim, int):
         return None
-    source = _static_tensor(example_value(node.args[0]))
-    if source is not None and source.shape[dim] != 1:
-        return node.args[0]
+    # only the squeezed dimension must be known: a dynamic batch elsewhere does not matter
+    source = example_value(node.args[0])
+    if isinstance(source, torch.Tensor) and -source.ndim <= dim < source.ndim:
+        size = source.shape[dim]
+        if isinstance(size, int) and size != 1:
+            return node.args[0]
     return None
 
 

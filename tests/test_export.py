@@ -16,13 +16,24 @@ pytest.importorskip("onnxruntime")
 from diffopt.exporters.onnx import ExportError, export, load
 
 
-def test_every_family_exports_to_one_file_that_matches_torch(tiny, tmp_path):
-    _, model, inputs = tiny  # PixArt loads only because remove_noops drops its no-op squeeze
-    engine = load(export(model, inputs, {"inner": "eager"}, out=tmp_path))
+def test_every_family_exports_to_one_file_with_a_dynamic_batch(tiny, tmp_path):
+    name, model, inputs = tiny  # PixArt loads only because remove_noops drops its no-op squeeze
+    engine = load(export(model, inputs, {"inner": "eager"}, out=tmp_path, dynamic_batch=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx"]
-    with torch.no_grad():
-        expected = first_output(model(**inputs))
-    torch.testing.assert_close(first_output(engine(**inputs)), expected, atol=1e-4, rtol=1e-4)
+    for batch in (2, 3):  # exported at 2
+        _, call = zoo.build(name, batch=batch)
+        with torch.no_grad():
+            expected = first_output(model(**call))
+        torch.testing.assert_close(first_output(engine(**call)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_that_fixes_its_batch_says_so(tmp_path):
+    class Fixed(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states.reshape(2, -1) * 2  # the batch size is baked in
+
+    with pytest.raises(ValueError, match="does not allow a dynamic batch"):
+        export(Fixed(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path, dynamic_batch=True)
 
 
 LABELS = torch.arange(4) % 10
