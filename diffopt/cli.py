@@ -33,7 +33,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = Config.load(args.config) if args.config else Config()
     model, inputs = zoo.resolve(args.model)
-    out = export(model, inputs, config, format=args.format, out=args.out)
+    out = export(model, inputs, config, format=args.format, out=args.out,
+                 dynamic_batch=args.dynamic_batch)  # fmt: skip
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="a Config as JSON (cache settings, quant, ...)")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
     p.add_argument("--out", required=True, help="engine folder to write")
+    p.add_argument("--dynamic-batch", action="store_true", help="the batch as a dynamic axis")
     p.set_defaults(run=_export)
 
     p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")

@@ -188,6 +188,15 @@ def export(
             for i in range(len(placeholders))
             if i not in weights
         ],
+        "dynamic_batch": dynamic_batch,
+        "batch": next(
+            (
+                v.shape[0]
+                for i, v in enumerate(flat)
+                if isinstance(v, torch.Tensor) and v.ndim and i not in weights
+            ),
+            None,
+        ),
         "num_inputs": len(placeholders),
         "num_slots": program.num_slots,
         "regions": regions,

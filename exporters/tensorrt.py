@@ -60,7 +60,7 @@ def build_engines(
             tensor = network.get_input(i)
             shape = list(tensor.shape)
             if shape and shape[0] == -1:  # a dynamic batch axis
-                exported = manifest.get("batch", 1)
+                exported = manifest["batch"]
                 low, high = [1, *shape[1:]], [max(max_batch, exported), *shape[1:]]
                 profile.set_shape(tensor.name, low, [exported, *shape[1:]], high)
             else:

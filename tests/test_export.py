@@ -163,6 +163,6 @@ def test_tensorrt_engines_or_the_install_hint(cached_engine, tmp_path):
 def test_cli_export_writes_an_engine(tmp_path, capsys):
     from diffopt.cli import main
 
-    assert main(["export", "tiny-dit", "--out", str(tmp_path / "engine")]) == 0
+    assert main(["export", "tiny-dit", "--out", str(tmp_path / "engine"), "--dynamic-batch"]) == 0
     assert "model.onnx" in capsys.readouterr().out
     assert main(["export", "no-such-model", "--out", str(tmp_path / "x")]) == 2
