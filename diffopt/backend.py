@@ -71,6 +71,7 @@ def capture(
     """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes;
     the regions stay uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic."""
     import torch
+    from torch._dynamo.eval_frame import reset_code
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
     captured: list[Captured] = []
@@ -93,14 +94,15 @@ def capture(
     args, kwargs = (
         ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
     )
-    torch._dynamo.reset()  # a fresh capture, not a cached graph from an earlier compile
     if dynamic_batch:
-        for value in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(value, torch.Tensor) and value.ndim:
-                torch._dynamo.mark_dynamic(value, 0)
+        _mark_batch_dynamic(args, kwargs)
+
+    def call(*args: Any, **kwargs: Any) -> Any:  # a frame of our own: its cache is ours alone
+        return model(*args, **kwargs)
+
     try:
         with torch.no_grad():
-            torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+            torch.compile(call, backend=backend, fullgraph=True)(*args, **kwargs)
     except torch._dynamo.exc.Unsupported as e:
         raise ValueError(
             f"diffopt captures denoisers that dynamo traces as one graph; "
@@ -112,8 +114,28 @@ def capture(
             f"size); export with static shapes (dynamic_batch=False): {e}"
         ) from e
     finally:
-        torch._dynamo.reset()
+        # drop only this capture's compiled frame: a global dynamo reset would also throw away
+        # the user's compiled models (and with them their calibrated cache state)
+        reset_code(call.__code__)
+    if not captured:
+        raise RuntimeError("dynamo ran the model without compiling it (recompile limit reached?)")
     return captured[0]
+
+
+def _mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Mark the batch dimension dynamic: dim 0 of every tensor input whose dim 0 is the batch,
+    the leading size of the first tensor input (the latents). Other tensors (Flux's position ids,
+    a sampler's per-step noise) keep their sizes."""
+    import torch
+
+    tensors = [v for v in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(v, torch.Tensor) and v.ndim]  # fmt: skip
+    if not tensors:
+        return
+    batch = tensors[0].shape[0]
+    for value in tensors:
+        if value.shape[0] == batch:
+            torch._dynamo.mark_dynamic(value, 0)
 
 
 def diffopt_backend(

@@ -190,3 +190,14 @@ def test_fully_dynamic_shapes_pass_sizes_through_reused_spans():
     with diffopt.request(steps=12) as req:
         out = denoise(compiled, inputs, 12)
     assert req.hit_rates()["reuse"] > 0 and out.isfinite().all()
+
+
+def test_inspecting_or_exporting_leaves_compiled_models_alone():
+    """capture() used to reset dynamo globally: a calibrated cached model then recompiled and
+    silently calibrated again on its next request."""
+    model, inputs = build()
+    compiled = calibrated(model, inputs, early=0.05, critical=0.15, polish="none")
+    diffopt.inspect(model, inputs)  # captures the same model class on its own
+    with diffopt.request(steps=12) as req:
+        denoise(compiled, inputs, 12)
+    assert req.hit_rates()["reuse"] > 0
