@@ -70,6 +70,9 @@ def capture(
 ) -> Captured:
     """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes;
     the regions stay uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic."""
+    import inspect
+    import re
+
     import torch
     from torch._dynamo.eval_frame import reset_code
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
@@ -78,7 +81,7 @@ def capture(
 
     def backend(gm: fx.GraphModule, inputs: list[Any]) -> Any:
         sources = [
-            n.meta["grapharg"].source.name if "grapharg" in n.meta else n.name
+            _user_source(n.meta["grapharg"].source.name if "grapharg" in n.meta else n.name)
             for n in gm.graph.nodes
             if n.op == "placeholder"
         ]
@@ -94,6 +97,16 @@ def capture(
     args, kwargs = (
         ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
     )
+    names = list(inspect.signature(model.forward).parameters)
+
+    def _user_source(source: str) -> str:
+        """A graph input's source as the model's own keyword: our frame's ``L['args'][0]`` is
+        the model's first parameter, ``L['kwargs']['x']`` its keyword ``x``."""
+        positional = re.match(r"L\['args'\]\[(\d+)\]", source)
+        if positional and int(positional.group(1)) < len(names):
+            return f"L['{names[int(positional.group(1))]}']" + source[positional.end() :]
+        return re.sub(r"^L\['kwargs'\]", "L", source)
+
     if dynamic_batch:
         _mark_batch_dynamic(args, kwargs)
 

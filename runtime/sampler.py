@@ -8,6 +8,8 @@ noise comes from its own seed, so any subset of a batch reproduces exactly.
 from __future__ import annotations
 
 import copy
+import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,7 +63,12 @@ def sample(
 
 def set_schedule(scheduler: Any, steps: int | Sequence[float]) -> None:
     """`scheduler.set_timesteps` from a step count or from explicit sigmas."""
-    if isinstance(steps, int):
-        scheduler.set_timesteps(steps)
+    if isinstance(steps, numbers.Integral):
+        scheduler.set_timesteps(int(steps))
+    elif "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(sigmas=[float(v) for v in steps])
     else:
-        scheduler.set_timesteps(sigmas=list(steps))
+        raise ValueError(
+            f"{type(scheduler).__name__} takes a step count, not explicit sigmas; use a scheduler "
+            "that accepts sigmas (FlowMatchEulerDiscrete, EulerDiscrete) or pass a step count"
+        )

@@ -20,6 +20,8 @@ residual is a plain dataflow edge from one step to the next: no cache, no runtim
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -253,6 +255,7 @@ class UnrolledSampler(nn.Module):
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
+        self.latents_input = _latents_keyword(denoiser)
         self.coefficients, self.schedule = coefficients, schedule
         self.guidance, self.guidance_input = guidance, guidance_input
         self.blocks = blocks
@@ -375,7 +378,8 @@ class UnrolledSampler(nn.Module):
         return self._taps["end"].value - self._taps[start].value
 
     def _call(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> Any:
-        return denoiser(hidden_states=x, timestep=t, **inputs, return_dict=False)[0]
+        latents = {self.latents_input: x}
+        return denoiser(**latents, timestep=t, **inputs, return_dict=False)[0]
 
     def as_step_loop(self, compile: Callable[[nn.Module], Callable[..., Any]]) -> UnrolledSampler:
         """A copy that runs the same schedule as a loop of separately compiled denoiser calls
@@ -394,6 +398,19 @@ class UnrolledSampler(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule=[{self.describe()}], guidance={self.guidance}"
+
+
+def _latents_keyword(denoiser: nn.Module) -> str:
+    """The keyword a denoiser takes its latents by: ``hidden_states`` (transformers) or
+    ``sample`` (UNets)."""
+    parameters = inspect.signature(denoiser.forward).parameters
+    found = next((k for k in ("hidden_states", "sample") if k in parameters), None)
+    if found is None:
+        raise ConfigError(
+            f"{type(denoiser).__name__}.forward takes neither hidden_states nor sample; unroll "
+            "calls denoiser(hidden_states=..., timestep=..., **cond, return_dict=False)"
+        )
+    return found
 
 
 def _hidden_width(stack: nn.ModuleList) -> int:
@@ -415,6 +432,7 @@ def unroll(
     blocks: str | None = None,
     compensation: str = "affine",
     rank: int = 8,
+    timestep_scale: float = 1.0,
 ) -> UnrolledSampler:
     """The whole sampling schedule of `denoiser` under `scheduler` as one module.
 
@@ -428,22 +446,30 @@ def unroll(
         blocks: the attribute holding the block stack (default: the denoiser's only ModuleList).
         compensation: "affine" (per channel) or "lowrank" (affine plus a rank-`rank` map) on the
             reused residual of each partial step; identity until `diffopt.fit_compensation`.
+        timestep_scale: multiplies the scheduler's timesteps before the denoiser sees them, for
+            models that take another scale (diffusers' Flux transformer takes t / 1000: 1e-3).
     """
     explicit = isinstance(steps, Sequence) and not isinstance(steps, str)
-    needs_blocks = explicit or not float(steps).is_integer()
+    if explicit:
+        needs_blocks = any(isinstance(s, Partial) for s in steps)
+    else:
+        needs_blocks = not float(steps).is_integer()
     stack = find_block_stack(denoiser, blocks) if needs_blocks else None
     schedule = parse_schedule(steps, len(getattr(denoiser, stack)) if stack else None)
-    if not any(isinstance(s, Partial) for s in schedule):
-        stack = None
-    if sigmas is not None and len(sigmas) != len(schedule):
-        raise ConfigError(f"{len(sigmas)} sigmas for a {len(schedule)}-step schedule")
-    coefficients = scheduler_steps(scheduler, list(sigmas) if sigmas else len(schedule))
+    if sigmas is not None:
+        sigmas = [float(v) for v in sigmas]
+        if len(sigmas) != len(schedule):
+            raise ConfigError(f"{len(sigmas)} sigmas for a {len(schedule)}-step schedule")
+    coefficients = scheduler_steps(scheduler, sigmas if sigmas is not None else len(schedule))
     if len(coefficients) != len(schedule):
         raise ConfigError(
             f"{type(scheduler).__name__} made {len(coefficients)} steps for a {len(schedule)}-step "
             "schedule; pass sigmas= explicitly"
         )
+    if timestep_scale != 1.0:
+        coefficients = [dataclasses.replace(c, timestep=c.timestep * timestep_scale)
+                        for c in coefficients]  # fmt: skip
     return UnrolledSampler(
         denoiser, coefficients, schedule, guidance=guidance, guidance_input=guidance_input,
-        blocks=stack, compensation=compensation, rank=rank,
+        blocks=stack if needs_blocks else None, compensation=compensation, rank=rank,
     )  # fmt: skip

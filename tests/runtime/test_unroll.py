@@ -239,3 +239,30 @@ def test_a_guidance_distilled_model_gets_the_scale_as_an_input():
     with torch.no_grad():
         sampler(torch.randn(3, 5, 2), {}, uncond={})  # no batch of two: the scale is an input
     assert [g.tolist() for g in seen] == [[3.5] * 3] * 2
+
+
+def test_flux_timesteps_unets_and_schedule_inputs():
+    flux, inputs = zoo.build("tiny-flux")
+    cond = {
+        k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep", "return_dict")
+    }
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    sampler = diffopt.unroll(flux, scheduler, [diffopt.full, diffopt.full], sigmas=[1.0, 0.5],
+                             timestep_scale=1e-3)  # fmt: skip
+    x = inputs["hidden_states"]
+    with torch.no_grad():
+        expected = x
+        for sigma, nxt in ((1.0, 0.5), (0.5, 0.0)):  # diffusers' Flux takes t / 1000 = sigma
+            t = torch.full((2,), sigma)
+            v = flux(hidden_states=expected, timestep=t, **cond, return_dict=False)[0]
+            expected = expected + (nxt - sigma) * v
+        got = sampler(x, cond)
+    torch.testing.assert_close(got, expected)
+    assert [c.timestep for c in sampler.coefficients] == [1.0, 0.5]
+
+    unet, inputs = zoo.build("tiny-unet")  # latents go in as `sample`
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
+    with torch.no_grad():
+        assert diffopt.unroll(unet, scheduler, 2)(inputs["sample"], cond).isfinite().all()
+    with pytest.raises(ValueError, match="takes a step count, not explicit sigmas"):
+        diffopt.unroll(unet, DDIMScheduler(clip_sample=False), 2, sigmas=[1.0, 0.5])
