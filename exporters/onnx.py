@@ -364,9 +364,12 @@ class _SessionRegion:
         self.names = [i.name for i in session.get_inputs()]
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        feeds = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(self.names, args,
-                                                                          strict=True)}  # fmt: skip
-        return [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        # numpy feeds: host memory, no bfloat16 (the engine refuses bf16 inputs by dtype); the
+        # outputs go back to the inputs' device
+        feeds = {n: a.detach().cpu().contiguous().numpy()
+                 for n, a in zip(self.names, args, strict=True)}  # fmt: skip
+        device = args[0].device if args else torch.device("cpu")
+        return [torch.from_numpy(o).to(device) for o in self.session.run(None, feeds)]
 
 
 class Engine:
@@ -388,16 +391,26 @@ class Engine:
                 flat[spec["slot"]] = value.shape[spec["size"]]
                 continue
             expected = spec["shape"]
+            name = ".".join(spec["path"])
+            if (
+                isinstance(value, torch.Tensor)
+                and str(value.dtype).removeprefix("torch.") != spec["dtype"]
+            ):
+                raise TypeError(
+                    f"input {name} is {value.dtype}; this engine was exported for "
+                    f"torch.{spec['dtype']} (cast it, or export with inputs of the dtype you serve)"
+                )
             if isinstance(value, torch.Tensor) and (
                 value.ndim != len(expected)
                 or any(
                     e is not None and e != n for e, n in zip(expected, value.shape, strict=False)
                 )
             ):
+                hint = "" if self.manifest.get("dynamic_batch") else ", or with dynamic_batch=True"
                 raise ValueError(
-                    f"input {'.'.join(spec['path'])} has shape {list(value.shape)}; this engine "
-                    f"was exported for {expected} (None: dynamic); export again with example "
-                    "inputs of the shape you serve, or with dynamic_batch=True"
+                    f"input {name} has shape {list(value.shape)}; this engine was exported for "
+                    f"{expected} (None: dynamic); export again with example inputs of the shape "
+                    f"you serve{hint}"
                 )
             flat[spec["slot"]] = value
         outputs = self.executor(*flat)

@@ -123,19 +123,28 @@ def save_compensation(sampler: UnrolledSampler, path: str | Path) -> Path:
 
 
 def load_compensation(sampler: UnrolledSampler, path: str | Path) -> None:
-    """Load compensation written by `save_compensation`; refuses one fit for another schedule."""
+    """Load compensation written by `save_compensation`; refuses one fit for another schedule,
+    model class, guidance scale or compensation form."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
         saved = f.metadata() or {}
-    if saved != _schedule_metadata(sampler):
-        raise ConfigError(
-            f"{path} was fit for schedule {saved.get('schedule')!r}, this sampler runs "
-            f"{_schedule_metadata(sampler)['schedule']!r}; fit it again with fit_compensation"
-        )
+    expected = _schedule_metadata(sampler)
+    different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if different:
+        what = "; ".join(f"{k}: fit for {a!r}, this sampler has {b!r}"
+                         for k, (a, b) in different.items())  # fmt: skip
+        raise ConfigError(f"{path} was fit for another sampler ({what}); fit it again")
     sampler.compensation.load_state_dict(load_file(str(path)))
 
 
 def _schedule_metadata(sampler: UnrolledSampler) -> dict[str, str]:
-    return {"schedule": sampler.describe()}
+    """What a fit depends on: the schedule, the model, the guidance and the map's form."""
+    first = next(iter(sampler.compensation.values()), None)
+    return {
+        "schedule": sampler.describe(),
+        "denoiser": type(sampler.denoiser).__name__,
+        "guidance": str(sampler.guidance),
+        "compensation": "" if first is None else f"{first.kind}, rank {first.down.shape[1]}",
+    }

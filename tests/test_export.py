@@ -128,7 +128,7 @@ def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
         export(Odd(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path)
 
 
-@pytest.mark.parametrize("preset", ["w4a4", "w8a8"])
+@pytest.mark.parametrize("preset", ["w4a4", "w4a8", "w8a8"])
 def test_quantized_layers_export_with_packed_weights_and_integer_matmuls(preset, tmp_path):
     import onnx
 
@@ -140,7 +140,7 @@ def test_quantized_layers_export_with_packed_weights_and_integer_matmuls(preset,
     torch.testing.assert_close(load(out)(**inputs)[0], expected, atol=1e-5, rtol=1e-5)
     graph = onnx.load(out / "model.onnx").graph
     assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 12  # 6 linears × 2 blocks
-    packed = onnx.TensorProto.UINT8 if preset == "w4a4" else onnx.TensorProto.INT8
+    packed = onnx.TensorProto.UINT8 if preset.startswith("w4") else onnx.TensorProto.INT8
     assert sum(i.data_type == packed for i in graph.initializer) == 12
 
 

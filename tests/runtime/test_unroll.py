@@ -175,8 +175,12 @@ def test_fit_compensation_on_ref_dit_reduces_the_residual_error(tmp_path):
         torch.testing.assert_close(again(latents, cond, uncond), sampler(latents, cond, uncond))
     other = diffopt.unroll(teacher.model, teacher.scheduler, "1.25", sigmas=[1.0, 0.5],
                            compensation="lowrank", rank=4)  # fmt: skip
-    with pytest.raises(ConfigError, match="was fit for schedule"):
+    with pytest.raises(ConfigError, match=r"fit for another sampler.*schedule: fit for"):
         load_compensation(other, path)
+    affine = diffopt.unroll(teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5],
+                            guidance=1.5)  # fmt: skip
+    with pytest.raises(ConfigError, match="compensation: fit for 'lowrank, rank 4'"):
+        load_compensation(affine, path)
 
 
 @pytest.mark.parametrize("kind", ["affine", "lowrank"])
