@@ -2,8 +2,8 @@
 
 Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxParser``,
 optimization profiles, ``build_serialized_network``). Each region's ONNX file gets a serialized
-engine (``<file>.plan``) with one optimization profile; with dynamic axes the profile spans
-``min_batch``…``max_batch`` around the exported shape. The plans and their hashes are added to the
+engine (``<file>.plan``) with one optimization profile; with a dynamic batch the profile spans
+1…``max_batch`` around the exported batch. The plans and their hashes are added to the
 manifest. `diffopt.load(DIR, provider="tensorrt")` runs the ONNX files through onnxruntime's
 TensorRT execution provider; the plans are for serving with TensorRT directly.
 """
@@ -34,8 +34,8 @@ def build_engines(
 ) -> list[Path]:
     """Build one serialized TensorRT engine per ONNX file listed in `folder`'s manifest.
 
-    `max_batch`: when the ONNX inputs have a dynamic batch axis, the profile's largest batch
-    (0: the exported batch only).
+    `max_batch`: for an engine exported with ``dynamic_batch=True``, the profile's largest batch
+    (0: four times the exported batch); the profile's optimum is the exported batch.
     """
     from .onnx import ExportError, sha256
 
@@ -59,10 +59,11 @@ def build_engines(
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
             shape = list(tensor.shape)
-            if shape and shape[0] == -1:  # a dynamic batch axis
+            if manifest["dynamic_batch"] and shape and shape[0] == -1:  # the batch axis
                 exported = manifest["batch"]
-                low, high = [1, *shape[1:]], [max(max_batch, exported), *shape[1:]]
-                profile.set_shape(tensor.name, low, [exported, *shape[1:]], high)
+                high = max_batch or 4 * exported
+                profile.set_shape(tensor.name, [1, *shape[1:]], [exported, *shape[1:]],
+                                  [high, *shape[1:]])  # fmt: skip
             else:
                 profile.set_shape(tensor.name, shape, shape, shape)
         config.add_optimization_profile(profile)
