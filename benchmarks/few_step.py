@@ -9,8 +9,8 @@ Rows, all on the same labels and seeds:
 - the same 1.x schedule as a step loop (each step's denoiser compiled on its own, scheduler
   arithmetic in Python): what unrolling itself buys.
 
-Effective NFE is computed FLOPs over one full step's FLOPs (the teacher's batch of two counts as
-one step, as in the 1.x-Distill paper's 28 × 2 comparison it counts 2). Quality: ref-FID and class
+Effective NFE is computed FLOPs over the FLOPs of one single-batch call; the teacher's guidance
+batch of two counts 2 per step (the 1.x-Distill paper's "28 × 2"). Quality: ref-FID and class
 accuracy from the digits classifier; wall time as ratios to the teacher's 50-step loop, median of
 interleaved runs in one process.
 
