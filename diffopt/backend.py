@@ -80,11 +80,18 @@ def capture(
     captured: list[Captured] = []
 
     def backend(gm: fx.GraphModule, inputs: list[Any]) -> Any:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         sources = [
             _user_source(n.meta["grapharg"].source.name if "grapharg" in n.meta else n.name)
-            for n in gm.graph.nodes
-            if n.op == "placeholder"
+            for n in placeholders
         ]
+        for node, source in zip(placeholders, sources, strict=True):
+            # name user inputs as dynamo names them when it compiles the model itself
+            # (l_timestep_), not after our frame's *args / **kwargs (l_args_1_)
+            keyword = re.fullmatch(r"L\['(\w+)'\]", source)
+            if keyword and node.name != f"l_{keyword.group(1)}_":
+                node._rename(f"l_{keyword.group(1)}_")
+        gm.recompile()
         result = optimize(gm, inputs, config, keep_before=keep_before, compile_regions=False)
         executor = RegionExecutor(result.program)
 
@@ -102,7 +109,7 @@ def capture(
     def _user_source(source: str) -> str:
         """A graph input's source as the model's own keyword: our frame's ``L['args'][0]`` is
         the model's first parameter, ``L['kwargs']['x']`` its keyword ``x``."""
-        positional = re.match(r"L\['args'\]\[(\d+)\]", source)
+        positional = re.match(r"L\['args'\]\[(\d+)\]", source)  # args of `call` after model
         if positional and int(positional.group(1)) < len(names):
             return f"L['{names[int(positional.group(1))]}']" + source[positional.end() :]
         return re.sub(r"^L\['kwargs'\]", "L", source)
@@ -110,12 +117,12 @@ def capture(
     if dynamic_batch:
         _mark_batch_dynamic(args, kwargs)
 
-    def call(*args: Any, **kwargs: Any) -> Any:  # a frame of our own: its cache is ours alone
+    def call(model: Any, *args: Any, **kwargs: Any) -> Any:  # our own frame and cache entry
         return model(*args, **kwargs)
 
     try:
         with torch.no_grad():
-            torch.compile(call, backend=backend, fullgraph=True)(*args, **kwargs)
+            torch.compile(call, backend=backend, fullgraph=True)(model, *args, **kwargs)
     except torch._dynamo.exc.Unsupported as e:
         raise ValueError(
             f"diffopt captures denoisers that dynamo traces as one graph; "

@@ -57,7 +57,8 @@ def module_path(source: str) -> str:
 
 def _module_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
-    return [module_path(entry[0]) for entry in stack.values()]
+    # the root module itself (on the stack when it was called from a frame around it) has no path
+    return [path for entry in stack.values() if (path := module_path(entry[0]))]
 
 
 def owning_module(node: fx.Node) -> str | None:
