@@ -236,15 +236,12 @@ def _single_region(program: RegionProgram, gm: torch.fx.GraphModule, inputs: int
     """The whole graph as one region over the same input slots."""
     from diffopt.runtime.lowering import LoweredRegion
 
-    whole = LoweredRegion(Region("model", "block"), gm, list(range(inputs)), [])
     output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    leaves = torch.fx.node.map_aggregate(output, lambda v: v)
-    count = len(torch.utils._pytree.tree_leaves(leaves))
-    whole.outputs = list(range(inputs, inputs + count))
-    slots = iter(whole.outputs)
-    structure = torch.utils._pytree.tree_map(lambda _: Slot(next(slots)), leaves)
-    flat_module = _FlatOutputs(gm)
-    whole.module = flat_module
+    count = len(torch.utils._pytree.tree_leaves(output))
+    outputs = list(range(inputs, inputs + count))
+    slots = iter(outputs)
+    structure = torch.utils._pytree.tree_map(lambda _: Slot(next(slots)), output)
+    whole = LoweredRegion(Region("model", "block"), _FlatOutputs(gm), list(range(inputs)), outputs)
     return RegionProgram(inputs, inputs + count, [whole], structure, [[]])
 
 

@@ -46,7 +46,7 @@ def sample(
     scheduler = copy.deepcopy(scheduler)
     set_schedule(scheduler, steps)
     guided = uncond is not None and guidance != 1.0
-    inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if guided else cond
+    inputs = guidance_batch(cond, uncond) if guided else cond
     x = noise
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -55,10 +55,22 @@ def sample(
             out = denoiser(hidden_states=batch, timestep=timestep, **inputs, return_dict=False)
             velocity = out[0][:, : x.shape[1]]  # learned-sigma DiTs append variance channels
             if guided:
-                v_cond, v_uncond = velocity.chunk(2)
-                velocity = v_uncond + guidance * (v_cond - v_uncond)
+                velocity = mix_guidance(velocity, guidance)
             x = scheduler.step(velocity, t, x, return_dict=False)[0]
     return x
+
+
+def guidance_batch(
+    cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Conditional and unconditional inputs as one batch of two, conditional first."""
+    return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+
+def mix_guidance(output: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance on a batch of two: uncond + guidance · (cond − uncond)."""
+    v_cond, v_uncond = output.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
 
 
 def set_schedule(scheduler: Any, steps: int | Sequence[float]) -> None:

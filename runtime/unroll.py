@@ -32,7 +32,7 @@ from torch import nn
 from diffopt.config import ConfigError
 
 from .compensation import Compensation
-from .sampler import set_schedule
+from .sampler import guidance_batch, mix_guidance, set_schedule
 
 
 @dataclass(frozen=True)
@@ -258,20 +258,19 @@ class UnrolledSampler(nn.Module):
         self.latents_input = _latents_keyword(denoiser)
         self.coefficients, self.schedule = coefficients, schedule
         self.guidance, self.guidance_input = guidance, guidance_input
-        self.blocks = blocks
         partial_steps = [i for i, s in enumerate(schedule) if isinstance(s, Partial)]
         self.compensation = nn.ModuleDict()
         # Built once: the views share the denoiser's weights and are not registered as children,
         # so parameters and state_dict list every weight once.
         self._views: dict[int, nn.Module] = {}
         self._plain: Callable[..., Any] = denoiser  # what a step without views calls
+        self._taps: dict[int | str, _Tap] = {}
         if not partial_steps:
             return
         stack = getattr(denoiser, blocks)
         width = _hidden_width(stack)
         starts = sorted({schedule[i].blocks for i in partial_steps})
         tapped = list(stack)
-        self._taps: dict[int | str, _Tap] = {}
         for k, where, keep in [*((k, max(k - 1, 0), "output" if k else "input") for k in starts),
                                ("end", len(stack) - 1, "output")]:  # fmt: skip
             tapped[where] = self._taps[k] = _Tap(tapped[where], keep)  # taps may nest
@@ -315,6 +314,11 @@ class UnrolledSampler(nn.Module):
         """The loop; with `collect` = a partial step's index, also runs that step in full and
         returns (reused residual, the residual the skipped blocks really produce) there."""
         guided, inputs = self._inputs(latents, cond, uncond)
+        if noise is not None and tuple(noise.shape) != (self.noisy_steps, *latents.shape):
+            raise ConfigError(
+                f"noise has shape {tuple(noise.shape)}; this schedule adds noise at "
+                f"{self.noisy_steps} steps: pass [{self.noisy_steps}, *latents.shape]"
+            )
         x, residuals, pair, noisy = latents, {}, None, 0
         for i, (c, step) in enumerate(zip(self.coefficients, self.schedule, strict=True)):
             model_in = c.input_scale * x
@@ -332,14 +336,13 @@ class UnrolledSampler(nn.Module):
                 residuals = {k: self._residual(k) for k in self._taps if k != "end"}
             out = out[:, : x.shape[1]]  # learned-sigma models append variance channels
             if guided:
-                v_cond, v_uncond = out.chunk(2)
-                out = v_uncond + self.guidance * (v_cond - v_uncond)
+                out = mix_guidance(out, self.guidance)
             eps = None
             if c.noise:
                 eps = torch.randn_like(x) if noise is None else noise[noisy]
                 noisy += 1
             x = _apply(c, x, out, eps)
-        for tap in getattr(self, "_taps", {}).values():
+        for tap in self._taps.values():
             tap.value = None  # hold no activations between calls
         return x, pair
 
@@ -351,7 +354,7 @@ class UnrolledSampler(nn.Module):
     ) -> tuple[bool, dict[str, Any]]:
         """Whether guidance runs as a batch of two, and the denoiser's keyword inputs."""
         guided = uncond is not None and self.guidance != 1.0 and self.guidance_input is None
-        inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if guided else dict(cond)
+        inputs = guidance_batch(cond, uncond) if guided else dict(cond)
         if self.guidance_input is not None:
             inputs[self.guidance_input] = latents.new_full((latents.shape[0],), self.guidance)
         return guided, inputs

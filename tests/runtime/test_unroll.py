@@ -75,6 +75,9 @@ def test_matches_the_step_loop_eager_and_compiled(name):
         )(latents, cond, uncond, noise)
     torch.testing.assert_close(eager, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+    if noise is not None:
+        with pytest.raises(ConfigError, match="this schedule adds noise at"):
+            sampler(latents, cond, uncond, noise[:1])
 
 
 def test_schedulers_that_are_not_affine_are_refused():
