@@ -67,9 +67,11 @@ def capture(
     *,
     keep_before: bool = False,
     dynamic_batch: bool = False,
+    dynamic_resolution: bool = False,
 ) -> Captured:
     """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes;
-    the regions stay uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic."""
+    the regions stay uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic,
+    `dynamic_resolution` the latents' spatial (or token) dimensions (`mark_dynamic_axes`)."""
     import inspect
     import re
 
@@ -114,14 +116,18 @@ def capture(
             return f"L['{names[int(positional.group(1))]}']" + source[positional.end() :]
         return re.sub(r"^L\['kwargs'\]", "L", source)
 
-    if dynamic_batch:
-        _mark_batch_dynamic(args, kwargs)
+    mark_dynamic_axes(args, kwargs, batch=dynamic_batch, resolution=dynamic_resolution)
+    asked = " and ".join(
+        a for a, on in (("batch", dynamic_batch), ("resolution", dynamic_resolution)) if on
+    )
 
     def call(model: Any, *args: Any, **kwargs: Any) -> Any:  # our own frame and cache entry
         return model(*args, **kwargs)
 
     try:
-        with torch.no_grad():
+        # dynamic only where asked: dynamo would otherwise make sizes that differ from an earlier
+        # capture in this process dynamic ("automatic dynamic"), since `call` is one code object
+        with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             torch.compile(call, backend=backend, fullgraph=True)(model, *args, **kwargs)
     except torch._dynamo.exc.Unsupported as e:
         raise ValueError(
@@ -130,8 +136,8 @@ def capture(
         ) from e
     except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
         raise ValueError(
-            f"{type(model).__name__} does not allow a dynamic batch (its code fixes the batch "
-            f"size); export with static shapes (dynamic_batch=False): {e}"
+            f"{type(model).__name__} does not allow a dynamic {asked} (its code fixes that "
+            f"size); export with that axis static: {e}"
         ) from e
     finally:
         # drop only this capture's compiled frame: a global dynamo reset would also throw away
@@ -139,23 +145,81 @@ def capture(
         reset_code(call.__code__)
     if not captured:
         raise RuntimeError("dynamo ran the model without compiling it (recompile limit reached?)")
+    if asked:
+        _check_guards_at_double_size(type(model).__name__, captured[0].result.graph.gm, asked)
     return captured[0]
 
 
-def _mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Mark the batch dimension dynamic: dim 0 of every tensor input whose dim 0 is the batch,
-    the leading size of the first tensor input (the latents). Other tensors (Flux's position ids,
-    a sampler's per-step noise) keep their sizes."""
+def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> None:
+    """Refuse dynamic axes the traced graph does not hold at.
+
+    Dynamo's shape guards are the conditions under which the graph it traced is the model's code.
+    A model that builds a fixed-size position embedding guards ``(H/p)·(W/p) == 16``, which pins
+    neither H nor W alone, so no constraint error is raised; evaluating the guards with every
+    dynamic size doubled finds it.
+    """
+    import sympy
+    import torch
+
+    from diffopt.passes.graph import INPUT_KEY, example_value
+
+    fakes = [example_value(n) for n in gm.graph.nodes
+             if n.op == "placeholder" and n.meta.get(INPUT_KEY) == "user"]  # fmt: skip
+    tensors = [v for v in fakes if isinstance(v, torch.Tensor) and v.ndim]
+    sizes = [(d, n) for t in tensors for d, n in enumerate(t.shape) if isinstance(n, torch.SymInt)]
+    if not sizes:
+        return
+    env = sizes[0][1].node.shape_env
+    axes = {n.node.expr for _, n in sizes if n.node.expr.is_Symbol}
+    values = {s: sympy.Integer(v) for s, v in env.var_to_val.items()}
+    values.update({s: 2 * values[s] for s in axes if s in values})
+    for guard in env.guards:
+        expr = env.replace(guard.expr)  # in the symbols the inputs carry (s35 → s22)
+        if expr.free_symbols & axes and expr.xreplace(values) is not sympy.true:
+            raise ValueError(
+                f"{model} does not allow a dynamic {asked}: the traced graph holds only while "
+                f"{expr} (the dynamic sizes are {sorted(map(str, axes))}), e.g. a position "
+                "embedding of fixed size; export with that axis static"
+            )
+
+
+def mark_dynamic_axes(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, batch: bool, resolution: bool
+) -> None:
+    """Mark the axes an engine may vary as dynamic for dynamo.
+
+    The latents are the first tensor input. `batch`: dim 0 of every tensor input whose dim 0 is
+    the batch (Flux's position ids and a sampler's per-step noise keep their sizes). `resolution`:
+    the latents' spatial dims ([B, C, H, W] or [B, C, F, H, W]), or for packed token latents
+    ([B, N, C], Flux) the token dim and dim 0 of [N, k] inputs (the position ids).
+    """
     import torch
 
     tensors = [v for v in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(v, torch.Tensor) and v.ndim]  # fmt: skip
     if not tensors:
         return
-    batch = tensors[0].shape[0]
-    for value in tensors:
-        if value.shape[0] == batch:
-            torch._dynamo.mark_dynamic(value, 0)
+    latents = tensors[0]
+    if batch:
+        for value in tensors:
+            if value.shape[0] == latents.shape[0]:
+                torch._dynamo.mark_dynamic(value, 0)
+    if not resolution:
+        return
+    if latents.ndim >= 4:
+        for dim in range(2, latents.ndim):
+            torch._dynamo.mark_dynamic(latents, dim)
+    elif latents.ndim == 3:
+        tokens = latents.shape[1]
+        torch._dynamo.mark_dynamic(latents, 1)
+        for value in tensors[1:]:
+            if value.ndim == 2 and value.shape[0] == tokens:
+                torch._dynamo.mark_dynamic(value, 0)
+    else:
+        raise ValueError(
+            f"dynamic resolution needs latents of shape [B, C, H, W] or [B, N, C]; the first "
+            f"tensor input has shape {list(latents.shape)}"
+        )
 
 
 def diffopt_backend(

@@ -34,7 +34,8 @@ def _export(args: argparse.Namespace) -> int:
     config = Config.load(args.config) if args.config else Config()
     model, inputs = zoo.resolve(args.model)
     out = export(model, inputs, config, format=args.format, out=args.out,
-                 dynamic_batch=args.dynamic_batch)  # fmt: skip
+                 dynamic_batch=args.dynamic_batch,
+                 dynamic_resolution=args.dynamic_resolution)  # fmt: skip
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
     p.add_argument("--out", required=True, help="engine folder to write")
     p.add_argument("--dynamic-batch", action="store_true", help="the batch as a dynamic axis")
+    p.add_argument("--dynamic-resolution", action="store_true",
+                   help="the latents' height and width (or tokens) as dynamic axes")  # fmt: skip
     p.set_defaults(run=_export)
 
     p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")

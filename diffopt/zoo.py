@@ -188,17 +188,24 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
-def build(name: str, *, batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A built-in model (eval mode, seeded weights) and example inputs for it."""
+def build(
+    name: str, *, batch: int = 2, seed: int = 0, size: tuple[int, int] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A built-in model (eval mode, seeded weights) and example inputs for it (`example_inputs`)."""
     if name not in TINY_MODELS:
         raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(TINY_MODELS)}")
     torch.manual_seed(seed)
     model = TINY_MODELS[name]().eval()
-    return model, example_inputs(model, batch=batch, seed=seed)
+    return model, example_inputs(model, batch=batch, seed=seed, size=size)
 
 
-def example_inputs(model: torch.nn.Module, *, batch: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Keyword arguments for one denoiser call, shaped from the model's config."""
+def example_inputs(
+    model: torch.nn.Module, *, batch: int = 2, seed: int = 0, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for one denoiser call, shaped from the model's config.
+
+    `size`: the latents' (height, width), in latent pixels (Flux: in packed tokens); the config's
+    sample size by default."""
     kind = type(model).__name__
     if kind not in _INPUTS:
         raise TypeError(
@@ -206,24 +213,27 @@ def example_inputs(model: torch.nn.Module, *, batch: int = 2, seed: int = 0) -> 
             "Pass a 'package.module:factory' that returns (model, example_inputs) instead."
         )
     gen = torch.Generator().manual_seed(seed)
-    return _INPUTS[kind](model.config, batch, gen)
+    return _INPUTS[kind](model.config, batch, gen, size)
 
 
-def _latents(cfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
-    size = cfg.sample_size
-    return torch.randn(batch, cfg.in_channels, size, size, generator=gen)
+Size = tuple[int, int] | None
+
+
+def _latents(cfg: Any, batch: int, gen: torch.Generator, size: Size) -> torch.Tensor:
+    height, width = size or (cfg.sample_size, cfg.sample_size)
+    return torch.randn(batch, cfg.in_channels, height, width, generator=gen)
 
 
 def _timestep(batch: int, gen: torch.Generator, scale: float = 1000.0) -> torch.Tensor:
     return (torch.rand(batch, generator=gen) * scale).round()
 
 
-def _flux_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
-    side, text = 4, 8
-    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
-    img_ids = torch.cat([torch.zeros(side * side, 1), ids.reshape(-1, 2).float()], dim=1)
+def _flux_inputs(cfg: Any, batch: int, gen: torch.Generator, size: Size) -> dict[str, Any]:
+    (height, width), text = size or (4, 4), 8
+    ids = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1)
+    img_ids = torch.cat([torch.zeros(height * width, 1), ids.reshape(-1, 2).float()], dim=1)
     return {
-        "hidden_states": torch.randn(batch, side * side, cfg.in_channels, generator=gen),
+        "hidden_states": torch.randn(batch, height * width, cfg.in_channels, generator=gen),
         "encoder_hidden_states": torch.randn(batch, text, cfg.joint_attention_dim, generator=gen),
         "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
         "timestep": torch.rand(batch, generator=gen),
@@ -233,9 +243,9 @@ def _flux_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _sd3_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+def _sd3_inputs(cfg: Any, batch: int, gen: torch.Generator, size: Size) -> dict[str, Any]:
     return {
-        "hidden_states": _latents(cfg, batch, gen),
+        "hidden_states": _latents(cfg, batch, gen, size),
         "encoder_hidden_states": torch.randn(batch, 6, cfg.joint_attention_dim, generator=gen),
         "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
         "timestep": _timestep(batch, gen),
@@ -243,18 +253,18 @@ def _sd3_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _dit_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+def _dit_inputs(cfg: Any, batch: int, gen: torch.Generator, size: Size) -> dict[str, Any]:
     return {
-        "hidden_states": _latents(cfg, batch, gen),
+        "hidden_states": _latents(cfg, batch, gen, size),
         "timestep": _timestep(batch, gen),
         "class_labels": torch.randint(0, cfg.num_embeds_ada_norm, (batch,), generator=gen),
         "return_dict": False,
     }
 
 
-def _pixart_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+def _pixart_inputs(cfg: Any, batch: int, gen: torch.Generator, size: Size) -> dict[str, Any]:
     inputs = {
-        "hidden_states": _latents(cfg, batch, gen),
+        "hidden_states": _latents(cfg, batch, gen, size),
         "encoder_hidden_states": torch.randn(batch, 6, cfg.caption_channels, generator=gen),
         "timestep": _timestep(batch, gen),
         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
@@ -269,16 +279,16 @@ def _pixart_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]
     return inputs
 
 
-def _unet_inputs(cfg: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+def _unet_inputs(cfg: Any, batch: int, gen: torch.Generator, size: Size) -> dict[str, Any]:
     return {
-        "sample": _latents(cfg, batch, gen),
+        "sample": _latents(cfg, batch, gen, size),
         "timestep": _timestep(batch, gen),
         "encoder_hidden_states": torch.randn(batch, 6, cfg.cross_attention_dim, generator=gen),
         "return_dict": False,
     }
 
 
-_INPUTS: dict[str, Callable[[Any, int, torch.Generator], dict[str, Any]]] = {
+_INPUTS: dict[str, Callable[[Any, int, torch.Generator, Size], dict[str, Any]]] = {
     "FluxTransformer2DModel": _flux_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "DiTTransformer2DModel": _dit_inputs,

@@ -136,11 +136,14 @@ def export(
     out: str | Path,
     format: str = "onnx",
     dynamic_batch: bool = False,
+    dynamic_resolution: bool = False,
 ) -> Path:
     """Capture `model` on `example_inputs`, run diffopt's passes with `config`, and write an
     engine directory to `out` (see the module doc). ``format="tensorrt"`` also builds TensorRT
     engines from the ONNX files (the ``diffopt[tensorrt]`` extra). `dynamic_batch` exports the
-    batch dimension as a dynamic axis (a clear error if the model fixes its batch size)."""
+    batch dimension as a dynamic axis, `dynamic_resolution` the latents' spatial (or token) axes;
+    either is a clear error if the model's code fixes that size. Sizes a model accepts only in a
+    range (SD3's largest position embedding) are recorded and checked by the loaded engine."""
     if format not in ("onnx", "tensorrt"):
         raise ConfigError(f"format must be 'onnx' or 'tensorrt', not {format!r}")
     if format == "tensorrt":
@@ -150,7 +153,8 @@ def export(
     config = dataclasses.replace(Config.coerce(config), inner="eager")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    captured = capture(model, example_inputs, config, dynamic_batch=dynamic_batch)
+    captured = capture(model, example_inputs, config, dynamic_batch=dynamic_batch,
+                       dynamic_resolution=dynamic_resolution)  # fmt: skip
     result, flat = captured.result, captured.inputs
     graph = result.graph
     placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
@@ -175,7 +179,13 @@ def export(
             "name": lowered.region.name, "kind": lowered.region.kind,
             "group": lowered.region.group, "file": name,
             "inputs": inputs, "outputs": lowered.outputs,
+            # the sizes the region saw at export: TensorRT profiles are built around them
+            "shapes": [list(recorder.examples[index][i].shape) for i in plan.kept],
         })  # fmt: skip
+    batch = next(
+        (v.shape[0] for i, v in enumerate(flat)
+         if isinstance(v, torch.Tensor) and v.ndim and i not in weights), None
+    )  # fmt: skip
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -184,19 +194,13 @@ def export(
         "model": type(model).__name__,
         "config": config.to_dict(),
         "inputs": [
-            _describe_input(i, captured.sources[i], example_value(placeholders[i]))
+            _describe_input(i, captured.sources[i], example_value(placeholders[i]), batch)
             for i in range(len(placeholders))
             if i not in weights
         ],
         "dynamic_batch": dynamic_batch,
-        "batch": next(
-            (
-                v.shape[0]
-                for i, v in enumerate(flat)
-                if isinstance(v, torch.Tensor) and v.ndim and i not in weights
-            ),
-            None,
-        ),
+        "dynamic_resolution": dynamic_resolution,
+        "batch": batch,
         "num_inputs": len(placeholders),
         "num_slots": program.num_slots,
         "regions": regions,
@@ -295,7 +299,7 @@ def _translations() -> dict[Any, Any]:
     return {torch.ops.diffopt.w4a4_linear.default: w4a4_linear}
 
 
-def _describe_input(slot: int, source: str, fake: Any) -> dict[str, Any]:
+def _describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict[str, Any]:
     """Where an engine finds graph input `slot` among the call's inputs: a (nested) keyword, or
     the size of one (``L['hidden_states'].size()[0]`` under dynamic shapes)."""
     source, _, size = source.partition(".size()")
@@ -310,7 +314,29 @@ def _describe_input(slot: int, source: str, fake: Any) -> dict[str, Any]:
         "shape": None if tensor is None else [
             n if isinstance(n, int) else None for n in tensor.shape],  # None: a dynamic axis
         "dtype": None if tensor is None else str(tensor.dtype).removeprefix("torch."),
+        # no range on the batch axis: the one dynamo finds there comes from fake-tensor layout
+        # heuristics (conv picks channels-last below a batch of 16), not from the model
+        "ranges": None if tensor is None else [
+            None if d == 0 and _hint(n) == batch else _size_range(n)
+            for d, n in enumerate(tensor.shape)],
     }  # fmt: skip
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    return size if isinstance(size, int) else size.node.hint
+
+
+def _size_range(size: int | torch.SymInt) -> list[int | None] | None:
+    """[low, high] a dynamic axis may take (high None: unbounded), as dynamo's shape analysis of
+    the model's code found it; None for a static axis."""
+    if isinstance(size, int):
+        return None
+    bounds = size.node.shape_env.var_to_range.get(size.node.expr)
+    if bounds is None:  # an expression of several symbols: no simple range
+        return [0, None]
+    from torch.utils._sympy.numbers import int_oo
+
+    return [int(bounds.lower), None if bounds.upper == int_oo else int(bounds.upper)]
 
 
 def _encode(structure: Any) -> Any:
@@ -387,28 +413,8 @@ class Engine:
             if "size" in spec:
                 flat[spec["slot"]] = value.shape[spec["size"]]
                 continue
-            expected = spec["shape"]
-            name = ".".join(spec["path"])
-            if (
-                isinstance(value, torch.Tensor)
-                and str(value.dtype).removeprefix("torch.") != spec["dtype"]
-            ):
-                raise TypeError(
-                    f"input {name} is {value.dtype}; this engine was exported for "
-                    f"torch.{spec['dtype']} (cast it, or export with inputs of the dtype you serve)"
-                )
-            if isinstance(value, torch.Tensor) and (
-                value.ndim != len(expected)
-                or any(
-                    e is not None and e != n for e, n in zip(expected, value.shape, strict=False)
-                )
-            ):
-                hint = "" if self.manifest.get("dynamic_batch") else ", or with dynamic_batch=True"
-                raise ValueError(
-                    f"input {name} has shape {list(value.shape)}; this engine was exported for "
-                    f"{expected} (None: dynamic); export again with example inputs of the shape "
-                    f"you serve{hint}"
-                )
+            if isinstance(value, torch.Tensor):
+                self._check(spec, value)
             flat[spec["slot"]] = value
         outputs = self.executor(*flat)
         if self.manifest.get("returns") is None:
@@ -416,6 +422,33 @@ class Engine:
         from torch.utils import _pytree as pytree
 
         return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.manifest["returns"]))
+
+    def _check(self, spec: dict[str, Any], value: torch.Tensor) -> None:
+        """An input's dtype, static sizes and dynamic-axis ranges, as the manifest records them."""
+        name, expected = ".".join(spec["path"]), spec["shape"]
+        if str(value.dtype).removeprefix("torch.") != spec["dtype"]:
+            raise TypeError(
+                f"input {name} is {value.dtype}; this engine was exported for "
+                f"torch.{spec['dtype']} (cast it, or export with inputs of the dtype you serve)"
+            )
+        if value.ndim != len(expected) or any(
+            e is not None and e != n for e, n in zip(expected, value.shape, strict=False)
+        ):
+            hints = [f"{flag}=True" for flag in ("dynamic_batch", "dynamic_resolution")
+                     if not self.manifest.get(flag)]  # fmt: skip
+            raise ValueError(
+                f"input {name} has shape {list(value.shape)}; this engine was exported for "
+                f"{expected} (None: dynamic); export again with example inputs of the shape you "
+                f"serve{', or with ' + ' / '.join(hints) if hints else ''}"
+            )
+        for dim, bounds in enumerate(spec.get("ranges") or []):
+            low, high = bounds or (0, None)
+            if value.shape[dim] < low or (high is not None and value.shape[dim] > high):
+                raise ValueError(
+                    f"input {name} has size {value.shape[dim]} in dim {dim}; the model's code "
+                    f"accepts {low}..{'' if high is None else high} there "
+                    "(found when it was traced): use a size in that range"
+                )
 
 
 def load(path: str | Path, provider: str = "cpu") -> Engine:

@@ -2,10 +2,10 @@
 
 Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxParser``,
 optimization profiles, ``build_serialized_network``). Each region's ONNX file gets a serialized
-engine (``<file>.plan``) with one optimization profile; with a dynamic batch the profile spans
-1…``max_batch`` around the exported batch. The plans and their hashes are added to the
-manifest. `diffopt.load(DIR, provider="tensorrt")` runs the ONNX files through onnxruntime's
-TensorRT execution provider; the plans are for serving with TensorRT directly.
+engine (``<file>.plan``) with one optimization profile around the sizes the region saw at
+export, spanning its dynamic axes (batch, resolution) by a factor each way. The plans and their
+hashes are added to the manifest. `diffopt.load(DIR, provider="tensorrt")` runs the ONNX files
+through onnxruntime's TensorRT execution provider; the plans are for serving with TensorRT directly.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ def import_tensorrt() -> Any:
 
 
 def build_engines(
-    folder: str | Path, *, fp16: bool = True, workspace_gib: float = 4.0, max_batch: int = 0
+    folder: str | Path, *, fp16: bool = True, workspace_gib: float = 4.0, scale: int = 4
 ) -> list[Path]:
     """Build one serialized TensorRT engine per ONNX file listed in `folder`'s manifest.
 
-    `max_batch`: for an engine exported with ``dynamic_batch=True``, the profile's largest batch
-    (0: four times the exported batch); the profile's optimum is the exported batch.
+    Each region gets one optimization profile. Its optimum is the size the region saw at export;
+    a dynamic axis (``dynamic_batch`` / ``dynamic_resolution``) ranges from 1/`scale` to `scale`
+    times that. Token axes of later regions grow with the square of the resolution: to serve
+    twice the exported resolution, `scale` must be at least 4.
     """
     from .onnx import ExportError, sha256
 
@@ -56,16 +58,15 @@ def build_engines(
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
+        exported = dict(zip((f"slot_{s}" for s in region["inputs"]), region["shapes"],
+                            strict=True))  # fmt: skip
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
-            shape = list(tensor.shape)
-            if manifest["dynamic_batch"] and shape and shape[0] == -1:  # the batch axis
-                exported = manifest["batch"]
-                high = max_batch or 4 * exported
-                profile.set_shape(tensor.name, [1, *shape[1:]], [exported, *shape[1:]],
-                                  [high, *shape[1:]])  # fmt: skip
-            else:
-                profile.set_shape(tensor.name, shape, shape, shape)
+            opt = exported[tensor.name]
+            dynamic = [n == -1 for n in tensor.shape]  # the axes exported as dynamic
+            low = [max(1, n // scale) if d else n for n, d in zip(opt, dynamic, strict=True)]
+            high = [n * scale if d else n for n, d in zip(opt, dynamic, strict=True)]
+            profile.set_shape(tensor.name, low, opt, high)
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:

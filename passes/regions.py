@@ -249,8 +249,9 @@ def find_roles(graph: DenoiserGraph) -> InputRoles:
         )
 
     lengths = {s.shape[1] for s in roles.token_streams}
-    if len(lengths) > 1:
-        lengths.add(sum(lengths))  # joint attention over the concatenated streams
+    if len(lengths) > 1 and all(isinstance(n, int) for n in lengths):
+        # joint attention over the concatenated streams (a symbolic length has no sum to match)
+        lengths.add(sum(lengths))
     streams = {s.node for s in roles.token_streams}
     for node in entering:
         shape = shape_of(node)

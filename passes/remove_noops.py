@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt.config import CleanupConfig
 
@@ -52,12 +53,15 @@ def noop_squeeze(node: fx.Node) -> fx.Node | None:
     dim = _arg(node, 1, "dim", None)
     if not is_squeeze or not isinstance(dim, int):
         return None
-    # only the squeezed dimension must be known: a dynamic batch elsewhere does not matter
+    # only the squeezed dimension matters, and a symbolic one (dynamic shapes) counts when its
+    # range excludes 1: dynamo marks dynamic sizes as >= 2
     source = example_value(node.args[0])
-    if isinstance(source, torch.Tensor) and -source.ndim <= dim < source.ndim:
-        size = source.shape[dim]
-        if isinstance(size, int) and size != 1:
-            return node.args[0]
+    if (
+        isinstance(source, torch.Tensor)
+        and -source.ndim <= dim < source.ndim
+        and statically_known_true(source.shape[dim] != 1)
+    ):
+        return node.args[0]
     return None
 
 

@@ -36,6 +36,35 @@ def test_a_model_that_fixes_its_batch_says_so(tmp_path):
         export(Fixed(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path, dynamic_batch=True)
 
 
+FIXED_POSITIONS = {"tiny-dit", "tiny-pixart"}  # a position embedding built for one size
+
+
+def test_a_dynamic_resolution_serves_other_sizes_or_is_refused(tiny, tmp_path):
+    name, model, inputs = tiny
+    side = 4 if name == "tiny-flux" else 8  # exported at (side, side)
+    if name in FIXED_POSITIONS:
+        with pytest.raises(ValueError, match=r"does not allow a dynamic resolution.*holds only"):
+            export(model, inputs, out=tmp_path, dynamic_resolution=True)
+        return
+    engine = load(export(model, inputs, out=tmp_path, dynamic_resolution=True))
+    key = "sample" if name == "tiny-unet" else "hidden_states"
+    latents = next(i for i in engine.manifest["inputs"] if i["path"] == [key] and "shape" in i)
+    assert latents["shape"][0] == 2 and None in latents["shape"]  # the batch stays static
+    for size in ((side, side), (2 * side, 2 * side), (side, 2 * side)):
+        _, call = zoo.build(name, size=size)
+        with torch.no_grad():
+            expected = first_output(model(**call))
+        torch.testing.assert_close(first_output(engine(**call)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_size_outside_the_traced_range_is_refused(tmp_path):
+    model, inputs = zoo.build("tiny-sd3")  # crops a position embedding of at most 193 patches
+    engine = load(export(model, inputs, out=tmp_path, dynamic_resolution=True))
+    _, call = zoo.build("tiny-sd3", size=(8, 400))
+    with pytest.raises(ValueError, match=r"size 400 in dim 3; the model's code accepts 4..193"):
+        engine(**call)
+
+
 LABELS = torch.arange(4) % 10
 
 
