@@ -35,7 +35,8 @@ def _export(args: argparse.Namespace) -> int:
     model, inputs = zoo.resolve(args.model)
     out = export(model, inputs, config, format=args.format, out=args.out,
                  dynamic_batch=args.dynamic_batch,
-                 dynamic_resolution=args.dynamic_resolution)  # fmt: skip
+                 dynamic_resolution=args.dynamic_resolution,
+                 quant_form=args.quant_form)  # fmt: skip
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dynamic-batch", action="store_true", help="the batch as a dynamic axis")
     p.add_argument("--dynamic-resolution", action="store_true",
                    help="the latents' height and width (or tokens) as dynamic axes")  # fmt: skip
+    p.add_argument("--quant-form", default="integer", choices=["integer", "qdq", "custom"],
+                   help="how quantized linears are written (see exporters/onnx.py)")  # fmt: skip
     p.set_defaults(run=_export)
 
     p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")

@@ -37,7 +37,17 @@ from diffopt.runtime.lowering import RegionProgram, Slot
 
 FORMAT = "diffopt-engine"
 FORMAT_VERSION = 1
-OPSET = 18
+QUANT_FORMS = {"integer": 18, "qdq": 21, "custom": 18}
+"""How `diffopt::w4a4_linear` is written, and the ONNX opset each form needs:
+
+- ``integer``: standard ops with exact integer arithmetic (MatMulInteger on the packed int4
+  weight, unpacked in the graph); the same numbers as the torch op, on any ONNX runtime;
+- ``qdq``: int4 / int8 weight initializers behind blocked DequantizeLinear, per-token
+  QuantizeLinear / DequantizeLinear on the rotated activation and a float MatMul (opset 21);
+  runtimes fuse the pattern into integer kernels;
+- ``custom``: one ``ai.diffopt::W4A4Linear`` node per linear, with the integer form as its
+  model-local function: a runtime with that kernel runs it, any other inlines the function.
+"""
 EXTERNAL_DATA_BYTES = 100 * 2**20
 """Regions whose constants pass this size keep their weights in a side file."""
 
@@ -137,15 +147,20 @@ def export(
     format: str = "onnx",
     dynamic_batch: bool = False,
     dynamic_resolution: bool = False,
+    quant_form: str = "integer",
 ) -> Path:
     """Capture `model` on `example_inputs`, run diffopt's passes with `config`, and write an
     engine directory to `out` (see the module doc). ``format="tensorrt"`` also builds TensorRT
     engines from the ONNX files (the ``diffopt[tensorrt]`` extra). `dynamic_batch` exports the
     batch dimension as a dynamic axis, `dynamic_resolution` the latents' spatial (or token) axes;
     either is a clear error if the model's code fixes that size. Sizes a model accepts only in a
-    range (SD3's largest position embedding) are recorded and checked by the loaded engine."""
+    range (SD3's largest position embedding) are recorded and checked by the loaded engine.
+
+    `quant_form`: how quantized linears are written (`QUANT_FORMS`)."""
     if format not in ("onnx", "tensorrt"):
         raise ConfigError(f"format must be 'onnx' or 'tensorrt', not {format!r}")
+    if quant_form not in QUANT_FORMS:
+        raise ConfigError(f"quant_form must be one of {sorted(QUANT_FORMS)}, not {quant_form!r}")
     if format == "tensorrt":
         from .tensorrt import import_tensorrt
 
@@ -173,7 +188,7 @@ def export(
         slug = re.sub(r"[^A-Za-z0-9]+", "_", lowered.region.name)
         name = "model.onnx" if len(program.regions) == 1 else f"region_{index}_{slug}.onnx"
         plan = _plan_inputs(lowered, weights)
-        _export_region(lowered, recorder.examples[index], plan, out / name)
+        _export_region(lowered, recorder.examples[index], plan, out / name, quant_form)
         inputs = [lowered.inputs[i] for i in plan.kept]
         regions.append({
             "name": lowered.region.name, "kind": lowered.region.kind,
@@ -190,7 +205,8 @@ def export(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "diffopt": _version(),
-        "opset": OPSET,
+        "opset": QUANT_FORMS[quant_form],
+        "quant_form": quant_form,
         "model": type(model).__name__,
         "config": config.to_dict(),
         "inputs": [
@@ -260,7 +276,9 @@ class _FlatOutputs(nn.Module):
         return tuple(torch.utils._pytree.tree_leaves(self.gm(*args)))
 
 
-def _export_region(lowered: Any, examples: list[Any], plan: _RegionInputs, path: Path) -> None:
+def _export_region(
+    lowered: Any, examples: list[Any], plan: _RegionInputs, path: Path, quant_form: str
+) -> None:
     activations = tuple(examples[i] for i in plan.kept)
     bad = [type(v).__name__ for v in activations if not isinstance(v, torch.Tensor)]
     if bad:
@@ -280,23 +298,36 @@ def _export_region(lowered: Any, examples: list[Any], plan: _RegionInputs, path:
     try:
         program = torch.onnx.export(
             module, activations, input_names=[f"slot_{lowered.inputs[i]}" for i in plan.kept],
-            output_names=[f"slot_{s}" for s in lowered.outputs], opset_version=OPSET,
-            dynamo=True, external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
-            custom_translation_table=_translations(), dynamic_shapes=dynamic,
-            optimize=not quantized,  # the optimizer would fold the int4 unpack into int8 weights
+            output_names=[f"slot_{s}" for s in lowered.outputs],
+            opset_version=QUANT_FORMS[quant_form], dynamo=True,
+            external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
+            custom_translation_table=_translations(quant_form), dynamic_shapes=dynamic,
+            # the integer forms keep the int4 weight packed: the optimizer would fold its unpack
+            # into int8 weights; the Q/DQ form wants it folded (into int4 initializers)
+            optimize=not quantized or quant_form == "qdq",
         )  # fmt: skip
     except Exception as e:  # the exporter's own errors name the op; add where it sits
         raise ExportError(f"region {lowered.region.name!r} could not be exported: {e}") from e
-    program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
+    if quant_form == "custom" and quantized:
+        import onnx
+
+        from .w4a4_onnx import as_custom_nodes
+
+        proto = program.model_proto
+        as_custom_nodes(proto)
+        onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_BYTES)
+    else:
+        program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
 
 
-def _translations() -> dict[Any, Any]:
+def _translations(quant_form: str) -> dict[Any, Any]:
     """diffopt's own ops, written in ONNX ops."""
     import diffopt.kernels.ops  # noqa: F401  (registers torch.ops.diffopt)
 
-    from .w4a4_onnx import w4a4_linear
+    from .w4a4_onnx import w4a4_linear, w4a4_linear_qdq
 
-    return {torch.ops.diffopt.w4a4_linear.default: w4a4_linear}
+    linear = w4a4_linear_qdq if quant_form == "qdq" else w4a4_linear
+    return {torch.ops.diffopt.w4a4_linear.default: linear}
 
 
 def _describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict[str, Any]:

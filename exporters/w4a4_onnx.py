@@ -14,8 +14,10 @@ So an exported quantized region computes the integer parts exactly as the torch 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from onnx import TensorProto
 from onnxscript import FLOAT, INT8, INT64
 from onnxscript import opset18 as op
 
@@ -31,15 +33,7 @@ def w4a4_linear(
 ) -> Any:
     """Translation of ``torch.ops.diffopt.w4a4_linear`` for ``torch.onnx.export``."""
     q = float(2 ** (act_bits - 1) - 1)
-    k = op.Shape(x, start=-1)
-    rows = op.Cast(
-        op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0)), to=FLOAT.dtype
-    )
-    if rotation is not None:
-        group = op.Shape(rotation, start=-1)
-        grouped = op.Reshape(rows, op.Concat(op.Constant(value_ints=[-1]), group, axis=0))
-        rows = op.Reshape(op.MatMul(grouped, rotation),
-                          op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # fmt: skip
+    rows = _rotated_rows(x, rotation)
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=1)
     positive = op.Greater(absmax, op.Constant(value_float=0.0))
     safe = op.Where(positive, absmax, op.Constant(value_float=1.0))
@@ -54,6 +48,25 @@ def w4a4_linear(
     acc = op.MatMulInteger(values, op.Transpose(stored, perm=[1, 0]))
     out = op.Mul(op.Mul(op.Cast(acc, to=FLOAT.dtype), op.Div(absmax, op.Constant(value_float=q))),
                  op.Cast(weight_scale, to=FLOAT.dtype))  # fmt: skip
+    return _finish(out, x, weight, bias)
+
+
+def _rotated_rows(x: Any, rotation: Any) -> Any:
+    """x as float32 rows [M, K], rotated in groups by the constant Hadamard block."""
+    k = op.Shape(x, start=-1)
+    rows = op.Cast(
+        op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0)), to=FLOAT.dtype
+    )
+    if rotation is None:
+        return rows
+    group = op.Shape(rotation, start=-1)
+    grouped = op.Reshape(rows, op.Concat(op.Constant(value_ints=[-1]), group, axis=0))
+    return op.Reshape(op.MatMul(grouped, rotation),
+                      op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # fmt: skip
+
+
+def _finish(out: Any, x: Any, weight: Any, bias: Any) -> Any:
+    """Add the bias, restore x's leading dims and dtype."""
     if bias is not None:
         out = op.Add(out, op.Cast(bias, to=FLOAT.dtype))
     shape = op.Concat(op.Shape(x, end=-1), op.Shape(weight, start=0, end=1), axis=0)
@@ -78,3 +91,131 @@ def _uint8(value: int) -> Any:
     import onnx
 
     return onnx.numpy_helper.from_array(np.array(value, dtype=np.uint8))
+
+
+def w4a4_linear_qdq(
+    x: Any,
+    weight: Any,
+    weight_scale: Any,
+    bias: Any,
+    rotation: Any,
+    act_bits: int,
+    weight_bits: int,
+) -> Any:
+    """The *Q/DQ* form (opset 21), for runtimes that fuse QuantizeLinear / DequantizeLinear
+    around a float MatMul into integer kernels.
+
+    The weight is an int4 (or int8) [K, N] constant behind a blocked DequantizeLinear (one block
+    per output channel: ``block_size=K``); the activation's rotation is the same constant MatMul,
+    then a per-token QuantizeLinear / DequantizeLinear pair. Same arithmetic as the integer form
+    except QuantizeLinear's rounding (ties to even, not away from zero): a value exactly halfway
+    between two levels can land one level apart.
+    """
+    from onnxscript import opset21 as op21
+
+    q = float(2 ** (act_bits - 1) - 1)
+    low_bits = {4: TensorProto.INT4, 8: TensorProto.INT8}
+    rows = _rotated_rows(x, rotation)
+    absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)
+    positive = op.Greater(absmax, op.Constant(value_float=0.0))
+    act_scale = op.Where(positive, op.Div(absmax, op.Constant(value_float=q)),
+                         op.Constant(value_float=1.0))  # fmt: skip
+    act = op21.DequantizeLinear(
+        op21.QuantizeLinear(rows, act_scale, axis=0, output_dtype=low_bits[act_bits]),
+        act_scale, axis=0,
+    )  # fmt: skip
+    stored = _unpack_int4(weight) if weight_bits == 4 else weight
+    k = weight.shape[1] * (2 if weight_bits == 4 else 1)  # static: the weight is a constant
+    # [K, N] with one block of K per output channel: the layout onnxruntime fuses into MatMulNBits
+    w_scale = op.Unsqueeze(op.Cast(weight_scale, to=FLOAT.dtype), op.Constant(value_ints=[0]))
+    values = op.Transpose(op21.Cast(stored, to=low_bits[weight_bits]), perm=[1, 0])
+    out = op.MatMul(act, op21.DequantizeLinear(values, w_scale, axis=0, block_size=k))
+    return _finish(out, x, weight, bias)
+
+
+CUSTOM_DOMAIN = "ai.diffopt"
+"""The domain of the custom-form node: ``ai.diffopt::W4A4Linear``."""
+
+
+def as_custom_nodes(model: Any) -> int:
+    """The *custom* form: each `w4a4_linear`'s integer decomposition in `model` (an exported
+    ``onnx.ModelProto``, edited in place) becomes one ``ai.diffopt::W4A4Linear`` node.
+
+    The node's inputs are the op's (x, packed weight, weight scales[, bias][, rotation]); its
+    attributes the bit widths. The decomposition stays in the file as a model-local function of
+    the same name, so a runtime with a W4A4Linear kernel runs its own, and any other (onnxruntime
+    included) inlines the function: the fallback. Variants (bits, bias, rotation) are function
+    overloads. Returns how many nodes were replaced.
+    """
+    import onnx
+
+    from .onnx import ExportError
+
+    graph = model.graph
+    groups: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        origin = next((p.value for p in node.metadata_props
+                       if p.key == "pkg.torch.onnx.fx_node"), "")  # fmt: skip
+        if "diffopt.w4a4_linear" in origin:
+            groups.setdefault(origin, []).append(i)
+    functions: dict[str, Any] = {}
+    replacements: dict[int, Any] = {}
+    dropped: set[int] = set()
+    for origin, indices in groups.items():
+        body = [graph.node[i] for i in indices]
+        *_, bias, rotation, act_bits, weight_bits = _op_args(origin)
+        # `w4a4_linear` above reads its inputs first in this order
+        roles = ["x", *(["rotation"] * (rotation is not None)), "weight", "scale",
+                 *(["bias"] * (bias is not None))]  # fmt: skip
+        external = _inputs(body)
+        if len(external) != len(roles):
+            raise ExportError(f"the ONNX form of {origin!r} reads {external}, expected {roles}")
+        named = dict(zip(roles, external, strict=True))
+        inputs = [named[r] for r in ("x", "weight", "scale", "bias", "rotation") if r in named]
+        outputs = _outputs(body, graph, set(indices))
+        overload = f"a{act_bits}w{weight_bits}" + "".join(
+            f"_{role}" for role in ("bias", "rotation") if role in named
+        )
+        if overload not in functions:
+            functions[overload] = onnx.helper.make_function(
+                CUSTOM_DOMAIN, "W4A4Linear", inputs, outputs, body,
+                opset_imports=list(model.opset_import),
+            )  # fmt: skip
+            functions[overload].overload = overload
+        call = onnx.helper.make_node(
+            "W4A4Linear", inputs, outputs, name=f"w4a4_{len(replacements)}",
+            domain=CUSTOM_DOMAIN, act_bits=act_bits, weight_bits=weight_bits,
+        )  # fmt: skip
+        call.overload = overload
+        replacements[indices[0]] = call
+        dropped.update(indices)
+    nodes = [replacements.get(i, n) for i, n in enumerate(graph.node)
+             if i in replacements or i not in dropped]  # fmt: skip
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model.functions.extend(functions.values())
+    if functions:
+        model.opset_import.append(onnx.helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    return len(replacements)
+
+
+def _op_args(origin: str) -> list[Any]:
+    """The op's arguments from the exporter's record of its fx node: names (``%add_3``), None
+    for an absent one, ints for the bit widths."""
+    listed = re.search(r"args = \((.*)\), kwargs", origin).group(1).split(", ")
+    return [None if a == "None" else int(a) if a.isdigit() else a for a in listed]
+
+
+def _inputs(body: list[Any]) -> list[str]:
+    """Values `body` reads but does not produce, in order of first use."""
+    produced = {o for node in body for o in node.output}
+    return list(dict.fromkeys(n for node in body for n in node.input if n and n not in produced))
+
+
+def _outputs(body: list[Any], graph: Any, inside: set[int]) -> list[str]:
+    """Values `body` produces that the rest of `graph` reads."""
+    produced = [o for node in body for o in node.output]
+    read = {o.name for o in graph.output} | {
+        name for i, node in enumerate(graph.node) if i not in inside for name in node.input
+    }
+    return [o for o in produced if o in read]

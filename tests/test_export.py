@@ -157,20 +157,45 @@ def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
         export(Odd(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path)
 
 
+@pytest.fixture(scope="module")
+def quantized_dit():
+    model, inputs = zoo.build("tiny-dit")
+    return model, inputs, {}
+
+
+@pytest.mark.parametrize("form", ["integer", "qdq", "custom"])
 @pytest.mark.parametrize("preset", ["w4a4", "w4a8", "w8a8"])
-def test_quantized_layers_export_with_packed_weights_and_integer_matmuls(preset, tmp_path):
+def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_path):
     import onnx
 
-    model, inputs = zoo.build("tiny-dit")
-    options = {"inner": "eager", "quant": {**QuantConfig.preset(preset).__dict__, "min_sqnr": 0}}
-    with torch.no_grad():
-        expected = torch.compile(model, backend="diffopt", options=options)(**inputs)[0]
-    out = export(model, inputs, {"quant": options["quant"]}, out=tmp_path)
-    torch.testing.assert_close(load(out)(**inputs)[0], expected, atol=1e-5, rtol=1e-5)
-    graph = onnx.load(out / "model.onnx").graph
-    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 12  # 6 linears × 2 blocks
-    packed = onnx.TensorProto.UINT8 if preset.startswith("w4") else onnx.TensorProto.INT8
-    assert sum(i.data_type == packed for i in graph.initializer) == 12
+    model, inputs, expected = quantized_dit
+    quant = {**QuantConfig.preset(preset).__dict__, "min_sqnr": 0}
+    if preset not in expected:
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="diffopt",
+                                     options={"inner": "eager", "quant": quant})  # fmt: skip
+            expected[preset] = compiled(**inputs)[0]
+    out = export(model, inputs, {"quant": quant}, out=tmp_path, quant_form=form)
+    # Q/DQ rounds a value within float error of halfway between two levels the other way
+    tolerance = 1e-3 if form == "qdq" else 1e-5
+    torch.testing.assert_close(load(out)(**inputs)[0], expected[preset], atol=tolerance, rtol=0)
+    proto = onnx.load(out / "model.onnx")
+    ops = [n.op_type for n in proto.graph.node]
+    types = [onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer]
+    weight_type = "UINT8" if preset.startswith("w4") else "INT8"  # packed int4: two a byte
+    if form == "integer":  # 6 linears × 2 blocks
+        assert ops.count("MatMulInteger") == 12 and types.count(weight_type) == 12
+    elif form == "qdq":
+        assert "MatMulInteger" not in ops and "QuantizeLinear" in ops
+        assert types.count("INT4" if preset.startswith("w4") else "INT8") == 12
+        assert {o.version for o in proto.opset_import if o.domain == ""} == {21}
+    else:
+        calls = [n for n in proto.graph.node if n.domain == "ai.diffopt"]
+        assert len(calls) == 12 and {n.op_type for n in calls} == {"W4A4Linear"}
+        assert [(f.name, f.overload) for f in proto.functions] == [
+            ("W4A4Linear", f"a{preset[3]}w{preset[1]}_bias_rotation")
+        ]
+        assert "MatMulInteger" not in ops and types.count(weight_type) == 12
 
 
 def test_pixart_loads_only_with_the_noop_cleanup(tmp_path):
