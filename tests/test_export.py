@@ -220,9 +220,86 @@ def test_tensorrt_engines_or_the_install_hint(cached_engine, tmp_path):
     assert all((out / r["tensorrt"]).stat().st_size > 0 for r in manifest["regions"])
 
 
+def test_tensorrt_profiles_span_the_dynamic_axes(tmp_path, monkeypatch):
+    """build_engines against a stand-in for the tensorrt module (its documented calls only):
+    each region's profile is built around the sizes it saw at export."""
+    import sys
+    import types
+
+    import onnx
+
+    profiles = {}
+
+    class Network:
+        def __init__(self):
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            for value in onnx.load(path).graph.input:  # TensorRT marks dynamic axes -1
+                dims = [d.dim_value or -1 for d in value.type.tensor_type.shape.dim]
+                self.network.inputs.append(types.SimpleNamespace(name=value.name, shape=dims))
+            return True
+
+    class Profile(dict):
+        def set_shape(self, name, low, opt, high):
+            self[name] = (list(low), list(opt), list(high))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network()
+
+        def create_builder_config(self):
+            return types.SimpleNamespace(set_memory_pool_limit=lambda *a: None,
+                                         set_flag=lambda *a: None,
+                                         add_optimization_profile=profiles.update)  # fmt: skip
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"plan"
+
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, level):
+            pass
+
+    fake = types.SimpleNamespace(
+        Logger=Logger, Builder=Builder, OnnxParser=Parser,
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
+        BuilderFlag=types.SimpleNamespace(FP16=0),
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    model, inputs = zoo.build("tiny-sd3")
+    out = export(model, inputs, out=tmp_path, format="tensorrt", dynamic_resolution=True)
+    latents = next(i for i in json.loads((out / "manifest.json").read_text())["inputs"]
+                   if i["path"] == ["hidden_states"] and "shape" in i)  # fmt: skip
+    low, opt, high = profiles[f"slot_{latents['slot']}"]
+    assert opt == [2, 4, 8, 8] and low == [2, 4, 2, 2] and high == [2, 4, 32, 32]
+    assert (out / "model.onnx.plan").read_bytes() == b"plan"
+
+
 def test_cli_export_writes_an_engine(tmp_path, capsys):
     from diffopt.cli import main
 
     assert main(["export", "tiny-dit", "--out", str(tmp_path / "engine"), "--dynamic-batch"]) == 0
     assert "model.onnx" in capsys.readouterr().out
+    out = tmp_path / "sd3"
+    assert main(["export", "tiny-sd3", "--out", str(out), "--dynamic-resolution"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["dynamic_resolution"]
     assert main(["export", "no-such-model", "--out", str(tmp_path / "x")]) == 2
