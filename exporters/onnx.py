@@ -183,6 +183,7 @@ def export(
         graph_outputs = recorder(*flat)
         returned = _returned_structure(model, example_inputs, graph_outputs)
 
+    shorts = _token_refresh_runs(program, config, graph.guards, timestep_slot, weights, flat)
     regions = []
     for index, lowered in enumerate(program.regions):
         slug = re.sub(r"[^A-Za-z0-9]+", "_", lowered.region.name)
@@ -196,7 +197,13 @@ def export(
             "inputs": inputs, "outputs": lowered.outputs,
             # the sizes the region saw at export: TensorRT profiles are built around them
             "shapes": [list(recorder.examples[index][i].shape) for i in plan.kept],
+            "token_variants": {},
         })  # fmt: skip
+        if index in shorts:  # the same region on the tokens a token refresh recomputes
+            count, examples = shorts[index]
+            short = name.replace(".onnx", f"_tokens{count}.onnx")
+            _export_region(lowered, examples, plan, out / short, quant_form)
+            regions[-1]["token_variants"][str(count)] = short
     batch = next(
         (v.shape[0] for i, v in enumerate(flat)
          if isinstance(v, torch.Tensor) and v.ndim and i not in weights), None
@@ -233,6 +240,46 @@ def export(
 
         build_engines(out)
     return out
+
+
+def _token_refresh_runs(
+    program: RegionProgram,
+    config: Config,
+    guards: list[Guard],
+    timestep_slot: int | None,
+    weights: set[int],
+    flat: list[Any],
+) -> dict[int, tuple[int, list[Any]]]:
+    """Region index → (token count, inputs) of the shorter-sequence runs a token refresh makes.
+
+    The torch runtime compiles those variants when it first needs them; an engine cannot, so the
+    exporter runs the torch runtime through a planned request with one token refresh and records
+    them.
+    """
+    if config.cache is None or timestep_slot is None or not any(g.kind == "token" for g in guards):
+        return {}
+    from diffopt.runtime.cache import request
+
+    executor = build_executor(program, config, guards, timestep_slot=timestep_slot,
+                              param_slots=weights)  # fmt: skip
+    runs: dict[int, tuple[int, list[Any]]] = {}
+
+    def record(index: int, count: int, examples: list[Any]) -> Any:
+        runs[index] = (count, list(examples))
+        return program.regions[index]
+
+    executor.token_variant = record  # type: ignore[method-assign]
+    plan = ["full", "full", "token", "full"]  # the last step of a request always runs in full
+    # an uncalibrated cache has no change profile; a planned request only needs one to exist
+    settings = dataclasses.replace(config.cache, mode="plan", plan=plan,
+                                   profile=config.cache.profile or [1.0] * len(plan))  # fmt: skip
+    start = flat[timestep_slot]
+    with torch.no_grad(), request(steps=len(plan), cache=settings):
+        for step in range(len(plan) - 1):  # a falling timestep: one request
+            inputs = list(flat)
+            inputs[timestep_slot] = start - step * 0.1 * start.abs().max().clamp(min=1)
+            executor(*inputs)
+    return runs
 
 
 def _returned_structure(model: nn.Module, example_inputs: Any, graph_outputs: Any) -> str | None:
@@ -429,6 +476,8 @@ class _SessionRegion:
         self.inputs, self.outputs = inputs, outputs
         self.names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.token_variants: dict[int, _SessionRegion] | None = None
+        """Token count → the region exported for a token refresh of that many tokens."""
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         binding = self.session.io_binding()
@@ -533,13 +582,21 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
         # onnxruntime's worker threads spin after each run; with one session per region the idle
         # sessions' spinning threads starve the busy one (a cached ref-dit run was 3x slower)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    regions = [
-        _SessionRegion(Region(r["name"], r["kind"], r["group"]),
-                       ort.InferenceSession(str(path / r["file"]), options,
-                                            providers=[PROVIDERS[provider]]),
-                       r["inputs"], r["outputs"], "cpu" if provider == "cpu" else "cuda")
-        for r in manifest["regions"]
-    ]  # fmt: skip
+    device = "cpu" if provider == "cpu" else "cuda"
+
+    def session(file: str) -> Any:
+        return ort.InferenceSession(str(path / file), options, providers=[PROVIDERS[provider]])
+
+    regions = []
+    for r in manifest["regions"]:
+        region = Region(r["name"], r["kind"], r["group"])
+        lowered = _SessionRegion(region, session(r["file"]), r["inputs"], r["outputs"], device)
+        if r.get("token_variants"):  # a token-guarded region's shorter runs
+            lowered.token_variants = {
+                int(count): _SessionRegion(region, session(file), r["inputs"], r["outputs"], device)
+                for count, file in r["token_variants"].items()
+            }
+        regions.append(lowered)
     program = RegionProgram(
         manifest["num_inputs"], manifest["num_slots"], regions, _decode(manifest["output"]),
         manifest["release"],

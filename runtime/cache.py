@@ -586,17 +586,28 @@ class CachingExecutor(RegionExecutor):
         for index in range(span.start, span.stop):
             lowered = self.program.regions[index]
             inputs = [short[s] for s in lowered.inputs]
-            outputs = self._variant(index, count, inputs)(*inputs)
+            outputs = self.token_variant(index, count, inputs)(*inputs)
             for slot, value in zip(lowered.outputs, outputs, strict=True):
                 short[slot] = value
         return {out: short[out] for out in span.exits}
 
-    def _variant(self, index: int, count: int, examples: list[Any]) -> Any:
-        """Region `index` compiled for a `count`-token sequence (compiled on first use)."""
+    def token_variant(self, index: int, count: int, examples: list[Any]) -> Any:
+        """Region `index` for a `count`-token sequence: compiled on first use, or for an engine
+        region (which cannot be recompiled) the variant exported with it."""
         key = (index, count)
         if key not in self._variants:
             lowered = self.program.regions[index]
-            self._variants[key] = compile_region(lowered, examples, self.inner)
+            exported = getattr(lowered, "token_variants", None)
+            if exported is None:
+                self._variants[key] = compile_region(lowered, examples, self.inner)
+            elif count in exported:
+                self._variants[key] = exported[count]
+            else:
+                raise ConfigError(
+                    f"this engine's region {lowered.region.name!r} was exported for token "
+                    f"refreshes of {sorted(exported)} tokens, not {count}: export again with the "
+                    "cache.token_ratio and the resolution you serve"
+                )
         return self._variants[key]
 
 

@@ -101,6 +101,26 @@ def test_a_cached_fifty_step_run_decides_and_samples_like_torch(cached_engine, i
     torch.testing.assert_close(onnx_images, torch_images, atol=1e-4, rtol=1e-4)
 
 
+def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
+    from tests.caching import build, denoise
+
+    model, inputs = build()
+    cache = {"steps": 12, "early": 0.0, "critical": 100.0, "max_reuse": 100, "token_ratio": 0.25}
+    compiled = torch.compile(model, backend="diffopt",
+                             options={"inner": "eager", "cache": cache})  # fmt: skip
+    out = export(model, inputs, {"cache": cache}, out=tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    variants = [r["token_variants"] for r in manifest["regions"] if r["token_variants"]]
+    assert variants and all(list(v) == ["4"] for v in variants)  # 25% of 16 tokens
+    runs = {}
+    for name, denoiser in (("torch", compiled), ("onnx", load(out))):
+        denoise(denoiser, inputs, 12)  # the first request calibrates
+        with diffopt.request(steps=12) as req:
+            runs[name] = (denoise(denoiser, inputs, 12), req.actions[0])
+    assert runs["onnx"][1] == runs["torch"][1] and runs["torch"][1].count("token") == 9
+    torch.testing.assert_close(runs["onnx"][0], runs["torch"][0], atol=1e-4, rtol=1e-4)
+
+
 def test_a_cached_engine_keeps_one_file_per_region_and_a_manifest(cached_engine):
     *_, out = cached_engine
     manifest = json.loads((out / "manifest.json").read_text())
