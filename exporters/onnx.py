@@ -256,8 +256,10 @@ def _token_refresh_runs(
     exporter runs the torch runtime through a planned request with one token refresh and records
     them.
     """
-    if config.cache is None or timestep_slot is None or not any(g.kind == "token" for g in guards):
-        return {}
+    cache = config.cache
+    refreshes = cache is not None and (cache.polish == "token" or cache.mode == "plan")
+    if not refreshes or timestep_slot is None or not any(g.kind == "token" for g in guards):
+        return {}  # a request that asks for token refreshes anyway is told to export again
     from diffopt.runtime.cache import request
 
     executor = build_executor(program, config, guards, timestep_slot=timestep_slot,
@@ -476,7 +478,7 @@ class _SessionRegion:
         self.inputs, self.outputs = inputs, outputs
         self.names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
-        self.token_variants: dict[int, _SessionRegion] | None = None
+        self.token_variants: dict[int, _SessionRegion] = {}
         """Token count → the region exported for a token refresh of that many tokens."""
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:

@@ -605,8 +605,8 @@ class CachingExecutor(RegionExecutor):
             else:
                 raise ConfigError(
                     f"this engine's region {lowered.region.name!r} was exported for token "
-                    f"refreshes of {sorted(exported)} tokens, not {count}: export again with the "
-                    "cache.token_ratio and the resolution you serve"
+                    f"refreshes of {sorted(exported) or 'no'} tokens, not {count}: export again "
+                    "with cache.polish='token' and the cache.token_ratio and resolution you serve"
                 )
         return self._variants[key]
 

@@ -119,6 +119,15 @@ def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
             runs[name] = (denoise(denoiser, inputs, 12), req.actions[0])
     assert runs["onnx"][1] == runs["torch"][1] and runs["torch"][1].count("token") == 9
     torch.testing.assert_close(runs["onnx"][0], runs["torch"][0], atol=1e-4, rtol=1e-4)
+    blocks_only = load(export(model, inputs, {"cache": {**cache, "polish": "block"}},
+                              out=tmp_path / "blocks"))  # fmt: skip
+    denoise(blocks_only, inputs, 12)
+    asked = CacheConfig(**{**cache, "polish": "token"})
+    with (
+        pytest.raises(ConfigError, match="exported for token refreshes of no tokens, not 4"),
+        diffopt.request(steps=12, cache=asked),
+    ):
+        denoise(blocks_only, inputs, 12)
 
 
 def test_a_cached_engine_keeps_one_file_per_region_and_a_manifest(cached_engine):
