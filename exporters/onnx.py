@@ -37,7 +37,7 @@ from diffopt.runtime.lowering import RegionProgram, Slot
 
 FORMAT = "diffopt-engine"
 FORMAT_VERSION = 1
-QUANT_FORMS = {"integer": 18, "qdq": 21, "custom": 18}
+QUANT_FORMS = {"integer": 18, "qdq": 21, "qdq_static": 21, "custom": 18}
 """How `diffopt::w4a4_linear` is written, and the ONNX opset each form needs:
 
 - ``integer``: standard ops with exact integer arithmetic (MatMulInteger on the packed int4
@@ -45,6 +45,9 @@ QUANT_FORMS = {"integer": 18, "qdq": 21, "custom": 18}
 - ``qdq``: int4 / int8 weight initializers behind blocked DequantizeLinear, per-token
   QuantizeLinear / DequantizeLinear on the rotated activation and a float MatMul (opset 21);
   runtimes fuse the pattern into integer kernels;
+- ``qdq_static``: as ``qdq`` with one constant activation scale per layer, calibrated on the
+  export's example inputs (the absmax of the rotated activation; larger values clip at run
+  time): TensorRT's explicit quantization, which needs constant scales (INT8 activations);
 - ``custom``: one ``ai.diffopt::W4A4Linear`` node per linear, with the integer form as its
   model-local function: a runtime with that kernel runs it, any other inlines the function.
 """
@@ -335,7 +338,10 @@ def _export_region(
             f"region {lowered.region.name!r} takes non-tensor inputs {bad}, which an engine "
             "cannot feed; export with static shapes (dynamic_batch=False)"
         )
-    module = _Baked(lowered.module, examples, plan).eval()
+    inner = lowered.module
+    if quant_form == "qdq_static":
+        inner = _with_static_scales(inner, examples)
+    module = _Baked(inner, examples, plan).eval()
     quantized = any(
         n.target is torch.ops.diffopt.w4a4_linear.default
         for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
@@ -352,8 +358,8 @@ def _export_region(
             external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
             custom_translation_table=_translations(quant_form), dynamic_shapes=dynamic,
             # the integer forms keep the int4 weight packed: the optimizer would fold its unpack
-            # into int8 weights; the Q/DQ form wants it folded (into int4 initializers)
-            optimize=not quantized or quant_form == "qdq",
+            # into int8 weights; the Q/DQ forms want it folded (into int4 initializers)
+            optimize=not quantized or quant_form.startswith("qdq"),
         )  # fmt: skip
     except Exception as e:  # the exporter's own errors name the op; add where it sits
         raise ExportError(f"region {lowered.region.name!r} could not be exported: {e}") from e
@@ -373,10 +379,46 @@ def _translations(quant_form: str) -> dict[Any, Any]:
     """diffopt's own ops, written in ONNX ops."""
     import diffopt.kernels.ops  # noqa: F401  (registers torch.ops.diffopt)
 
-    from .w4a4_onnx import w4a4_linear, w4a4_linear_qdq
+    from .w4a4_onnx import w4a4_linear, w4a4_linear_qdq, w4a4_linear_qdq_static
 
     linear = w4a4_linear_qdq if quant_form == "qdq" else w4a4_linear
-    return {torch.ops.diffopt.w4a4_linear.default: linear}
+    return {
+        torch.ops.diffopt.w4a4_linear.default: linear,
+        torch.ops.diffopt.w4a4_linear_static.default: w4a4_linear_qdq_static,
+    }
+
+
+def _with_static_scales(module: nn.Module, examples: list[Any]) -> nn.Module:
+    """A copy of a region whose `w4a4_linear` ops become `w4a4_linear_static`, each with one
+    activation scale: the absmax of its rotated input on `examples`, over qmax."""
+    import copy
+
+    from diffopt.kernels import rotate
+    from diffopt.kernels.reference import qmax
+
+    module = copy.deepcopy(module)
+    gm = module if isinstance(module, torch.fx.GraphModule) else module.gm
+    linear = torch.ops.diffopt.w4a4_linear.default
+    absmax: dict[str, float] = {}
+
+    class Calibrate(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            if node.target is linear:
+                x, rotation = self.env[node.args[0]], node.args[4] and self.env[node.args[4]]
+                rows = x.detach().reshape(-1, x.shape[-1]).float()
+                absmax[node.name] = float(rotate(rows, rotation).abs().max())
+            return super().run_node(node)
+
+    with torch.no_grad():
+        Calibrate(gm).run(*examples)
+    for node in gm.graph.nodes:
+        if node.target is linear:
+            x, weight, scale, bias, rotation, act_bits, weight_bits = node.args
+            act_scale = max(absmax[node.name], 1e-12) / qmax(act_bits)
+            node.target = torch.ops.diffopt.w4a4_linear_static.default
+            node.args = (x, weight, scale, bias, rotation, act_scale, act_bits, weight_bits)
+    gm.recompile()
+    return module
 
 
 def _describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict[str, Any]:

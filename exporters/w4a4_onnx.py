@@ -111,18 +111,45 @@ def w4a4_linear_qdq(
     except QuantizeLinear's rounding (ties to even, not away from zero): a value exactly halfway
     between two levels can land one level apart.
     """
-    from onnxscript import opset21 as op21
-
     q = float(2 ** (act_bits - 1) - 1)
-    low_bits = {4: TensorProto.INT4, 8: TensorProto.INT8}
     rows = _rotated_rows(x, rotation)
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)
     positive = op.Greater(absmax, op.Constant(value_float=0.0))
     act_scale = op.Where(positive, op.Div(absmax, op.Constant(value_float=q)),
                          op.Constant(value_float=1.0))  # fmt: skip
+    return _qdq_matmul(rows, act_scale, 0, x, weight, weight_scale, bias, act_bits, weight_bits)
+
+
+def w4a4_linear_qdq_static(
+    x: Any,
+    weight: Any,
+    weight_scale: Any,
+    bias: Any,
+    rotation: Any,
+    act_scale: float,
+    act_bits: int,
+    weight_bits: int,
+) -> Any:
+    """The *static Q/DQ* form (opset 21) of ``diffopt::w4a4_linear_static``: as `w4a4_linear_qdq`
+    but with one constant activation scale, calibrated at export; the form TensorRT's explicit
+    quantization builds (INT8 activations; INT4 only as weight-only, so not the A4 layers)."""
+    rows = _rotated_rows(x, rotation)
+    scale = op.Constant(value_float=act_scale)
+    return _qdq_matmul(rows, scale, 1, x, weight, weight_scale, bias, act_bits, weight_bits)
+
+
+def _qdq_matmul(
+    rows: Any, act_scale: Any, axis: int, x: Any, weight: Any, weight_scale: Any, bias: Any,
+    act_bits: int, weight_bits: int,
+) -> Any:  # fmt: skip
+    """Q/DQ of the rotated rows with `act_scale` (per token, or one scalar), times the blocked-DQ
+    weight, plus the bias."""
+    from onnxscript import opset21 as op21
+
+    low_bits = {4: TensorProto.INT4, 8: TensorProto.INT8}
     act = op21.DequantizeLinear(
-        op21.QuantizeLinear(rows, act_scale, axis=0, output_dtype=low_bits[act_bits]),
-        act_scale, axis=0,
+        op21.QuantizeLinear(rows, act_scale, axis=axis, output_dtype=low_bits[act_bits]),
+        act_scale, axis=axis,
     )  # fmt: skip
     stored = _unpack_int4(weight) if weight_bits == 4 else weight
     k = weight.shape[1] * (2 if weight_bits == 4 else 1)  # static: the weight is a constant

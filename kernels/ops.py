@@ -38,6 +38,29 @@ def _(x, weight, weight_scale, bias, rotation, act_bits, weight_bits):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("diffopt::w4a4_linear_static", mutates_args=())
+def w4a4_linear_static(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    act_scale: float,
+    act_bits: int,
+    weight_bits: int,
+) -> torch.Tensor:
+    """`w4a4_linear` with one calibrated activation scale instead of per-token ones: the form
+    the exporter writes for TensorRT (``quant_form="qdq_static"``). PyTorch reference only."""
+    return reference.rotated_linear(
+        x, weight, weight_scale, bias, rotation, act_bits, weight_bits, act_scale
+    )
+
+
+@w4a4_linear_static.register_fake
+def _(x, weight, weight_scale, bias, rotation, act_scale, act_bits, weight_bits):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 @register_flop_formula(torch.ops.diffopt.w4a4_linear)
 def _flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     """Integer multiply-adds count like float ones: FLOP ratios stay comparable."""

@@ -133,10 +133,19 @@ def rotated_linear(
     rotation: torch.Tensor | None,
     act_bits: int,
     weight_bits: int,
+    act_scale: float | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` with W stored by `quantize_weight`: rotate, quantize, GEMM."""
+    """``F.linear(x, W, bias)`` with W stored by `quantize_weight`: rotate, quantize, GEMM.
+
+    The activation is quantized per token (absmax / qmax), or with one static `act_scale` for
+    every token (calibrated offline; values beyond it clip), as TensorRT's INT8 layers need.
+    """
     rows = x.reshape(-1, x.shape[-1])
-    values, act_scale = quantize_activation(rows, act_bits, rotation)
+    if act_scale is None:
+        values, act_scale = quantize_activation(rows, act_bits, rotation)
+    else:
+        static = torch.full(rows.shape[:1], act_scale, dtype=torch.float32, device=x.device)
+        values, act_scale = quantize_rows(rotate(rows, rotation), act_bits, scale=static)
     acc = int_matmul(values, stored_values(weight, weight_bits))
     out = dequantize(acc, act_scale, weight_scale, bias, x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -192,7 +192,7 @@ def quantized_dit():
     return model, inputs, {}
 
 
-@pytest.mark.parametrize("form", ["integer", "qdq", "custom"])
+@pytest.mark.parametrize("form", ["integer", "qdq", "qdq_static", "custom"])
 @pytest.mark.parametrize("preset", ["w4a4", "w4a8", "w8a8"])
 def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_path):
     import onnx
@@ -205,10 +205,22 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
                                      options={"inner": "eager", "quant": quant})  # fmt: skip
             expected[preset] = compiled(**inputs)[0]
     out = export(model, inputs, {"quant": quant}, out=tmp_path, quant_form=form)
+    got = load(out)(**inputs)[0]
+    proto = onnx.load(out / "model.onnx")
+    if form == "qdq_static":  # other numbers by design: one calibrated scale per layer
+        with torch.no_grad():
+            exact = model(**inputs)[0]
+        noise = (got - exact).pow(2).sum() / exact.pow(2).sum()
+        assert -10 * noise.log10() > (45 if preset == "w8a8" else 20)  # SQNR in dB
+        constant = {i.name for i in proto.graph.initializer} | {
+            o for n in proto.graph.node if n.op_type == "Constant" for o in n.output
+        }
+        quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+        assert quantize and all(n.input[1] in constant for n in quantize)  # TensorRT needs that
+        return
     # Q/DQ rounds a value within float error of halfway between two levels the other way
     tolerance = 1e-3 if form == "qdq" else 1e-5
-    torch.testing.assert_close(load(out)(**inputs)[0], expected[preset], atol=tolerance, rtol=0)
-    proto = onnx.load(out / "model.onnx")
+    torch.testing.assert_close(got, expected[preset], atol=tolerance, rtol=0)
     ops = [n.op_type for n in proto.graph.node]
     types = [onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer]
     weight_type = "UINT8" if preset.startswith("w4") else "INT8"  # packed int4: two a byte

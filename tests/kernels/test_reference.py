@@ -102,6 +102,20 @@ def test_op_survives_compile_export_and_opcheck():
     assert torch.equal(exported.module()(x), eager)
 
 
+def test_a_static_activation_scale_clips_beyond_it_and_matches_per_token_at_the_absmax():
+    torch.manual_seed(0)
+    w, h = torch.randn(24, 64), hadamard("regular", 64)
+    stored, scale = quantize_weight(w, 8, h)
+    static = torch.ops.diffopt.w4a4_linear_static.default
+    x = torch.randn(1, 64)  # one token: its own absmax is the static scale
+    absmax = float(rotate(x, h).abs().max())
+    per_token = torch.ops.diffopt.w4a4_linear(x, stored, scale, None, h, 8, 8)
+    torch.testing.assert_close(static(x, stored, scale, None, h, absmax / 127, 8, 8), per_token)
+    clipped = static(x * 4, stored, scale, None, h, absmax / 127, 8, 8)  # beyond the scale: clips
+    assert (clipped - 4 * per_token).abs().max() > 0.1 * per_token.abs().max()
+    torch.library.opcheck(static, (x, stored, scale, torch.randn(24), h, absmax / 127, 8, 8))
+
+
 def test_weight_clip_search_never_increases_the_error():
     torch.manual_seed(0)
     w = torch.randn(32, 256)
