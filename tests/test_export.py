@@ -27,6 +27,20 @@ def test_every_family_exports_to_one_file_with_a_dynamic_batch(tiny, tmp_path):
         torch.testing.assert_close(first_output(engine(**call)), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_large_weights_go_to_a_side_file_that_is_hashed_and_loaded(tmp_path, monkeypatch):
+    import diffopt.exporters.onnx as onnx_exporter
+
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)  # every region counts as large
+    model, inputs = zoo.build("tiny-dit")
+    out = export(model, inputs, out=tmp_path)
+    side = [p.name for p in out.iterdir() if p.suffix not in (".onnx", ".json")]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert side and set(side) <= set(manifest["hashes"])
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    torch.testing.assert_close(first_output(load(out)(**inputs)), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_model_that_fixes_its_batch_says_so(tmp_path):
     class Fixed(torch.nn.Module):
         def forward(self, hidden_states):
