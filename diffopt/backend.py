@@ -171,7 +171,8 @@ def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> 
         return
     env = sizes[0][1].node.shape_env
     axes = {n.node.expr for _, n in sizes if n.node.expr.is_Symbol}
-    values = {s: sympy.Integer(v) for s, v in env.var_to_val.items()}
+    hints = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val  # < 2.13
+    values = {s: sympy.Integer(v) for s, v in hints.items()}
     values.update({s: 2 * values[s] for s in axes if s in values})
     for guard in env.guards:
         expr = env.replace(guard.expr)  # in the symbols the inputs carry (s35 → s22)

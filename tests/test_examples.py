@@ -19,6 +19,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("bench_reference.py", ["--images", "10", "--steps", "4"]),
         ("cache_reference.py", ["--images", "6", "--steps", "20", "--target-psnr", "25"]),
         ("quantize_reference.py", ["--images", "6", "--steps", "8"]),
+        ("few_step_reference.py", ["--images", "10"]),
+        ("export_reference.py", ["--images", "4", "--steps", "20"]),
     ],
 )
 def test_example_runs(script, args, tmp_path):
@@ -42,5 +44,9 @@ def test_example_runs(script, args, tmp_path):
         nfe = float(out.stdout.split("effective NFE ")[1].split(";")[0])
         assert 1.5 < nfe <= 1.7
         assert float(out.stdout.split("accuracy ")[1].split()[0]) >= 0.8
+    elif script == "export_reference.py":
+        assert "same decisions as torch: True" in out.stdout
+        assert float(out.stdout.split("max |diff| ")[1].split()[0].rstrip(";")) <= 1e-4
+        assert float(out.stdout.split("unquantized model ")[1].split(" dB")[0]) > 22
     else:
         assert (tmp_path / "inspect_tiny.html").exists()
