@@ -154,7 +154,7 @@ def _qdq_matmul(
     stored = _unpack_int4(weight) if weight_bits == 4 else weight
     k = weight.shape[1] * (2 if weight_bits == 4 else 1)  # static: the weight is a constant
     # [K, N], one block of K per output channel: the layout onnxruntime's DQ→MatMulNBits fusion
-    # looks for (it did not fire on the tiny DiT, where the MatMul became a Gemm with the bias)
+    # looks for (in our check it did not fire on the tiny DiT)
     w_scale = op.Unsqueeze(op.Cast(weight_scale, to=FLOAT.dtype), op.Constant(value_ints=[0]))
     values = op.Transpose(op21.Cast(stored, to=low_bits[weight_bits]), perm=[1, 0])
     out = op.MatMul(act, op21.DequantizeLinear(values, w_scale, axis=0, block_size=k))
