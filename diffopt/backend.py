@@ -156,7 +156,8 @@ def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> 
     Dynamo's shape guards are the conditions under which the graph it traced is the model's code.
     A model that builds a fixed-size position embedding guards ``(H/p)·(W/p) == 16``, which pins
     neither H nor W alone, so no constraint error is raised; evaluating the guards with every
-    dynamic size doubled finds it.
+    dynamic size doubled finds it. One-axis bounds are left to the ranges the engine checks;
+    relations between axes that doubling keeps (``H == W``) are not recorded.
     """
     import sympy
     import torch
@@ -176,7 +177,9 @@ def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> 
     values.update({s: 2 * values[s] for s in axes if s in values})
     for guard in env.guards:
         expr = env.replace(guard.expr)  # in the symbols the inputs carry (s35 → s22)
-        if expr.free_symbols & axes and expr.xreplace(values) is not sympy.true:
+        if len(expr.free_symbols) == 1 and not expr.atoms(sympy.Eq, sympy.Ne):
+            continue  # one axis's bounds (SD3's largest crop): a recorded range the engine checks
+        if expr.free_symbols & axes and expr.xreplace(values) is sympy.false:
             raise ValueError(
                 f"{model} does not allow a dynamic {asked}: the traced graph holds only while "
                 f"{expr} (the dynamic sizes are {sorted(map(str, axes))}), e.g. a position "
@@ -191,8 +194,9 @@ def mark_dynamic_axes(
 
     The latents are the first tensor input. `batch`: dim 0 of every tensor input whose dim 0 is
     the batch (Flux's position ids and a sampler's per-step noise keep their sizes). `resolution`:
-    the latents' spatial dims ([B, C, H, W] or [B, C, F, H, W]), or for packed token latents
-    ([B, N, C], Flux) the token dim and dim 0 of [N, k] inputs (the position ids).
+    the latents' dims after the channels ([B, C, H, W]; frames too for [B, C, F, H, W]), or for
+    packed token latents ([B, N, C], Flux) the token dim and dim 0 of [N, k] inputs (the position
+    ids; a text-id tensor whose length happens to equal the token count is marked as well).
     """
     import torch
 

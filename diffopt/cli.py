@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="engine folder to write")
     p.add_argument("--dynamic-batch", action="store_true", help="the batch as a dynamic axis")
     p.add_argument("--dynamic-resolution", action="store_true",
-                   help="the latents' height and width (or tokens) as dynamic axes")  # fmt: skip
+                   help="the latents' spatial axes (or tokens) as dynamic axes")  # fmt: skip
     p.add_argument("--quant-form", default="integer",
                    choices=["integer", "qdq", "qdq_static", "custom"],
                    help="how quantized linears are written (see exporters/onnx.py)")  # fmt: skip

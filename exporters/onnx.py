@@ -36,7 +36,8 @@ from diffopt.runtime.executor import RegionExecutor
 from diffopt.runtime.lowering import RegionProgram, Slot
 
 FORMAT = "diffopt-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: per-region export shapes (TensorRT profiles), per-axis size ranges, token variants."""
 QUANT_FORMS = {"integer": 18, "qdq": 21, "qdq_static": 21, "custom": 18}
 """How `diffopt::w4a4_linear` is written, and the ONNX opset each form needs:
 
@@ -44,7 +45,7 @@ QUANT_FORMS = {"integer": 18, "qdq": 21, "qdq_static": 21, "custom": 18}
   weight, unpacked in the graph); the same numbers as the torch op, on any ONNX runtime;
 - ``qdq``: int4 / int8 weight initializers behind blocked DequantizeLinear, per-token
   QuantizeLinear / DequantizeLinear on the rotated activation and a float MatMul (opset 21);
-  runtimes fuse the pattern into integer kernels;
+  runtimes may fuse the pattern into integer kernels (onnxruntime CPU kept it as is here);
 - ``qdq_static``: as ``qdq`` with one constant activation scale per layer, calibrated on the
   export's example inputs (the absmax of the rotated activation; larger values clip at run
   time): TensorRT's explicit quantization, which needs constant scales (INT8 activations);
@@ -111,9 +112,13 @@ class _RegionInputs:
         return [i for i in range(self.count) if i not in self.weights and i not in self.sizes]
 
 
+def _graph_module(module: nn.Module) -> torch.fx.GraphModule:
+    """A region's fx graph module (a single-region engine wraps it in `_FlatOutputs`)."""
+    return module if isinstance(module, torch.fx.GraphModule) else module.gm
+
+
 def _plan_inputs(lowered: Any, weights: set[int]) -> _RegionInputs:
-    graph = (lowered.module if isinstance(lowered.module, torch.fx.GraphModule)
-             else lowered.module.gm).graph  # fmt: skip
+    graph = _graph_module(lowered.module).graph
     fakes = [example_value(n) for n in graph.nodes if n.op == "placeholder"]
     positions = {i for i, s in enumerate(lowered.inputs) if s in weights}
     sizes, dynamic = {}, {}
@@ -205,7 +210,8 @@ def export(
         if index in shorts:  # the same region on the tokens a token refresh recomputes
             count, examples = shorts[index]
             short = name.replace(".onnx", f"_tokens{count}.onnx")
-            _export_region(lowered, examples, plan, out / short, quant_form)
+            _export_region(lowered, examples, plan, out / short, quant_form,
+                           calibration=recorder.examples[index])  # fmt: skip
             regions[-1]["token_variants"][str(count)] = short
     batch = next(
         (v.shape[0] for i, v in enumerate(flat)
@@ -282,7 +288,8 @@ def _token_refresh_runs(
     with torch.no_grad(), request(steps=len(plan), cache=settings):
         for step in range(len(plan) - 1):  # a falling timestep: one request
             inputs = list(flat)
-            inputs[timestep_slot] = start - step * 0.1 * start.abs().max().clamp(min=1)
+            fall = (0.1 * start.abs().max()).clamp(min=1).ceil()  # a whole step for int timesteps
+            inputs[timestep_slot] = (start - step * fall).to(start.dtype)
             executor(*inputs)
     return runs
 
@@ -329,8 +336,15 @@ class _FlatOutputs(nn.Module):
 
 
 def _export_region(
-    lowered: Any, examples: list[Any], plan: _RegionInputs, path: Path, quant_form: str
+    lowered: Any,
+    examples: list[Any],
+    plan: _RegionInputs,
+    path: Path,
+    quant_form: str,
+    calibration: list[Any] | None = None,
 ) -> None:
+    """Export one region, traced on `examples`; ``qdq_static`` scales come from `calibration`
+    (default: the examples), so a token variant keeps its full region's scales."""
     activations = tuple(examples[i] for i in plan.kept)
     bad = [type(v).__name__ for v in activations if not isinstance(v, torch.Tensor)]
     if bad:
@@ -340,7 +354,7 @@ def _export_region(
         )
     inner = lowered.module
     if quant_form == "qdq_static":
-        inner = _with_static_scales(inner, examples)
+        inner = _with_static_scales(inner, calibration or examples)
     module = _Baked(inner, examples, plan).eval()
     quantized = any(
         n.target is torch.ops.diffopt.w4a4_linear.default
@@ -370,7 +384,8 @@ def _export_region(
 
         proto = program.model_proto
         as_custom_nodes(proto)
-        onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_BYTES)
+        onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_BYTES,
+                  location=f"{path.name}.data")  # fmt: skip
     else:
         program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
 
@@ -397,7 +412,7 @@ def _with_static_scales(module: nn.Module, examples: list[Any]) -> nn.Module:
     from diffopt.kernels.reference import qmax
 
     module = copy.deepcopy(module)
-    gm = module if isinstance(module, torch.fx.GraphModule) else module.gm
+    gm = _graph_module(module)
     linear = torch.ops.diffopt.w4a4_linear.default
     absmax: dict[str, float] = {}
 
@@ -514,9 +529,14 @@ class _SessionRegion:
     """
 
     def __init__(
-        self, region: Region, session: Any, inputs: list[int], outputs: list[int], device: str
+        self,
+        region: Region,
+        session: Any,
+        inputs: list[int],
+        outputs: list[int],
+        device: torch.device,
     ) -> None:
-        self.region, self.session, self.device = region, session, torch.device(device)
+        self.region, self.session, self.device = region, session, device
         self.inputs, self.outputs = inputs, outputs
         self.names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -528,23 +548,40 @@ class _SessionRegion:
         kept = [a.detach().to(self.device).contiguous() for a in args]  # alive through the run
         index = self.device.index or 0
         for name, value in zip(self.names, kept, strict=True):
+            if value.dtype not in _NUMPY_DTYPES:
+                raise TypeError(f"an engine cannot bind {value.dtype} tensors (no numpy type); "
+                                "export with float32 or float16 inputs")  # fmt: skip
             binding.bind_input(name, self.device.type, index, _NUMPY_DTYPES[value.dtype],
                                list(value.shape), value.data_ptr())  # fmt: skip
         for name in self.output_names:
             binding.bind_output(name, self.device.type, index)
+        if self.device.type == "cuda":  # onnxruntime's stream must see what torch's wrote
+            torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
-        device = args[0].device if args else self.device
-        return [torch.from_dlpack(v).to(device) for v in binding.get_outputs()]
+        # outputs stay on the session's device; the engine moves the final ones to the caller's
+        return [_as_tensor(v) for v in binding.get_outputs()]
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    """An onnxruntime OrtValue as a torch tensor: by DLPack, without a copy, where this
+    onnxruntime supports it; through numpy (host memory) where it does not."""
+    if hasattr(value, "__dlpack__"):
+        return torch.from_dlpack(value)
+    return torch.from_numpy(value.numpy())
 
 
 class Engine:
     """A loaded engine: call it like the denoiser (same keyword inputs), get its outputs."""
 
-    def __init__(self, manifest: dict[str, Any], executor: RegionExecutor) -> None:
-        self.manifest, self.executor = manifest, executor
+    def __init__(
+        self, manifest: dict[str, Any], executor: RegionExecutor, device: torch.device
+    ) -> None:
+        self.manifest, self.executor, self.device = manifest, executor, device
+        """The sessions' device: inputs move there once, outputs come back to the caller's."""
 
     def __call__(self, **inputs: Any) -> Any:
         flat: list[Any] = [None] * self.manifest["num_inputs"]
+        caller: torch.device | None = None
         for spec in self.manifest["inputs"]:
             value: Any = inputs
             try:
@@ -557,11 +594,16 @@ class Engine:
                 continue
             if isinstance(value, torch.Tensor):
                 self._check(spec, value)
+                caller = caller or value.device
+                value = value.to(self.device)
             flat[spec["slot"]] = value
+        from torch.utils import _pytree as pytree
+
         outputs = self.executor(*flat)
+        if caller is not None:
+            outputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(caller), outputs)
         if self.manifest.get("returns") is None:
             return outputs
-        from torch.utils import _pytree as pytree
 
         return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.manifest["returns"]))
 
@@ -626,10 +668,17 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
         # onnxruntime's worker threads spin after each run; with one session per region the idle
         # sessions' spinning threads starve the busy one (a cached ref-dit run was 3x slower)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    device = "cpu" if provider == "cpu" else "cuda"
+    if provider == "cpu":
+        device, providers = torch.device("cpu"), [PROVIDERS["cpu"]]
+    else:  # one GPU, named to both: torch's current device
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        device, providers = (
+            torch.device("cuda", index),
+            [(PROVIDERS[provider], {"device_id": index})],
+        )
 
     def session(file: str) -> Any:
-        return ort.InferenceSession(str(path / file), options, providers=[PROVIDERS[provider]])
+        return ort.InferenceSession(str(path / file), options, providers=providers)
 
     regions = []
     for r in manifest["regions"]:
@@ -649,4 +698,4 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
     guards = [Guard(g["kind"], tuple(g["regions"]), g["why"]) for g in manifest["guards"]]
     executor = build_executor(program, config, guards, timestep_slot=manifest["timestep_slot"],
                               param_slots=set())  # fmt: skip
-    return Engine(manifest, executor)
+    return Engine(manifest, executor, device)

@@ -58,6 +58,11 @@ def build_engines(
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
+        if "shapes" not in region:
+            raise ExportError(
+                f"{folder} was exported by a diffopt without per-region shapes (engine format "
+                "1); export it again to build TensorRT engines"
+            )
         exported = dict(zip((f"slot_{s}" for s in region["inputs"]), region["shapes"],
                             strict=True))  # fmt: skip
         for i in range(network.num_inputs):

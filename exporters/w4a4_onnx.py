@@ -133,7 +133,10 @@ def w4a4_linear_qdq_static(
     """The *static Q/DQ* form (opset 21) of ``diffopt::w4a4_linear_static``: as `w4a4_linear_qdq`
     but with one constant activation scale, calibrated at export; the form TensorRT's explicit
     quantization builds (INT8 activations; INT4 only as weight-only, so not the A4 layers)."""
-    rows = _rotated_rows(x, rotation)
+    # clip to ±qmax·scale first: QuantizeLinear saturates to [-qmax-1, qmax], the op to ±qmax
+    limit = act_scale * (2 ** (act_bits - 1) - 1)
+    rows = op.Clip(_rotated_rows(x, rotation), op.Constant(value_float=-limit),
+                   op.Constant(value_float=limit))  # fmt: skip
     scale = op.Constant(value_float=act_scale)
     return _qdq_matmul(rows, scale, 1, x, weight, weight_scale, bias, act_bits, weight_bits)
 
@@ -215,7 +218,7 @@ def as_custom_nodes(model: Any) -> int:
             domain=CUSTOM_DOMAIN, act_bits=act_bits, weight_bits=weight_bits,
         )  # fmt: skip
         call.overload = overload
-        replacements[indices[0]] = call
+        replacements[indices[-1]] = call  # after every node the group reads from
         dropped.update(indices)
     nodes = [replacements.get(i, n) for i, n in enumerate(graph.node)
              if i in replacements or i not in dropped]  # fmt: skip
