@@ -212,7 +212,8 @@ def export(
             short = name.replace(".onnx", f"_tokens{count}.onnx")
             _export_region(lowered, examples, plan, out / short, quant_form,
                            calibration=recorder.examples[index])  # fmt: skip
-            regions[-1]["token_variants"][str(count)] = short
+            regions[-1]["token_variants"][str(count)] = {
+                "file": short, "shapes": [list(examples[i].shape) for i in plan.kept]}  # fmt: skip
     batch = next(
         (v.shape[0] for i, v in enumerate(flat)
          if isinstance(v, torch.Tensor) and v.ndim and i not in weights), None
@@ -686,8 +687,10 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
         lowered = _SessionRegion(region, session(r["file"]), r["inputs"], r["outputs"], device)
         if r.get("token_variants"):  # a token-guarded region's shorter runs
             lowered.token_variants = {
-                int(count): _SessionRegion(region, session(file), r["inputs"], r["outputs"], device)
-                for count, file in r["token_variants"].items()
+                int(count): _SessionRegion(
+                    region, session(variant["file"]), r["inputs"], r["outputs"], device
+                )
+                for count, variant in r["token_variants"].items()
             }
         regions.append(lowered)
     program = RegionProgram(

@@ -46,40 +46,52 @@ def build_engines(
     manifest = json.loads((folder / "manifest.json").read_text())
     logger = trt.Logger(trt.Logger.WARNING)
     plans = []
+    if any("shapes" not in region for region in manifest["regions"]):
+        raise ExportError(
+            f"{folder} was exported by a diffopt without per-region shapes (engine format 1); "
+            "export it again to build TensorRT engines"
+        )
     for region in manifest["regions"]:
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(folder / region["file"])):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ExportError(f"TensorRT cannot parse region {region['name']!r}: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-        if fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        if "shapes" not in region:
-            raise ExportError(
-                f"{folder} was exported by a diffopt without per-region shapes (engine format "
-                "1); export it again to build TensorRT engines"
-            )
-        exported = dict(zip((f"slot_{s}" for s in region["inputs"]), region["shapes"],
-                            strict=True))  # fmt: skip
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            opt = exported[tensor.name]
-            dynamic = [n == -1 for n in tensor.shape]  # the axes exported as dynamic
-            low = [max(1, n // scale) if d else n for n, d in zip(opt, dynamic, strict=True)]
-            high = [n * scale if d else n for n, d in zip(opt, dynamic, strict=True)]
-            profile.set_shape(tensor.name, low, opt, high)
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise ExportError(f"TensorRT could not build region {region['name']!r} (see its log)")
-        plan = folder / (region["file"] + ".plan")
-        plan.write_bytes(bytes(serialized))
-        region["tensorrt"] = plan.name
-        manifest["hashes"][plan.name] = sha256(plan)
-        plans.append(plan)
+        # the region, and the shorter-sequence variants token refreshes run
+        for entry in (region, *region.get("token_variants", {}).values()):
+            plan = _build(trt, logger, folder, region, entry, fp16, workspace_gib, scale)
+            entry["tensorrt"] = plan.name
+            manifest["hashes"][plan.name] = sha256(plan)
+            plans.append(plan)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return plans
+
+
+def _build(
+    trt: Any, logger: Any, folder: Path, region: dict[str, Any], entry: dict[str, Any],
+    fp16: bool, workspace_gib: float, scale: int,
+) -> Path:  # fmt: skip
+    """One serialized engine for `entry` (a region, or one of its token variants)."""
+    from .onnx import ExportError
+
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(folder / entry["file"])):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {entry['file']} ({region['name']!r}): {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    exported = dict(zip((f"slot_{s}" for s in region["inputs"]), entry["shapes"], strict=True))
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        opt = exported[tensor.name]
+        dynamic = [n == -1 for n in tensor.shape]  # the axes exported as dynamic
+        low = [max(1, n // scale) if d else n for n, d in zip(opt, dynamic, strict=True)]
+        high = [n * scale if d else n for n, d in zip(opt, dynamic, strict=True)]
+        profile.set_shape(tensor.name, low, opt, high)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build {entry['file']} ({region['name']!r})")
+    plan = folder / (entry["file"] + ".plan")
+    plan.write_bytes(bytes(serialized))
+    return plan
