@@ -169,11 +169,12 @@ def export(
         raise ConfigError(f"format must be 'onnx' or 'tensorrt', not {format!r}")
     if quant_form not in QUANT_FORMS:
         raise ConfigError(f"quant_form must be one of {sorted(QUANT_FORMS)}, not {quant_form!r}")
+    config = dataclasses.replace(Config.coerce(config), inner="eager")
     if format == "tensorrt":
         from .tensorrt import import_tensorrt
 
+        _check_tensorrt_quant(config, quant_form)
         import_tensorrt()  # fail before the export work, with the install hint
-    config = dataclasses.replace(Config.coerce(config), inner="eager")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     captured = capture(model, example_inputs, config, dynamic_batch=dynamic_batch,
@@ -250,6 +251,22 @@ def export(
 
         build_engines(out)
     return out
+
+
+def _check_tensorrt_quant(config: Config, quant_form: str) -> None:
+    """TensorRT parses Q/DQ with constant scales, INT8 activations: refuse what it cannot build."""
+    if config.quant is None:
+        return
+    if quant_form != "qdq_static":
+        raise ConfigError(
+            f"TensorRT cannot build quantized layers in the {quant_form!r} form (integer "
+            "matmuls or custom nodes); export with quant_form='qdq_static'"
+        )
+    if config.quant.act_bits != 8:
+        raise ConfigError(
+            f"TensorRT has no {config.quant.act_bits}-bit activations (INT4 is weight-only "
+            "there); use quant='w8a8' for a TensorRT engine"
+        )
 
 
 def _token_refresh_runs(

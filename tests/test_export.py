@@ -281,6 +281,15 @@ def test_tensorrt_engines_or_the_install_hint(cached_engine, tmp_path):
     assert all((out / r["tensorrt"]).stat().st_size > 0 for r in manifest["regions"])
 
 
+def test_tensorrt_refuses_quantized_forms_it_cannot_build(tmp_path):
+    model, inputs = zoo.build("tiny-dit")
+    with pytest.raises(ConfigError, match="export with quant_form='qdq_static'"):
+        export(model, inputs, {"quant": "w8a8"}, out=tmp_path, format="tensorrt")
+    with pytest.raises(ConfigError, match="no 4-bit activations"):
+        export(model, inputs, {"quant": "w4a4"}, out=tmp_path, format="tensorrt",
+               quant_form="qdq_static")  # fmt: skip
+
+
 def test_tensorrt_profiles_span_the_dynamic_axes(tmp_path, monkeypatch):
     """build_engines against a stand-in for the tensorrt module (its documented calls only):
     each region's profile is built around the sizes it saw at export."""
