@@ -154,8 +154,8 @@ def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> 
     """Refuse dynamic axes the traced graph does not hold at.
 
     Dynamo's shape guards are the conditions under which the graph it traced is the model's code.
-    A model that builds a fixed-size position embedding guards ``(H/p)·(W/p) == 16``, which pins
-    neither H nor W alone, so no constraint error is raised; evaluating the guards with every
+    A model that builds a fixed-size position embedding guards ``H//2 == 4``, which H = 8 and 9
+    both meet, so no constraint error is raised; evaluating the guards with every
     dynamic size doubled finds it. One-axis bounds are left to the ranges the engine checks;
     relations between axes that doubling keeps (``H == W``) are not recorded.
     """
