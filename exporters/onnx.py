@@ -303,10 +303,10 @@ def _token_refresh_runs(
     settings = dataclasses.replace(config.cache, mode="plan", plan=plan,
                                    profile=config.cache.profile or [1.0] * len(plan))  # fmt: skip
     start = flat[timestep_slot]
+    fall = (0.1 * start.abs().max()).clamp(min=1).ceil()  # a whole step for int timesteps
     with torch.no_grad(), request(steps=len(plan), cache=settings):
         for step in range(len(plan) - 1):  # a falling timestep: one request
             inputs = list(flat)
-            fall = (0.1 * start.abs().max()).clamp(min=1).ceil()  # a whole step for int timesteps
             inputs[timestep_slot] = (start - step * fall).to(start.dtype)
             executor(*inputs)
     return runs
@@ -401,7 +401,12 @@ def _export_region(
         from .w4a4_onnx import as_custom_nodes
 
         proto = program.model_proto
-        as_custom_nodes(proto)
+        if not as_custom_nodes(proto):  # never a silent integer-form file
+            raise ExportError(
+                f"region {lowered.region.name!r}: no ONNX nodes of its w4a4_linear ops were found "
+                "(the exporter's pkg.torch.onnx.fx_node metadata is missing in this torch?); "
+                "export with quant_form='integer'"
+            )
         onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_BYTES,
                   location=f"{path.name}.data")  # fmt: skip
     else:
@@ -429,9 +434,11 @@ def _with_static_scales(module: nn.Module, examples: list[Any]) -> nn.Module:
     from diffopt.kernels import rotate
     from diffopt.kernels.reference import qmax
 
+    linear = torch.ops.diffopt.w4a4_linear.default
+    if not any(n.target is linear for n in _graph_module(module).graph.nodes):
+        return module  # nothing quantized in this region: no calibration run
     module = copy.deepcopy(module)
     gm = _graph_module(module)
-    linear = torch.ops.diffopt.w4a4_linear.default
     absmax: dict[str, float] = {}
 
     class Calibrate(torch.fx.Interpreter):
@@ -529,7 +536,7 @@ def _version() -> str:
 _NUMPY_DTYPES = {t: torch.empty(0, dtype=t).numpy().dtype for t in (
     torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
     torch.uint8, torch.bool)}  # fmt: skip
-"""The element types an engine binds (bfloat16 has no numpy type; the dtype check refuses it)."""
+"""The element types an engine binds (bfloat16 has no numpy type: binding it is an error)."""
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

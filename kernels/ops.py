@@ -33,9 +33,12 @@ def w4a4_linear(
     return rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
 
 
-@w4a4_linear.register_fake
-def _(x, weight, weight_scale, bias, rotation, act_bits, weight_bits):
+def _linear_output(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
+    """Both ops' fake: x's leading dims, one column per output channel."""
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+w4a4_linear.register_fake(_linear_output)
 
 
 @torch.library.custom_op("diffopt::w4a4_linear_static", mutates_args=())
@@ -56,9 +59,7 @@ def w4a4_linear_static(
     )
 
 
-@w4a4_linear_static.register_fake
-def _(x, weight, weight_scale, bias, rotation, act_scale, act_bits, weight_bits):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+w4a4_linear_static.register_fake(_linear_output)
 
 
 @register_flop_formula(torch.ops.diffopt.w4a4_linear)

@@ -41,6 +41,42 @@ def test_large_weights_go_to_a_side_file_that_is_hashed_and_loaded(tmp_path, mon
     torch.testing.assert_close(first_output(load(out)(**inputs)), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_dynamic_resolution_needs_spatial_or_token_latents(tmp_path):
+    class Flat(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states * 2
+
+    with pytest.raises(ValueError, match=r"dynamic resolution needs latents of shape"):
+        export(Flat(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path,
+               dynamic_resolution=True)  # fmt: skip
+
+
+def test_an_onnxruntime_value_without_dlpack_comes_back_through_numpy():
+    import numpy as np
+    import onnxruntime as ort
+
+    from diffopt.exporters.onnx import _as_tensor
+
+    value = ort.OrtValue.ortvalue_from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
+
+    class Older:  # an onnxruntime whose OrtValue has no __dlpack__
+        def numpy(self):
+            return value.numpy()
+
+    for v in (value, Older()):
+        torch.testing.assert_close(_as_tensor(v), torch.arange(6.0).reshape(2, 3))
+
+
+def test_the_custom_form_refuses_when_it_finds_no_op_nodes(tmp_path, monkeypatch):
+    import diffopt.exporters.w4a4_onnx as w4a4_onnx
+
+    monkeypatch.setattr(w4a4_onnx, "as_custom_nodes", lambda model: 0)  # metadata gone
+    model, inputs = zoo.build("tiny-dit")
+    quant = {**QuantConfig.preset("w4a4").__dict__, "min_sqnr": 0}
+    with pytest.raises(ExportError, match="no ONNX nodes of its w4a4_linear ops"):
+        export(model, inputs, {"quant": quant}, out=tmp_path, quant_form="custom")
+
+
 def test_a_model_that_fixes_its_batch_says_so(tmp_path):
     class Fixed(torch.nn.Module):
         def forward(self, hidden_states):
