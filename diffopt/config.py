@@ -213,6 +213,9 @@ class Config:
             ("quant", QuantConfig),
         ):
             value = getattr(self, name)
+            if isinstance(value, dict):  # what the error below promises: a dict of its fields
+                value = _from_dict(kind, value, path=name)
+                setattr(self, name, value)
             if value is not None and not isinstance(value, kind):
                 raise ConfigError(
                     f"{name} must be a {kind.__name__}, a dict of its fields or None, not {value!r}"

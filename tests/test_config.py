@@ -42,3 +42,12 @@ def test_pass_sections_must_be_their_config_or_a_preset():
         Config.from_dict({"cache": 5})
     with pytest.raises(ConfigError, match=r"quant=.* is not a known preset"):
         Config.from_dict({"quant": "int3"})
+
+
+def test_constructor_takes_a_dict_per_pass_section():
+    from diffopt.config import QuantConfig
+
+    config = Config(quant={"rotation": "none", "min_sqnr": 0.0})
+    assert config.quant == QuantConfig(rotation="none", min_sqnr=0.0)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rotaton'\] in quant"):
+        Config(quant={"rotaton": "none"})
