@@ -1,17 +1,33 @@
 """The fused W4A4 linear against bf16 ``F.linear`` at FLUX shapes, on a CUDA GPU.
 
-Times the whole op (rotation and activation quantization included: two kernel launches)
-against cuBLAS bf16, checks it against the PyTorch reference first, and reports achieved int8
-TOPS against the card's dense int8 peak (H100 SXM: 1979 TOPS; pass --peak for another card).
+Times the whole op (rotation and activation quantization included: two kernel launches) and
+each kernel alone against cuBLAS bf16, after checking it against the PyTorch reference and
+against a float64 linear, and reports achieved int8 TOPS against the card's dense int8 peak
+(H100 / H200 SXM: 1979 TOPS; pass --peak for another card). Inputs rotate among several
+buffers so that repeated runs do not just measure the L2 cache.
 
-    python benchmarks/w4a4_gpu.py              # M=4096; K=N=3072 and K=3072, N=12288
-    python benchmarks/w4a4_gpu.py --tokens 1024 4096
+``--sweep`` also times a grid of tile sizes for each kernel (`kernels.triton_w4a4.Tiles`),
+checks each against the default's output, and prints the fastest: one run on a lent GPU
+gives the tiles to make the default. Full numbers go to ``$OUT/w4a4-gpu.json`` (or --out).
+
+    python benchmarks/w4a4_gpu.py                    # M=4096; K=N=3072 and K=3072, N=12288
+    python benchmarks/w4a4_gpu.py --sweep --tokens 1024 4096
+    python benchmarks/w4a4_gpu.py --dry-run          # CPU, Triton's interpreter, tiny shapes
 """
 
 from __future__ import annotations
 
 import argparse
-from functools import partial
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--dry-run" in sys.argv:  # before triton is imported: kernels run on CPU tensors
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 import torch.nn.functional as F
@@ -19,41 +35,185 @@ from tabulate import tabulate
 
 import diffopt.kernels  # noqa: F401  (registers diffopt::w4a4_linear)
 from diffopt.kernels import default_group, hadamard, quantize_weight
+from diffopt.kernels import triton_w4a4 as tk
 from diffopt.kernels.reference import rotated_linear
+
+BUFFERS = 4
+"""Input sets the timed calls cycle through (4096×3072 bf16 is 24 MiB: L2-sized alone)."""
+
+GEMM_GRID = [
+    tk.Tiles(block_m=bm, block_n=bn, block_kh=bk, num_warps=w, num_stages=s)
+    for bm, bn, bk, (w, s) in itertools.product(
+        (64, 128), (128, 256), (64, 128), ((4, 3), (8, 3), (8, 4))
+    )
+]
+QUANT_GRID = [
+    tk.Tiles(block_m=bm, block_k=bk, num_warps=w)
+    for bm, bk, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8))
+]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64; NaN anywhere gives NaN."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def cycling(fn, inputs):
+    """A no-argument callable that calls `fn` on the next input set each time."""
+    state = itertools.cycle(inputs)
+    return lambda: fn(*next(state))
+
+
+def make_timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    def wall_ms(fn, repeats: int = 3) -> float:  # --dry-run: checks the script, not speed
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return wall_ms
+
+
+def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict | None, timer):
+    """One shape: checks, then times (and sweeps `grids` of tiles). Every number in a dict."""
+    gen = torch.Generator(device=device).manual_seed(m + k + n)
+    xs = [torch.randn(m, k, device=device, dtype=dtype, generator=gen) for _ in range(BUFFERS)]
+    w = (torch.randn(n, k, device=device, dtype=dtype, generator=gen) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+    h = hadamard("regular", default_group(k)).to(device)
+    stored, scale = quantize_weight(w, 4, h)
+    op = torch.ops.diffopt.w4a4_linear.default
+    x = xs[0]
+
+    fused = op(x, stored, scale, bias, h, 4, 4)
+    checks = {
+        # the same integer parts; float order differs in the rotation's dot (bf16/tf32 inputs)
+        "vs reference": relative_error(fused, rotated_linear(x, stored, scale, bias, h, 4, 4)),
+        # what 4 bits cost: against the unquantized linear in float64
+        "vs float64 linear": relative_error(fused, F.linear(x.double(), w.double(), bias.double())),
+        "all finite": bool(torch.isfinite(fused).all()),
+    }
+    if not checks["all finite"] or checks["vs reference"] > 1e-2:
+        raise RuntimeError(f"{m}×{k}×{n}: the fused op disagrees with the reference: {checks}")
+
+    rows = x.reshape(-1, k)
+    values, act_scale = tk.rotate_quantize(rows, 4, h)
+    per_input = [(xi,) for xi in xs]
+    times = {
+        "bf16 F.linear": timer(cycling(lambda xi: F.linear(xi, w, bias), per_input)),
+        "W4A4 op": timer(cycling(lambda xi: op(xi, stored, scale, bias, h, 4, 4), per_input)),
+        "rotate+quantize": timer(cycling(lambda xi: tk.rotate_quantize(xi, 4, h), per_input)),
+        "int4 GEMM": timer(
+            lambda: tk.int_gemm(values, 4, act_scale, stored, 4, scale, bias, k, dtype)
+        ),
+    }
+    result = {"shape": [m, k, n], "checks": checks, "ms": times}
+    if grids:
+        result["sweep"] = {
+            "rotate+quantize": _sweep(
+                grids["rotate+quantize"],
+                lambda t: tk.rotate_quantize(x, 4, h, t)[0],
+                timer,
+                exact=False,
+            ),
+            "int4 GEMM": _sweep(
+                grids["int4 GEMM"],
+                lambda t: tk.int_gemm(values, 4, act_scale, stored, 4, scale, bias, k, dtype, t),
+                timer,
+                exact=True,
+            ),
+        }
+    return result
+
+
+def _sweep(grid, run, timer, exact: bool) -> list[dict]:
+    """Time each tile setting; a setting that fails to compile or changes the output is kept
+    in the list with the reason, never silently dropped."""
+    want = run(None)
+    out = []
+    for tiles in grid:
+        entry = {"tiles": vars(tiles)}
+        try:
+            got = run(tiles)
+            same = torch.equal(got, want)
+            # rotate+quantize: a different K tile may flip a code at a rounding tie
+            differ = (got != want).float().mean().item()
+            if (exact and not same) or differ > 1e-3:
+                entry["error"] = f"output differs from the default tiles' ({differ:.1e} of codes)"
+            else:
+                entry["ms"] = timer(lambda t=tiles: run(t))
+        except Exception as e:  # a tile too large for shared memory, etc.: recorded
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        out.append(entry)
+    return sorted(out, key=lambda e: e.get("ms", float("inf")))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
     parser.add_argument("--peak", type=float, default=1979.0, help="dense int8 TOPS of the card")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of tile sizes")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU; on CPU the op runs its reference")
-    from triton.testing import do_bench
+    if args.dry_run:
+        device, dtype, shapes = "cpu", torch.float32, [(48, 64, 32), (48, 64, 80)]
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", torch.bfloat16
+        shapes = [(m, k, n) for m in args.tokens for k, n in ((3072, 3072), (3072, 12288))]
+    else:
+        raise SystemExit(
+            "this benchmark needs a CUDA GPU (on CPU the op runs its reference); "
+            "--dry-run checks the script on CPU"
+        )
+    timer = make_timer(device)
+    grids = None
+    if args.sweep:  # a dry run tries two settings of each grid
+        grids = {"rotate+quantize": QUANT_GRID, "int4 GEMM": GEMM_GRID}
+        grids = {kernel: grid[:2] if args.dry_run else grid for kernel, grid in grids.items()}
+    results = [measure(m, k, n, device, dtype, grids, timer) for m, k, n in shapes]
 
-    rows = []
-    for m in args.tokens:
-        for k, n in ((3072, 3072), (3072, 12288)):
-            torch.manual_seed(0)
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-            h = hadamard("regular", default_group(k)).cuda()
-            stored, scale = quantize_weight(w, 4, h)
-            op = torch.ops.diffopt.w4a4_linear.default
-            fused = op(x, stored, scale, bias, h, 4, 4)
-            expected = rotated_linear(x, stored, scale, bias, h, 4, 4)
-            error = ((fused.float() - expected.float()).abs().max() / expected.abs().max()).item()
-            t_bf16 = do_bench(partial(F.linear, x, w, bias))
-            t_w4a4 = do_bench(partial(op, x, stored, scale, bias, h, 4, 4))
-            tops = 2 * m * n * k / (t_w4a4 * 1e-3) / 1e12
-            rows.append([
-                f"{m}×{k}×{n}", f"{t_bf16 * 1e3:.1f}", f"{t_w4a4 * 1e3:.1f}",
-                f"{t_bf16 / t_w4a4:.2f}×", f"{tops:.0f}", f"{tops / args.peak:.1%}", f"{error:.1e}",
-            ])  # fmt: skip
-    print(torch.cuda.get_device_name())
-    headers = ["M×K×N", "bf16 µs", "W4A4 µs", "speedup", "int8 TOPS", "of peak", "rel. error"]
-    print(tabulate(rows, headers, tablefmt="github"))
+    table = []
+    for r in results:
+        m, k, n = r["shape"]
+        ms = r["ms"]
+        tera_ops = 2 * m * n * k / 1e12
+        checks = r["checks"]
+        row = [f"{m}×{k}×{n}", f"{ms['bf16 F.linear'] * 1e3:.1f}", f"{ms['W4A4 op'] * 1e3:.1f}",
+               f"{ms['rotate+quantize'] * 1e3:.1f}", f"{ms['int4 GEMM'] * 1e3:.1f}",
+               f"{ms['bf16 F.linear'] / ms['W4A4 op']:.2f}×",
+               f"{tera_ops / (ms['W4A4 op'] * 1e-3):.0f}",
+               f"{tera_ops / (ms['int4 GEMM'] * 1e-3) / args.peak:.1%}",
+               f"{checks['vs reference']:.1e}", f"{checks['vs float64 linear']:.1e}"]  # fmt: skip
+        if "sweep" in r:
+            best = {kernel: entries[0] for kernel, entries in r["sweep"].items()}
+            best_ms = sum(e.get("ms", float("nan")) for e in best.values())
+            row.append(f"{ms['bf16 F.linear'] / best_ms:.2f}×")
+            r["best tiles"] = {kernel: e["tiles"] for kernel, e in best.items()}
+        table.append(row)
+    headers = ["M×K×N", "bf16 µs", "W4A4 µs", "quant µs", "GEMM µs", "speedup", "op TOPS",
+               "GEMM of peak", "err vs ref", "err vs fp64"]  # fmt: skip
+    if args.sweep:
+        headers.append("speedup, best tiles")
+    args.out.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+    report = {"device": device_name, "torch": torch.__version__, "results": results}
+    (args.out / "w4a4-gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    for r in results:
+        for kernel, tiles in r.get("best tiles", {}).items():
+            print(f"{r['shape']} fastest {kernel}: {tiles}")
+    print(device_name, f"(peak {args.peak:.0f} int8 TOPS)")
+    print(tabulate(table, headers, tablefmt="github"))
 
 
 if __name__ == "__main__":

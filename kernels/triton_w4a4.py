@@ -17,6 +17,7 @@ Set ``TRITON_INTERPRET=1`` before importing this module to run the kernels on CP
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -175,15 +176,33 @@ def _int_gemm_kernel(
     )
 
 
-def _blocks(device: torch.device) -> dict[str, int]:
-    # The interpreter pays per program, a GPU per register: big tiles there, MMA-sized here.
-    if INTERPRETED or device.type != "cuda":
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KH": 64, "BLOCK_K": 128}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_KH": 64, "BLOCK_K": 64}
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch settings of both kernels (`benchmarks/w4a4_gpu.py --sweep` times
+    a grid of them on a GPU)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_kh: int = 64
+    """The GEMM's K tile in bytes of a packed row: 2·block_kh values, two int8 dots."""
+    block_k: int = 64
+    """The rotate-quantize kernel's K tile (raised to the rotation group when smaller)."""
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+INTERPRETER_TILES = Tiles(block_m=64, block_n=64, block_kh=64, block_k=128)
+"""The interpreter pays per program, a GPU per register: big tiles there, MMA-sized on GPU."""
+
+
+def _tiles(device: torch.device, tiles: Tiles | None) -> Tiles:
+    if tiles is not None:
+        return tiles
+    return INTERPRETER_TILES if INTERPRETED or device.type != "cuda" else Tiles()
 
 
 def rotate_quantize(
-    x: torch.Tensor, bits: int, rotation: torch.Tensor | None
+    x: torch.Tensor, bits: int, rotation: torch.Tensor | None, tiles: Tiles | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate each row of [M, K] in groups, quantize per row; pack two values a byte at 4 bits.
 
@@ -191,8 +210,8 @@ def rotate_quantize(
     """
     m, k = x.shape
     x = x.contiguous()
-    blocks = _blocks(x.device)
-    block_k = blocks["BLOCK_K"]
+    tiles = _tiles(x.device, tiles)
+    block_k = tiles.block_k
     if rotation is not None:
         group = rotation.shape[0]
         block_k = max(block_k, group)  # whole groups per tile: padding then rotates to zero
@@ -203,11 +222,12 @@ def rotate_quantize(
     packed = bits == 4
     out = torch.empty(m, (k + 1) // 2 if packed else k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    _rotate_quantize_kernel[(triton.cdiv(m, blocks["BLOCK_M"]),)](
+    _rotate_quantize_kernel[(triton.cdiv(m, tiles.block_m),)](
         x, h_even, h_odd, out, scale, m, k, x.stride(0), out.stride(0),
         QMAX=qmax(bits), PACK=packed, ROTATE=rotation is not None,
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_K=block_k,
+        BLOCK_M=tiles.block_m, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return (out.view(torch.uint8) if packed else out), scale
 
@@ -222,18 +242,20 @@ def int_gemm(
     bias: torch.Tensor | None,
     k: int,
     out_dtype: torch.dtype,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """``(A Bᵀ) · s_a · s_b (+ bias)`` for int4-packed or int8 A [M, K] and B [N, K]."""
     m, n = a.shape[0], b.shape[0]
     a, b = a.contiguous().view(torch.int8), b.contiguous().view(torch.int8)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    blocks = _blocks(a.device)
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
+    tiles = _tiles(a.device, tiles)
+    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n))
     _int_gemm_kernel[grid](
         a, b, a_scale, b_scale, b_scale if bias is None else bias, out, m, n, k,
         a.stride(0), b.stride(0), out.stride(0),
         A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=bias is not None,
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_KH=blocks["BLOCK_KH"],
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
 
@@ -246,12 +268,13 @@ def rotated_linear(
     rotation: torch.Tensor | None,
     act_bits: int,
     weight_bits: int,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """The fused path of `reference.rotated_linear`: two kernel launches, same result."""
     rows = x.reshape(-1, x.shape[-1])
-    values, act_scale = rotate_quantize(rows, act_bits, rotation)
+    values, act_scale = rotate_quantize(rows, act_bits, rotation, tiles)
     out = int_gemm(
         values, act_bits, act_scale, weight, weight_bits, weight_scale, bias,
-        rows.shape[1], x.dtype,
+        rows.shape[1], x.dtype, tiles,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], weight.shape[0])

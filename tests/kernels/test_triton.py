@@ -81,3 +81,38 @@ def test_fused_linear_matches_the_reference(m, k, n, act_bits, weight_bits, kind
     # Stated tolerance: float32 rounding of the rotation (a flipped code moves one output by
     # at most one quantization step); observed: identical.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [tk.Tiles(block_m=32, block_n=32, block_kh=32, block_k=32, num_warps=8, num_stages=4),
+     tk.Tiles(block_m=16, block_n=64, block_kh=128, block_k=256)],
+)  # fmt: skip
+def test_other_tiles_give_the_same_result(tiles):
+    """The tiles `benchmarks/w4a4_gpu.py --sweep` tries change speed, never the numbers."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(70, 320) + 0.3, torch.randn(40, 320) / 320**0.5, torch.randn(40)
+    h = hadamard("regular", 64)
+    stored, scale = quantize_weight(w, 4, h)
+    got = tk.rotated_linear(x, stored, scale, b, h, 4, 4, tiles)
+    assert torch.equal(got, tk.rotated_linear(x, stored, scale, b, h, 4, 4))
+
+
+def test_gpu_benchmark_script_runs_end_to_end_as_a_dry_run(tmp_path):
+    """A lent GPU gives minutes: the script must not fail there for a reason the CPU shows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "w4a4_gpu.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--sweep", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "w4a4-gpu.json").read_text())
+    for result in report["results"]:
+        assert result["checks"]["vs reference"] < 1e-5
+        for entries in result["sweep"].values():
+            assert all("ms" in e for e in entries), entries
