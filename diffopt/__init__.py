@@ -1,6 +1,6 @@
 """diffopt: a compiler-style graph optimization pass library for diffusion denoisers.
 
-Three ways in:
+Ways in:
 - ``torch.compile(model, backend="diffopt", options={...})`` (no import needed);
 - `diffopt.inspect(model, example_inputs, config)` to see what the passes did;
 - `diffopt.calibrate(model, run, steps=...)` to fit cache-guard settings on calibration inputs;

@@ -119,6 +119,8 @@ def torch_compile_variant() -> Variant:
 
 @dataclass
 class Row:
+    """One variant's measurements; ratios are against the baseline of the same run."""
+
     name: str
     family: str
     seconds: float
@@ -135,6 +137,8 @@ class Row:
 
 @dataclass
 class BenchResult:
+    """What `run` measured: one `Row` per variant, and the images each produced."""
+
     model: str
     images: int
     steps: int
@@ -145,6 +149,7 @@ class BenchResult:
     """Each variant's images, [N, C, H, W] in [-1, 1]."""
 
     def markdown(self) -> str:
+        """The rows as a GitHub table, under a caption with the run's settings."""
         from tabulate import tabulate
 
         table = [
@@ -194,6 +199,7 @@ class BenchResult:
         return path
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything but the images, for JSON."""
         return {k: v for k, v in asdict(self).items() if k != "samples"}
 
 

@@ -97,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("inspect", help="show regions, passes and rewritten code of a model")
     p.add_argument(
         "model",
-        help="a built-in name (tiny-flux, tiny-sd3, tiny-dit, tiny-pixart, tiny-unet), "
-        "a local diffusers model folder, or package.module:factory returning (model, inputs)",
+        help="a shipped model (ref-dit, dit-s2, ref-dit-1step, ref-dit-2step), a tiny one "
+        "(tiny-flux, tiny-sd3, tiny-dit, tiny-pixart, tiny-unet), a local diffusers model "
+        "folder, or package.module:factory returning (model, inputs)",
     )
     p.add_argument("--config", help="a Config as JSON (see diffopt.Config.save)")
-    p.add_argument("--inner", choices=["eager", "aot_eager", "inductor"])
+    p.add_argument("--inner", choices=["eager", "aot_eager", "inductor"],
+                   help="recorded in the report; inspect compiles nothing")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="a pass that cannot apply is an error")
     p.add_argument("--html", help="also write the report as one HTML page here")
     p.set_defaults(run=_inspect)
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", action="store_true", help="also run torch.compile and cache peers")
     p.set_defaults(run=_bench)
 
-    p = verbs.add_parser("demo", help="ref-dit sampled with every diffopt optimization, as grids")
+    p = verbs.add_parser(
+        "demo", help="ref-dit: baseline, capture + cleanup, calibrated cache and W4A4, as grids"
+    )
     _add_bench_arguments(p, images=50, repeats=3, out="demo-out")
     p.set_defaults(run=lambda args: _bench(args, demo=True), peers=False)
 

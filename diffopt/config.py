@@ -240,16 +240,20 @@ class Config:
         return _from_dict(cls, data, path="options")
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested dicts of plain values: `from_dict` rebuilds the same Config."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """`to_dict` as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
+        """Write `to_json` to `path` (what ``diffopt export --config`` reads)."""
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
+        """Read a Config saved by `save`; bad JSON and unknown keys are errors."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:

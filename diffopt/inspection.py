@@ -50,6 +50,7 @@ class InspectReport:
 
     @property
     def blocks(self) -> list[RegionStats]:
+        """The regions that are repeated blocks, in order."""
         return [r for r in self.regions if r.kind == "block"]
 
     def __str__(self) -> str:

@@ -65,9 +65,11 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(self.num_features, 10)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 128] penultimate activations (ref-FID's feature space)."""
         return self.body(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 10] class logits."""
         return self.head(self.features(images))
 
 

@@ -320,7 +320,8 @@ def resolve(spec: str) -> tuple[torch.nn.Module, ExampleInputs]:
         model, inputs = factory()
         return model.eval(), inputs
     raise ValueError(
-        f"{spec!r} is not a built-in model ({', '.join(sorted(TINY_MODELS))}), "
+        f"{spec!r} is not a built-in model "
+        f"({', '.join([*SHIPPED, 'dit-s2', *sorted(TINY_MODELS)])}), "
         "a local diffusers model folder, or a 'package.module:factory'"
     )
 
