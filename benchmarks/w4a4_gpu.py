@@ -47,9 +47,9 @@ GEMM_GRID = [
         (64, 128), (128, 256), (64, 128), ((4, 3), (8, 3), (8, 4))
     )
 ]
-QUANT_GRID = [
-    tk.Tiles(block_m=bm, block_k=bk, num_warps=w)
-    for bm, bk, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8))
+QUANT_GRID = [  # K = 3072 takes 256-groups: the K tile is 256 whatever block_k says
+    tk.Tiles(quant_block_m=bm, chunk=c, num_warps=w)
+    for bm, c, w in itertools.product((16, 32, 64, 128), (16, 32, 64), (4, 8))
 ]
 
 

@@ -34,26 +34,30 @@ def _round_half_away(v):
 
 
 @triton.jit
-def _rotated_tile(
-    x_ptr, rows, row_mask, k0, K, stride_xm, h_even_ptr, h_odd_ptr,
-    ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+def _rotated_chunk(
+    x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
+    ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The even and odd columns of one rotated [BLOCK_M, BLOCK_K] tile, in float32."""
+    """Rotated values of a [BLOCK_M, BLOCK_K] tile at k = k0 + 2c (even) and k0 + 2c + 1 (odd)
+    for c in [c0, c0 + CHUNK), in float32.
+
+    CHUNK column pairs at a time keeps each dot's Hadamard operand at [BLOCK_K, CHUNK]: a whole
+    256-group tile ([256, 128] twice) would not fit in shared memory next to the activations.
+    """
+    cols = c0 + tl.arange(0, CHUNK)
     if ROTATE:
-        # The block-diagonal Hadamard tile is the same for every K tile (it stays in cache).
-        h = tl.arange(0, BLOCK_K)[:, None] * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
-        h_even = tl.load(h_even_ptr + h)
-        h_odd = tl.load(h_odd_ptr + h)
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + ks[None, :],
             mask=row_mask[:, None] & (ks[None, :] < K),
             other=0.0,
         )
-        even = tl.dot(x, h_even, input_precision=PRECISION)
-        odd = tl.dot(x, h_odd, input_precision=PRECISION)
+        # The block-diagonal Hadamard tile is the same for every K tile (it stays in cache).
+        h = tl.arange(0, BLOCK_K)[:, None] * (BLOCK_K // 2) + cols[None, :]
+        even = tl.dot(x, tl.load(h_even_ptr + h), input_precision=PRECISION)
+        odd = tl.dot(x, tl.load(h_odd_ptr + h), input_precision=PRECISION)
     else:
-        ks = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        ks = k0 + 2 * cols
         base = x_ptr + rows[:, None] * stride_xm + ks[None, :]
         even = tl.load(base, mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
         odd = tl.load(base + 1, mask=row_mask[:, None] & (ks[None, :] + 1 < K), other=0.0)
@@ -65,63 +69,45 @@ def _rotated_tile(
 def _rotate_quantize_kernel(
     x_ptr, h_even_ptr, h_odd_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
     QMAX: tl.constexpr, PACK: tl.constexpr, ROTATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    half = tl.arange(0, BLOCK_K // 2)
 
     # Pass 1: the per-token absmax of the rotated row (recomputing the rotation in pass 2 is
     # cheaper than holding a whole row of K values in registers).
     absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        even, odd = _rotated_tile(
-            x_ptr,
-            rows,
-            row_mask,
-            k0,
-            K,
-            stride_xm,
-            h_even_ptr,
-            h_odd_ptr,
-            ROTATE,
-            BLOCK_K,
-            PRECISION,
-        )
-        tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
-        absmax = tl.maximum(absmax, tile_max)
+        for c0 in tl.static_range(0, BLOCK_K // 2, CHUNK):
+            even, odd = _rotated_chunk(
+                x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
+                ROTATE, BLOCK_K, CHUNK, PRECISION,
+            )  # fmt: skip
+            tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+            absmax = tl.maximum(absmax, tile_max)
     inv = tl.where(absmax > 0, QMAX / tl.where(absmax > 0, absmax, 1.0), 0.0).to(tl.float32)
     tl.store(scale_ptr + rows, absmax / QMAX, mask=row_mask)
 
     # Pass 2: quantize, and pack two 4-bit values per byte (the even k in the low nibble).
     for k0 in range(0, K, BLOCK_K):
-        even, odd = _rotated_tile(
-            x_ptr,
-            rows,
-            row_mask,
-            k0,
-            K,
-            stride_xm,
-            h_even_ptr,
-            h_odd_ptr,
-            ROTATE,
-            BLOCK_K,
-            PRECISION,
-        )
-        q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
-        q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
-        ks = k0 + 2 * half
-        if PACK:
-            kh = ks // 2
-            tl.store(
-                out_ptr + rows[:, None] * stride_om + kh[None, :],
-                (q_even & 0xF) | (q_odd << 4),
-                mask=row_mask[:, None] & (ks[None, :] < K),
-            )
-        else:
-            base = out_ptr + rows[:, None] * stride_om + ks[None, :]
-            tl.store(base, q_even, mask=row_mask[:, None] & (ks[None, :] < K))
-            tl.store(base + 1, q_odd, mask=row_mask[:, None] & (ks[None, :] + 1 < K))
+        for c0 in tl.static_range(0, BLOCK_K // 2, CHUNK):
+            even, odd = _rotated_chunk(
+                x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
+                ROTATE, BLOCK_K, CHUNK, PRECISION,
+            )  # fmt: skip
+            q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
+            q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
+            ks = k0 + 2 * (c0 + tl.arange(0, CHUNK))
+            if PACK:
+                tl.store(
+                    out_ptr + rows[:, None] * stride_om + (ks // 2)[None, :],
+                    (q_even & 0xF) | (q_odd << 4),
+                    mask=row_mask[:, None] & (ks[None, :] < K),
+                )
+            else:
+                base = out_ptr + rows[:, None] * stride_om + ks[None, :]
+                tl.store(base, q_even, mask=row_mask[:, None] & (ks[None, :] < K))
+                tl.store(base + 1, q_odd, mask=row_mask[:, None] & (ks[None, :] + 1 < K))
 
 
 @triton.jit
@@ -185,13 +171,19 @@ class Tiles:
     block_n: int = 128
     block_kh: int = 64
     """The GEMM's K tile in bytes of a packed row: 2·block_kh values, two int8 dots."""
+    quant_block_m: int = 32
+    """The rotate-quantize kernel's rows per program."""
     block_k: int = 64
     """The rotate-quantize kernel's K tile (raised to the rotation group when smaller)."""
+    chunk: int = 32
+    """Column pairs per rotation dot in the rotate-quantize kernel (at most block_k / 2)."""
     num_warps: int = 4
     num_stages: int = 3
 
 
-INTERPRETER_TILES = Tiles(block_m=64, block_n=64, block_kh=64, block_k=128)
+INTERPRETER_TILES = Tiles(
+    block_m=64, block_n=64, block_kh=64, quant_block_m=64, block_k=128, chunk=64
+)
 """The interpreter pays per program, a GPU per register: big tiles there, MMA-sized on GPU."""
 
 
@@ -222,10 +214,10 @@ def rotate_quantize(
     packed = bits == 4
     out = torch.empty(m, (k + 1) // 2 if packed else k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    _rotate_quantize_kernel[(triton.cdiv(m, tiles.block_m),)](
+    _rotate_quantize_kernel[(triton.cdiv(m, tiles.quant_block_m),)](
         x, h_even, h_odd, out, scale, m, k, x.stride(0), out.stride(0),
         QMAX=qmax(bits), PACK=packed, ROTATE=rotation is not None,
-        BLOCK_M=tiles.block_m, BLOCK_K=block_k,
+        BLOCK_M=tiles.quant_block_m, BLOCK_K=block_k, CHUNK=min(tiles.chunk, block_k // 2),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 # Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before
-# triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# triton is first imported. DIFFOPT_TEST_DEVICE=cuda runs them compiled, on a GPU.
+if os.environ.get("DIFFOPT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Split the cores between xdist workers (and the example subprocesses they start): two workers
 # each spinning two OpenMP threads on a 2-core machine ran some tests 10x slower.
 os.environ["OMP_NUM_THREADS"] = str(

@@ -2,9 +2,13 @@
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports triton. Integer parts must agree
 exactly; the dequantized output within float32 rounding (it is in fact bit-identical here).
+With ``DIFFOPT_TEST_DEVICE=cuda`` (benchmarks/gpu_session.sh) the same tests run the compiled
+kernels on the GPU, still against the reference on CPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,6 +18,16 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 from diffopt.kernels import hadamard, pack_int4, quantize_weight
 from diffopt.kernels import reference as ref
 from diffopt.kernels import triton_w4a4 as tk
+
+DEVICE = os.environ.get("DIFFOPT_TEST_DEVICE", "cpu")
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs DIFFOPT_TEST_DEVICE=cuda and a GPU")
+
+
+def on(*tensors):
+    """The tensors on the kernels' test device (None stays None)."""
+    moved = [None if t is None else t.to(DEVICE) for t in tensors]
+    return moved[0] if len(moved) == 1 else moved
+
 
 SHAPES = [  # (M, K, N): odd M and N, K not a multiple of the kernels' K tile, K < tile
     (33, 64, 24),
@@ -43,7 +57,7 @@ def test_rotate_quantize_matches_the_reference_exactly(m, k, n, act_bits, weight
     # whatever order the dot sums in (and exact ties exercise the rounding rule).
     x = torch.randint(-3, 4, (m, k)).float()
     h = rotation_for(kind, k)
-    values, scale = tk.rotate_quantize(x, act_bits, h)
+    values, scale = (t.cpu() for t in tk.rotate_quantize(on(x), act_bits, on(h)))
     expected, expected_scale = ref.quantize_activation(x, act_bits, h)
     if act_bits == 4:
         expected = pack_int4(expected)
@@ -63,10 +77,10 @@ def test_int_gemm_accumulates_exactly(m, k, n, a_bits, b_bits):
     stored = lambda v, bits: pack_int4(v) if bits == 4 else v  # noqa: E731
     ones_m, ones_n = torch.ones(m), torch.ones(n, dtype=torch.float16)
     out = tk.int_gemm(
-        stored(a, a_bits), a_bits, ones_m, stored(b, b_bits), b_bits, ones_n, None, k,
-        torch.float32,
+        on(stored(a, a_bits)), a_bits, on(ones_m), on(stored(b, b_bits)), b_bits, on(ones_n),
+        None, k, torch.float32,
     )  # fmt: skip
-    assert torch.equal(out, ref.int_matmul(a, b).float())  # |acc| < 2^24: exact in float32
+    assert torch.equal(out.cpu(), ref.int_matmul(a, b).float())  # |acc| < 2^24: exact in float32
 
 
 @pytest.mark.parametrize(("m", "k", "n"), SHAPES)
@@ -76,7 +90,7 @@ def test_fused_linear_matches_the_reference(m, k, n, act_bits, weight_bits, kind
     x, w, b = torch.randn(m, k) + 0.3, torch.randn(n, k) / k**0.5, torch.randn(n)
     h = rotation_for(kind, k)
     stored, scale = quantize_weight(w, weight_bits, h)
-    got = tk.rotated_linear(x, stored, scale, b, h, act_bits, weight_bits)
+    got = tk.rotated_linear(*on(x, stored, scale, b, h), act_bits, weight_bits).cpu()
     want = ref.rotated_linear(x, stored, scale, b, h, act_bits, weight_bits)
     # Stated tolerance: float32 rounding of the rotation (a flipped code moves one output by
     # at most one quantization step); observed: identical.
@@ -85,8 +99,9 @@ def test_fused_linear_matches_the_reference(m, k, n, act_bits, weight_bits, kind
 
 @pytest.mark.parametrize(
     "tiles",
-    [tk.Tiles(block_m=32, block_n=32, block_kh=32, block_k=32, num_warps=8, num_stages=4),
-     tk.Tiles(block_m=16, block_n=64, block_kh=128, block_k=256)],
+    [tk.Tiles(block_m=32, block_n=32, block_kh=32, quant_block_m=16, block_k=32, chunk=16,
+              num_warps=8, num_stages=4),
+     tk.Tiles(block_m=16, block_n=64, block_kh=128, quant_block_m=32, block_k=256, chunk=32)],
 )  # fmt: skip
 def test_other_tiles_give_the_same_result(tiles):
     """The tiles `benchmarks/w4a4_gpu.py --sweep` tries change speed, never the numbers."""
@@ -94,8 +109,22 @@ def test_other_tiles_give_the_same_result(tiles):
     x, w, b = torch.randn(70, 320) + 0.3, torch.randn(40, 320) / 320**0.5, torch.randn(40)
     h = hadamard("regular", 64)
     stored, scale = quantize_weight(w, 4, h)
-    got = tk.rotated_linear(x, stored, scale, b, h, 4, 4, tiles)
-    assert torch.equal(got, tk.rotated_linear(x, stored, scale, b, h, 4, 4))
+    args = on(x, stored, scale, b, h)
+    assert torch.equal(tk.rotated_linear(*args, 4, 4, tiles), tk.rotated_linear(*args, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["regular", "sylvester"])
+@pytest.mark.parametrize("act_bits", [4, 8])
+@pytest.mark.parametrize("chunk", [16, 128])
+def test_256_groups_rotate_in_column_chunks_exactly(kind, act_bits, chunk):
+    """FLUX's K = 3072 takes 256-groups: the kernel rotates them `chunk` column pairs at a time."""
+    torch.manual_seed(chunk + act_bits)
+    x, h = torch.randint(-3, 4, (37, 768)).float(), hadamard(kind, 256)
+    tiles = tk.Tiles(quant_block_m=16, block_k=64, chunk=chunk)
+    values, scale = (t.cpu() for t in tk.rotate_quantize(on(x), act_bits, on(h), tiles))
+    expected, expected_scale = ref.quantize_activation(x, act_bits, h)
+    assert torch.equal(values, pack_int4(expected) if act_bits == 4 else expected)
+    assert torch.equal(scale, expected_scale)
 
 
 def test_gpu_benchmark_script_runs_end_to_end_as_a_dry_run(tmp_path):
@@ -116,3 +145,20 @@ def test_gpu_benchmark_script_runs_end_to_end_as_a_dry_run(tmp_path):
         assert result["checks"]["vs reference"] < 1e-5
         for entries in result["sweep"].values():
             assert all("ms" in e for e in entries), entries
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_op_runs_the_kernels_on_cuda(dtype):
+    """On a CUDA tensor `diffopt::w4a4_linear` dispatches to Triton: same numbers as the
+    reference up to the rotation's float order (bf16 / fp16 inputs are rotated by tensor cores)."""
+    torch.manual_seed(1)
+    x, w, b = torch.randn(300, 3072), torch.randn(1024, 3072) / 3072**0.5, torch.randn(1024)
+    h = hadamard("regular", 256)
+    stored, scale = quantize_weight(w, 4, h)
+    x, b = x.to(dtype), b.to(dtype)
+    got = torch.ops.diffopt.w4a4_linear(*on(x, stored, scale, b, h), 4, 4)
+    assert got.is_cuda and got.dtype == dtype
+    want = ref.rotated_linear(x.float(), stored, scale, b.float(), h, 4, 4)
+    error = (got.cpu().float() - want).norm() / want.norm()
+    assert error < (1e-5 if dtype == torch.float32 else 2e-2), error
