@@ -34,24 +34,29 @@ def _round_half_away(v):
 
 
 @triton.jit
+def _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] activation tile at k0 (zeros past K)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(
+        x_ptr + rows[:, None] * stride_xm + ks[None, :],
+        mask=row_mask[:, None] & (ks[None, :] < K),
+        other=0.0,
+    )
+
+
+@triton.jit
 def _rotated_chunk(
-    x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
+    x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
     ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Rotated values of a [BLOCK_M, BLOCK_K] tile at k = k0 + 2c (even) and k0 + 2c + 1 (odd)
-    for c in [c0, c0 + CHUNK), in float32.
+    """Rotated values of the tile at k0 (`x`, loaded once per K tile when rotating) at
+    k = k0 + 2c (even) and k0 + 2c + 1 (odd) for c in [c0, c0 + CHUNK), in float32.
 
-    CHUNK column pairs at a time keeps each dot's Hadamard operand at [BLOCK_K, CHUNK]: a whole
+    CHUNK column pairs at a time keep each dot's Hadamard operand at [BLOCK_K, CHUNK]: a whole
     256-group tile ([256, 128] twice) would not fit in shared memory next to the activations.
     """
     cols = c0 + tl.arange(0, CHUNK)
     if ROTATE:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + ks[None, :],
-            mask=row_mask[:, None] & (ks[None, :] < K),
-            other=0.0,
-        )
         # The block-diagonal Hadamard tile is the same for every K tile (it stays in cache).
         h = tl.arange(0, BLOCK_K)[:, None] * (BLOCK_K // 2) + cols[None, :]
         even = tl.dot(x, tl.load(h_even_ptr + h), input_precision=PRECISION)
@@ -75,36 +80,43 @@ def _rotate_quantize_kernel(
     row_mask = rows < M
 
     # Pass 1: the per-token absmax of the rotated row (recomputing the rotation in pass 2 is
-    # cheaper than holding a whole row of K values in registers).
+    # cheaper than holding a whole row of K values in registers). The chunk loops are real
+    # loops, not unrolled, so every chunk reuses one set of shared-memory operand buffers.
     absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        for c0 in tl.static_range(0, BLOCK_K // 2, CHUNK):
+        x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
+        for c0 in range(0, BLOCK_K // 2, CHUNK):
             even, odd = _rotated_chunk(
-                x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
+                x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
                 ROTATE, BLOCK_K, CHUNK, PRECISION,
             )  # fmt: skip
             tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
             absmax = tl.maximum(absmax, tile_max)
-    inv = tl.where(absmax > 0, QMAX / tl.where(absmax > 0, absmax, 1.0), 0.0).to(tl.float32)
-    tl.store(scale_ptr + rows, absmax / QMAX, mask=row_mask)
+    # Correctly rounded divisions, as torch's: the compiled default is approximate.
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    inv = tl.where(absmax > 0, tl.div_rn(tl.full([BLOCK_M], QMAX, tl.float32), safe), 0.0)
+    tl.store(scale_ptr + rows, tl.div_rn(absmax, tl.full([BLOCK_M], QMAX, tl.float32)),
+             mask=row_mask)  # fmt: skip
 
     # Pass 2: quantize, and pack two 4-bit values per byte (the even k in the low nibble).
     for k0 in range(0, K, BLOCK_K):
-        for c0 in tl.static_range(0, BLOCK_K // 2, CHUNK):
+        x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
+        for c0 in range(0, BLOCK_K // 2, CHUNK):
             even, odd = _rotated_chunk(
-                x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
+                x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
                 ROTATE, BLOCK_K, CHUNK, PRECISION,
             )  # fmt: skip
             q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
             q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
-            ks = k0 + 2 * (c0 + tl.arange(0, CHUNK))
-            if PACK:
+            if PACK:  # byte kh holds k = 2·kh and 2·kh + 1 (K is even when packing)
+                kh = k0 // 2 + c0 + tl.arange(0, CHUNK)
                 tl.store(
-                    out_ptr + rows[:, None] * stride_om + (ks // 2)[None, :],
+                    out_ptr + rows[:, None] * stride_om + kh[None, :],
                     (q_even & 0xF) | (q_odd << 4),
-                    mask=row_mask[:, None] & (ks[None, :] < K),
+                    mask=row_mask[:, None] & (kh[None, :] < K // 2),
                 )
             else:
+                ks = k0 + 2 * (c0 + tl.arange(0, CHUNK))
                 base = out_ptr + rows[:, None] * stride_om + ks[None, :]
                 tl.store(base, q_even, mask=row_mask[:, None] & (ks[None, :] < K))
                 tl.store(base + 1, q_odd, mask=row_mask[:, None] & (ks[None, :] + 1 < K))
@@ -118,7 +130,9 @@ def _load_pair(ptr, rows, kh, row_mask, K, stride, PACKED: tl.constexpr):
     same loader gives the GEMM's A tile and its transposed B tile.
     """
     if PACKED:
-        byte = tl.load(ptr + rows * stride + kh, mask=row_mask & (2 * kh < K), other=0)
+        # `kh < K // 2` (K is even when packed), not `2·kh < K`: a mask uniform over aligned
+        # runs of bytes lets the compiler issue wide async copies and pipeline the K loop
+        byte = tl.load(ptr + rows * stride + kh, mask=row_mask & (kh < K // 2), other=0)
         even = (byte << 4) >> 4  # arithmetic shifts sign-extend each nibble
         odd = byte >> 4
     else:
@@ -220,6 +234,7 @@ def rotate_quantize(
         BLOCK_M=tiles.quant_block_m, BLOCK_K=block_k, CHUNK=min(tiles.chunk, block_k // 2),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        enable_fp_fusion=False,  # v·inv + 0.5 rounds twice, as the reference does, not one FMA
     )  # fmt: skip
     return (out.view(torch.uint8) if packed else out), scale
 
