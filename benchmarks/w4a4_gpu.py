@@ -49,9 +49,11 @@ GEMM_GRID = [  # 128×256 int32 accumulators over 4 warps would spill: 8 warps t
     if not (bm == 128 and bn == 256 and w == 4)
 ]
 QUANT_GRID = [  # K = 3072 takes 256-groups: the K tile is 256 whatever block_k says
-    tk.Tiles(quant_block_m=bm, chunk=c, num_warps=w)
-    for bm, c, w in itertools.product((16, 32, 64, 128), (16, 32, 64), (4, 8))
+    tk.Tiles(quant_block_m=bm, chunk=c, num_warps=w, num_stages=s)
+    for bm, c, w, s in itertools.product((16, 32, 64, 128), (16, 32, 64), (4, 8), (1, 3))
 ]
+"""benchmarks/kernel_resources.py --grids: with 3 stages, 64×64 and 128×64 need more than sm_90's
+shared memory (they are kept: the sweep records OutOfResources like any failed setting)."""
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -263,6 +263,7 @@ def int_gemm(
         A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=bias is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
     )  # fmt: skip
     return out
 

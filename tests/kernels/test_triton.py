@@ -172,3 +172,17 @@ def test_the_op_runs_the_kernels_on_cuda(dtype):
     assert got.is_cuda and got.dtype == dtype
     want = ref.rotated_linear(x.float(), stored, scale, b.float(), h, 4, 4)
     assert_matches(got, want)
+
+
+def test_default_tiles_fit_hopper_shared_memory():
+    """Compiled for sm_90 here (no GPU): the default tiles at FLUX's K = 3072 (256-groups) must
+    not ask for more shared memory than an H100 / H200 has, or the op fails at launch there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "kernel_resources.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert done.stdout.count("| yes") == 3, done.stdout
