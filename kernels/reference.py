@@ -24,9 +24,13 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def round_half_away(v: torch.Tensor) -> torch.Tensor:
-    """Round to nearest, ties away from zero (what the Triton kernels do, bit for bit)."""
-    return torch.floor(v.abs() + 0.5).copysign(v)
+def round_half_away(v: torch.Tensor, max_magnitude: float | None = None) -> torch.Tensor:
+    """Round to nearest, ties away from zero (what the Triton kernels do, bit for bit), then
+    clip the magnitude to `max_magnitude` if given. One new tensor, updated in place."""
+    rounded = v.abs().add_(0.5).floor_()
+    if max_magnitude is not None:
+        rounded.clamp_(max=max_magnitude)
+    return rounded.copysign_(v)
 
 
 def quantize_rows(v: torch.Tensor, bits: int, scale: torch.Tensor | None = None):
@@ -44,7 +48,7 @@ def quantize_rows(v: torch.Tensor, bits: int, scale: torch.Tensor | None = None)
     else:
         scale = scale.float()
         inv = torch.where(scale > 0, torch.ones_like(scale) / scale, 0.0)
-    values = round_half_away(v * inv[:, None]).clamp(-q, q).to(torch.int8)
+    values = round_half_away(v * inv[:, None], max_magnitude=q).to(torch.int8)
     return values, scale
 
 
@@ -119,9 +123,13 @@ def dequantize(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """int32 [M, N] → ``acc · s_act · s_weight (+ bias)`` in `dtype`."""
-    out = acc.float() * act_scale[:, None] * weight_scale.float()[None, :]
+    out = (
+        acc.to(torch.float32, copy=True)
+        .mul_(act_scale[:, None])
+        .mul_(weight_scale.float()[None, :])
+    )
     if bias is not None:
-        out = out + bias.float()
+        out.add_(bias.float())
     return out.to(dtype)
 
 
