@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .reference import qmax
 
@@ -207,6 +208,27 @@ def _tiles(device: torch.device, tiles: Tiles | None) -> Tiles:
     return INTERPRETER_TILES if INTERPRETED or device.type != "cuda" else Tiles()
 
 
+_COLUMNS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""rotation tensor → {(block_k, dtype, device, version): (even, odd) columns}."""
+
+
+def hadamard_columns(
+    rotation: torch.Tensor, block_k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The even and odd columns of the block-diagonal [block_k, block_k] tile of `rotation`, in
+    the activations' dtype. Built once per rotation tensor (and per in-place change of it):
+    rebuilding them every call would cost three small launches per linear on a GPU."""
+    built = _COLUMNS.setdefault(rotation, {})
+    # inference tensors keep no version counter
+    version = 0 if rotation.is_inference() else rotation._version
+    key = (block_k, dtype, torch.device(device), version)
+    if key not in built:
+        group = rotation.shape[0]
+        tile = torch.block_diag(*[rotation] * (block_k // group)).to(device, dtype)
+        built[key] = tile[:, 0::2].contiguous(), tile[:, 1::2].contiguous()
+    return built[key]
+
+
 def rotate_quantize(
     x: torch.Tensor, bits: int, rotation: torch.Tensor | None, tiles: Tiles | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,10 +241,8 @@ def rotate_quantize(
     tiles = _tiles(x.device, tiles)
     block_k = tiles.block_k
     if rotation is not None:
-        group = rotation.shape[0]
-        block_k = max(block_k, group)  # whole groups per tile: padding then rotates to zero
-        tile = torch.block_diag(*[rotation] * (block_k // group)).to(x.device, x.dtype)
-        h_even, h_odd = tile[:, 0::2].contiguous(), tile[:, 1::2].contiguous()
+        block_k = max(block_k, rotation.shape[0])  # whole groups per tile: padding rotates to 0
+        h_even, h_odd = hadamard_columns(rotation, block_k, x.dtype, x.device)
     else:
         h_even = h_odd = x  # unused
     packed = bits == 4

@@ -186,3 +186,19 @@ def test_default_tiles_fit_hopper_shared_memory():
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert done.stdout.count("| yes") == 3, done.stdout
+
+
+def test_hadamard_columns_are_built_once_per_rotation_and_rebuilt_after_a_change():
+    h = hadamard("regular", 16)
+    first = tk.hadamard_columns(h, 64, torch.float32, torch.device("cpu"))
+    again = tk.hadamard_columns(h, 64, torch.float32, "cpu")
+    assert again[0] is first[0] and again[1] is first[1]
+    tile = torch.block_diag(*[h] * 4)
+    assert torch.equal(first[0], tile[:, 0::2]) and torch.equal(first[1], tile[:, 1::2])
+    h.mul_(-1)  # an in-place change must not serve stale columns
+    flipped = tk.hadamard_columns(h, 64, torch.float32, torch.device("cpu"))
+    assert torch.equal(flipped[0], -first[0])
+    with torch.inference_mode():  # inference tensors have no version counter
+        made_there = hadamard("sylvester", 16)
+        assert torch.equal(tk.hadamard_columns(made_there, 16, torch.float32, "cpu")[0],
+                           made_there[:, 0::2])  # fmt: skip
