@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, never interpret
 os.environ.setdefault("TRITON_MOCK_PTX_VERSION", "12.8")  # no ptxas here to ask for its version
 
+import torch
 from tabulate import tabulate
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
@@ -30,18 +31,22 @@ SHARED_LIMIT = 232_448
 """Bytes of shared memory one program may use on sm_90 (227 KB)."""
 
 
-def shared_bytes(kernel, signature: dict, constants: dict, tiles: tk.Tiles, **options) -> int:
-    """Shared memory of `kernel` compiled for sm_90 with these constants and launch settings."""
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+def shared_bytes(kernel, signature: dict, settings: dict) -> int:
+    """Shared memory of `kernel` compiled for sm_90 with one launch's `settings` (its
+    compile-time constants and launch options, as the kernels' wrappers build them)."""
     from triton._C.libtriton import ir
 
     backend = make_backend(SM90)
+    constants = {k: v for k, v in settings.items() if k not in LAUNCH_OPTIONS}
+    signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     # every runtime argument as divisible by 16, as FLUX's shapes and torch's allocations are
     attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(signature.values())
              if v != "constexpr"}  # fmt: skip
     source = ASTSource(kernel, signature, constants, attrs)
-    opts = backend.parse_options(
-        dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, **options)
-    )
+    opts = backend.parse_options({k: v for k, v in settings.items() if k in LAUNCH_OPTIONS})
     stages: dict = {}
     backend.add_stages(stages, opts, source.language)
     context = ir.context()
@@ -55,58 +60,52 @@ def shared_bytes(kernel, signature: dict, constants: dict, tiles: tk.Tiles, **op
     return metadata["shared"]
 
 
-def rotate_quantize_bytes(tiles: tk.Tiles, k: int, group: int, dtype: str) -> int:
-    block_k = max(tiles.block_k, group)
+def rotate_quantize_bytes(tiles: tk.Tiles, group: int, dtype: torch.dtype) -> int:
+    """The 4-bit rotate-quantize launch with `group`-sized rotations."""
+    pointer = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     signature = dict(
-        x_ptr=f"*{dtype}", h_even_ptr=f"*{dtype}", h_odd_ptr=f"*{dtype}", out_ptr="*i8",
-        scale_ptr="*fp32", M="i32", K="i32", stride_xm="i32", stride_om="i32",
-        QMAX="constexpr", PACK="constexpr", ROTATE="constexpr", BLOCK_M="constexpr",
-        BLOCK_K="constexpr", CHUNK="constexpr", PRECISION="constexpr",
+        x_ptr=pointer, h_even_ptr=pointer, h_odd_ptr=pointer, out_ptr="*i8", scale_ptr="*fp32",
+        M="i32", K="i32", KH="i32", stride_xm="i32", stride_om="i32",
     )  # fmt: skip
-    constants = dict(
-        QMAX=7, PACK=True, ROTATE=True, BLOCK_M=tiles.quant_block_m, BLOCK_K=block_k,
-        CHUNK=min(tiles.chunk, block_k // 2), PRECISION="ieee" if dtype == "fp32" else "tf32",
-    )  # fmt: skip
-    return shared_bytes(tk._rotate_quantize_kernel, signature, constants, tiles,
-                        enable_fp_fusion=False)  # fmt: skip
+    settings = tk.rotate_quantize_settings(4, group, dtype, tiles)
+    return shared_bytes(tk._rotate_quantize_kernel, signature, settings)
 
 
-def gemm_bytes(tiles: tk.Tiles, dtype: str) -> int:
+def gemm_bytes(tiles: tk.Tiles) -> int:
+    """The W4A4 GEMM launch with a bias and bf16 output."""
     signature = dict(
-        a_ptr="*i8", b_ptr="*i8", a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr=f"*{dtype}",
-        out_ptr=f"*{dtype}", M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32",
-        stride_om="i32", A_PACKED="constexpr", B_PACKED="constexpr", HAS_BIAS="constexpr",
-        BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_KH="constexpr",
+        a_ptr="*i8", b_ptr="*i8", a_scale_ptr="*fp32", b_scale_ptr="*fp16", bias_ptr="*bf16",
+        out_ptr="*bf16", M="i32", N="i32", K="i32", KH="i32", stride_am="i32", stride_bn="i32",
+        stride_om="i32",
     )  # fmt: skip
-    constants = dict(A_PACKED=True, B_PACKED=True, HAS_BIAS=True, BLOCK_M=tiles.block_m,
-                     BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh)  # fmt: skip
-    return shared_bytes(tk._int_gemm_kernel, signature, constants, tiles, enable_fp_fusion=False)
+    return shared_bytes(tk._int_gemm_kernel, signature, tk.int_gemm_settings(4, 4, True, tiles))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grids", action="store_true", help="also every sweep setting")
     args = parser.parse_args()
-    cases = [("default", "rotate+quantize", tk.Tiles(), dtype) for dtype in ("bf16", "fp32")]
-    cases.append(("default", "int4 GEMM", tk.Tiles(), "bf16"))
+    cases = [("default", "rotate+quantize", tk.Tiles(), dtype)
+             for dtype in (torch.bfloat16, torch.float32)]  # fmt: skip
+    cases.append(("default", "int4 GEMM", tk.Tiles(), torch.bfloat16))
     if args.grids:
         sys.path.insert(0, str(Path(__file__).parent))
         from w4a4_gpu import GEMM_GRID, QUANT_GRID
 
-        cases += [("sweep", "rotate+quantize", t, "bf16") for t in QUANT_GRID]
-        cases += [("sweep", "int4 GEMM", t, "bf16") for t in GEMM_GRID]
+        cases += [("sweep", "rotate+quantize", t, torch.bfloat16) for t in QUANT_GRID]
+        cases += [("sweep", "int4 GEMM", t, torch.bfloat16) for t in GEMM_GRID]
     rows, defaults_fit = [], True
     for origin, kernel, tiles, dtype in cases:
         if kernel == "int4 GEMM":
-            used = gemm_bytes(tiles, dtype)
+            used = gemm_bytes(tiles)
             shown = (tiles.block_m, tiles.block_n, tiles.block_kh)
-        else:
-            used = rotate_quantize_bytes(tiles, 3072, 256, dtype)
+        else:  # FLUX's K = 3072 takes 256-groups
+            used = rotate_quantize_bytes(tiles, 256, dtype)
             shown = (tiles.quant_block_m, tiles.chunk)
         fits = used <= SHARED_LIMIT
         defaults_fit &= fits or origin != "default"
-        rows.append([origin, kernel, dtype, shown, tiles.num_warps, tiles.num_stages, used,
-                     "yes" if fits else "NO"])  # fmt: skip
+        rows.append([origin, kernel, str(dtype).removeprefix("torch."), shown, tiles.num_warps,
+                     tiles.num_stages, used, "yes" if fits else "NO"])  # fmt: skip
     headers = ["tiles", "kernel", "dtype", "blocks", "warps", "stages", "shared bytes",
                f"fits {SHARED_LIMIT}"]  # fmt: skip
     print(tabulate(rows, headers, tablefmt="github"))

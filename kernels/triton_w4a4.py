@@ -73,7 +73,7 @@ def _rotated_chunk(
 
 @triton.jit
 def _rotate_quantize_kernel(
-    x_ptr, h_even_ptr, h_odd_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
+    x_ptr, h_even_ptr, h_odd_ptr, out_ptr, scale_ptr, M, K, KH, stride_xm, stride_om,
     QMAX: tl.constexpr, PACK: tl.constexpr, ROTATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -109,12 +109,12 @@ def _rotate_quantize_kernel(
             )  # fmt: skip
             q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
             q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
-            if PACK:  # byte kh holds k = 2·kh and 2·kh + 1 (K is even when packing)
+            if PACK:  # byte kh holds k = 2·kh and 2·kh + 1; KH = ceil(K / 2) bytes a row
                 kh = k0 // 2 + c0 + tl.arange(0, CHUNK)
                 tl.store(
                     out_ptr + rows[:, None] * stride_om + kh[None, :],
                     (q_even & 0xF) | (q_odd << 4),
-                    mask=row_mask[:, None] & (kh[None, :] < K // 2),
+                    mask=row_mask[:, None] & (kh[None, :] < KH),
                 )
             else:
                 ks = k0 + 2 * (c0 + tl.arange(0, CHUNK))
@@ -124,16 +124,17 @@ def _rotate_quantize_kernel(
 
 
 @triton.jit
-def _load_pair(ptr, rows, kh, row_mask, K, stride, PACKED: tl.constexpr):
+def _load_pair(ptr, rows, kh, row_mask, K, KH, stride, PACKED: tl.constexpr):
     """The int8 values at k = 2·kh and 2·kh + 1 of a row-major [rows, K] operand.
 
     `rows` and `kh` broadcast against each other ([R, 1] with [1, KH], or transposed), so the
     same loader gives the GEMM's A tile and its transposed B tile.
     """
     if PACKED:
-        # `kh < K // 2` (K is even when packed), not `2·kh < K`: a mask uniform over aligned
-        # runs of bytes lets the compiler issue wide async copies and pipeline the K loop
-        byte = tl.load(ptr + rows * stride + kh, mask=row_mask & (kh < K // 2), other=0)
+        # `kh < KH` (KH = ceil(K / 2), an argument, so the compiler knows when it divides 16),
+        # not `2·kh < K`: a mask uniform over aligned runs of bytes lets the compiler issue
+        # wide async copies and pipeline the K loop
+        byte = tl.load(ptr + rows * stride + kh, mask=row_mask & (kh < KH), other=0)
         even = (byte << 4) >> 4  # arithmetic shifts sign-extend each nibble
         odd = byte >> 4
     else:
@@ -145,7 +146,7 @@ def _load_pair(ptr, rows, kh, row_mask, K, stride, PACKED: tl.constexpr):
 
 @triton.jit
 def _int_gemm_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, KH,
     stride_am, stride_bn, stride_om,
     A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
@@ -154,13 +155,13 @@ def _int_gemm_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(K, 2), BLOCK_KH):
+    for k0 in range(0, KH, BLOCK_KH):
         kh = k0 + tl.arange(0, BLOCK_KH)
         a_even, a_odd = _load_pair(
-            a_ptr, rm[:, None], kh[None, :], m_mask[:, None], K, stride_am, A_PACKED
+            a_ptr, rm[:, None], kh[None, :], m_mask[:, None], K, KH, stride_am, A_PACKED
         )
         b_even, b_odd = _load_pair(
-            b_ptr, rn[None, :], kh[:, None], n_mask[None, :], K, stride_bn, B_PACKED
+            b_ptr, rn[None, :], kh[:, None], n_mask[None, :], K, KH, stride_bn, B_PACKED
         )
         acc += tl.dot(a_even, b_even, out_dtype=tl.int32)
         acc += tl.dot(a_odd, b_odd, out_dtype=tl.int32)
@@ -218,14 +219,20 @@ def hadamard_columns(
     """The even and odd columns of the block-diagonal [block_k, block_k] tile of `rotation`, in
     the activations' dtype. Built once per rotation tensor (and per in-place change of it):
     rebuilding them every call would cost three small launches per linear on a GPU."""
-    built = _COLUMNS.setdefault(rotation, {})
-    # inference tensors keep no version counter
-    version = 0 if rotation.is_inference() else rotation._version
-    key = (block_k, dtype, torch.device(device), version)
-    if key not in built:
-        group = rotation.shape[0]
+    group = rotation.shape[0]
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
         tile = torch.block_diag(*[rotation] * (block_k // group)).to(device, dtype)
-        built[key] = tile[:, 0::2].contiguous(), tile[:, 1::2].contiguous()
+        return tile[:, 0::2].contiguous(), tile[:, 1::2].contiguous()
+
+    if rotation.is_inference():  # no version counter to notice an in-place change: no cache
+        return build()
+    built = _COLUMNS.setdefault(rotation, {})
+    key = (block_k, dtype, torch.device(device), rotation._version)
+    if key not in built:
+        for stale in [k for k in built if k[3] != rotation._version]:
+            del built[stale]
+        built[key] = build()
     return built[key]
 
 
@@ -239,24 +246,44 @@ def rotate_quantize(
     m, k = x.shape
     x = x.contiguous()
     tiles = _tiles(x.device, tiles)
-    block_k = tiles.block_k
+    group = None if rotation is None else rotation.shape[0]
+    settings = rotate_quantize_settings(bits, group, x.dtype, tiles)
     if rotation is not None:
-        block_k = max(block_k, rotation.shape[0])  # whole groups per tile: padding rotates to 0
-        h_even, h_odd = hadamard_columns(rotation, block_k, x.dtype, x.device)
+        h_even, h_odd = hadamard_columns(rotation, settings["BLOCK_K"], x.dtype, x.device)
     else:
         h_even = h_odd = x  # unused
-    packed = bits == 4
-    out = torch.empty(m, (k + 1) // 2 if packed else k, dtype=torch.int8, device=x.device)
+    out = torch.empty(m, (k + 1) // 2 if bits == 4 else k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     _rotate_quantize_kernel[(triton.cdiv(m, tiles.quant_block_m),)](
-        x, h_even, h_odd, out, scale, m, k, x.stride(0), out.stride(0),
-        QMAX=qmax(bits), PACK=packed, ROTATE=rotation is not None,
+        x, h_even, h_odd, out, scale, m, k, (k + 1) // 2, x.stride(0), out.stride(0),
+        **settings,
+    )  # fmt: skip
+    return (out.view(torch.uint8) if bits == 4 else out), scale
+
+
+def rotate_quantize_settings(
+    bits: int, group: int | None, dtype: torch.dtype, tiles: Tiles
+) -> dict[str, object]:
+    """The rotate-quantize kernel's compile-time constants and launch options (shared with
+    benchmarks/kernel_resources.py, which compiles the same launch for sm_90)."""
+    block_k = tiles.block_k if group is None else max(tiles.block_k, group)  # whole groups a tile
+    return dict(
+        QMAX=qmax(bits), PACK=bits == 4, ROTATE=group is not None,
         BLOCK_M=tiles.quant_block_m, BLOCK_K=block_k, CHUNK=min(tiles.chunk, block_k // 2),
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # v·inv + 0.5 rounds twice, as the reference does, not one FMA
     )  # fmt: skip
-    return (out.view(torch.uint8) if packed else out), scale
+
+
+def int_gemm_settings(a_bits: int, b_bits: int, has_bias: bool, tiles: Tiles) -> dict[str, object]:
+    """The GEMM kernel's compile-time constants and launch options."""
+    return dict(
+        A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=has_bias,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
+    )  # fmt: skip
 
 
 def int_gemm(
@@ -278,12 +305,9 @@ def int_gemm(
     tiles = _tiles(a.device, tiles)
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n))
     _int_gemm_kernel[grid](
-        a, b, a_scale, b_scale, b_scale if bias is None else bias, out, m, n, k,
+        a, b, a_scale, b_scale, b_scale if bias is None else bias, out, m, n, k, (k + 1) // 2,
         a.stride(0), b.stride(0), out.stride(0),
-        A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=bias is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
+        **int_gemm_settings(a_bits, b_bits, bias is not None, tiles),
     )  # fmt: skip
     return out
 

@@ -120,8 +120,8 @@ def test_other_tiles_give_the_same_result(tiles):
     x, w, b = torch.randn(70, 320) + 0.3, torch.randn(40, 320) / 320**0.5, torch.randn(40)
     h = hadamard("regular", 64)
     stored, scale = quantize_weight(w, 4, h)
-    args = on(x, stored, scale, b, h)
-    assert_matches(tk.rotated_linear(*args, 4, 4, tiles), tk.rotated_linear(*args, 4, 4))
+    assert_matches(tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, tiles),
+                   ref.rotated_linear(x, stored, scale, b, h, 4, 4))  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["regular", "sylvester"])
@@ -136,6 +136,17 @@ def test_256_groups_rotate_in_column_chunks_exactly(kind, act_bits, chunk):
     expected, expected_scale = ref.quantize_activation(x, act_bits, h)
     assert torch.equal(values, pack_int4(expected) if act_bits == 4 else expected)
     assert torch.equal(scale, expected_scale)
+
+
+@pytest.mark.parametrize(("act_bits", "weight_bits"), [(4, 8), (8, 8)])
+def test_odd_k_packs_a_half_byte_for_4_bit_activations(act_bits, weight_bits):
+    """K = 33 without rotation (8-bit weights allow an odd K): the last packed activation byte
+    holds one value, and the GEMM must read it."""
+    torch.manual_seed(33)
+    x, w, b = torch.randn(5, 33), torch.randn(17, 33), torch.randn(17)
+    stored, scale = quantize_weight(w, weight_bits, None)
+    got = tk.rotated_linear(*on(x, stored, scale, b), None, act_bits, weight_bits)
+    assert_matches(got, ref.rotated_linear(x, stored, scale, b, None, act_bits, weight_bits))
 
 
 def test_gpu_benchmark_script_runs_end_to_end_as_a_dry_run(tmp_path):
@@ -184,8 +195,7 @@ def test_default_tiles_fit_hopper_shared_memory():
     script = Path(__file__).parents[2] / "benchmarks" / "kernel_resources.py"
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    assert done.stdout.count("| yes") == 3, done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]  # 1: a default does not fit
 
 
 def test_hadamard_columns_are_built_once_per_rotation_and_rebuilt_after_a_change():
@@ -198,7 +208,8 @@ def test_hadamard_columns_are_built_once_per_rotation_and_rebuilt_after_a_change
     h.mul_(-1)  # an in-place change must not serve stale columns
     flipped = tk.hadamard_columns(h, 64, torch.float32, torch.device("cpu"))
     assert torch.equal(flipped[0], -first[0])
-    with torch.inference_mode():  # inference tensors have no version counter
+    with torch.inference_mode():  # no version counter: built afresh, never served stale
         made_there = hadamard("sylvester", 16)
-        assert torch.equal(tk.hadamard_columns(made_there, 16, torch.float32, "cpu")[0],
-                           made_there[:, 0::2])  # fmt: skip
+        before = tk.hadamard_columns(made_there, 16, torch.float32, "cpu")[0].clone()
+        made_there.mul_(-1)
+        assert torch.equal(tk.hadamard_columns(made_there, 16, torch.float32, "cpu")[0], -before)
