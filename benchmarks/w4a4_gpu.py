@@ -1,13 +1,14 @@
 """The fused W4A4 linear against bf16 ``F.linear`` at FLUX shapes, on a CUDA GPU.
 
 Times the whole op (rotation and activation quantization included: two kernel launches) and
-each kernel alone against cuBLAS bf16, after checking it against the PyTorch reference and
-against a float64 linear, and reports achieved int8 TOPS against the card's dense int8 peak
-(H100 / H200 SXM: 1979 TOPS; pass --peak for another card). Inputs rotate among several
-buffers so that repeated runs do not just measure the L2 cache.
+each kernel alone against cuBLAS bf16, after checking the op against the PyTorch reference and
+against a float64 linear (each kernel alone is checked by the sweep and by tests/kernels), and
+reports achieved int8 TOPS against the card's dense int8 peak (H100 / H200 SXM: 1979 TOPS;
+pass --peak for another card). Inputs rotate among several buffers so that repeated runs do
+not just measure the L2 cache.
 
 ``--sweep`` also times a grid of tile sizes for each kernel (`kernels.triton_w4a4.Tiles`),
-checks each against the default's output, and prints the fastest: one run on a lent GPU
+checks each against the reference's output, and prints the fastest: one run on a lent GPU
 gives the tiles to make the default. Full numbers go to ``$OUT/w4a4-gpu.json`` (or --out).
 
     python benchmarks/w4a4_gpu.py                    # M=4096; K=N=3072 and K=3072, N=12288
@@ -102,11 +103,6 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     stored, scale = quantize_weight(w, 4, h)
     op = torch.ops.diffopt.w4a4_linear.default
     x = xs[0]
-    # the kernels' inputs and outputs from the PyTorch reference, so that each kernel is checked
-    # and timed on its own even when the other fails
-    codes, act_scale = quantize_activation(x, 4, h)
-    packed = pack_int4(codes)
-    product = dequantize(int_matmul(codes, unpack_int4(stored)), act_scale, scale, bias, dtype)
     result: dict = {"shape": [m, k, n], "checks": {}, "ms": {}, "errors": {}}
 
     def attempt(name: str, work) -> None:
@@ -129,6 +125,11 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
         if not result["checks"]["all finite"] or result["checks"]["vs reference"] > 1e-2:
             raise RuntimeError(f"the fused op disagrees with the reference: {result['checks']}")
 
+    # the kernels' inputs and outputs from the PyTorch reference, so that each kernel is checked
+    # and timed on its own even when the other fails
+    codes, act_scale = quantize_activation(x, 4, h)
+    packed = pack_int4(codes)
+    product = dequantize(int_matmul(codes, unpack_int4(stored)), act_scale, scale, bias, dtype)
     per_input = [(xi,) for xi in xs]
     timed = {
         "bf16 F.linear": cycling(lambda xi: F.linear(xi, w, bias), per_input),
@@ -199,49 +200,54 @@ def main() -> None:
     if args.sweep:  # a dry run tries two settings of each grid
         grids = {"rotate+quantize": QUANT_GRID, "int4 GEMM": GEMM_GRID}
         grids = {kernel: grid[:2] if args.dry_run else grid for kernel, grid in grids.items()}
-    results = [measure(m, k, n, device, dtype, grids, timer) for m, k, n in shapes]
-
-    table = []
-    nan = float("nan")
-    for r in results:
-        m, k, n = r["shape"]
-        ms = {
-            name: r["ms"].get(name, nan)
-            for name in ("bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM")
-        }
-        tera_ops = 2 * m * n * k / 1e12
-        checks = r["checks"]
-        row = [f"{m}×{k}×{n}", f"{ms['bf16 F.linear'] * 1e3:.1f}", f"{ms['W4A4 op'] * 1e3:.1f}",
-               f"{ms['rotate+quantize'] * 1e3:.1f}", f"{ms['int4 GEMM'] * 1e3:.1f}",
-               f"{ms['bf16 F.linear'] / ms['W4A4 op']:.2f}×",
-               f"{tera_ops / (ms['W4A4 op'] * 1e-3):.0f}",
-               f"{tera_ops / (ms['int4 GEMM'] * 1e-3) / args.peak:.1%}",
-               f"{checks.get('vs reference', nan):.1e}",
-               f"{checks.get('vs float64 linear', nan):.1e}"]  # fmt: skip
-        if "sweep" in r:
-            best = {kernel: entries[0] for kernel, entries in r["sweep"].items()}
-            best_ms = sum(e.get("ms", nan) for e in best.values())
-            row.append(f"{ms['bf16 F.linear'] / best_ms:.2f}×")
-            r["best tiles"] = {kernel: e["tiles"] for kernel, e in best.items() if "ms" in e}
-        table.append(row)
-    headers = ["M×K×N", "bf16 µs", "W4A4 µs", "quant µs", "GEMM µs", "speedup", "op TOPS",
-               "GEMM of peak", "err vs ref", "err vs fp64"]  # fmt: skip
-    if args.sweep:
-        headers.append("speedup, best tiles")
     args.out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
-    report = {"device": device_name, "torch": torch.__version__, "results": results}
-    (args.out / "w4a4-gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    for r in results:
-        for kernel, tiles in r.get("best tiles", {}).items():
-            print(f"{r['shape']} fastest {kernel}: {tiles}")
-    for r in results:
-        for name, error in r["errors"].items():
-            print(f"{r['shape']} {name} FAILED: {error}")
-    print(device_name, f"(peak {args.peak:.0f} int8 TOPS)")
-    print(tabulate(table, headers, tablefmt="github"))
+    print(device_name, f"(peak {args.peak:.0f} int8 TOPS)", flush=True)
+    results, table = [], []
+    for m, k, n in shapes:  # written and printed shape by shape: a cut-off run keeps the rest
+        try:
+            result = measure(m, k, n, device, dtype, grids, timer)
+        except Exception as e:  # the reference set-up itself failed: recorded
+            result = {"shape": [m, k, n], "checks": {}, "ms": {},
+                      "errors": {"set-up": f"{type(e).__name__}: {e}"}}  # fmt: skip
+        results.append(result)
+        table.append(table_row(result, args.peak))
+        report = {"device": device_name, "torch": torch.__version__, "results": results}
+        (args.out / "w4a4-gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+        for kernel, tiles in result.get("best tiles", {}).items():
+            print(f"{result['shape']} fastest {kernel}: {tiles}")
+        for name, error in result["errors"].items():
+            print(f"{result['shape']} {name} FAILED: {error}")
+        print(tabulate(table, HEADERS + (["speedup, best tiles"] if grids else []),
+                       tablefmt="github"), flush=True)  # fmt: skip
     if any(r["errors"] for r in results):
         sys.exit(1)
+
+
+HEADERS = ["M×K×N", "bf16 µs", "W4A4 µs", "quant µs", "GEMM µs", "speedup", "op TOPS",
+           "GEMM of peak", "err vs ref", "err vs fp64"]  # fmt: skip
+
+
+def table_row(result: dict, peak: float) -> list[str]:
+    """One shape's line of the table (nan where a kernel failed); notes its best tiles."""
+    nan = float("nan")
+    m, k, n = result["shape"]
+    ms = {name: result["ms"].get(name, nan) for name in ("bf16 F.linear", "W4A4 op",
+                                                       "rotate+quantize", "int4 GEMM")}  # fmt: skip
+    tera_ops = 2 * m * n * k / 1e12
+    checks = result["checks"]
+    row = [f"{m}×{k}×{n}", f"{ms['bf16 F.linear'] * 1e3:.1f}", f"{ms['W4A4 op'] * 1e3:.1f}",
+           f"{ms['rotate+quantize'] * 1e3:.1f}", f"{ms['int4 GEMM'] * 1e3:.1f}",
+           f"{ms['bf16 F.linear'] / ms['W4A4 op']:.2f}×",
+           f"{tera_ops / (ms['W4A4 op'] * 1e-3):.0f}",
+           f"{tera_ops / (ms['int4 GEMM'] * 1e-3) / peak:.1%}",
+           f"{checks.get('vs reference', nan):.1e}",
+           f"{checks.get('vs float64 linear', nan):.1e}"]  # fmt: skip
+    if "sweep" in result:
+        best = {kernel: entries[0] for kernel, entries in result["sweep"].items()}
+        row.append(f"{ms['bf16 F.linear'] / sum(e.get('ms', nan) for e in best.values()):.2f}×")
+        result["best tiles"] = {kernel: e["tiles"] for kernel, e in best.items() if "ms" in e}
+    return row
 
 
 if __name__ == "__main__":

@@ -213,3 +213,29 @@ def test_hadamard_columns_are_built_once_per_rotation_and_rebuilt_after_a_change
         before = tk.hadamard_columns(made_there, 16, torch.float32, "cpu")[0].clone()
         made_there.mul_(-1)
         assert torch.equal(tk.hadamard_columns(made_there, 16, torch.float32, "cpu")[0], -before)
+
+
+def test_gpu_benchmark_records_a_failing_kernel_runs_the_rest_and_exits_1(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "w4a4_gpu.py"
+    spec = importlib.util.spec_from_file_location("w4a4_gpu_under_test", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources (simulated)")
+
+    monkeypatch.setattr(bench.tk, "int_gemm", broken)
+    monkeypatch.setattr(sys, "argv", ["w4a4_gpu.py", "--dry-run", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 1
+    results = json.loads((tmp_path / "w4a4-gpu.json").read_text())["results"]
+    assert len(results) == 2  # both shapes, though each one's GEMM failed
+    for result in results:
+        assert "simulated" in result["errors"]["int4 GEMM"]
+        assert {"bf16 F.linear", "W4A4 op", "rotate+quantize"} <= set(result["ms"])
