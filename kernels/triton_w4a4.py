@@ -50,8 +50,9 @@ def _rotated_chunk(
     x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
     ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Rotated values of the tile at k0 (`x`, loaded once per K tile when rotating) at
-    k = k0 + 2c (even) and k0 + 2c + 1 (odd) for c in [c0, c0 + CHUNK), in float32.
+    """Rotated values of the tile at k0 at k = k0 + 2c (even) and k0 + 2c + 1 (odd) for c in
+    [c0, c0 + CHUNK), in float32. `x` is that tile, loaded once per K tile, when rotating;
+    without rotation the values are read straight from `x_ptr` and `x` is unused.
 
     CHUNK column pairs at a time keep each dot's Hadamard operand at [BLOCK_K, CHUNK]: a whole
     256-group tile ([256, 128] twice) would not fit in shared memory next to the activations.
