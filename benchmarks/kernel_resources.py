@@ -98,7 +98,12 @@ def main() -> None:
     for origin, kernel, tiles, dtype in cases:
         if kernel == "int4 GEMM":
             used = gemm_bytes(tiles)
-            shown = (tiles.block_m, tiles.block_n, tiles.block_kh)
+            shown = (
+                tiles.block_m,
+                tiles.block_n,
+                tiles.block_kh,
+                "join" if tiles.join_k else "2 dots",
+            )
         else:  # FLUX's K = 3072 takes 256-groups
             used = rotate_quantize_bytes(tiles, 256, dtype)
             shown = (tiles.quant_block_m, tiles.chunk)

@@ -49,15 +49,17 @@ BUFFERS = 4
 """Input sets the timed calls cycle through (4096×3072 bf16 is 24 MiB: L2-sized alone)."""
 
 GEMM_GRID = [  # 128×256 int32 accumulators over 4 warps would spill: 8 warps there
-    tk.Tiles(block_m=bm, block_n=bn, block_kh=bk, num_warps=w, num_stages=s)
-    for bm, bn, bk, (w, s) in itertools.product(
-        (64, 128), (128, 256), (64, 128), ((4, 3), (8, 3), (8, 4))
+    tk.Tiles(block_m=bm, block_n=bn, block_kh=bk, num_warps=w, num_stages=s, join_k=join)
+    for bm, bn, bk, (w, s), join in itertools.product(
+        (64, 128), (128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)), (False, True)
     )
     if not (bm == 128 and bn == 256 and w == 4)
 ]
 QUANT_GRID = [  # K = 3072 takes 256-groups: the K tile is 256 whatever block_k says
     tk.Tiles(quant_block_m=bm, chunk=c, num_warps=w, num_stages=s)
-    for bm, c, w, s in itertools.product((16, 32, 64, 128), (16, 32, 64), (4, 8), (1, 3))
+    for bm, c, (w, s) in itertools.product(
+        (16, 32, 64, 128), (16, 32, 64), ((4, 1), (4, 3), (8, 3))
+    )
 ]
 """benchmarks/kernel_resources.py --grids: with 3 stages, 64×64 and 128×64 need more than sm_90's
 shared memory (they are kept: the sweep records OutOfResources like any failed setting)."""
@@ -79,9 +81,10 @@ def make_timer(device: str):
     if device == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
+        # `rep`: milliseconds of repeated calls; the sweep uses less (its settings are many)
+        return lambda fn, rep=200: do_bench(fn, warmup=rep // 8, rep=rep, return_mode="median")
 
-    def wall_ms(fn, repeats: int = 3) -> float:  # --dry-run: checks the script, not speed
+    def wall_ms(fn, rep=None, repeats: int = 3) -> float:  # --dry-run: checks the script only
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -168,7 +171,7 @@ def _sweep(grid, run, want: torch.Tensor, timer, max_differing: float) -> list[d
             if differ > max_differing:
                 entry["error"] = f"{differ:.1e} of the outputs differ from the reference"
             else:
-                entry["ms"] = timer(lambda t=tiles: run(t))
+                entry["ms"] = timer(lambda t=tiles: run(t), rep=50)
         except Exception as e:  # a tile too large for shared memory, etc.: recorded
             entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         out.append(entry)

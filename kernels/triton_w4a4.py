@@ -151,6 +151,7 @@ def _int_gemm_kernel(
     stride_am, stride_bn, stride_om,
     A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+    JOIN_K: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -164,8 +165,13 @@ def _int_gemm_kernel(
         b_even, b_odd = _load_pair(
             b_ptr, rn[None, :], kh[:, None], n_mask[None, :], K, KH, stride_bn, B_PACKED
         )
-        acc += tl.dot(a_even, b_even, out_dtype=tl.int32)
-        acc += tl.dot(a_odd, b_odd, out_dtype=tl.int32)
+        if JOIN_K:  # one dot over K = 2·BLOCK_KH: re-interleave even and odd in registers
+            a = tl.reshape(tl.join(a_even, a_odd), [BLOCK_M, 2 * BLOCK_KH])
+            b = tl.reshape(tl.permute(tl.join(b_even, b_odd), (0, 2, 1)), [2 * BLOCK_KH, BLOCK_N])
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:  # two dots, no shuffle
+            acc += tl.dot(a_even, b_even, out_dtype=tl.int32)
+            acc += tl.dot(a_odd, b_odd, out_dtype=tl.int32)
 
     a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0).to(tl.float32)
     b_scale = tl.load(b_scale_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -188,6 +194,8 @@ class Tiles:
     block_n: int = 128
     block_kh: int = 64
     """The GEMM's K tile in bytes of a packed row: 2·block_kh values, two int8 dots."""
+    join_k: bool = False
+    """The GEMM issues one dot over the re-interleaved K tile instead of two (for the sweep)."""
     quant_block_m: int = 32
     """The rotate-quantize kernel's rows per program."""
     block_k: int = 64
@@ -282,7 +290,7 @@ def int_gemm_settings(a_bits: int, b_bits: int, has_bias: bool, tiles: Tiles) ->
     return dict(
         A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=has_bias,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        JOIN_K=tiles.join_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
     )  # fmt: skip
 

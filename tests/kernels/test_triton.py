@@ -112,7 +112,8 @@ def test_fused_linear_matches_the_reference(m, k, n, act_bits, weight_bits, kind
     "tiles",
     [tk.Tiles(block_m=32, block_n=32, block_kh=32, quant_block_m=16, block_k=32, chunk=16,
               num_warps=8, num_stages=4),
-     tk.Tiles(block_m=16, block_n=64, block_kh=128, quant_block_m=32, block_k=256, chunk=32)],
+     tk.Tiles(block_m=16, block_n=64, block_kh=128, quant_block_m=32, block_k=256, chunk=32),
+     tk.Tiles(block_m=32, block_n=32, block_kh=32, join_k=True)],
 )  # fmt: skip
 def test_other_tiles_give_the_same_result(tiles):
     """The tiles `benchmarks/w4a4_gpu.py --sweep` tries change speed, never the numbers."""
