@@ -31,12 +31,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$out/gpu.txt"
 
 # the dry-run and sm_90-compile tests are CPU checks: they ran in CI already
-DIFFOPT_TEST_DEVICE=cuda timeout 150 python3 -m pytest tests/kernels -q -p no:cacheprovider \
+DIFFOPT_TEST_DEVICE=cuda timeout 200 python3 -m pytest tests/kernels -q -p no:cacheprovider \
   -k "not dry_run and not hopper and not records_a_failing" 2>&1 \
   | tee "$out/kernel-tests.log" | tail -25
 tests=${PIPESTATUS[0]}
 
-timeout 330 python3 benchmarks/w4a4_gpu.py --sweep --tokens 1024 4096 --out "$out" 2>&1 \
+timeout 300 python3 benchmarks/w4a4_gpu.py --sweep --tokens 1024 4096 --out "$out" 2>&1 \
   | tee "$out/w4a4-gpu.log" | tail -20
 bench=${PIPESTATUS[0]}
 
