@@ -127,7 +127,9 @@ def test_other_tiles_give_the_same_result(tiles):
 
 @pytest.mark.parametrize("kind", ["regular", "sylvester"])
 @pytest.mark.parametrize("act_bits", [4, 8])
-@pytest.mark.parametrize("chunk", [16, 128])
+# one chunk of a 256-group (128 column pairs) in fp32 needs 546 KiB of shared memory compiled,
+# more than Hopper's 227 KiB (benchmarks/kernel_resources.py): the interpreter alone takes it
+@pytest.mark.parametrize("chunk", [16, 128] if DEVICE == "cpu" else [16, 32])
 def test_256_groups_rotate_in_column_chunks_exactly(kind, act_bits, chunk):
     """FLUX's K = 3072 takes 256-groups: the kernel rotates them `chunk` column pairs at a time."""
     torch.manual_seed(chunk + act_bits)
