@@ -205,6 +205,14 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
 
+    def __post_init__(self) -> None:
+        # Triton's aranges need powers of two, and its dots at least 16 along every side
+        names = ("block_m", "block_n", "block_kh", "quant_block_m", "block_k", "chunk")
+        sizes = {name: getattr(self, name) for name in names}
+        bad = [f"{name}={size}" for name, size in sizes.items() if size < 16 or size & (size - 1)]
+        if bad:
+            raise ValueError(f"Tiles sizes must be powers of two of at least 16, not {bad}")
+
 
 INTERPRETER_TILES = Tiles(
     block_m=64, block_n=64, block_kh=64, quant_block_m=64, block_k=128, chunk=64

@@ -242,3 +242,10 @@ def test_gpu_benchmark_records_a_failing_kernel_runs_the_rest_and_exits_1(tmp_pa
     for result in results:
         assert "simulated" in result["errors"]["int4 GEMM"]
         assert {"bf16 F.linear", "W4A4 op", "rotate+quantize"} <= set(result["ms"])
+
+
+def test_tiles_refuse_sizes_triton_cannot_compile():
+    with pytest.raises(ValueError, match=r"powers of two of at least 16.*chunk=24"):
+        tk.Tiles(chunk=24)
+    with pytest.raises(ValueError, match="block_m=8"):
+        tk.Tiles(block_m=8)
