@@ -55,8 +55,10 @@ def variants_for(
             print(f"{steps} steps, {target} dB: {e}")
             continue
         c = found.config
-        print(f"{steps} steps, {target} dB: early={c.early} critical={c.critical} "
-              f"polish={c.polish} extrapolate={c.extrapolate}")  # fmt: skip
+        print(
+            f"{steps} steps, {target} dB: early={c.early} critical={c.critical} "
+            f"polish={c.polish} extrapolate={c.extrapolate}"
+        )
         out.append(bench.cached_variant(f"diffopt cache {target:g}dB", found.config))
         if target == min(targets):  # the caching policy alone, regions run eagerly like peers
             name = f"diffopt cache {target:g}dB eager"
@@ -130,9 +132,14 @@ def main() -> None:
     for steps in args.steps:
         variants = variants_for(reference, steps, args.targets, args.peers)
         result = bench.run(
-            reference, variants, images=args.images, repeats=args.repeats, steps=steps,
-            inner=args.inner, memory=False,
-        )  # fmt: skip
+            reference,
+            variants,
+            images=args.images,
+            repeats=args.repeats,
+            steps=steps,
+            inner=args.inner,
+            memory=False,
+        )
         table = result.markdown()
         print(table)
         stem = f"cache-sweep-{steps}"

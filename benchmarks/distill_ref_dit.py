@@ -118,15 +118,29 @@ def main() -> None:
     start = time.time()
     pairs = teacher_pairs(args.pairs, args.teacher_steps, batch=500)
     common = {"lr": args.lr, "batch": args.batch}
-    reflow = train(zoo.load("ref-dit").model, pairs, steps=args.reflow_steps, sigmas=None,
-                   seed=1, desc="reflow", **common)  # fmt: skip
+    reflow = train(
+        zoo.load("ref-dit").model,
+        pairs,
+        steps=args.reflow_steps,
+        sigmas=None,
+        seed=1,
+        desc="reflow",
+        **common,
+    )
     students = {
         "ref-dit-1step": [1.0],
         "ref-dit-2step": [1.0, 0.5],
     }
     for seed, (name, sigmas) in enumerate(students.items(), start=2):
-        student = train(copy.deepcopy(reflow), pairs, steps=args.specialize_steps, sigmas=sigmas,
-                        seed=seed, desc=name, **common)  # fmt: skip
+        student = train(
+            copy.deepcopy(reflow),
+            pairs,
+            steps=args.specialize_steps,
+            sigmas=sigmas,
+            seed=seed,
+            desc=name,
+            **common,
+        )
         student.save_pretrained(args.out / name, safe_serialization=True)
     print(f"distilled in {(time.time() - start) / 60:.1f} min; wrote {sorted(students)}")
 

@@ -42,11 +42,13 @@ def variants(name: str, images: int, steps: int, folder: Path) -> dict[str, Call
         return sample
 
     def calibration_run(denoiser: Callable) -> torch.Tensor:
-        return reference.sample(labels, range(10_000, 10_000 + images), denoiser=denoiser,
-                                steps=steps)  # fmt: skip
+        return reference.sample(
+            labels, range(10_000, 10_000 + images), denoiser=denoiser, steps=steps
+        )
 
-    cache = diffopt.calibrate(reference.model, calibration_run, steps=steps,
-                              cache=diffopt.CacheConfig(polish="block")).config  # fmt: skip
+    cache = diffopt.calibrate(
+        reference.model, calibration_run, steps=steps, cache=diffopt.CacheConfig(polish="block")
+    ).config
     inputs = reference.make_inputs(batch=batch)
     plain = diffopt.load(diffopt.export(reference.model, inputs, {}, out=folder / name / "plain"))
     cached = diffopt.load(
@@ -76,8 +78,7 @@ def main() -> None:
     table = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            runs = variants(name, args.images if name == "ref-dit" else 2, args.steps,
-                            Path(folder))  # fmt: skip
+            runs = variants(name, args.images if name == "ref-dit" else 2, args.steps, Path(folder))
             samples = {label: run() for label, run in tqdm(runs.items(), desc=f"{name} warm-up")}
             times: dict[str, list[float]] = {label: [] for label in runs}
             for _ in tqdm(range(args.repeats), desc=f"{name} timing"):
@@ -88,16 +89,27 @@ def main() -> None:
             base = statistics.median(times["torch eager"])
             for label in runs:
                 seconds = statistics.median(times[label])
-                reference = "torch eager" if "cached" not in label else label.replace(
-                    "onnxruntime engine, cached", "diffopt cached (inductor regions)")  # fmt: skip
-                table.append({
-                    "model": name, "runtime": label, "seconds": round(seconds, 3),
-                    "time / torch eager": round(seconds / base, 3),
-                    "max |diff| vs torch twin": float(
-                        (samples[label] - samples[reference]).abs().max()),
-                    "PSNR vs torch eager": round(metrics.psnr(samples[label],
-                                                              samples["torch eager"]), 1),
-                })  # fmt: skip
+                reference = (
+                    "torch eager"
+                    if "cached" not in label
+                    else label.replace(
+                        "onnxruntime engine, cached", "diffopt cached (inductor regions)"
+                    )
+                )
+                table.append(
+                    {
+                        "model": name,
+                        "runtime": label,
+                        "seconds": round(seconds, 3),
+                        "time / torch eager": round(seconds / base, 3),
+                        "max |diff| vs torch twin": float(
+                            (samples[label] - samples[reference]).abs().max()
+                        ),
+                        "PSNR vs torch eager": round(
+                            metrics.psnr(samples[label], samples["torch eager"]), 1
+                        ),
+                    }
+                )
     caption = f"{args.steps} steps, median of {args.repeats} interleaved runs"
     print(
         f"{caption}; ref-dit {args.images} images (batch {2 * args.images}), dit-s2 2 (batch 4)\n"

@@ -67,15 +67,25 @@ def main() -> None:
         return lambda: loop(noise, cond)
 
     def teacher_loop(steps: int) -> Callable[[], torch.Tensor]:
-        return lambda: sample(teacher.model, teacher.scheduler, noise, cond, uncond,
-                              steps=steps, guidance=teacher.guidance)  # fmt: skip
+        return lambda: sample(
+            teacher.model,
+            teacher.scheduler,
+            noise,
+            cond,
+            uncond,
+            steps=steps,
+            guidance=teacher.guidance,
+        )
 
     rows: dict[str, tuple[Callable[[], torch.Tensor], float]] = {}
     guided_nfe = 2.0  # the teacher's cond + uncond batch: two model evaluations per step
     rows["teacher, 50-step loop"] = (teacher_loop(50), 50 * guided_nfe)
     rows["teacher, 28-step loop"] = (teacher_loop(28), 28 * guided_nfe)
-    students = [("1-step student", one, [1.0]), ("2-step student", two, [1.0, 0.5]),
-                ("2-step student on 4 steps", two, [1.0, 0.75, 0.5, 0.25])]  # fmt: skip
+    students = [
+        ("1-step student", one, [1.0]),
+        ("2-step student", two, [1.0, 0.5]),
+        ("2-step student on 4 steps", two, [1.0, 0.75, 0.5, 0.25]),
+    ]
     for name, student, sigmas in students:
         sampler = diffopt.unroll(student.model, student.scheduler, len(sigmas), sigmas=sigmas)
         rows[f"{name}, unrolled"] = (compiled(sampler), float(len(sigmas)))
@@ -87,12 +97,16 @@ def main() -> None:
         nfe = sampler.effective_nfe(noise[:10], {"class_labels": labels[:10]})
         k = sampler.schedule[1].blocks
         rows[f"1.x: 2-step student, step 2 runs {k}/8 blocks, no compensation"] = (
-            compiled(copy.deepcopy(sampler)), nfe)  # fmt: skip
+            compiled(copy.deepcopy(sampler)),
+            nfe,
+        )
         fits[fraction] = diffopt.fit_compensation(sampler, calibration, calibration_cond)
         rows[f"1.x: 2-step student, step 2 runs {k}/8 blocks, unrolled"] = (compiled(sampler), nfe)
         if fraction == max(args.fractions):
             rows[f"1.x: 2-step student, step 2 runs {k}/8 blocks, step loop"] = (
-                step_loop(sampler), nfe)  # fmt: skip
+                step_loop(sampler),
+                nfe,
+            )
 
     samples = {}
     for name, (run, _) in tqdm(rows.items(), desc="warm-up and quality"):
@@ -112,32 +126,41 @@ def main() -> None:
     table = []
     for name, (_, nfe) in rows.items():
         seconds = statistics.median(times[name])
-        table.append({
-            "schedule": name,
-            "effective NFE": round(nfe, 3),
-            "ref-FID": round(metrics.ref_fid(samples[name], real), 2),
-            "accuracy": round(metrics.class_accuracy(samples[name], labels), 3),
-            "PSNR vs teacher-50 dB": round(metrics.psnr(samples[name],
-                                                        samples["teacher, 50-step loop"]), 1),
-            "PSNR vs 2-step dB": round(metrics.psnr(samples[name],
-                                                    samples["2-step student, unrolled"]), 1),
-            "seconds": round(seconds, 3),
-            "time / teacher-50": round(seconds / base, 4),
-        })  # fmt: skip
-    print(f"ref-dit few-step sampling: {args.images} images, median of {args.repeats} "
-          f"interleaved runs, inner={args.inner}\n")  # fmt: skip
+        table.append(
+            {
+                "schedule": name,
+                "effective NFE": round(nfe, 3),
+                "ref-FID": round(metrics.ref_fid(samples[name], real), 2),
+                "accuracy": round(metrics.class_accuracy(samples[name], labels), 3),
+                "PSNR vs teacher-50 dB": round(
+                    metrics.psnr(samples[name], samples["teacher, 50-step loop"]), 1
+                ),
+                "PSNR vs 2-step dB": round(
+                    metrics.psnr(samples[name], samples["2-step student, unrolled"]), 1
+                ),
+                "seconds": round(seconds, 3),
+                "time / teacher-50": round(seconds / base, 4),
+            }
+        )
+    print(
+        f"ref-dit few-step sampling: {args.images} images, median of {args.repeats} "
+        f"interleaved runs, inner={args.inner}\n"
+    )
     print(tabulate(table, headers="keys", tablefmt="github"))
     for fraction, fit in fits.items():
         print(f"\ncompensation fit for {fraction}:\n{fit.table()}")
     if loop_1x:
         unrolled_1x = loop_1x.replace("blocks, step loop", "blocks, unrolled")
         ratio = statistics.median(times[loop_1x]) / statistics.median(times[unrolled_1x])
-        print(f"\nunrolling the 1.x schedule: {ratio:.2f}x faster than its step loop; "
-              f"{base / statistics.median(times[unrolled_1x]):.1f}x faster than the teacher's "
-              "50-step loop")  # fmt: skip
+        print(
+            f"\nunrolling the 1.x schedule: {ratio:.2f}x faster than its step loop; "
+            f"{base / statistics.median(times[unrolled_1x]):.1f}x faster than the teacher's "
+            "50-step loop"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(
-        args.out)}, "rows": table}, indent=2) + "\n")  # fmt: skip
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": table}, indent=2) + "\n"
+    )
     plot(table, args.out.with_suffix(".png"))
 
 
@@ -151,8 +174,13 @@ def plot(table: list[dict], path: Path) -> None:
     for row in table:
         ax.scatter(row["effective NFE"], row["ref-FID"], s=40)
         label = row["schedule"].removesuffix(", unrolled").replace("1.x: 2-step student, ", "1.x: ")
-        ax.annotate(label, (row["effective NFE"], row["ref-FID"]), fontsize=6,
-                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            label,
+            (row["effective NFE"], row["ref-FID"]),
+            fontsize=6,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("effective NFE (computed FLOPs / one full step)")
     ax.set_ylabel("ref-FID (lower is better)")

@@ -57,10 +57,14 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["diffopt, no cache"])
     rows = [
-        [name, f"{statistics.median(t):.3f}", f"{statistics.median(t) / base - 1:+.1%}",
-         f"{(statistics.median(t) - base) / args.steps * 1e3:+.2f}"]
+        [
+            name,
+            f"{statistics.median(t):.3f}",
+            f"{statistics.median(t) / base - 1:+.1%}",
+            f"{(statistics.median(t) - base) / args.steps * 1e3:+.2f}",
+        ]
         for name, t in times.items()
-    ]  # fmt: skip
+    ]
     print(
         f"ref-dit, {args.images} images, {args.steps} steps, inner={args.inner}, "
         f"median of {args.rounds} interleaved rounds"

@@ -43,8 +43,11 @@ def shared_bytes(kernel, signature: dict, settings: dict) -> int:
     constants = {k: v for k, v in settings.items() if k not in LAUNCH_OPTIONS}
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     # every runtime argument as divisible by 16, as FLUX's shapes and torch's allocations are
-    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(signature.values())
-             if v != "constexpr"}  # fmt: skip
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, v in enumerate(signature.values())
+        if v != "constexpr"
+    }
     source = ASTSource(kernel, signature, constants, attrs)
     opts = backend.parse_options({k: v for k, v in settings.items() if k in LAUNCH_OPTIONS})
     stages: dict = {}
@@ -52,8 +55,9 @@ def shared_bytes(kernel, signature: dict, settings: dict) -> int:
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
-    module = source.make_ir(SM90, opts, backend.get_codegen_implementation(opts),
-                            backend.get_module_map(), context)  # fmt: skip
+    module = source.make_ir(
+        SM90, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context
+    )
     metadata: dict = {}
     for stage in ("ttir", "ttgir", "llir"):
         module = stages[stage](module, metadata)
@@ -64,9 +68,17 @@ def rotate_quantize_bytes(tiles: tk.Tiles, group: int, dtype: torch.dtype) -> in
     """The 4-bit rotate-quantize launch with `group`-sized rotations."""
     pointer = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     signature = dict(
-        x_ptr=pointer, h_even_ptr=pointer, h_odd_ptr=pointer, out_ptr="*i8", scale_ptr="*fp32",
-        M="i32", K="i32", KH="i32", stride_xm="i32", stride_om="i32",
-    )  # fmt: skip
+        x_ptr=pointer,
+        h_even_ptr=pointer,
+        h_odd_ptr=pointer,
+        out_ptr="*i8",
+        scale_ptr="*fp32",
+        M="i32",
+        K="i32",
+        KH="i32",
+        stride_xm="i32",
+        stride_om="i32",
+    )
     settings = tk.rotate_quantize_settings(4, group, dtype, tiles)
     return shared_bytes(tk._rotate_quantize_kernel, signature, settings)
 
@@ -74,10 +86,20 @@ def rotate_quantize_bytes(tiles: tk.Tiles, group: int, dtype: torch.dtype) -> in
 def gemm_bytes(tiles: tk.Tiles) -> int:
     """The W4A4 GEMM launch with a bias and bf16 output."""
     signature = dict(
-        a_ptr="*i8", b_ptr="*i8", a_scale_ptr="*fp32", b_scale_ptr="*fp16", bias_ptr="*bf16",
-        out_ptr="*bf16", M="i32", N="i32", K="i32", KH="i32", stride_am="i32", stride_bn="i32",
+        a_ptr="*i8",
+        b_ptr="*i8",
+        a_scale_ptr="*fp32",
+        b_scale_ptr="*fp16",
+        bias_ptr="*bf16",
+        out_ptr="*bf16",
+        M="i32",
+        N="i32",
+        K="i32",
+        KH="i32",
+        stride_am="i32",
+        stride_bn="i32",
         stride_om="i32",
-    )  # fmt: skip
+    )
     return shared_bytes(tk._int_gemm_kernel, signature, tk.int_gemm_settings(4, 4, True, tiles))
 
 
@@ -85,8 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grids", action="store_true", help="also every sweep setting")
     args = parser.parse_args()
-    cases = [("default", "rotate+quantize", tk.Tiles(), dtype)
-             for dtype in (torch.bfloat16, torch.float32)]  # fmt: skip
+    cases = [
+        ("default", "rotate+quantize", tk.Tiles(), dtype)
+        for dtype in (torch.bfloat16, torch.float32)
+    ]
     cases.append(("default", "int4 GEMM", tk.Tiles(), torch.bfloat16))
     if args.grids:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -109,10 +133,28 @@ def main() -> None:
             shown = (tiles.quant_block_m, tiles.chunk)
         fits = used <= SHARED_LIMIT
         defaults_fit &= fits or origin != "default"
-        rows.append([origin, kernel, str(dtype).removeprefix("torch."), shown, tiles.num_warps,
-                     tiles.num_stages, used, "yes" if fits else "NO"])  # fmt: skip
-    headers = ["tiles", "kernel", "dtype", "blocks", "warps", "stages", "shared bytes",
-               f"fits {SHARED_LIMIT}"]  # fmt: skip
+        rows.append(
+            [
+                origin,
+                kernel,
+                str(dtype).removeprefix("torch."),
+                shown,
+                tiles.num_warps,
+                tiles.num_stages,
+                used,
+                "yes" if fits else "NO",
+            ]
+        )
+    headers = [
+        "tiles",
+        "kernel",
+        "dtype",
+        "blocks",
+        "warps",
+        "stages",
+        "shared bytes",
+        f"fits {SHARED_LIMIT}",
+    ]
     print(tabulate(rows, headers, tablefmt="github"))
     sys.exit(0 if defaults_fit else 1)
 

@@ -31,8 +31,9 @@ def layer_sqnr(model: torch.nn.Module, inputs: dict, quant: QuantConfig | dict) 
     report = diffopt.inspect(model, inputs, Config(inner="eager", quant=quant))
     per_kind: dict[str, list[float]] = defaultdict(list)
     for entry in next(p for p in report.passes if p.name == "w4a4").rewritten:
-        found = re.search(r"transformer_blocks\.\d+\.(\S+?):?\s.*SQNR ([\d.]+)",
-                          f"{entry.where} {entry.what}")  # fmt: skip
+        found = re.search(
+            r"transformer_blocks\.\d+\.(\S+?):?\s.*SQNR ([\d.]+)", f"{entry.where} {entry.what}"
+        )
         if found:
             per_kind[found.group(1)].append(float(found.group(2)))
     return {kind: sum(v) / len(v) for kind, v in per_kind.items()}
@@ -45,10 +46,11 @@ def main() -> None:
     reference = zoo.load("ref-dit")
     inputs = reference.make_inputs(batch=args.batch)
     sqnr = {
-        rotation: layer_sqnr(reference.model, inputs,
-                             QuantConfig(rotation=rotation, exclude=[], min_sqnr=0))
+        rotation: layer_sqnr(
+            reference.model, inputs, QuantConfig(rotation=rotation, exclude=[], min_sqnr=0)
+        )
         for rotation in ROTATIONS
-    }  # fmt: skip
+    }
     rows = [[kind, *(f"{sqnr[r][kind]:.1f}" for r in ROTATIONS)] for kind in sqnr["regular"]]
     table = tabulate(rows, ["layer", *(f"{r} dB" for r in ROTATIONS)], tablefmt="github")
     print(table)

@@ -97,25 +97,42 @@ def main() -> None:
             for rotation in ROTATIONS
         ]
         scaled = dataclasses.replace(reference, model=model)
-        result = bench.run(scaled, variants, images=args.images, repeats=1, steps=args.steps,
-                           inner="eager", memory=False, progress=False)  # fmt: skip
+        result = bench.run(
+            scaled,
+            variants,
+            images=args.images,
+            repeats=1,
+            steps=args.steps,
+            inner="eager",
+            memory=False,
+            progress=False,
+        )
         for row in result.rows[1:]:
-            e2e_rows.append([alpha, row.name, f"{row.psnr:.1f}", f"{row.ref_fid:.1f}",
-                             f"{row.accuracy:.3f}"])  # fmt: skip
-        results.append({"alpha": alpha, "float_drift": drift, "layer_sqnr": sqnr,
-                        "end_to_end": result.to_dict()["rows"][1:]})  # fmt: skip
+            e2e_rows.append(
+                [alpha, row.name, f"{row.psnr:.1f}", f"{row.ref_fid:.1f}", f"{row.accuracy:.3f}"]
+            )
+        results.append(
+            {
+                "alpha": alpha,
+                "float_drift": drift,
+                "layer_sqnr": sqnr,
+                "end_to_end": result.to_dict()["rows"][1:],
+            }
+        )
         torch._dynamo.reset()
 
     headers = ["alpha", "layer", *(f"{r} dB" for r in ROTATIONS)]
     text = (
         f"ref-dit with {args.channels} outlier channels per block scaled by alpha (float samples "
         f"unchanged); {args.images} images, {args.steps} steps; SQNR on one batch-8 call.\n\n"
-        "Per-layer output SQNR, W4A4:\n\n" + tabulate(sqnr_rows, headers, tablefmt="github")
+        "Per-layer output SQNR, W4A4:\n\n"
+        + tabulate(sqnr_rows, headers, tablefmt="github")
         + "\n\nEnd to end against the float model:\n\n"
-        + tabulate(e2e_rows, ["alpha", "variant", "PSNR dB", "ref-FID", "accuracy"],
-                   tablefmt="github")
+        + tabulate(
+            e2e_rows, ["alpha", "variant", "PSNR dB", "ref-FID", "accuracy"], tablefmt="github"
+        )
         + "\n"
-    )  # fmt: skip
+    )
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quant-outliers.md").write_text(text)

@@ -45,9 +45,13 @@ def quantized_layers(model: torch.nn.Module, inputs: dict, preset: str):
 def memory_rows(reference: zoo.Reference) -> list[list[str]]:
     torch.manual_seed(0)
     dit_xl = DiTTransformer2DModel(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, num_layers=2,
-        sample_size=8, num_embeds_ada_norm=10,
-    ).eval()  # fmt: skip
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        num_layers=2,
+        sample_size=8,
+        num_embeds_ada_norm=10,
+    ).eval()
     models = {
         "ref-dit": (reference.model, reference.make_inputs(batch=2)),
         "DiT-XL/2 width, 2 blocks": (dit_xl, zoo.example_inputs(dit_xl, batch=2)),
@@ -58,12 +62,17 @@ def memory_rows(reference: zoo.Reference) -> list[list[str]]:
         for preset in ("w4a4", "w8a8"):
             stats = quantized_layers(model, inputs, preset).stats
             whole = fp16_model - stats["fp16_weight_bytes"] + stats["weight_bytes"]
-            rows.append([
-                model_name, preset, int(stats["layers"]),
-                f"{stats['fp16_weight_bytes'] / 2**10:.0f}", f"{stats['weight_bytes'] / 2**10:.0f}",
-                f"{stats['fp16_weight_bytes'] / stats['weight_bytes']:.2f}×",
-                f"{fp16_model / whole:.2f}×",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    model_name,
+                    preset,
+                    int(stats["layers"]),
+                    f"{stats['fp16_weight_bytes'] / 2**10:.0f}",
+                    f"{stats['weight_bytes'] / 2**10:.0f}",
+                    f"{stats['fp16_weight_bytes'] / stats['weight_bytes']:.2f}×",
+                    f"{fp16_model / whole:.2f}×",
+                ]
+            )
         torch._dynamo.reset()
     return rows
 
@@ -95,15 +104,27 @@ def main() -> None:
         peers.quanto_quant("w8a8", select, calibrate),
     ]
     result = bench.run(
-        reference, variants, images=args.images, repeats=args.repeats, steps=args.steps,
-        inner=args.inner, memory=False,
-    )  # fmt: skip
+        reference,
+        variants,
+        images=args.images,
+        repeats=args.repeats,
+        steps=args.steps,
+        inner=args.inner,
+        memory=False,
+    )
     memory = tabulate(
         memory_rows(reference),
-        ["model", "setting", "layers", "fp16 KiB", "quantized KiB", "layers ratio",
-         "whole model ratio"],
+        [
+            "model",
+            "setting",
+            "layers",
+            "fp16 KiB",
+            "quantized KiB",
+            "layers ratio",
+            "whole model ratio",
+        ],
         tablefmt="github",
-    )  # fmt: skip
+    )
     RESULTS.mkdir(exist_ok=True)
     text = (
         f"{result.markdown()}\n\n{len(chosen)} linears quantized (the blocks' attention and MLP "
@@ -114,8 +135,11 @@ def main() -> None:
     (RESULTS / "quant-quality.md").write_text(text)
     (RESULTS / "quant-quality.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     result.plot(RESULTS / "quant-quality.png")
-    bench.save_grid(torch.cat([result.samples[v.name][:10] for v in variants]),
-                    RESULTS / "quant-quality-samples.png", columns=10)  # fmt: skip
+    bench.save_grid(
+        torch.cat([result.samples[v.name][:10] for v in variants]),
+        RESULTS / "quant-quality-samples.png",
+        columns=10,
+    )
 
 
 if __name__ == "__main__":

@@ -148,15 +148,20 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     if grids:
         result["sweep"] = {
             "rotate+quantize": _sweep(
-                grids["rotate+quantize"], lambda t: tk.rotate_quantize(x, 4, h, t)[0], packed,
-                timer, max_differing=1e-3,  # a code at a rounding tie may flip (dot order)
+                grids["rotate+quantize"],
+                lambda t: tk.rotate_quantize(x, 4, h, t)[0],
+                packed,
+                timer,
+                max_differing=1e-3,  # a code at a rounding tie may flip (dot order)
             ),
             "int4 GEMM": _sweep(
                 grids["int4 GEMM"],
                 lambda t: tk.int_gemm(packed, 4, act_scale, stored, 4, scale, bias, k, dtype, t),
-                product, timer, max_differing=1e-3,
+                product,
+                timer,
+                max_differing=1e-3,
             ),
-        }  # fmt: skip
+        }
     return result
 
 
@@ -211,8 +216,12 @@ def main() -> None:
         try:
             result = measure(m, k, n, device, dtype, grids, timer)
         except Exception as e:  # the reference set-up itself failed: recorded
-            result = {"shape": [m, k, n], "checks": {}, "ms": {},
-                      "errors": {"set-up": f"{type(e).__name__}: {e}"}}  # fmt: skip
+            result = {
+                "shape": [m, k, n],
+                "checks": {},
+                "ms": {},
+                "errors": {"set-up": f"{type(e).__name__}: {e}"},
+            }
         results.append(result)
         table.append(table_row(result, args.peak))
         report = {"device": device_name, "torch": torch.__version__, "results": results}
@@ -221,31 +230,52 @@ def main() -> None:
             print(f"{result['shape']} fastest {kernel}: {tiles}")
         for name, error in result["errors"].items():
             print(f"{result['shape']} {name} FAILED: {error}")
-        print(tabulate(table, HEADERS + (["speedup, best tiles"] if grids else []),
-                       tablefmt="github"), flush=True)  # fmt: skip
+        print(
+            tabulate(
+                table, HEADERS + (["speedup, best tiles"] if grids else []), tablefmt="github"
+            ),
+            flush=True,
+        )
     if any(r["errors"] for r in results):
         sys.exit(1)
 
 
-HEADERS = ["M×K×N", "bf16 µs", "W4A4 µs", "quant µs", "GEMM µs", "speedup", "op TOPS",
-           "GEMM of peak", "err vs ref", "err vs fp64"]  # fmt: skip
+HEADERS = [
+    "M×K×N",
+    "bf16 µs",
+    "W4A4 µs",
+    "quant µs",
+    "GEMM µs",
+    "speedup",
+    "op TOPS",
+    "GEMM of peak",
+    "err vs ref",
+    "err vs fp64",
+]
 
 
 def table_row(result: dict, peak: float) -> list[str]:
     """One shape's line of the table (nan where a kernel failed); notes its best tiles."""
     nan = float("nan")
     m, k, n = result["shape"]
-    ms = {name: result["ms"].get(name, nan) for name in ("bf16 F.linear", "W4A4 op",
-                                                       "rotate+quantize", "int4 GEMM")}  # fmt: skip
+    ms = {
+        name: result["ms"].get(name, nan)
+        for name in ("bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM")
+    }
     tera_ops = 2 * m * n * k / 1e12
     checks = result["checks"]
-    row = [f"{m}×{k}×{n}", f"{ms['bf16 F.linear'] * 1e3:.1f}", f"{ms['W4A4 op'] * 1e3:.1f}",
-           f"{ms['rotate+quantize'] * 1e3:.1f}", f"{ms['int4 GEMM'] * 1e3:.1f}",
-           f"{ms['bf16 F.linear'] / ms['W4A4 op']:.2f}×",
-           f"{tera_ops / (ms['W4A4 op'] * 1e-3):.0f}",
-           f"{tera_ops / (ms['int4 GEMM'] * 1e-3) / peak:.1%}",
-           f"{checks.get('vs reference', nan):.1e}",
-           f"{checks.get('vs float64 linear', nan):.1e}"]  # fmt: skip
+    row = [
+        f"{m}×{k}×{n}",
+        f"{ms['bf16 F.linear'] * 1e3:.1f}",
+        f"{ms['W4A4 op'] * 1e3:.1f}",
+        f"{ms['rotate+quantize'] * 1e3:.1f}",
+        f"{ms['int4 GEMM'] * 1e3:.1f}",
+        f"{ms['bf16 F.linear'] / ms['W4A4 op']:.2f}×",
+        f"{tera_ops / (ms['W4A4 op'] * 1e-3):.0f}",
+        f"{tera_ops / (ms['int4 GEMM'] * 1e-3) / peak:.1%}",
+        f"{checks.get('vs reference', nan):.1e}",
+        f"{checks.get('vs float64 linear', nan):.1e}",
+    ]
     if "sweep" in result:
         best = {kernel: entries[0] for kernel, entries in result["sweep"].items()}
         row.append(f"{ms['bf16 F.linear'] / sum(e.get('ms', nan) for e in best.values()):.2f}×")

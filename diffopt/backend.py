@@ -164,8 +164,11 @@ def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> 
 
     from diffopt.passes.graph import INPUT_KEY, example_value
 
-    fakes = [example_value(n) for n in gm.graph.nodes
-             if n.op == "placeholder" and n.meta.get(INPUT_KEY) == "user"]  # fmt: skip
+    fakes = [
+        example_value(n)
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and n.meta.get(INPUT_KEY) == "user"
+    ]
     tensors = [v for v in fakes if isinstance(v, torch.Tensor) and v.ndim]
     sizes = [(d, n) for t in tensors for d, n in enumerate(t.shape) if isinstance(n, torch.SymInt)]
     if not sizes:
@@ -200,8 +203,11 @@ def mark_dynamic_axes(
     """
     import torch
 
-    tensors = [v for v in torch.utils._pytree.tree_leaves((args, kwargs))
-               if isinstance(v, torch.Tensor) and v.ndim]  # fmt: skip
+    tensors = [
+        v
+        for v in torch.utils._pytree.tree_leaves((args, kwargs))
+        if isinstance(v, torch.Tensor) and v.ndim
+    ]
     if not tensors:
         return
     latents = tensors[0]
@@ -247,9 +253,12 @@ def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
     """The plain region executor, or the caching one when cache guards applied."""
     timestep_slot, weight_slots = input_slots(optimized.graph)
     return build_executor(
-        optimized.program, config, optimized.graph.guards,
-        timestep_slot=timestep_slot, param_slots=weight_slots,
-    )  # fmt: skip
+        optimized.program,
+        config,
+        optimized.graph.guards,
+        timestep_slot=timestep_slot,
+        param_slots=weight_slots,
+    )
 
 
 def input_slots(graph: DenoiserGraph) -> tuple[int | None, set[int]]:
@@ -275,6 +284,10 @@ def build_executor(
     if config.cache is None or not guards:
         return RegionExecutor(program)
     return CachingExecutor(
-        program, config.cache, guards, timestep_slot=timestep_slot, param_slots=param_slots,
+        program,
+        config.cache,
+        guards,
+        timestep_slot=timestep_slot,
+        param_slots=param_slots,
         inner=config.inner,
-    )  # fmt: skip
+    )

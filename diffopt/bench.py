@@ -167,8 +167,18 @@ class BenchResult:
             ]
             for r in self.rows
         ]
-        headers = ["variant", "family", "seconds", "time / base", "FLOPs / base", "PSNR dB",
-                   "SSIM", "ref-FID", "accuracy", "peak MB"]  # fmt: skip
+        headers = [
+            "variant",
+            "family",
+            "seconds",
+            "time / base",
+            "FLOPs / base",
+            "PSNR dB",
+            "SSIM",
+            "ref-FID",
+            "accuracy",
+            "peak MB",
+        ]
         caption = (
             f"{self.model}: {self.images} images, {self.steps} steps, median of {self.repeats} "
             f"interleaved runs, inner={self.inner}"
@@ -186,8 +196,13 @@ class BenchResult:
         for row in self.rows:
             marker = {"baseline": "s", "diffopt": "o", "peer": "^"}.get(row.family, "x")
             ax.scatter(1 / row.time_ratio, row.ref_fid, marker=marker, s=50)
-            ax.annotate(row.name, (1 / row.time_ratio, row.ref_fid), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                row.name,
+                (1 / row.time_ratio, row.ref_fid),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
         ax.set_xlabel("speedup over baseline (wall time)")
         ax.set_ylabel("ref-FID (lower is better)")
         ax.set_title(f"{self.model}: speed vs quality ({self.steps} steps)")

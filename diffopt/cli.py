@@ -33,10 +33,16 @@ def _export(args: argparse.Namespace) -> int:
 
     config = Config.load(args.config) if args.config else Config()
     model, inputs = zoo.resolve(args.model)
-    out = export(model, inputs, config, format=args.format, out=args.out,
-                 dynamic_batch=args.dynamic_batch,
-                 dynamic_resolution=args.dynamic_resolution,
-                 quant_form=args.quant_form)  # fmt: skip
+    out = export(
+        model,
+        inputs,
+        config,
+        format=args.format,
+        out=args.out,
+        dynamic_batch=args.dynamic_batch,
+        dynamic_resolution=args.dynamic_resolution,
+        quant_form=args.quant_form,
+    )
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -57,9 +63,14 @@ def _bench(args: argparse.Namespace, *, demo: bool = False) -> int:
 
         variants += [bench.torch_compile_variant(), *peers.all_peers(calibrate, steps)]
     result = bench.run(
-        reference, variants, images=args.images, repeats=args.repeats, steps=steps,
-        inner=args.inner, seed=args.seed,
-    )  # fmt: skip
+        reference,
+        variants,
+        images=args.images,
+        repeats=args.repeats,
+        steps=steps,
+        inner=args.inner,
+        seed=args.seed,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = result.markdown()
@@ -102,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         "folder, or package.module:factory returning (model, inputs)",
     )
     p.add_argument("--config", help="a Config as JSON (see diffopt.Config.save)")
-    p.add_argument("--inner", choices=["eager", "aot_eager", "inductor"],
-                   help="recorded in the report; inspect compiles nothing")  # fmt: skip
+    p.add_argument(
+        "--inner",
+        choices=["eager", "aot_eager", "inductor"],
+        help="recorded in the report; inspect compiles nothing",
+    )
     p.add_argument("--strict", action="store_true", help="a pass that cannot apply is an error")
     p.add_argument("--html", help="also write the report as one HTML page here")
     p.set_defaults(run=_inspect)
@@ -114,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
     p.add_argument("--out", required=True, help="engine folder to write")
     p.add_argument("--dynamic-batch", action="store_true", help="the batch as a dynamic axis")
-    p.add_argument("--dynamic-resolution", action="store_true",
-                   help="the latents' spatial axes (or tokens) as dynamic axes")  # fmt: skip
-    p.add_argument("--quant-form", default="integer",
-                   choices=["integer", "qdq", "qdq_static", "custom"],
-                   help="how quantized linears are written (see exporters/onnx.py)")  # fmt: skip
+    p.add_argument(
+        "--dynamic-resolution",
+        action="store_true",
+        help="the latents' spatial axes (or tokens) as dynamic axes",
+    )
+    p.add_argument(
+        "--quant-form",
+        default="integer",
+        choices=["integer", "qdq", "qdq_static", "custom"],
+        help="how quantized linears are written (see exporters/onnx.py)",
+    )
     p.set_defaults(run=_export)
 
     p = verbs.add_parser("bench", help="baseline vs diffopt variants (and peers) on the same seeds")

@@ -26,51 +26,82 @@ def _tiny_flux() -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
-    )  # fmt: skip
+    )
 
 
 def _tiny_sd3() -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-        pooled_projection_dim=32, out_channels=4,
-    )  # fmt: skip
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+    )
 
 
 def _tiny_dit() -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    )  # fmt: skip
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
 
 
 def _tiny_pixart() -> torch.nn.Module:
     from diffusers import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=32,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
         use_additional_conditions=False,
-    )  # fmt: skip
+    )
 
 
 def _tiny_unet() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-        attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -162,9 +193,15 @@ def _dit_s2() -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
-        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4,
-        num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
-    )  # fmt: skip
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=4,
+        num_layers=12,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
 
 
 def ref_dit_architecture() -> torch.nn.Module:
@@ -174,9 +211,15 @@ def ref_dit_architecture() -> torch.nn.Module:
     from diffopt.data import IMAGE_SIZE, NUM_CLASSES
 
     return DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1,
-        num_layers=8, sample_size=IMAGE_SIZE, patch_size=2, num_embeds_ada_norm=NUM_CLASSES,
-    )  # fmt: skip
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=1,
+        out_channels=1,
+        num_layers=8,
+        sample_size=IMAGE_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=NUM_CLASSES,
+    )
 
 
 TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {

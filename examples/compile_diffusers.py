@@ -15,10 +15,17 @@ parser.add_argument("--inner", default="inductor", choices=["eager", "aot_eager"
 args = parser.parse_args()
 
 model = SD3Transformer2DModel(
-    sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-    pooled_projection_dim=32, out_channels=4,
-).eval()  # fmt: skip
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    out_channels=4,
+).eval()
 inputs = {
     "hidden_states": torch.randn(2, 4, 8, 8),
     "encoder_hidden_states": torch.randn(2, 6, 32),

@@ -34,25 +34,41 @@ def run(denoiser):
 # 1. calibrate the cache with torch, export it (one ONNX file per region), run it with onnxruntime
 settings = CacheConfig(early=0.1, critical=0.3, polish="block")
 cache = diffopt.calibrate(ref.model, run, steps=args.steps, cache=settings).config
-folder = diffopt.export(ref.model, ref.make_inputs(batch=8), {"cache": cache},
-                        out=args.out / "cached", dynamic_batch=True)  # fmt: skip
+folder = diffopt.export(
+    ref.model,
+    ref.make_inputs(batch=8),
+    {"cache": cache},
+    out=args.out / "cached",
+    dynamic_batch=True,
+)
 engine = diffopt.load(folder, provider="cpu")
-torch_runtime = torch.compile(ref.model, backend="diffopt",
-                              options={"inner": "eager", "cache": cache})  # fmt: skip
+torch_runtime = torch.compile(
+    ref.model, backend="diffopt", options={"inner": "eager", "cache": cache}
+)
 actions, images = {}, {}
 for name, denoiser in (("torch", torch_runtime), ("onnxruntime", engine)):
     with diffopt.request(steps=args.steps) as req:
         images[name] = ref.sample(labels, seeds, denoiser=denoiser, steps=args.steps)
     actions[name] = req.actions[0]
-print(f"cached engine: {len(list(folder.glob('*.onnx')))} ONNX files; same decisions as torch: "
-      f"{actions['onnxruntime'] == actions['torch']}; "
-      f"max |diff| {(images['onnxruntime'] - images['torch']).abs().max():.1e}")  # fmt: skip
+print(
+    f"cached engine: {len(list(folder.glob('*.onnx')))} ONNX files; same decisions as torch: "
+    f"{actions['onnxruntime'] == actions['torch']}; "
+    f"max |diff| {(images['onnxruntime'] - images['torch']).abs().max():.1e}"
+)
 print(f"block work {req.compute():.2f} of an uncached run; actions {actions['onnxruntime']}")
 
 # 2. rotated W4A4 in the custom-node form
-folder = diffopt.export(ref.model, ref.make_inputs(batch=2), {"quant": "w4a4"},
-                        out=args.out / "w4a4", quant_form="custom", dynamic_batch=True)  # fmt: skip
+folder = diffopt.export(
+    ref.model,
+    ref.make_inputs(batch=2),
+    {"quant": "w4a4"},
+    out=args.out / "w4a4",
+    quant_form="custom",
+    dynamic_batch=True,
+)
 quantized = ref.sample(labels, seeds, denoiser=diffopt.load(folder), steps=args.steps)
 full = ref.sample(labels, seeds, steps=args.steps)
-print(f"W4A4 engine: PSNR against the unquantized model "
-      f"{diffopt.metrics.psnr(quantized, full):.1f} dB")  # fmt: skip
+print(
+    f"W4A4 engine: PSNR against the unquantized model "
+    f"{diffopt.metrics.psnr(quantized, full):.1f} dB"
+)

@@ -9,9 +9,15 @@ from diffusers import DiTTransformer2DModel
 import diffopt
 
 model = DiTTransformer2DModel(
-    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
-    sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-).eval()  # fmt: skip
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    num_layers=3,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+).eval()
 inputs = {
     "hidden_states": torch.randn(2, 4, 8, 8),
     "timestep": torch.tensor([10.0, 500.0]),

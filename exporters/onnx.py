@@ -126,18 +126,24 @@ def _plan_inputs(lowered: Any, weights: set[int]) -> _RegionInputs:
         if i in positions:
             continue
         if isinstance(fake, torch.Tensor):
-            symbolic = {d: torch.export.Dim.DYNAMIC for d, n in enumerate(fake.shape)
-                        if isinstance(n, torch.SymInt)}  # fmt: skip
+            symbolic = {
+                d: torch.export.Dim.DYNAMIC
+                for d, n in enumerate(fake.shape)
+                if isinstance(n, torch.SymInt)
+            }
             if symbolic:
                 dynamic[i] = symbolic
         elif isinstance(fake, torch.SymInt):
             sizes[i] = next(
-                ((j, d) for j, other in enumerate(fakes) if j not in positions
-                 and isinstance(other, torch.Tensor)
-                 for d, n in enumerate(other.shape)
-                 if isinstance(n, torch.SymInt) and n.node.expr == fake.node.expr),
+                (
+                    (j, d)
+                    for j, other in enumerate(fakes)
+                    if j not in positions and isinstance(other, torch.Tensor)
+                    for d, n in enumerate(other.shape)
+                    if isinstance(n, torch.SymInt) and n.node.expr == fake.node.expr
+                ),
                 None,
-            )  # fmt: skip
+            )
             if sizes[i] is None:
                 raise ExportError(
                     f"region {lowered.region.name!r} takes the size {fake} that is no dimension "
@@ -177,8 +183,13 @@ def export(
         import_tensorrt()  # fail before the export work, with the install hint
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    captured = capture(model, example_inputs, config, dynamic_batch=dynamic_batch,
-                       dynamic_resolution=dynamic_resolution)  # fmt: skip
+    captured = capture(
+        model,
+        example_inputs,
+        config,
+        dynamic_batch=dynamic_batch,
+        dynamic_resolution=dynamic_resolution,
+    )
     result, flat = captured.result, captured.inputs
     graph = result.graph
     placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
@@ -200,25 +211,42 @@ def export(
         plan = _plan_inputs(lowered, weights)
         _export_region(lowered, recorder.examples[index], plan, out / name, quant_form)
         inputs = [lowered.inputs[i] for i in plan.kept]
-        regions.append({
-            "name": lowered.region.name, "kind": lowered.region.kind,
-            "group": lowered.region.group, "file": name,
-            "inputs": inputs, "outputs": lowered.outputs,
-            # the sizes the region saw at export: TensorRT profiles are built around them
-            "shapes": [list(recorder.examples[index][i].shape) for i in plan.kept],
-            "token_variants": {},
-        })  # fmt: skip
+        regions.append(
+            {
+                "name": lowered.region.name,
+                "kind": lowered.region.kind,
+                "group": lowered.region.group,
+                "file": name,
+                "inputs": inputs,
+                "outputs": lowered.outputs,
+                # the sizes the region saw at export: TensorRT profiles are built around them
+                "shapes": [list(recorder.examples[index][i].shape) for i in plan.kept],
+                "token_variants": {},
+            }
+        )
         if index in shorts:  # the same region on the tokens a token refresh recomputes
             count, examples = shorts[index]
             short = name.replace(".onnx", f"_tokens{count}.onnx")
-            _export_region(lowered, examples, plan, out / short, quant_form,
-                           calibration=recorder.examples[index])  # fmt: skip
+            _export_region(
+                lowered,
+                examples,
+                plan,
+                out / short,
+                quant_form,
+                calibration=recorder.examples[index],
+            )
             regions[-1]["token_variants"][str(count)] = {
-                "file": short, "shapes": [list(examples[i].shape) for i in plan.kept]}  # fmt: skip
+                "file": short,
+                "shapes": [list(examples[i].shape) for i in plan.kept],
+            }
     batch = next(
-        (v.shape[0] for i, v in enumerate(flat)
-         if isinstance(v, torch.Tensor) and v.ndim and i not in weights), None
-    )  # fmt: skip
+        (
+            v.shape[0]
+            for i, v in enumerate(flat)
+            if isinstance(v, torch.Tensor) and v.ndim and i not in weights
+        ),
+        None,
+    )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -289,8 +317,9 @@ def _token_refresh_runs(
         return {}  # a request that asks for token refreshes anyway is told to export again
     from diffopt.runtime.cache import request
 
-    executor = build_executor(program, config, guards, timestep_slot=timestep_slot,
-                              param_slots=weights)  # fmt: skip
+    executor = build_executor(
+        program, config, guards, timestep_slot=timestep_slot, param_slots=weights
+    )
     runs: dict[int, tuple[int, list[Any]]] = {}
 
     def record(index: int, count: int, examples: list[Any]) -> Any:
@@ -300,8 +329,9 @@ def _token_refresh_runs(
     executor.token_variant = record  # type: ignore[method-assign]
     plan = ["full", "full", "token", "full"]  # the last step of a request always runs in full
     # an uncalibrated cache has no change profile; a planned request only needs one to exist
-    settings = dataclasses.replace(config.cache, mode="plan", plan=plan,
-                                   profile=config.cache.profile or [1.0] * len(plan))  # fmt: skip
+    settings = dataclasses.replace(
+        config.cache, mode="plan", plan=plan, profile=config.cache.profile or [1.0] * len(plan)
+    )
     start = flat[timestep_slot]
     fall = (0.1 * start.abs().max()).clamp(min=1).ceil()  # a whole step for int timesteps
     with torch.no_grad(), request(steps=len(plan), cache=settings):
@@ -376,23 +406,29 @@ def _export_region(
     module = _Baked(inner, examples, plan).eval()
     quantized = any(
         n.target is torch.ops.diffopt.w4a4_linear.default
-        for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
+        for gm in module.modules()
+        if isinstance(gm, torch.fx.GraphModule)
         for n in gm.graph.nodes
-    )  # fmt: skip
+    )
     size = sum(b.numel() * b.element_size() for b in module.buffers())
     # one spec for the *activations varargs: a tuple with one entry per activation
     dynamic = (tuple(plan.dynamic.get(i) for i in plan.kept),) if plan.dynamic else None
     try:
         program = torch.onnx.export(
-            module, activations, input_names=[f"slot_{lowered.inputs[i]}" for i in plan.kept],
+            module,
+            activations,
+            input_names=[f"slot_{lowered.inputs[i]}" for i in plan.kept],
             output_names=[f"slot_{s}" for s in lowered.outputs],
-            opset_version=QUANT_FORMS[quant_form], dynamo=True,
-            external_data=size > EXTERNAL_DATA_BYTES, verbose=False,
-            custom_translation_table=_translations(quant_form), dynamic_shapes=dynamic,
+            opset_version=QUANT_FORMS[quant_form],
+            dynamo=True,
+            external_data=size > EXTERNAL_DATA_BYTES,
+            verbose=False,
+            custom_translation_table=_translations(quant_form),
+            dynamic_shapes=dynamic,
             # the integer forms keep the int4 weight packed: the optimizer would fold its unpack
             # into int8 weights; the Q/DQ forms want it folded (into int4 initializers)
             optimize=not quantized or quant_form.startswith("qdq"),
-        )  # fmt: skip
+        )
     except Exception as e:  # the exporter's own errors name the op; add where it sits
         raise ExportError(f"region {lowered.region.name!r} could not be exported: {e}") from e
     if quant_form == "custom" and quantized:
@@ -407,8 +443,12 @@ def _export_region(
                 "(the exporter's pkg.torch.onnx.fx_node metadata is missing in this torch?); "
                 "export with quant_form='integer'"
             )
-        onnx.save(proto, str(path), save_as_external_data=size > EXTERNAL_DATA_BYTES,
-                  location=f"{path.name}.data")  # fmt: skip
+        onnx.save(
+            proto,
+            str(path),
+            save_as_external_data=size > EXTERNAL_DATA_BYTES,
+            location=f"{path.name}.data",
+        )
     else:
         program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
 
@@ -472,16 +512,21 @@ def _describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dic
         return {"slot": slot, "path": path, "size": int(re.findall(r"\d+", size)[0])}
     tensor = fake if isinstance(fake, torch.Tensor) else None
     return {
-        "slot": slot, "path": path,
-        "shape": None if tensor is None else [
-            n if isinstance(n, int) else None for n in tensor.shape],  # None: a dynamic axis
+        "slot": slot,
+        "path": path,
+        "shape": None
+        if tensor is None
+        else [n if isinstance(n, int) else None for n in tensor.shape],  # None: a dynamic axis
         "dtype": None if tensor is None else str(tensor.dtype).removeprefix("torch."),
         # no range on the batch axis: the one dynamo finds there comes from fake-tensor layout
         # heuristics (conv picks channels-last below a batch of 16), not from the model
-        "ranges": None if tensor is None else [
+        "ranges": None
+        if tensor is None
+        else [
             None if d == 0 and _hint(n) == batch else _size_range(n)
-            for d, n in enumerate(tensor.shape)],
-    }  # fmt: skip
+            for d, n in enumerate(tensor.shape)
+        ],
+    }
 
 
 def _hint(size: int | torch.SymInt) -> int:
@@ -533,9 +578,19 @@ def _version() -> str:
     return diffopt.__version__
 
 
-_NUMPY_DTYPES = {t: torch.empty(0, dtype=t).numpy().dtype for t in (
-    torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
-    torch.uint8, torch.bool)}  # fmt: skip
+_NUMPY_DTYPES = {
+    t: torch.empty(0, dtype=t).numpy().dtype
+    for t in (
+        torch.float32,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 """The element types an engine binds (bfloat16 has no numpy type: binding it is an error)."""
 
 PROVIDERS = {
@@ -574,10 +629,18 @@ class _SessionRegion:
         index = self.device.index or 0
         for name, value in zip(self.names, kept, strict=True):
             if value.dtype not in _NUMPY_DTYPES:
-                raise TypeError(f"an engine cannot bind {value.dtype} tensors (no numpy type); "
-                                "export with float32 or float16 inputs")  # fmt: skip
-            binding.bind_input(name, self.device.type, index, _NUMPY_DTYPES[value.dtype],
-                               list(value.shape), value.data_ptr())  # fmt: skip
+                raise TypeError(
+                    f"an engine cannot bind {value.dtype} tensors (no numpy type); "
+                    "export with float32 or float16 inputs"
+                )
+            binding.bind_input(
+                name,
+                self.device.type,
+                index,
+                _NUMPY_DTYPES[value.dtype],
+                list(value.shape),
+                value.data_ptr(),
+            )
         for name in self.output_names:
             binding.bind_output(name, self.device.type, index)
         if self.device.type == "cuda":  # onnxruntime's stream must see what torch's wrote
@@ -643,8 +706,11 @@ class Engine:
         if value.ndim != len(expected) or any(
             e is not None and e != n for e, n in zip(expected, value.shape, strict=False)
         ):
-            hints = [f"{flag}=True" for flag in ("dynamic_batch", "dynamic_resolution")
-                     if not self.manifest.get(flag)]  # fmt: skip
+            hints = [
+                f"{flag}=True"
+                for flag in ("dynamic_batch", "dynamic_resolution")
+                if not self.manifest.get(flag)
+            ]
             raise ValueError(
                 f"input {name} has shape {list(value.shape)}; this engine was exported for "
                 f"{expected} (None: dynamic); export again with example inputs of the shape you "
@@ -681,8 +747,10 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
         )
     for name, digest in manifest["hashes"].items():
         if not (path / name).exists() or sha256(path / name) != digest:
-            raise ConfigError(f"{path / name} does not match its hash in manifest.json: the "
-                              "engine was modified or is incomplete; export it again")  # fmt: skip
+            raise ConfigError(
+                f"{path / name} does not match its hash in manifest.json: the "
+                "engine was modified or is incomplete; export it again"
+            )
     if provider not in PROVIDERS:
         raise ConfigError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
     available = ort.get_available_providers()
@@ -718,11 +786,15 @@ def load(path: str | Path, provider: str = "cpu") -> Engine:
             }
         regions.append(lowered)
     program = RegionProgram(
-        manifest["num_inputs"], manifest["num_slots"], regions, _decode(manifest["output"]),
+        manifest["num_inputs"],
+        manifest["num_slots"],
+        regions,
+        _decode(manifest["output"]),
         manifest["release"],
-    )  # fmt: skip
+    )
     config = Config.from_dict(manifest["config"])
     guards = [Guard(g["kind"], tuple(g["regions"]), g["why"]) for g in manifest["guards"]]
-    executor = build_executor(program, config, guards, timestep_slot=manifest["timestep_slot"],
-                              param_slots=set())  # fmt: skip
+    executor = build_executor(
+        program, config, guards, timestep_slot=manifest["timestep_slot"], param_slots=set()
+    )
     return Engine(manifest, executor, device)

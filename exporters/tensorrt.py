@@ -63,9 +63,15 @@ def build_engines(
 
 
 def _build(
-    trt: Any, logger: Any, folder: Path, region: dict[str, Any], entry: dict[str, Any],
-    fp16: bool, workspace_gib: float, scale: int,
-) -> Path:  # fmt: skip
+    trt: Any,
+    logger: Any,
+    folder: Path,
+    region: dict[str, Any],
+    entry: dict[str, Any],
+    fp16: bool,
+    workspace_gib: float,
+    scale: int,
+) -> Path:
     """One serialized engine for `entry` (a region, or one of its token variants)."""
     from .onnx import ExportError
 

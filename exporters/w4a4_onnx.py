@@ -37,17 +37,22 @@ def w4a4_linear(
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=1)
     positive = op.Greater(absmax, op.Constant(value_float=0.0))
     safe = op.Where(positive, absmax, op.Constant(value_float=1.0))
-    inverse = op.Where(positive, op.Div(op.Constant(value_float=q), safe),
-                       op.Constant(value_float=0.0))  # fmt: skip
+    inverse = op.Where(
+        positive, op.Div(op.Constant(value_float=q), safe), op.Constant(value_float=0.0)
+    )
     scaled = op.Mul(rows, inverse)
-    rounded = op.Mul(op.Floor(op.Add(op.Abs(scaled), op.Constant(value_float=0.5))),
-                     op.Sign(scaled))  # fmt: skip
-    values = op.Cast(op.Clip(rounded, op.Constant(value_float=-q), op.Constant(value_float=q)),
-                     to=INT8.dtype)  # fmt: skip
+    rounded = op.Mul(
+        op.Floor(op.Add(op.Abs(scaled), op.Constant(value_float=0.5))), op.Sign(scaled)
+    )
+    values = op.Cast(
+        op.Clip(rounded, op.Constant(value_float=-q), op.Constant(value_float=q)), to=INT8.dtype
+    )
     stored = _unpack_int4(weight) if weight_bits == 4 else weight
     acc = op.MatMulInteger(values, op.Transpose(stored, perm=[1, 0]))
-    out = op.Mul(op.Mul(op.Cast(acc, to=FLOAT.dtype), op.Div(absmax, op.Constant(value_float=q))),
-                 op.Cast(weight_scale, to=FLOAT.dtype))  # fmt: skip
+    out = op.Mul(
+        op.Mul(op.Cast(acc, to=FLOAT.dtype), op.Div(absmax, op.Constant(value_float=q))),
+        op.Cast(weight_scale, to=FLOAT.dtype),
+    )
     return _finish(out, x, weight, bias)
 
 
@@ -61,8 +66,9 @@ def _rotated_rows(x: Any, rotation: Any) -> Any:
         return rows
     group = op.Shape(rotation, start=-1)
     grouped = op.Reshape(rows, op.Concat(op.Constant(value_ints=[-1]), group, axis=0))
-    return op.Reshape(op.MatMul(grouped, rotation),
-                      op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # fmt: skip
+    return op.Reshape(
+        op.MatMul(grouped, rotation), op.Concat(op.Constant(value_ints=[-1]), k, axis=0)
+    )
 
 
 def _finish(out: Any, x: Any, weight: Any, bias: Any) -> Any:
@@ -77,11 +83,17 @@ def _unpack_int4(packed: Any) -> Any:
     """uint8 [N, K/2] (low nibble = even k) → int8 [N, K], sign-extended."""
     low = op.BitwiseAnd(packed, op.Constant(value=_uint8(15)))
     high = op.BitShift(packed, op.Constant(value=_uint8(4)), direction="RIGHT")
-    pairs = op.Concat(op.Unsqueeze(low, op.Constant(value_ints=[-1])),
-                      op.Unsqueeze(high, op.Constant(value_ints=[-1])), axis=-1)  # fmt: skip
+    pairs = op.Concat(
+        op.Unsqueeze(low, op.Constant(value_ints=[-1])),
+        op.Unsqueeze(high, op.Constant(value_ints=[-1])),
+        axis=-1,
+    )
     nibbles = op.Cast(pairs, to=INT64.dtype)
-    signed = op.Where(op.GreaterOrEqual(nibbles, op.Constant(value_int=8)),
-                      op.Sub(nibbles, op.Constant(value_int=16)), nibbles)  # fmt: skip
+    signed = op.Where(
+        op.GreaterOrEqual(nibbles, op.Constant(value_int=8)),
+        op.Sub(nibbles, op.Constant(value_int=16)),
+        nibbles,
+    )
     shape = op.Concat(op.Shape(packed, start=0, end=1), op.Constant(value_ints=[-1]), axis=0)
     return op.Cast(op.Reshape(signed, shape), to=INT8.dtype)
 
@@ -115,8 +127,9 @@ def w4a4_linear_qdq(
     rows = _rotated_rows(x, rotation)
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)
     positive = op.Greater(absmax, op.Constant(value_float=0.0))
-    act_scale = op.Where(positive, op.Div(absmax, op.Constant(value_float=q)),
-                         op.Constant(value_float=1.0))  # fmt: skip
+    act_scale = op.Where(
+        positive, op.Div(absmax, op.Constant(value_float=q)), op.Constant(value_float=1.0)
+    )
     return _qdq_matmul(rows, act_scale, 0, x, weight, weight_scale, bias, act_bits, weight_bits)
 
 
@@ -135,16 +148,24 @@ def w4a4_linear_qdq_static(
     quantization builds (INT8 activations; INT4 only as weight-only, so not the A4 layers)."""
     # clip to ±qmax·scale first: QuantizeLinear saturates to [-qmax-1, qmax], the op to ±qmax
     limit = act_scale * (2 ** (act_bits - 1) - 1)
-    rows = op.Clip(_rotated_rows(x, rotation), op.Constant(value_float=-limit),
-                   op.Constant(value_float=limit))  # fmt: skip
+    rows = op.Clip(
+        _rotated_rows(x, rotation), op.Constant(value_float=-limit), op.Constant(value_float=limit)
+    )
     scale = op.Constant(value_float=act_scale)
     return _qdq_matmul(rows, scale, 1, x, weight, weight_scale, bias, act_bits, weight_bits)
 
 
 def _qdq_matmul(
-    rows: Any, act_scale: Any, axis: int, x: Any, weight: Any, weight_scale: Any, bias: Any,
-    act_bits: int, weight_bits: int,
-) -> Any:  # fmt: skip
+    rows: Any,
+    act_scale: Any,
+    axis: int,
+    x: Any,
+    weight: Any,
+    weight_scale: Any,
+    bias: Any,
+    act_bits: int,
+    weight_bits: int,
+) -> Any:
     """Q/DQ of the rotated rows with `act_scale` (per token, or one scalar), times the blocked-DQ
     weight, plus the bias."""
     from onnxscript import opset21 as op21
@@ -152,8 +173,9 @@ def _qdq_matmul(
     low_bits = {4: TensorProto.INT4, 8: TensorProto.INT8}
     act = op21.DequantizeLinear(
         op21.QuantizeLinear(rows, act_scale, axis=axis, output_dtype=low_bits[act_bits]),
-        act_scale, axis=axis,
-    )  # fmt: skip
+        act_scale,
+        axis=axis,
+    )
     stored = _unpack_int4(weight) if weight_bits == 4 else weight
     k = weight.shape[1] * (2 if weight_bits == 4 else 1)  # static: the weight is a constant
     # [K, N], one block of K per output channel: the layout onnxruntime's DQ→MatMulNBits fusion
@@ -185,8 +207,9 @@ def as_custom_nodes(model: Any) -> int:
     graph = model.graph
     groups: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
-        origin = next((p.value for p in node.metadata_props
-                       if p.key == "pkg.torch.onnx.fx_node"), "")  # fmt: skip
+        origin = next(
+            (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), ""
+        )
         if "diffopt.w4a4_linear" in origin:
             groups.setdefault(origin, []).append(i)
     functions: dict[str, Any] = {}
@@ -196,8 +219,13 @@ def as_custom_nodes(model: Any) -> int:
         body = [graph.node[i] for i in indices]
         *_, bias, rotation, act_bits, weight_bits = _op_args(origin)
         # `w4a4_linear` above reads its inputs first in this order
-        roles = ["x", *(["rotation"] * (rotation is not None)), "weight", "scale",
-                 *(["bias"] * (bias is not None))]  # fmt: skip
+        roles = [
+            "x",
+            *(["rotation"] * (rotation is not None)),
+            "weight",
+            "scale",
+            *(["bias"] * (bias is not None)),
+        ]
         external = _inputs(body)
         if len(external) != len(roles):
             raise ExportError(f"the ONNX form of {origin!r} reads {external}, expected {roles}")
@@ -209,19 +237,31 @@ def as_custom_nodes(model: Any) -> int:
         )
         if overload not in functions:
             functions[overload] = onnx.helper.make_function(
-                CUSTOM_DOMAIN, "W4A4Linear", inputs, outputs, body,
+                CUSTOM_DOMAIN,
+                "W4A4Linear",
+                inputs,
+                outputs,
+                body,
                 opset_imports=list(model.opset_import),
-            )  # fmt: skip
+            )
             functions[overload].overload = overload
         call = onnx.helper.make_node(
-            "W4A4Linear", inputs, outputs, name=f"w4a4_{len(replacements)}",
-            domain=CUSTOM_DOMAIN, act_bits=act_bits, weight_bits=weight_bits,
-        )  # fmt: skip
+            "W4A4Linear",
+            inputs,
+            outputs,
+            name=f"w4a4_{len(replacements)}",
+            domain=CUSTOM_DOMAIN,
+            act_bits=act_bits,
+            weight_bits=weight_bits,
+        )
         call.overload = overload
         replacements[indices[-1]] = call  # after every node the group reads from
         dropped.update(indices)
-    nodes = [replacements.get(i, n) for i, n in enumerate(graph.node)
-             if i in replacements or i not in dropped]  # fmt: skip
+    nodes = [
+        replacements.get(i, n)
+        for i, n in enumerate(graph.node)
+        if i in replacements or i not in dropped
+    ]
     del graph.node[:]
     graph.node.extend(nodes)
     model.functions.extend(functions.values())

@@ -47,9 +47,21 @@ def _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K: tl.conste
 
 @triton.jit
 def _rotated_chunk(
-    x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
-    ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x,
+    x_ptr,
+    rows,
+    row_mask,
+    k0,
+    c0,
+    K,
+    stride_xm,
+    h_even_ptr,
+    h_odd_ptr,
+    ROTATE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Rotated values of the tile at k0 at k = k0 + 2c (even) and k0 + 2c + 1 (odd) for c in
     [c0, c0 + CHUNK), in float32. `x` is that tile, loaded once per K tile, when rotating;
     without rotation the values are read straight from `x_ptr` and `x` is unused.
@@ -74,10 +86,24 @@ def _rotated_chunk(
 
 @triton.jit
 def _rotate_quantize_kernel(
-    x_ptr, h_even_ptr, h_odd_ptr, out_ptr, scale_ptr, M, K, KH, stride_xm, stride_om,
-    QMAX: tl.constexpr, PACK: tl.constexpr, ROTATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    h_even_ptr,
+    h_odd_ptr,
+    out_ptr,
+    scale_ptr,
+    M,
+    K,
+    KH,
+    stride_xm,
+    stride_om,
+    QMAX: tl.constexpr,
+    PACK: tl.constexpr,
+    ROTATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
 
@@ -89,25 +115,50 @@ def _rotate_quantize_kernel(
         x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
         for c0 in range(0, BLOCK_K // 2, CHUNK):
             even, odd = _rotated_chunk(
-                x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
-                ROTATE, BLOCK_K, CHUNK, PRECISION,
-            )  # fmt: skip
+                x,
+                x_ptr,
+                rows,
+                row_mask,
+                k0,
+                c0,
+                K,
+                stride_xm,
+                h_even_ptr,
+                h_odd_ptr,
+                ROTATE,
+                BLOCK_K,
+                CHUNK,
+                PRECISION,
+            )
             tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
             absmax = tl.maximum(absmax, tile_max)
     # Correctly rounded divisions, as torch's: the compiled default is approximate.
     safe = tl.where(absmax > 0, absmax, 1.0)
     inv = tl.where(absmax > 0, tl.div_rn(tl.full([BLOCK_M], QMAX, tl.float32), safe), 0.0)
-    tl.store(scale_ptr + rows, tl.div_rn(absmax, tl.full([BLOCK_M], QMAX, tl.float32)),
-             mask=row_mask)  # fmt: skip
+    tl.store(
+        scale_ptr + rows, tl.div_rn(absmax, tl.full([BLOCK_M], QMAX, tl.float32)), mask=row_mask
+    )
 
     # Pass 2: quantize, and pack two 4-bit values per byte (the even k in the low nibble).
     for k0 in range(0, K, BLOCK_K):
         x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
         for c0 in range(0, BLOCK_K // 2, CHUNK):
             even, odd = _rotated_chunk(
-                x, x_ptr, rows, row_mask, k0, c0, K, stride_xm, h_even_ptr, h_odd_ptr,
-                ROTATE, BLOCK_K, CHUNK, PRECISION,
-            )  # fmt: skip
+                x,
+                x_ptr,
+                rows,
+                row_mask,
+                k0,
+                c0,
+                K,
+                stride_xm,
+                h_even_ptr,
+                h_odd_ptr,
+                ROTATE,
+                BLOCK_K,
+                CHUNK,
+                PRECISION,
+            )
             q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
             q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
             if PACK:  # byte kh holds k = 2·kh and 2·kh + 1; KH = ceil(K / 2) bytes a row
@@ -147,12 +198,27 @@ def _load_pair(ptr, rows, kh, row_mask, K, KH, stride, PACKED: tl.constexpr):
 
 @triton.jit
 def _int_gemm_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, KH,
-    stride_am, stride_bn, stride_om,
-    A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KH,
+    stride_am,
+    stride_bn,
+    stride_om,
+    A_PACKED: tl.constexpr,
+    B_PACKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
     JOIN_K: tl.constexpr,
-):  # fmt: skip
+):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
@@ -272,9 +338,18 @@ def rotate_quantize(
     out = torch.empty(m, (k + 1) // 2 if bits == 4 else k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     _rotate_quantize_kernel[(triton.cdiv(m, tiles.quant_block_m),)](
-        x, h_even, h_odd, out, scale, m, k, (k + 1) // 2, x.stride(0), out.stride(0),
+        x,
+        h_even,
+        h_odd,
+        out,
+        scale,
+        m,
+        k,
+        (k + 1) // 2,
+        x.stride(0),
+        out.stride(0),
         **settings,
-    )  # fmt: skip
+    )
     return (out.view(torch.uint8) if bits == 4 else out), scale
 
 
@@ -285,22 +360,33 @@ def rotate_quantize_settings(
     benchmarks/kernel_resources.py, which compiles the same launch for sm_90)."""
     block_k = tiles.block_k if group is None else max(tiles.block_k, group)  # whole groups a tile
     return dict(
-        QMAX=qmax(bits), PACK=bits == 4, ROTATE=group is not None,
-        BLOCK_M=tiles.quant_block_m, BLOCK_K=block_k, CHUNK=min(tiles.chunk, block_k // 2),
+        QMAX=qmax(bits),
+        PACK=bits == 4,
+        ROTATE=group is not None,
+        BLOCK_M=tiles.quant_block_m,
+        BLOCK_K=block_k,
+        CHUNK=min(tiles.chunk, block_k // 2),
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # v·inv + 0.5 rounds twice, as the reference does, not one FMA
-    )  # fmt: skip
+    )
 
 
 def int_gemm_settings(a_bits: int, b_bits: int, has_bias: bool, tiles: Tiles) -> dict[str, object]:
     """The GEMM kernel's compile-time constants and launch options."""
     return dict(
-        A_PACKED=a_bits == 4, B_PACKED=b_bits == 4, HAS_BIAS=has_bias,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_KH=tiles.block_kh,
-        JOIN_K=tiles.join_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        A_PACKED=a_bits == 4,
+        B_PACKED=b_bits == 4,
+        HAS_BIAS=has_bias,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_KH=tiles.block_kh,
+        JOIN_K=tiles.join_k,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
-    )  # fmt: skip
+    )
 
 
 def int_gemm(
@@ -322,10 +408,21 @@ def int_gemm(
     tiles = _tiles(a.device, tiles)
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n))
     _int_gemm_kernel[grid](
-        a, b, a_scale, b_scale, b_scale if bias is None else bias, out, m, n, k, (k + 1) // 2,
-        a.stride(0), b.stride(0), out.stride(0),
+        a,
+        b,
+        a_scale,
+        b_scale,
+        b_scale if bias is None else bias,
+        out,
+        m,
+        n,
+        k,
+        (k + 1) // 2,
+        a.stride(0),
+        b.stride(0),
+        out.stride(0),
         **int_gemm_settings(a_bits, b_bits, bias is not None, tiles),
-    )  # fmt: skip
+    )
     return out
 
 
@@ -343,7 +440,15 @@ def rotated_linear(
     rows = x.reshape(-1, x.shape[-1])
     values, act_scale = rotate_quantize(rows, act_bits, rotation, tiles)
     out = int_gemm(
-        values, act_bits, act_scale, weight, weight_bits, weight_scale, bias,
-        rows.shape[1], x.dtype, tiles,
-    )  # fmt: skip
+        values,
+        act_bits,
+        act_scale,
+        weight,
+        weight_bits,
+        weight_scale,
+        bias,
+        rows.shape[1],
+        x.dtype,
+        tiles,
+    )
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -223,10 +223,11 @@ def describe_residuals(outputs: list[fx.Node], inputs: list[fx.Node]) -> str:
     """How a guard rebuilds `outputs` from `inputs`: residual re-add or cached value."""
     bases = residual_bases([shape_of(n) for n in outputs], [shape_of(n) for n in inputs])
     return "; ".join(
-        f"{out.name} = {inputs[b].name} + cached residual" if b is not None else
-        f"{out.name} = cached value"
+        f"{out.name} = {inputs[b].name} + cached residual"
+        if b is not None
+        else f"{out.name} = cached value"
         for out, b in zip(outputs, bases, strict=True)
-    )  # fmt: skip
+    )
 
 
 def find_roles(graph: DenoiserGraph) -> InputRoles:

@@ -26,9 +26,10 @@ def step_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGraph
     if len(graph.blocks) < 1 + probe:
         report.skip(
             "graph",
-            "no blocks to skip" + (" after the probe block 0" if probe and graph.blocks else "")
+            "no blocks to skip"
+            + (" after the probe block 0" if probe and graph.blocks else "")
             + "; a step guard needs a model with repeated blocks",
-        )  # fmt: skip
+        )
         return graph, report
     span = guarded_span(graph, keep_first_block=probe)
     why = describe_residuals(region_outputs(graph, span), user_values(region_inputs(graph, span)))

@@ -81,8 +81,9 @@ def w4a4(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, Pass
         report.rewrite(
             c.where, f"{config.label} linear {tuple(c.weight.shape)}, group {c.group or '-'}{shown}"
         )
-    report.stats.update(layers=len(report.rewritten), weight_bytes=quantized_bytes,
-                        fp16_weight_bytes=fp16_bytes)  # fmt: skip
+    report.stats.update(
+        layers=len(report.rewritten), weight_bytes=quantized_bytes, fp16_weight_bytes=fp16_bytes
+    )
     if fp16_bytes:
         report.notes.append(
             f"quantized weights {quantized_bytes / 2**10:.1f} KiB (scales included) vs "
@@ -102,8 +103,10 @@ def _eligible_linears(
     kinds = {r.name: r.kind for r in graph.regions}
     values = _constant_values(graph)
     chosen = {}
-    kept: dict[str, list[str]] = {"outside the blocks (quant.scope='blocks')": [],
-                                  "by quant.include / quant.exclude": []}  # fmt: skip
+    kept: dict[str, list[str]] = {
+        "outside the blocks (quant.scope='blocks')": [],
+        "by quant.include / quant.exclude": [],
+    }
     for node in graph.gm.graph.nodes:
         if node.op != "call_function" or node.target not in _LINEARS:
             continue
@@ -172,9 +175,14 @@ def _measure_sqnr(
             if node in chosen:
                 c, bias = chosen[node], _bias(node)
                 q = rotated_linear(
-                    self.env[node.args[0]], c.stored, c.scale, bias and self.env[bias],
-                    c.rotation, config.act_bits, config.weight_bits,
-                )  # fmt: skip
+                    self.env[node.args[0]],
+                    c.stored,
+                    c.scale,
+                    bias and self.env[bias],
+                    c.rotation,
+                    config.act_bits,
+                    config.weight_bits,
+                )
                 found[node] = _sqnr(out, q)
             return out
 

@@ -244,8 +244,10 @@ class CachingExecutor(RegionExecutor):
         shapes = [_shape(inputs[s]) for s in boundary.entries]
         exits = [_shape(values[s]) for s in boundary.exits]
         bases = residual_bases(exits, shapes)
-        pairs = [(out, None if b is None else boundary.entries[b])
-                 for out, b in zip(boundary.exits, bases, strict=True)]  # fmt: skip
+        pairs = [
+            (out, None if b is None else boundary.entries[b])
+            for out, b in zip(boundary.exits, bases, strict=True)
+        ]
         # residual streams first: exits[0] is the token stream (sizes may exit too, dynamic=True)
         pairs.sort(key=lambda pair: pair[1] is None)
         boundary.exits = [out for out, _ in pairs]

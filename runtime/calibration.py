@@ -137,15 +137,15 @@ def _search(
     for settings in candidates:
         with request(steps=steps, cache=settings) as req:
             samples = run(denoiser)
-        changed = {
-            k: v for k, v in dataclasses.asdict(settings).items() if v != getattr(base, k)
-        }  # fmt: skip
+        changed = {k: v for k, v in dataclasses.asdict(settings).items() if v != getattr(base, k)}
         trials.append(
             Trial(
-                changed, metrics.psnr(samples, reference, data_range), req.compute(),
+                changed,
+                metrics.psnr(samples, reference, data_range),
+                req.compute(),
                 req.hit_rates(),
             )
-        )  # fmt: skip
+        )
         plans.append(req.actions.get(0, []))
     if not auto:
         return Calibration(base, plans[0], trials)
@@ -168,15 +168,22 @@ def _grid(base: CacheConfig) -> list[CacheConfig]:
         for max_reuse in (base.max_reuse, 2 * base.max_reuse):
             grid.append(
                 dataclasses.replace(
-                    base, early=critical, critical=critical, polish="none",
-                    extrapolate=extrapolate, max_reuse=max_reuse,
+                    base,
+                    early=critical,
+                    critical=critical,
+                    polish="none",
+                    extrapolate=extrapolate,
+                    max_reuse=max_reuse,
                 )
-            )  # fmt: skip
+            )
         for polish in ("token", "block"):
             grid.append(
                 dataclasses.replace(
-                    base, early=critical / 2, critical=critical, polish=polish,
+                    base,
+                    early=critical / 2,
+                    critical=critical,
+                    polish=polish,
                     extrapolate=extrapolate,
                 )
-            )  # fmt: skip
+            )
     return grid

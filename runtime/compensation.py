@@ -133,8 +133,9 @@ def load_compensation(sampler: UnrolledSampler, path: str | Path) -> None:
     expected = _schedule_metadata(sampler)
     different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if different:
-        what = "; ".join(f"{k}: fit for {a!r}, this sampler has {b!r}"
-                         for k, (a, b) in different.items())  # fmt: skip
+        what = "; ".join(
+            f"{k}: fit for {a!r}, this sampler has {b!r}" for k, (a, b) in different.items()
+        )
         raise ConfigError(f"{path} was fit for another sampler ({what}); fit it again")
     sampler.compensation.load_state_dict(load_file(str(path)))
 

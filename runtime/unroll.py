@@ -271,8 +271,10 @@ class UnrolledSampler(nn.Module):
         width = _hidden_width(stack)
         starts = sorted({schedule[i].blocks for i in partial_steps})
         tapped = list(stack)
-        for k, where, keep in [*((k, max(k - 1, 0), "output" if k else "input") for k in starts),
-                               ("end", len(stack) - 1, "output")]:  # fmt: skip
+        for k, where, keep in [
+            *((k, max(k - 1, 0), "output" if k else "input") for k in starts),
+            ("end", len(stack) - 1, "output"),
+        ]:
             tapped[where] = self._taps[k] = _Tap(tapped[where], keep)  # taps may nest
         full_view = _with_blocks(denoiser, blocks, tapped)
         self._reuse: dict[int, _Reuse] = {}
@@ -470,9 +472,16 @@ def unroll(
             "schedule; pass sigmas= explicitly"
         )
     if timestep_scale != 1.0:
-        coefficients = [dataclasses.replace(c, timestep=c.timestep * timestep_scale)
-                        for c in coefficients]  # fmt: skip
+        coefficients = [
+            dataclasses.replace(c, timestep=c.timestep * timestep_scale) for c in coefficients
+        ]
     return UnrolledSampler(
-        denoiser, coefficients, schedule, guidance=guidance, guidance_input=guidance_input,
-        blocks=stack if needs_blocks else None, compensation=compensation, rank=rank,
-    )  # fmt: skip
+        denoiser,
+        coefficients,
+        schedule,
+        guidance=guidance,
+        guidance_input=guidance_input,
+        blocks=stack if needs_blocks else None,
+        compensation=compensation,
+        rank=rank,
+    )

@@ -39,8 +39,9 @@ def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_pa
     config = CacheConfig(**json.loads(calibration.save(tmp_path / "cache.json").read_text()))
     config.mode, config.plan = "plan", str(calibration.save_plan(tmp_path / "plan.json"))
     torch._dynamo.reset()
-    compiled = torch.compile(reference.model, backend="diffopt",
-                             options={"inner": "eager", "cache": config})  # fmt: skip
+    compiled = torch.compile(
+        reference.model, backend="diffopt", options={"inner": "eager", "cache": config}
+    )
     with diffopt.request(steps=STEPS) as req:
         sampler(reference)(compiled)
     assert req.actions[0] == calibration.plan
@@ -62,14 +63,26 @@ def tiny_dit_pipeline() -> DiTPipeline:
     """A DiT pipeline from tiny random components (1000 classes: the pipeline's null label)."""
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-        num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=2,
-    )  # fmt: skip
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=2,
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=4, sample_size=8,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+    )
     pipe = DiTPipeline(transformer.eval(), vae.eval(), DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -81,14 +94,20 @@ def test_cached_transformer_inside_a_diffusers_pipeline():
 
     def generate():
         generator = torch.Generator().manual_seed(0)
-        return pipe(class_labels=[3, 7], num_inference_steps=STEPS, guidance_scale=4.0,
-                    output_type="np", generator=generator).images  # fmt: skip
+        return pipe(
+            class_labels=[3, 7],
+            num_inference_steps=STEPS,
+            guidance_scale=4.0,
+            output_type="np",
+            generator=generator,
+        ).images
 
     baseline = generate()
     pipe.transformer = torch.compile(
-        pipe.transformer, backend="diffopt",
+        pipe.transformer,
+        backend="diffopt",
         options={"inner": "eager", "cache": {"steps": STEPS, "early": 0.1, "critical": 0.2}},
-    )  # fmt: skip
+    )
     first = generate()  # no request scope: the first request calibrates, so it is exact
     np.testing.assert_allclose(first, baseline, atol=1e-5)
     with diffopt.request(steps=STEPS) as req:

@@ -47,8 +47,7 @@ def test_a_dynamic_resolution_needs_spatial_or_token_latents(tmp_path):
             return hidden_states * 2
 
     with pytest.raises(ValueError, match=r"dynamic resolution needs latents of shape"):
-        export(Flat(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path,
-               dynamic_resolution=True)  # fmt: skip
+        export(Flat(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path, dynamic_resolution=True)
 
 
 def test_an_onnxruntime_value_without_dlpack_comes_back_through_numpy():
@@ -135,16 +134,22 @@ def cached_engine(tmp_path_factory):
 
     cache = diffopt.calibrate(reference.model, run, steps=50, cache=settings).config
     out = tmp_path_factory.mktemp("engine")
-    export(reference.model, reference.make_inputs(batch=8), {"cache": cache}, out=out,
-           dynamic_batch=True)  # fmt: skip
+    export(
+        reference.model,
+        reference.make_inputs(batch=8),
+        {"cache": cache},
+        out=out,
+        dynamic_batch=True,
+    )
     return reference, cache, out
 
 
 @pytest.mark.parametrize("images", [4, 6])  # a batch of 8 as exported, and of 12
 def test_a_cached_fifty_step_run_decides_and_samples_like_torch(cached_engine, images):
     reference, cache, out = cached_engine
-    compiled = torch.compile(reference.model, backend="diffopt",
-                             options={"inner": "eager", "cache": cache})  # fmt: skip
+    compiled = torch.compile(
+        reference.model, backend="diffopt", options={"inner": "eager", "cache": cache}
+    )
     labels = torch.arange(images) % 10
     runs = {}
     for name, denoiser in (("torch", compiled), ("onnx", load(out))):
@@ -162,8 +167,7 @@ def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
 
     model, inputs = build()
     cache = {"steps": 12, "early": 0.0, "critical": 100.0, "max_reuse": 100, "token_ratio": 0.25}
-    compiled = torch.compile(model, backend="diffopt",
-                             options={"inner": "eager", "cache": cache})  # fmt: skip
+    compiled = torch.compile(model, backend="diffopt", options={"inner": "eager", "cache": cache})
     out = export(model, inputs, {"cache": cache}, out=tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     variants = [r["token_variants"] for r in manifest["regions"] if r["token_variants"]]
@@ -175,8 +179,9 @@ def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
             runs[name] = (denoise(denoiser, inputs, 12), req.actions[0])
     assert runs["onnx"][1] == runs["torch"][1] and runs["torch"][1].count("token") == 9
     torch.testing.assert_close(runs["onnx"][0], runs["torch"][0], atol=1e-4, rtol=1e-4)
-    blocks_only = load(export(model, inputs, {"cache": {**cache, "polish": "block"}},
-                              out=tmp_path / "blocks"))  # fmt: skip
+    blocks_only = load(
+        export(model, inputs, {"cache": {**cache, "polish": "block"}}, out=tmp_path / "blocks")
+    )
     denoise(blocks_only, inputs, 12)
     asked = CacheConfig(**{**cache, "polish": "token"})
     with (
@@ -257,8 +262,9 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
     quant = {**QuantConfig.preset(preset).__dict__, "min_sqnr": 0}
     if preset not in expected:
         with torch.no_grad():
-            compiled = torch.compile(model, backend="diffopt",
-                                     options={"inner": "eager", "quant": quant})  # fmt: skip
+            compiled = torch.compile(
+                model, backend="diffopt", options={"inner": "eager", "quant": quant}
+            )
             expected[preset] = compiled(**inputs)[0]
     out = export(model, inputs, {"quant": quant}, out=tmp_path, quant_form=form)
     got = load(out)(**inputs)[0]
@@ -322,8 +328,14 @@ def test_tensorrt_refuses_quantized_forms_it_cannot_build(tmp_path):
     with pytest.raises(ConfigError, match="export with quant_form='qdq_static'"):
         export(model, inputs, {"quant": "w8a8"}, out=tmp_path, format="tensorrt")
     with pytest.raises(ConfigError, match="no 4-bit activations"):
-        export(model, inputs, {"quant": "w4a4"}, out=tmp_path, format="tensorrt",
-               quant_form="qdq_static")  # fmt: skip
+        export(
+            model,
+            inputs,
+            {"quant": "w4a4"},
+            out=tmp_path,
+            format="tensorrt",
+            quant_form="qdq_static",
+        )
 
 
 def test_tensorrt_profiles_span_the_dynamic_axes(tmp_path, monkeypatch):
@@ -369,9 +381,11 @@ def test_tensorrt_profiles_span_the_dynamic_axes(tmp_path, monkeypatch):
             return Network()
 
         def create_builder_config(self):
-            return types.SimpleNamespace(set_memory_pool_limit=lambda *a: None,
-                                         set_flag=lambda *a: None,
-                                         add_optimization_profile=profiles.update)  # fmt: skip
+            return types.SimpleNamespace(
+                set_memory_pool_limit=lambda *a: None,
+                set_flag=lambda *a: None,
+                add_optimization_profile=profiles.update,
+            )
 
         def create_optimization_profile(self):
             return Profile()
@@ -386,15 +400,20 @@ def test_tensorrt_profiles_span_the_dynamic_axes(tmp_path, monkeypatch):
             pass
 
     fake = types.SimpleNamespace(
-        Logger=Logger, Builder=Builder, OnnxParser=Parser,
+        Logger=Logger,
+        Builder=Builder,
+        OnnxParser=Parser,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
         BuilderFlag=types.SimpleNamespace(FP16=0),
-    )  # fmt: skip
+    )
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     model, inputs = zoo.build("tiny-sd3")
     out = export(model, inputs, out=tmp_path, format="tensorrt", dynamic_resolution=True)
-    latents = next(i for i in json.loads((out / "manifest.json").read_text())["inputs"]
-                   if i["path"] == ["hidden_states"] and "shape" in i)  # fmt: skip
+    latents = next(
+        i
+        for i in json.loads((out / "manifest.json").read_text())["inputs"]
+        if i["path"] == ["hidden_states"] and "shape" in i
+    )
     low, opt, high = profiles[f"slot_{latents['slot']}"]
     assert opt == [2, 4, 8, 8] and low == [2, 4, 2, 2] and high == [2, 4, 32, 32]
     assert (out / "model.onnx.plan").read_bytes() == b"plan"

@@ -38,9 +38,17 @@ def test_report_lists_regions_with_nodes_params_and_flops(dit_report):
 
 def test_report_text_shows_regions_passes_and_code(dit_report):
     text = str(dit_report)
-    for expected in ("prologue", "transformer_blocks.1", "epilogue", "pass regions",
-                     "pass remove_noops", "timestep input", "before passes", "after passes",
-                     "def forward"):  # fmt: skip
+    for expected in (
+        "prologue",
+        "transformer_blocks.1",
+        "epilogue",
+        "pass regions",
+        "pass remove_noops",
+        "timestep input",
+        "before passes",
+        "after passes",
+        "def forward",
+    ):
         assert expected in text
 
 

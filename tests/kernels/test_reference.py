@@ -54,9 +54,15 @@ def test_int_matmul_is_exact():
 
 @pytest.mark.parametrize(
     ("act_bits", "weight_bits", "rotation", "min_db"),
-    [(4, 4, "regular", 14), (4, 4, "none", 12), (4, 8, "regular", 14), (8, 4, "regular", 18),
-     (8, 8, "regular", 36), (8, 8, "none", 36)],
-)  # fmt: skip
+    [
+        (4, 4, "regular", 14),
+        (4, 4, "none", 12),
+        (4, 8, "regular", 14),
+        (8, 4, "regular", 18),
+        (8, 8, "regular", 36),
+        (8, 8, "none", 36),
+    ],
+)
 def test_rotated_linear_approximates_the_linear(act_bits, weight_bits, rotation, min_db):
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 9, 256) + 0.5, torch.randn(48, 256) / 16, torch.randn(48)

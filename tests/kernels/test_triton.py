@@ -84,15 +84,29 @@ def test_int_gemm_accumulates_exactly(m, k, n, a_bits, b_bits):
     if k % 2 and 4 in (a_bits, b_bits):
         pytest.skip("int4 packing needs an even K")
     torch.manual_seed(k)
-    low = lambda bits, rows: torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (rows, k),  # noqa: E731
-                                           dtype=torch.int8)  # fmt: skip
+
+    def low(bits, rows):
+        return torch.randint(
+            -(2 ** (bits - 1)),
+            2 ** (bits - 1),
+            (rows, k),
+            dtype=torch.int8,
+        )
+
     a, b = low(a_bits, m), low(b_bits, n)
     stored = lambda v, bits: pack_int4(v) if bits == 4 else v  # noqa: E731
     ones_m, ones_n = torch.ones(m), torch.ones(n, dtype=torch.float16)
     out = tk.int_gemm(
-        on(stored(a, a_bits)), a_bits, on(ones_m), on(stored(b, b_bits)), b_bits, on(ones_n),
-        None, k, torch.float32,
-    )  # fmt: skip
+        on(stored(a, a_bits)),
+        a_bits,
+        on(ones_m),
+        on(stored(b, b_bits)),
+        b_bits,
+        on(ones_n),
+        None,
+        k,
+        torch.float32,
+    )
     assert torch.equal(out.cpu(), ref.int_matmul(a, b).float())  # |acc| < 2^24: exact in float32
 
 
@@ -110,19 +124,31 @@ def test_fused_linear_matches_the_reference(m, k, n, act_bits, weight_bits, kind
 
 @pytest.mark.parametrize(
     "tiles",
-    [tk.Tiles(block_m=32, block_n=32, block_kh=32, quant_block_m=16, block_k=32, chunk=16,
-              num_warps=8, num_stages=4),
-     tk.Tiles(block_m=16, block_n=64, block_kh=128, quant_block_m=32, block_k=256, chunk=32),
-     tk.Tiles(block_m=32, block_n=32, block_kh=32, join_k=True)],
-)  # fmt: skip
+    [
+        tk.Tiles(
+            block_m=32,
+            block_n=32,
+            block_kh=32,
+            quant_block_m=16,
+            block_k=32,
+            chunk=16,
+            num_warps=8,
+            num_stages=4,
+        ),
+        tk.Tiles(block_m=16, block_n=64, block_kh=128, quant_block_m=32, block_k=256, chunk=32),
+        tk.Tiles(block_m=32, block_n=32, block_kh=32, join_k=True),
+    ],
+)
 def test_other_tiles_give_the_same_result(tiles):
     """The tiles `benchmarks/w4a4_gpu.py --sweep` tries change speed, never the numbers."""
     torch.manual_seed(0)
     x, w, b = torch.randn(70, 320) + 0.3, torch.randn(40, 320) / 320**0.5, torch.randn(40)
     h = hadamard("regular", 64)
     stored, scale = quantize_weight(w, 4, h)
-    assert_matches(tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, tiles),
-                   ref.rotated_linear(x, stored, scale, b, h, 4, 4))  # fmt: skip
+    assert_matches(
+        tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, tiles),
+        ref.rotated_linear(x, stored, scale, b, h, 4, 4),
+    )
 
 
 @pytest.mark.parametrize("kind", ["regular", "sylvester"])
@@ -162,8 +188,10 @@ def test_gpu_benchmark_script_runs_end_to_end_as_a_dry_run(tmp_path):
     script = Path(__file__).parents[2] / "benchmarks" / "w4a4_gpu.py"
     done = subprocess.run(
         [sys.executable, str(script), "--dry-run", "--sweep", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "w4a4-gpu.json").read_text())
     for result in report["results"]:
@@ -196,8 +224,9 @@ def test_default_tiles_fit_hopper_shared_memory():
     from pathlib import Path
 
     script = Path(__file__).parents[2] / "benchmarks" / "kernel_resources.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]  # 1: a default does not fit
 
 

@@ -56,8 +56,15 @@ def test_a_full_refresh_is_a_full_step(polish):
     model, inputs = build()
     expected = denoise(model, inputs, 12)
     compiled = calibrated(model, inputs)
-    settings = CacheConfig(early=0.0, critical=100.0, max_reuse=100, polish=polish,
-                           token_ratio=1.0, block_ratio=1.0, extrapolate=False)  # fmt: skip
+    settings = CacheConfig(
+        early=0.0,
+        critical=100.0,
+        max_reuse=100,
+        polish=polish,
+        token_ratio=1.0,
+        block_ratio=1.0,
+        extrapolate=False,
+    )
     with diffopt.request(steps=12, cache=settings) as req:
         out = denoise(compiled, inputs, 12)
     assert req.actions[0][2:-1] == [polish] * 9
@@ -157,10 +164,21 @@ def test_every_family_reuses_steps(family):
 def test_inductor_regions_with_token_refresh():
     model, inputs = build()
     expected = denoise(model, inputs, 12)
-    compiled = torch.compile(model, backend="diffopt", options={
-        "inner": "inductor", "cache": {"steps": 12, "early": 0.0, "critical": 100.0,
-                                        "max_reuse": 100, "token_ratio": 1.0,
-                                        "extrapolate": False}})  # fmt: skip
+    compiled = torch.compile(
+        model,
+        backend="diffopt",
+        options={
+            "inner": "inductor",
+            "cache": {
+                "steps": 12,
+                "early": 0.0,
+                "critical": 100.0,
+                "max_reuse": 100,
+                "token_ratio": 1.0,
+                "extrapolate": False,
+            },
+        },
+    )
     denoise(compiled, inputs, 12)  # calibration
     with diffopt.request(steps=12) as req:
         out = denoise(compiled, inputs, 12)
@@ -184,8 +202,9 @@ def test_fully_dynamic_shapes_pass_sizes_through_reused_spans():
     cache holds them as they are instead of treating them as tensors."""
     model, inputs = build()
     settings = {"steps": 12, "polish": "block", "early": 0.05, "critical": 0.15}
-    compiled = torch.compile(model, backend="diffopt", dynamic=True,
-                             options={"inner": "eager", "cache": settings})  # fmt: skip
+    compiled = torch.compile(
+        model, backend="diffopt", dynamic=True, options={"inner": "eager", "cache": settings}
+    )
     denoise(compiled, inputs, 12)  # the calibration request
     with diffopt.request(steps=12) as req:
         out = denoise(compiled, inputs, 12)

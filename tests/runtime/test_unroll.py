@@ -131,8 +131,9 @@ class Toy(nn.Module):
 def test_a_partial_step_reuses_the_last_full_steps_deep_residual():
     toy, k = Toy(), 1
     scheduler = FlowMatchEulerDiscreteScheduler()
-    sampler = diffopt.unroll(toy, scheduler, [diffopt.full, diffopt.partial(blocks=k)],
-                             sigmas=[1.0, 0.5])  # fmt: skip
+    sampler = diffopt.unroll(
+        toy, scheduler, [diffopt.full, diffopt.partial(blocks=k)], sigmas=[1.0, 0.5]
+    )
     x = torch.randn(3, 5, 2)
 
     def stack(h, blocks):
@@ -157,8 +158,15 @@ def test_fit_compensation_on_ref_dit_reduces_the_residual_error(tmp_path):
     labels = torch.arange(6) % 10
     latents = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, 10)}
-    sampler = diffopt.unroll(teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5],
-                             guidance=1.5, compensation="lowrank", rank=4)  # fmt: skip
+    sampler = diffopt.unroll(
+        teacher.model,
+        teacher.scheduler,
+        "1.5",
+        sigmas=[1.0, 0.5],
+        guidance=1.5,
+        compensation="lowrank",
+        rank=4,
+    )
     assert sampler.schedule == [diffopt.full, diffopt.partial(4)]
     assert 1.45 < sampler.effective_nfe(latents, cond, uncond) < 1.55
     with torch.no_grad():
@@ -171,17 +179,26 @@ def test_fit_compensation_on_ref_dit_reduces_the_residual_error(tmp_path):
         assert not torch.equal(sampler(latents, cond, uncond), before)
 
     path = save_compensation(sampler, tmp_path / "comp.safetensors")
-    again = diffopt.unroll(teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5],
-                           guidance=1.5, compensation="lowrank", rank=4)  # fmt: skip
+    again = diffopt.unroll(
+        teacher.model,
+        teacher.scheduler,
+        "1.5",
+        sigmas=[1.0, 0.5],
+        guidance=1.5,
+        compensation="lowrank",
+        rank=4,
+    )
     load_compensation(again, path)
     with torch.no_grad():
         torch.testing.assert_close(again(latents, cond, uncond), sampler(latents, cond, uncond))
-    other = diffopt.unroll(teacher.model, teacher.scheduler, "1.25", sigmas=[1.0, 0.5],
-                           compensation="lowrank", rank=4)  # fmt: skip
+    other = diffopt.unroll(
+        teacher.model, teacher.scheduler, "1.25", sigmas=[1.0, 0.5], compensation="lowrank", rank=4
+    )
     with pytest.raises(ConfigError, match=r"fit for another sampler.*schedule: fit for"):
         load_compensation(other, path)
-    affine = diffopt.unroll(teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5],
-                            guidance=1.5)  # fmt: skip
+    affine = diffopt.unroll(
+        teacher.model, teacher.scheduler, "1.5", sigmas=[1.0, 0.5], guidance=1.5
+    )
     with pytest.raises(ConfigError, match="compensation: fit for 'lowrank, rank 4'"):
         load_compensation(affine, path)
 
@@ -229,8 +246,9 @@ def test_a_fractional_sampler_exports_as_one_onnx_file(tmp_path):
         latents, cond = torch.randn(batch, 1, 16, 16), {"class_labels": torch.arange(batch)}
         with torch.no_grad():
             expected = sampler(latents, cond)
-        torch.testing.assert_close(engine(latents=latents, cond=cond), expected,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            engine(latents=latents, cond=cond), expected, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_a_guidance_distilled_model_gets_the_scale_as_an_input():
@@ -241,8 +259,9 @@ def test_a_guidance_distilled_model_gets_the_scale_as_an_input():
             seen.append(guidance)
             return super().forward(hidden_states, timestep)
 
-    sampler = diffopt.unroll(Distilled(), FlowMatchEulerDiscreteScheduler(), 2,
-                             guidance=3.5, guidance_input="guidance")  # fmt: skip
+    sampler = diffopt.unroll(
+        Distilled(), FlowMatchEulerDiscreteScheduler(), 2, guidance=3.5, guidance_input="guidance"
+    )
     with torch.no_grad():
         sampler(torch.randn(3, 5, 2), {}, uncond={})  # no batch of two: the scale is an input
     assert [g.tolist() for g in seen] == [[3.5] * 3] * 2
@@ -254,8 +273,9 @@ def test_flux_timesteps_unets_and_schedule_inputs():
         k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep", "return_dict")
     }
     scheduler = FlowMatchEulerDiscreteScheduler()
-    sampler = diffopt.unroll(flux, scheduler, [diffopt.full, diffopt.full], sigmas=[1.0, 0.5],
-                             timestep_scale=1e-3)  # fmt: skip
+    sampler = diffopt.unroll(
+        flux, scheduler, [diffopt.full, diffopt.full], sigmas=[1.0, 0.5], timestep_scale=1e-3
+    )
     x = inputs["hidden_states"]
     with torch.no_grad():
         expected = x
