@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import diffopt
-from diffopt import bench, peers, zoo
+from diffopt.evaluation import bench, peers, zoo
 
 PEER_KNOBS = {
     "fbcache": (0.05, 0.1, 0.2, 0.3),

@@ -8,8 +8,8 @@
    Euler step); the 2-step student trains at σ ∈ {1, 0.5}, where half of the σ = 0.5 inputs come
    from its own first step, so the second step learns to correct the first one's error.
 
-Seeded; about 25 minutes. Writes ``diffopt/assets/ref-dit-1step/`` and ``ref-dit-2step/``, which
-``diffopt.zoo.load("ref-dit-1step")`` and ``("ref-dit-2step")`` load.
+Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` and ``ref-dit-2step/``, which
+``diffopt.evaluation.zoo.load("ref-dit-1step")`` and ``("ref-dit-2step")`` load.
 
     python benchmarks/distill_ref_dit.py
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm, trange
 
-from diffopt import zoo
-from diffopt.runtime.sampler import initial_noise
+from diffopt.evaluation import zoo
+from diffopt.fewstep.sampler import initial_noise
 
-ASSETS = Path(__file__).parent.parent / "diffopt" / "assets"
+ASSETS = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets"
 PAIR_SEEDS = 100_000  # disjoint from the benchmark (0…) and calibration (10 000…) seeds
 
 

@@ -24,7 +24,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import diffopt
-from diffopt import metrics, zoo
+from diffopt.evaluation import metrics, zoo
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -32,9 +32,9 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import diffopt
-from diffopt import metrics, zoo
-from diffopt.bench import _real_digits
-from diffopt.runtime.sampler import initial_noise, sample
+from diffopt.evaluation import metrics, zoo
+from diffopt.evaluation.bench import _real_digits
+from diffopt.fewstep.sampler import initial_noise, sample
 
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION_SEEDS = range(10_000, 10_020)

@@ -18,7 +18,7 @@ import torch
 from tabulate import tabulate
 
 import diffopt
-from diffopt import zoo
+from diffopt.evaluation import zoo
 
 
 def main() -> None:

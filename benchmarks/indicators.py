@@ -16,7 +16,7 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from diffopt import zoo
+from diffopt.evaluation import zoo
 
 
 def rel_l1(now: torch.Tensor, before: torch.Tensor) -> float:

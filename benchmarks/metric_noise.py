@@ -14,8 +14,8 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from diffopt import metrics, zoo
-from diffopt.data import digits
+from diffopt.evaluation import metrics, zoo
+from diffopt.evaluation.data import digits
 
 
 def main() -> None:

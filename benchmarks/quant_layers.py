@@ -18,8 +18,8 @@ import torch
 from tabulate import tabulate
 
 import diffopt
-from diffopt import zoo
 from diffopt.config import Config, QuantConfig
+from diffopt.evaluation import zoo
 
 ROTATIONS = ("regular", "sylvester", "none")
 RESULTS = Path(__file__).parent / "results"

@@ -27,7 +27,7 @@ import torch
 from quant_layers import layer_sqnr  # benchmarks/ is on sys.path when run as a script
 from tabulate import tabulate
 
-from diffopt import bench, zoo
+from diffopt.evaluation import bench, zoo
 
 ROTATIONS = ("regular", "sylvester", "none")
 RESULTS = Path(__file__).parent / "results"

@@ -24,8 +24,8 @@ from diffusers import DiTTransformer2DModel
 from tabulate import tabulate
 
 import diffopt
-from diffopt import bench, peers, zoo
 from diffopt.config import Config
+from diffopt.evaluation import bench, peers, zoo
 
 SETTINGS = {  # variant name -> quant preset
     "diffopt W4A4 regular": "w4a4",

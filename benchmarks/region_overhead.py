@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from diffopt import zoo
+from diffopt.evaluation import zoo
 
 
 def per_call_ms(fn, inputs: dict, calls: int) -> float:

@@ -1,8 +1,8 @@
-"""Train the digits classifier behind `diffopt.metrics` (class accuracy and ref-FID).
+"""Train the digits classifier behind `diffopt.evaluation.metrics` (class accuracy and ref-FID).
 
 Trains on the first 80 % of scikit-learn's digits (16×16, [-1, 1]) with ±1-pixel shifts and
 light noise, reports accuracy on the held-out 20 %, and writes
-``diffopt/assets/digits-classifier.safetensors``. Seeded; about 2 minutes on 2 CPU cores
+``diffopt/evaluation/assets/digits-classifier.safetensors``. Seeded; about 2 minutes on 2 CPU cores
 (99.7 % held-out accuracy).
 
     python benchmarks/train_classifier.py
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from diffopt.data import digits
-from diffopt.metrics import CLASSIFIER_WEIGHTS, DigitClassifier
+from diffopt.evaluation.data import digits
+from diffopt.evaluation.metrics import CLASSIFIER_WEIGHTS, DigitClassifier
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ x_σ = (1 − σ)·x₀ + σ·ε, with σ drawn logit-normal (as SD3) and 10 % o
 class so classifier-free guidance works. Weights are an exponential moving average. Seeded; about
 20 minutes on 2 CPU cores.
 
-    python benchmarks/train_ref_dit.py                      # writes diffopt/assets/ref-dit/
+    python benchmarks/train_ref_dit.py                      # writes diffopt/evaluation/assets/ref-dit/
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import trange
 
-from diffopt import zoo
-from diffopt.data import NUM_CLASSES, digits
+from diffopt.evaluation import zoo
+from diffopt.evaluation.data import NUM_CLASSES, digits
 
-OUT = Path(__file__).parent.parent / "diffopt" / "assets" / "ref-dit"
+OUT = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets" / "ref-dit"
 
 
 def main() -> None:

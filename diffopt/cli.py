@@ -12,7 +12,7 @@ from diffopt.config import Config
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from diffopt import zoo
+    from diffopt.evaluation import zoo
     from diffopt.inspection import inspect
 
     config = Config.load(args.config) if args.config else Config()
@@ -28,7 +28,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from diffopt import zoo
+    from diffopt.evaluation import zoo
     from diffopt.exporters import export
 
     config = Config.load(args.config) if args.config else Config()
@@ -50,7 +50,7 @@ def _export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace, *, demo: bool = False) -> int:
     from pathlib import Path
 
-    from diffopt import bench, peers, zoo
+    from diffopt.evaluation import bench, peers, zoo
 
     reference = zoo.load(args.model)
     steps = args.steps or reference.steps

@@ -8,12 +8,13 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 from diffopt.backend import Optimized, capture
 from diffopt.config import Config
@@ -54,6 +55,8 @@ class InspectReport:
         return [r for r in self.regions if r.kind == "block"]
 
     def __str__(self) -> str:
+        from rich.console import Console  # only when a report is printed
+
         console = Console(file=io.StringIO(), width=110, color_system=None)
         console.print(f"diffopt inspect: {self.model}  (inner={self.config.inner})")
         console.print(_regions_table(self.regions))
@@ -128,6 +131,8 @@ def _pass_html(report: PassReport) -> str:
 
 
 def _regions_table(regions: Sequence[RegionStats]) -> Table:
+    from rich.table import Table
+
     table = Table(title="regions")
     for column in ("region", "kind", "nodes", "params", "MFLOPs"):
         table.add_column(column, justify="left" if column in ("region", "kind") else "right")

@@ -5,7 +5,7 @@ Run: python examples/bench_reference.py [--images 30] [--steps 50]
 
 import argparse
 
-from diffopt import bench, peers, zoo
+from diffopt.evaluation import bench, peers, zoo
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--images", type=int, default=30)

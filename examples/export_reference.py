@@ -22,7 +22,7 @@ parser.add_argument("--images", type=int, default=8)
 parser.add_argument("--steps", type=int, default=50)
 args = parser.parse_args()
 
-ref = diffopt.zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
+ref = diffopt.evaluation.zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
 labels, seeds = torch.arange(args.images) % 10, range(args.images)
 
 
@@ -41,7 +41,7 @@ folder = diffopt.export(
     out=args.out / "cached",
     dynamic_batch=True,
 )
-engine = diffopt.load(folder, provider="cpu")
+engine = diffopt.load_engine(folder, provider="cpu")
 torch_runtime = torch.compile(
     ref.model, backend="diffopt", options={"inner": "eager", "cache": cache}
 )
@@ -66,9 +66,9 @@ folder = diffopt.export(
     quant_form="custom",
     dynamic_batch=True,
 )
-quantized = ref.sample(labels, seeds, denoiser=diffopt.load(folder), steps=args.steps)
+quantized = ref.sample(labels, seeds, denoiser=diffopt.load_engine(folder), steps=args.steps)
 full = ref.sample(labels, seeds, steps=args.steps)
 print(
     f"W4A4 engine: PSNR against the unquantized model "
-    f"{diffopt.metrics.psnr(quantized, full):.1f} dB"
+    f"{diffopt.evaluation.metrics.psnr(quantized, full):.1f} dB"
 )

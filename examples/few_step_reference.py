@@ -8,7 +8,7 @@ import argparse
 import torch
 
 import diffopt
-from diffopt.runtime.sampler import initial_noise
+from diffopt.fewstep.sampler import initial_noise
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--schedule", default="1.67", help="effective steps, e.g. 1, 1.5, 1.67, 2")
@@ -16,7 +16,7 @@ parser.add_argument("--images", type=int, default=20)
 parser.add_argument("--inner", default="inductor", choices=["eager", "aot_eager", "inductor"])
 args = parser.parse_args()
 
-student = diffopt.zoo.load("ref-dit-2step")  # distilled from ref-dit; ships with diffopt
+student = diffopt.evaluation.zoo.load("ref-dit-2step")  # distilled from ref-dit; ships with diffopt
 sampler = diffopt.unroll(student.model, student.scheduler, args.schedule, sigmas=[1.0, 0.5])
 print("schedule:", sampler.describe())
 
@@ -32,6 +32,8 @@ with torch.no_grad():
     images = engine(noise, {"class_labels": labels})
     two_steps = student.sample(labels, range(args.images))  # the full 2-step loop
 nfe = sampler.effective_nfe(noise, {"class_labels": labels})
-accuracy = diffopt.metrics.class_accuracy(images, labels)
+accuracy = diffopt.evaluation.metrics.class_accuracy(images, labels)
 print(f"effective NFE {nfe:.3f}; classifier accuracy {accuracy:.2f}")
-print(f"PSNR against the full 2-step student: {diffopt.metrics.psnr(images, two_steps):.1f} dB")
+print(
+    f"PSNR against the full 2-step student: {diffopt.evaluation.metrics.psnr(images, two_steps):.1f} dB"
+)

@@ -4,6 +4,6 @@ onnx, onnxruntime and tensorrt are imported when an engine is written or loaded,
 `import diffopt`.
 """
 
-from .onnx import Engine, ExportError, export, load
+from .onnx import Engine, ExportError, export, load_engine
 
-__all__ = ["Engine", "ExportError", "export", "load"]
+__all__ = ["Engine", "ExportError", "export", "load_engine"]

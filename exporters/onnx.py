@@ -726,7 +726,7 @@ class Engine:
                 )
 
 
-def load(path: str | Path, provider: str = "cpu") -> Engine:
+def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
     """An engine directory written by `export`, ready to call like the denoiser.
 
     `provider`: "cpu", "cuda" or "tensorrt" (onnxruntime's execution providers). Refuses a

@@ -4,7 +4,7 @@ Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxPa
 optimization profiles, ``build_serialized_network``). Each region's ONNX file gets a serialized
 engine (``<file>.plan``) with one optimization profile around the sizes the region saw at
 export, spanning its dynamic axes (batch, resolution) by a factor each way. The plans and their
-hashes are added to the manifest. `diffopt.load(DIR, provider="tensorrt")` runs the ONNX files
+hashes are added to the manifest. `diffopt.load_engine(DIR, provider="tensorrt")` runs the ONNX files
 through onnxruntime's TensorRT execution provider; the plans are for serving with TensorRT directly.
 """
 

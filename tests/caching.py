@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffopt import zoo
+from diffopt.evaluation import zoo
 
 from .conftest import first_output
 

@@ -17,7 +17,7 @@ os.environ["OMP_NUM_THREADS"] = str(
 import pytest
 import torch
 
-from diffopt import zoo
+from diffopt.evaluation import zoo
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from diffopt import bench, peers, zoo
 from diffopt.cli import main
+from diffopt.evaluation import bench, peers, zoo
 
 
 @pytest.fixture(scope="module")

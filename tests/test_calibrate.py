@@ -17,7 +17,7 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def reference():
-    return diffopt.zoo.load("ref-dit")
+    return diffopt.evaluation.zoo.load("ref-dit")
 
 
 def sampler(reference, images=6):

@@ -8,17 +8,19 @@ import pytest
 import torch
 
 import diffopt
-from diffopt import zoo
 from diffopt.config import CacheConfig, ConfigError, QuantConfig
+from diffopt.evaluation import zoo
 from tests.conftest import first_output
 
 pytest.importorskip("onnxruntime")
-from diffopt.exporters.onnx import ExportError, export, load
+from diffopt.exporters.onnx import ExportError, export, load_engine
 
 
 def test_every_family_exports_to_one_file_with_a_dynamic_batch(tiny, tmp_path):
     name, model, inputs = tiny  # PixArt loads only because remove_noops drops its no-op squeeze
-    engine = load(export(model, inputs, {"inner": "eager"}, out=tmp_path, dynamic_batch=True))
+    engine = load_engine(
+        export(model, inputs, {"inner": "eager"}, out=tmp_path, dynamic_batch=True)
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx"]
     for batch in (2, 3):  # exported at 2
         _, call = zoo.build(name, batch=batch)
@@ -38,7 +40,9 @@ def test_large_weights_go_to_a_side_file_that_is_hashed_and_loaded(tmp_path, mon
     assert side and set(side) <= set(manifest["hashes"])
     with torch.no_grad():
         expected = first_output(model(**inputs))
-    torch.testing.assert_close(first_output(load(out)(**inputs)), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        first_output(load_engine(out)(**inputs)), expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_dynamic_resolution_needs_spatial_or_token_latents(tmp_path):
@@ -95,7 +99,7 @@ def test_a_dynamic_resolution_serves_other_sizes_or_is_refused(tiny, tmp_path):
         with pytest.raises(ValueError, match=r"does not allow a dynamic resolution.*holds only"):
             export(model, inputs, out=tmp_path, dynamic_resolution=True)
         return
-    engine = load(export(model, inputs, out=tmp_path, dynamic_resolution=True))
+    engine = load_engine(export(model, inputs, out=tmp_path, dynamic_resolution=True))
     key = "sample" if name == "tiny-unet" else "hidden_states"
     latents = next(i for i in engine.manifest["inputs"] if i["path"] == [key] and "shape" in i)
     assert latents["shape"][0] == 2 and None in latents["shape"]  # the batch stays static
@@ -110,7 +114,7 @@ def test_a_size_outside_the_traced_range_is_refused(tmp_path):
     # SD3 crops a position embedding of at most 193 patches; exported at more than half of it,
     # the doubled-size guard check must leave that bound to the engine's range check
     model, inputs = zoo.build("tiny-sd3", size=(100, 100))
-    engine = load(export(model, inputs, out=tmp_path, dynamic_resolution=True))
+    engine = load_engine(export(model, inputs, out=tmp_path, dynamic_resolution=True))
     _, call = zoo.build("tiny-sd3", size=(8, 12))
     with torch.no_grad():
         expected = first_output(model(**call))
@@ -152,7 +156,7 @@ def test_a_cached_fifty_step_run_decides_and_samples_like_torch(cached_engine, i
     )
     labels = torch.arange(images) % 10
     runs = {}
-    for name, denoiser in (("torch", compiled), ("onnx", load(out))):
+    for name, denoiser in (("torch", compiled), ("onnx", load_engine(out))):
         with diffopt.request(steps=50) as req:
             images = reference.sample(labels, range(len(labels)), denoiser=denoiser)
         runs[name] = (images, req.actions)
@@ -173,13 +177,13 @@ def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
     variants = [r["token_variants"] for r in manifest["regions"] if r["token_variants"]]
     assert variants and all(list(v) == ["4"] for v in variants)  # 25% of 16 tokens
     runs = {}
-    for name, denoiser in (("torch", compiled), ("onnx", load(out))):
+    for name, denoiser in (("torch", compiled), ("onnx", load_engine(out))):
         denoise(denoiser, inputs, 12)  # the first request calibrates
         with diffopt.request(steps=12) as req:
             runs[name] = (denoise(denoiser, inputs, 12), req.actions[0])
     assert runs["onnx"][1] == runs["torch"][1] and runs["torch"][1].count("token") == 9
     torch.testing.assert_close(runs["onnx"][0], runs["torch"][0], atol=1e-4, rtol=1e-4)
-    blocks_only = load(
+    blocks_only = load_engine(
         export(model, inputs, {"cache": {**cache, "polish": "block"}}, out=tmp_path / "blocks")
     )
     denoise(blocks_only, inputs, 12)
@@ -213,16 +217,16 @@ def test_a_tampered_or_newer_engine_is_refused(cached_engine, tmp_path):
     manifest["format_version"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="upgrade"):
-        load(copy)
+        load_engine(copy)
     manifest["format_version"] -= 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     region = next(copy.glob("region_1_*.onnx"))
     region.write_bytes(region.read_bytes() + b"\0")
     with pytest.raises(ConfigError, match="does not match its hash"):
-        load(copy)
+        load_engine(copy)
     with pytest.raises(ConfigError, match="provider must be one of"):
-        load(out, provider="metal")
-    engine, wrong = load(out), zoo.load("ref-dit").make_inputs(batch=3)
+        load_engine(out, provider="metal")
+    engine, wrong = load_engine(out), zoo.load("ref-dit").make_inputs(batch=3)
     wrong["hidden_states"] = wrong["hidden_states"][..., :8]  # the batch may change, not the size
     with pytest.raises(ValueError, match=r"shape \[3, 1, 16, 8\]; this engine was exported for"):
         engine(**wrong)
@@ -267,7 +271,7 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
             )
             expected[preset] = compiled(**inputs)[0]
     out = export(model, inputs, {"quant": quant}, out=tmp_path, quant_form=form)
-    got = load(out)(**inputs)[0]
+    got = load_engine(out)(**inputs)[0]
     proto = onnx.load(out / "model.onnx")
     if form == "qdq_static":  # other numbers by design: one calibrated scale per layer
         with torch.no_grad():
@@ -305,7 +309,7 @@ def test_pixart_loads_only_with_the_noop_cleanup(tmp_path):
     model, inputs = zoo.build("tiny-pixart")
     out = export(model, inputs, {"inner": "eager", "cleanup": None}, out=tmp_path)
     with pytest.raises(Exception, match="Squeeze"):  # onnxruntime's own error
-        load(out)
+        load_engine(out)
 
 
 def test_tensorrt_engines_or_the_install_hint(cached_engine, tmp_path):

@@ -1,4 +1,4 @@
-"""diffopt.metrics: each metric on inputs whose answer is known."""
+"""diffopt.evaluation.metrics: each metric on inputs whose answer is known."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diffopt import metrics
-from diffopt.data import digits
+from diffopt.evaluation import metrics
+from diffopt.evaluation.data import digits
 
 
 @pytest.fixture(scope="module")

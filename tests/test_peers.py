@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from diffopt import metrics, peers, zoo
+from diffopt.evaluation import metrics, peers, zoo
 
 STEPS = 20
 

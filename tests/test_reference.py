@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffopt import metrics, zoo
 from diffopt.cli import main
+from diffopt.evaluation import metrics, zoo
 
 
 @pytest.fixture(scope="module")

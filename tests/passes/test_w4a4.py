@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import diffopt
-from diffopt import zoo
 from diffopt.config import Config, ConfigError, QuantConfig
+from diffopt.evaluation import zoo
 from diffopt.passes import PassError
 
 from ..conftest import first_output

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from diffopt import zoo
-from diffopt.runtime.sampler import initial_noise, sample
+from diffopt.evaluation import zoo
+from diffopt.fewstep.sampler import initial_noise, sample
 
 
 def test_any_subset_of_a_batch_reproduces():

@@ -15,9 +15,10 @@ from diffusers import (
 from torch import nn
 
 import diffopt
-from diffopt import ConfigError, zoo
-from diffopt.runtime.compensation import Compensation, load_compensation, save_compensation
-from diffopt.runtime.unroll import parse_schedule
+from diffopt import ConfigError
+from diffopt.evaluation import zoo
+from diffopt.fewstep.compensation import Compensation, load_compensation, save_compensation
+from diffopt.fewstep.unroll import parse_schedule
 
 SCHEDULERS = {
     "flow-match": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -241,7 +242,7 @@ def test_a_fractional_sampler_exports_as_one_onnx_file(tmp_path):
     latents, cond = torch.randn(3, 1, 16, 16), {"class_labels": torch.tensor([1, 4, 7])}
     out = diffopt.export(sampler, (latents, cond), out=tmp_path, dynamic_batch=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
-    engine = diffopt.load(out)
+    engine = diffopt.load_engine(out)
     for batch in (3, 5):  # exported at 3
         latents, cond = torch.randn(batch, 1, 16, 16), {"class_labels": torch.arange(batch)}
         with torch.no_grad():

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffopt.zoo import ASSETS
+from diffopt import quality
+from diffopt.evaluation.zoo import ASSETS
 
 CLASSIFIER_WEIGHTS = ASSETS / "digits-classifier.safetensors"
 DATA_RANGE = 2.0  # images live in [-1, 1]
@@ -32,11 +33,7 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = DATA
 
     `data_range` is the span of valid values: 2 for images in [-1, 1].
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    if torch.equal(images, reference):
-        return float("inf")
-    return peak_signal_noise_ratio(images, reference, data_range=data_range).item()
+    return quality.psnr(images, reference, data_range)
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:

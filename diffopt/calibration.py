@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import torch
 
+from diffopt import quality
 from diffopt.config import CacheAction, CacheConfig, Config, ConfigError, InnerBackend
-
-from .cache import request
+from diffopt.runtime.cache import request
 
 Run = Callable[[Callable[..., Any]], torch.Tensor]
 """``run(denoiser) -> samples``: one whole sampling run on the calibration inputs."""
@@ -131,8 +131,6 @@ def _search(
     base = dataclasses.replace(base, profile=profile, curvature=curvature)
     candidates = _grid(base) if auto else [base]
 
-    from diffopt import metrics
-
     trials, plans = [], []
     for settings in candidates:
         with request(steps=steps, cache=settings) as req:
@@ -141,7 +139,7 @@ def _search(
         trials.append(
             Trial(
                 changed,
-                metrics.psnr(samples, reference, data_range),
+                quality.psnr(samples, reference, data_range),
                 req.compute(),
                 req.hit_rates(),
             )

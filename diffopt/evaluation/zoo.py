@@ -135,7 +135,7 @@ class Reference:
 
         `denoiser` defaults to the model; pass an optimized one to compare on the same seeds.
         """
-        from diffopt.runtime.sampler import initial_noise, sample
+        from diffopt.fewstep.sampler import initial_noise, sample
 
         config = self.model.config
         noise = initial_noise((config.in_channels, config.sample_size, config.sample_size), seeds)
@@ -208,7 +208,7 @@ def ref_dit_architecture() -> torch.nn.Module:
     """The untrained `ref-dit`: DiT with 8 blocks, hidden 64, 64 tokens, 10 classes + null."""
     from diffusers import DiTTransformer2DModel
 
-    from diffopt.data import IMAGE_SIZE, NUM_CLASSES
+    from diffopt.evaluation.data import IMAGE_SIZE, NUM_CLASSES
 
     return DiTTransformer2DModel(
         num_attention_heads=4,

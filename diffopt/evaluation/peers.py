@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from diffopt.bench import Variant
+from diffopt.evaluation.bench import Variant
 
 
 class _InCacheContext:

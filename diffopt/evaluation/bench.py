@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffopt import metrics
 from diffopt.config import CacheConfig
+from diffopt.evaluation import metrics
+from diffopt.evaluation.zoo import Reference
 from diffopt.runtime import counting_flops
-from diffopt.zoo import Reference
 
 Build = Callable[[torch.nn.Module, str], Callable[..., Any]]
 """``build(model copy, inner backend) -> denoiser``: `inner` is "eager" when counting FLOPs."""
@@ -82,7 +82,7 @@ def auto_cache_variant(
     labels, seeds = torch.arange(images) % 10, list(range(10_000, 10_000 + images))
 
     def calibrated() -> CacheConfig:
-        from diffopt.runtime import calibrate
+        from diffopt.calibration import calibrate
 
         def sample(denoiser: Callable[..., Any]) -> torch.Tensor:
             return reference.sample(labels, seeds, denoiser=denoiser, steps=steps)
@@ -235,7 +235,9 @@ def run(
     ``memory=False`` skips the separate peak-memory run (the column reads nan).
     """
     if not variants or variants[0].family != "baseline":
-        raise ValueError("the first variant must be the baseline (diffopt.bench.baseline())")
+        raise ValueError(
+            "the first variant must be the baseline (diffopt.evaluation.bench.baseline())"
+        )
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")
@@ -318,7 +320,7 @@ def _count_flops(run_once: Callable[[], Any], denoiser: Any) -> int:
 
 
 def _real_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from diffopt.data import digits
+    from diffopt.evaluation.data import digits
 
     return digits("all")
 
