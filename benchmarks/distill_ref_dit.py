@@ -8,8 +8,8 @@
    Euler step); the 2-step student trains at σ ∈ {1, 0.5}, where half of the σ = 0.5 inputs come
    from its own first step, so the second step learns to correct the first one's error.
 
-Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` and ``ref-dit-2step/``, which
-``diffopt.evaluation.zoo.load("ref-dit-1step")`` and ``("ref-dit-2step")`` load.
+Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` and
+``ref-dit-2step/``, which ``zoo.load("ref-dit-1step")`` and ``("ref-dit-2step")`` load.
 
     python benchmarks/distill_ref_dit.py
 """

@@ -6,7 +6,7 @@ x_σ = (1 − σ)·x₀ + σ·ε, with σ drawn logit-normal (as SD3) and 10 % o
 class so classifier-free guidance works. Weights are an exponential moving average. Seeded; about
 20 minutes on 2 CPU cores.
 
-    python benchmarks/train_ref_dit.py                      # writes diffopt/evaluation/assets/ref-dit/
+    python benchmarks/train_ref_dit.py       # writes diffopt/evaluation/assets/ref-dit/
 """
 
 from __future__ import annotations

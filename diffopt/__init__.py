@@ -17,8 +17,8 @@ onnxruntime nor tensorrt, and does not initialize CUDA.
 """
 
 from importlib import import_module
-from importlib.util import find_spec
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 

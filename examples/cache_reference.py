@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import diffopt
+from diffopt.evaluation import metrics, zoo
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=50)
@@ -15,7 +16,7 @@ parser.add_argument("--target-psnr", type=float, default=30.0)
 parser.add_argument("--images", type=int, default=20)
 args = parser.parse_args()
 
-ref = diffopt.evaluation.zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
+ref = zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
 labels = torch.arange(args.images) % 10
 calibration_seeds = range(10_000, 10_000 + args.images)
 
@@ -38,5 +39,5 @@ seeds = range(args.images)  # fresh seeds: does the setting transfer?
 uncached = ref.sample(labels, seeds, steps=args.steps)
 with diffopt.request(steps=args.steps) as req:
     cached = ref.sample(labels, seeds, denoiser=model, steps=args.steps)
-print(f"PSNR on fresh seeds: {diffopt.evaluation.metrics.psnr(cached, uncached):.1f} dB")
+print(f"PSNR on fresh seeds: {metrics.psnr(cached, uncached):.1f} dB")
 print(f"hit rates: {req.hit_rates()}; block work: {req.compute():.2f} of uncached")

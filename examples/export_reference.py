@@ -15,6 +15,7 @@ import torch
 
 import diffopt
 from diffopt.config import CacheConfig
+from diffopt.evaluation import metrics, zoo
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, default=Path("engines"))
@@ -22,7 +23,7 @@ parser.add_argument("--images", type=int, default=8)
 parser.add_argument("--steps", type=int, default=50)
 args = parser.parse_args()
 
-ref = diffopt.evaluation.zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
+ref = zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
 labels, seeds = torch.arange(args.images) % 10, range(args.images)
 
 
@@ -68,7 +69,4 @@ folder = diffopt.export(
 )
 quantized = ref.sample(labels, seeds, denoiser=diffopt.load_engine(folder), steps=args.steps)
 full = ref.sample(labels, seeds, steps=args.steps)
-print(
-    f"W4A4 engine: PSNR against the unquantized model "
-    f"{diffopt.evaluation.metrics.psnr(quantized, full):.1f} dB"
-)
+print(f"W4A4 engine: PSNR against the unquantized model {metrics.psnr(quantized, full):.1f} dB")

@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import diffopt
+from diffopt.evaluation import metrics, zoo
 from diffopt.fewstep.sampler import initial_noise
 
 parser = argparse.ArgumentParser()
@@ -16,7 +17,7 @@ parser.add_argument("--images", type=int, default=20)
 parser.add_argument("--inner", default="inductor", choices=["eager", "aot_eager", "inductor"])
 args = parser.parse_args()
 
-student = diffopt.evaluation.zoo.load("ref-dit-2step")  # distilled from ref-dit; ships with diffopt
+student = zoo.load("ref-dit-2step")  # distilled from ref-dit; ships with diffopt
 sampler = diffopt.unroll(student.model, student.scheduler, args.schedule, sigmas=[1.0, 0.5])
 print("schedule:", sampler.describe())
 
@@ -32,8 +33,6 @@ with torch.no_grad():
     images = engine(noise, {"class_labels": labels})
     two_steps = student.sample(labels, range(args.images))  # the full 2-step loop
 nfe = sampler.effective_nfe(noise, {"class_labels": labels})
-accuracy = diffopt.evaluation.metrics.class_accuracy(images, labels)
+accuracy = metrics.class_accuracy(images, labels)
 print(f"effective NFE {nfe:.3f}; classifier accuracy {accuracy:.2f}")
-print(
-    f"PSNR against the full 2-step student: {diffopt.evaluation.metrics.psnr(images, two_steps):.1f} dB"
-)
+print(f"PSNR against the full 2-step student: {metrics.psnr(images, two_steps):.1f} dB")

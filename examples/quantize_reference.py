@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import diffopt
+from diffopt.evaluation import metrics, zoo
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quant", default="w4a4", help="w4a4, w4a4-sylvester, w4a4-rtn, w4a8, w8a8")
@@ -15,7 +16,7 @@ parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--images", type=int, default=20)
 args = parser.parse_args()
 
-ref = diffopt.evaluation.zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
+ref = zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
 
 # What the w4a4 pass does: which linears become diffopt::w4a4_linear, their SQNR, the memory.
 config = diffopt.Config(inner="eager", quant=args.quant)
@@ -29,7 +30,5 @@ model = torch.compile(ref.model, backend="diffopt", options={"inner": "eager", "
 labels, seeds = torch.arange(args.images) % 10, range(args.images)
 full = ref.sample(labels, seeds, steps=args.steps)
 quantized = ref.sample(labels, seeds, denoiser=model, steps=args.steps)
-print(
-    f"PSNR against the unquantized model: {diffopt.evaluation.metrics.psnr(quantized, full):.1f} dB"
-)
-print(f"class accuracy: {diffopt.evaluation.metrics.class_accuracy(quantized, labels):.2f}")
+print(f"PSNR against the unquantized model: {metrics.psnr(quantized, full):.1f} dB")
+print(f"class accuracy: {metrics.class_accuracy(quantized, labels):.2f}")
