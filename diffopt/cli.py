@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 import torch
@@ -101,8 +103,20 @@ def _add_bench_arguments(
     p.add_argument("--out", default=out, help="folder for the table, plot and grids")
 
 
+def _quiet_libraries() -> None:
+    """Keep what other libraries say while they load (diffusers importing torchao when it is
+    installed, torch's pytree deprecations) out of a command's output: a command prints its
+    progress, its result and where it wrote files. ``--verbose`` lets them through."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers sets up logging
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffopt", description=__doc__)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="let libraries' load-time messages through"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("inspect", help="show regions, passes and rewritten code of a model")
@@ -153,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=lambda args: _bench(args, demo=True), peers=False)
 
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return args.run(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -186,28 +187,48 @@ class BenchResult:
         return caption + "\n\n" + tabulate(table, headers, tablefmt="github")
 
     def plot(self, path: str | Path) -> Path:
-        """Speed–quality scatter: speedup over the baseline against ref-FID."""
+        """Two panels against the speedup over the baseline: PSNR against the baseline's images
+        (what a reader can trust at any image count) and class accuracy. Variants are told apart
+        by the legend, not by labels that would overlap where variants coincide."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for row in self.rows:
-            marker = {"baseline": "s", "diffopt": "o", "peer": "^"}.get(row.family, "x")
-            ax.scatter(1 / row.time_ratio, row.ref_fid, marker=marker, s=50)
-            ax.annotate(
-                row.name,
-                (1 / row.time_ratio, row.ref_fid),
-                fontsize=8,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
-        ax.set_xlabel("speedup over baseline (wall time)")
-        ax.set_ylabel("ref-FID (lower is better)")
-        ax.set_title(f"{self.model}: speed vs quality ({self.steps} steps)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        finite = [r.psnr for r in self.rows if math.isfinite(r.psnr)]
+        identical = max(finite, default=40.0) + 5  # where an exact match (inf dB) is drawn
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+        for i, row in enumerate(self.rows):
+            style = {
+                "marker": {"baseline": "s", "diffopt": "o", "peer": "^"}.get(row.family, "x"),
+                "color": f"C{i % 10}",
+                "s": 60,
+                "label": row.name,
+            }
+            speedup = 1 / row.time_ratio
+            left.scatter(speedup, row.psnr if math.isfinite(row.psnr) else identical, **style)
+            right.scatter(speedup, 100 * row.accuracy, **style)
+        left.axhline(identical, color="0.6", lw=0.8, ls=":")
+        left.annotate(
+            "identical to baseline",
+            (0.01, identical),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=8,
+            color="0.4",
+        )
+        left.set_ylabel("PSNR against the baseline (dB, higher is better)")
+        right.set_ylabel("class accuracy (%)")
+        for ax in (left, right):
+            ax.set_xlabel("speedup over baseline (wall time)")
+            ax.grid(alpha=0.3)
+        handles, labels = left.get_legend_handles_labels()
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False
+        )
+        fig.suptitle(f"{self.model}: speed vs quality ({self.images} images, {self.steps} steps)")
+        fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
         path = Path(path)
         fig.savefig(path, dpi=120)
         plt.close(fig)
