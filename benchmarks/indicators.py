@@ -1,4 +1,4 @@
-"""Which cheap indicator predicts when a whole step's block stack can be reused? (issue 4 input)
+"""Which cheap indicator predicts when a whole step's block stack can be reused?
 
 Runs ref-dit's 50-step sampling once with forward hooks and records, at every step, the
 relative L1 change (vs the previous step) of: the stream entering block 0, block 0's residual,
