@@ -32,7 +32,13 @@ def _check_same_tree() -> None:
     """
     tree = Path(__file__).resolve().parent.parent
     for name in ("passes", "runtime", "kernels", "exporters"):
-        where = Path(find_spec(f"diffopt.{name}").origin).resolve()
+        spec = find_spec(f"diffopt.{name}")
+        if spec is None or spec.origin is None:
+            raise ImportError(
+                f"diffopt.{name} is not installed beside diffopt ({tree}): a checkout maps its "
+                f"top-level folders into diffopt when installed: pip install -e {tree}"
+            )
+        where = Path(spec.origin).resolve()
         if not where.is_relative_to(tree):
             raise ImportError(
                 f"diffopt was imported from {tree}, but diffopt.{name} resolves to {where.parent}, "
