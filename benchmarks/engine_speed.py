@@ -50,8 +50,10 @@ def variants(name: str, images: int, steps: int, folder: Path) -> dict[str, Call
         reference.model, calibration_run, steps=steps, cache=diffopt.CacheConfig(polish="block")
     ).config
     inputs = reference.make_inputs(batch=batch)
-    plain = diffopt.load(diffopt.export(reference.model, inputs, {}, out=folder / name / "plain"))
-    cached = diffopt.load(
+    plain = diffopt.load_engine(
+        diffopt.export(reference.model, inputs, {}, out=folder / name / "plain")
+    )
+    cached = diffopt.load_engine(
         diffopt.export(reference.model, inputs, {"cache": cache}, out=folder / name / "cached")
     )
     model = reference.model

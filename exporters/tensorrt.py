@@ -4,15 +4,23 @@ Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxPa
 optimization profiles, ``build_serialized_network``). Each region's ONNX file gets a serialized
 engine (``<file>.plan``) with one optimization profile around the sizes the region saw at
 export, spanning its dynamic axes (batch, resolution) by a factor each way. The plans and their
-hashes are added to the manifest. `diffopt.load_engine(DIR, provider="tensorrt")` runs the ONNX files
-through onnxruntime's TensorRT execution provider; the plans are for serving with TensorRT directly.
+hashes are added to the manifest. `diffopt.load_engine(DIR, provider="tensorrt")` runs the ONNX
+files through onnxruntime's TensorRT execution provider; the plans are for serving with TensorRT
+directly.
+
+Registered as the ``tensorrt`` format: ``export(..., format="tensorrt")`` refuses quantized forms
+TensorRT cannot build and a missing TensorRT before the export work, then builds the plans.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from diffopt.config import Config, ConfigError
+
+from .formats import ExportError, Format, register_format
+from .manifest import read_manifest, sha256, write_manifest
 
 INSTALL_HINT = (
     "TensorRT is not installed: pip install 'diffopt[tensorrt]' on a machine with an NVIDIA GPU "
@@ -29,6 +37,34 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+@register_format("tensorrt")
+class TensorRT(Format):
+    """The ONNX engine plus one serialized TensorRT engine per ONNX file (`build_engines`)."""
+
+    def check(self, config: Config, quant_form: str) -> None:
+        _check_quant(config, quant_form)
+        import_tensorrt()  # fail before the export work, with the install hint
+
+    def build(self, folder: Path) -> None:
+        build_engines(folder)
+
+
+def _check_quant(config: Config, quant_form: str) -> None:
+    """TensorRT parses Q/DQ with constant scales, INT8 activations: refuse what it cannot build."""
+    if config.quant is None:
+        return
+    if quant_form != "qdq_static":
+        raise ConfigError(
+            f"TensorRT cannot build quantized layers in the {quant_form!r} form (integer "
+            "matmuls or custom nodes); export with quant_form='qdq_static'"
+        )
+    if config.quant.act_bits != 8:
+        raise ConfigError(
+            f"TensorRT has no {config.quant.act_bits}-bit activations (INT4 is weight-only "
+            "there); use quant='w8a8' for a TensorRT engine"
+        )
+
+
 def build_engines(
     folder: str | Path, *, fp16: bool = True, workspace_gib: float = 4.0, scale: int = 4
 ) -> list[Path]:
@@ -39,11 +75,9 @@ def build_engines(
     times that. Token axes of later regions grow with the square of the resolution: to serve
     twice the exported resolution, `scale` must be at least 4.
     """
-    from .onnx import ExportError, sha256
-
     trt = import_tensorrt()
     folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder, verify=False)
     logger = trt.Logger(trt.Logger.WARNING)
     plans = []
     if any("shapes" not in region for region in manifest["regions"]):
@@ -58,7 +92,7 @@ def build_engines(
             entry["tensorrt"] = plan.name
             manifest["hashes"][plan.name] = sha256(plan)
             plans.append(plan)
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(folder, manifest)
     return plans
 
 
@@ -73,8 +107,6 @@ def _build(
     scale: int,
 ) -> Path:
     """One serialized engine for `entry` (a region, or one of its token variants)."""
-    from .onnx import ExportError
-
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)

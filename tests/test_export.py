@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from diffopt.evaluation import zoo
 from tests.conftest import first_output
 
 pytest.importorskip("onnxruntime")
-from diffopt.exporters.onnx import ExportError, export, load_engine
+from diffopt.exporters import ExportError, export, load_engine
 
 
 def test_every_family_exports_to_one_file_with_a_dynamic_batch(tiny, tmp_path):
@@ -45,6 +46,63 @@ def test_large_weights_go_to_a_side_file_that_is_hashed_and_loaded(tmp_path, mon
     )
 
 
+def test_importing_the_exporters_loads_no_runtime():
+    import subprocess
+
+    code = (
+        "import sys, diffopt.exporters\n"
+        "heavy = {'onnx', 'onnxruntime', 'onnxscript', 'tensorrt'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+FORMAT_FILE = """
+from diffopt.exporters.formats import Format, register_format
+
+CHECKED = []
+
+
+@register_format("listing")
+class Listing(Format):
+    \"\"\"The ONNX engine plus a list of its files.\"\"\"
+
+    def check(self, config, quant_form):
+        CHECKED.append(quant_form)
+
+    def build(self, folder):
+        names = sorted(p.name for p in folder.iterdir())
+        (folder / "files.txt").write_text("\\n".join(names))
+"""
+
+
+def test_a_format_from_a_new_file_is_found_and_unknown_ones_are_listed(tmp_path, monkeypatch):
+    import importlib
+
+    from diffopt.exporters import formats
+
+    class Double(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states * 2
+
+    inputs = {"hidden_states": torch.randn(2, 4)}
+    with pytest.raises(ConfigError, match=r"format must be one of \['onnx', 'tensorrt'\], not 'x'"):
+        export(Double(), inputs, out=tmp_path / "x", format="x")
+    monkeypatch.setattr(formats, "_FORMATS", dict(formats._FORMATS))  # forget it afterwards
+    (tmp_path / "listing_format.py").write_text(FORMAT_FILE)
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.delitem(sys.modules, "listing_format", raising=False)
+    listing = importlib.import_module("listing_format")
+    assert formats.registered() == ["listing", "onnx", "tensorrt"]
+    out = export(Double(), inputs, out=tmp_path / "engine", format="listing")
+    assert listing.CHECKED == ["integer"]
+    assert (out / "files.txt").read_text().split() == ["manifest.json", "model.onnx"]
+    torch.testing.assert_close(load_engine(out)(**inputs), inputs["hidden_states"] * 2)
+    with pytest.raises(ValueError, match="format 'onnx' is already registered"):
+        formats.register_format("onnx")(type("Other", (formats.Format,), {}))
+
+
 def test_a_dynamic_resolution_needs_spatial_or_token_latents(tmp_path):
     class Flat(torch.nn.Module):
         def forward(self, hidden_states):
@@ -58,7 +116,7 @@ def test_an_onnxruntime_value_without_dlpack_comes_back_through_numpy():
     import numpy as np
     import onnxruntime as ort
 
-    from diffopt.exporters.onnx import _as_tensor
+    from diffopt.exporters.engine import _as_tensor
 
     value = ort.OrtValue.ortvalue_from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
 
@@ -71,12 +129,12 @@ def test_an_onnxruntime_value_without_dlpack_comes_back_through_numpy():
 
 
 def test_the_custom_form_refuses_when_it_finds_no_op_nodes(tmp_path, monkeypatch):
-    import diffopt.exporters.w4a4_onnx as w4a4_onnx
+    import diffopt.exporters.quant_onnx as quant_onnx
 
-    monkeypatch.setattr(w4a4_onnx, "as_custom_nodes", lambda model: 0)  # metadata gone
+    monkeypatch.setattr(quant_onnx, "as_custom_nodes", lambda model: 0)  # metadata gone
     model, inputs = zoo.build("tiny-dit")
     quant = {**QuantConfig.preset("w4a4").__dict__, "min_sqnr": 0}
-    with pytest.raises(ExportError, match="no ONNX nodes of its w4a4_linear ops"):
+    with pytest.raises(ExportError, match="no ONNX nodes of its quant_linear ops"):
         export(model, inputs, {"quant": quant}, out=tmp_path, quant_form="custom")
 
 
