@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the W4A4 kernels in one call of a lent H100 / H200 (tool `device`, `run`):
+# Every GPU check of the quantized-linear kernels (kernels/triton_quant.py) in one call of a lent
+# H100 / H200 (tool `device`, `run`):
 #   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
 #
 # The device machine is bare: torch and triton, no package index, no diffopt install. The

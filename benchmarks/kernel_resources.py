@@ -24,7 +24,7 @@ from tabulate import tabulate
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
 
-from diffopt.kernels import triton_w4a4 as tk
+from diffopt.kernels import triton_quant as tk
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232_448

@@ -1,7 +1,7 @@
 """Per-layer SQNR of the rotated 4-bit linears on ref-dit: where the rotation matters.
 
 Quantizes every linear inside the blocks (AdaLN modulation and time embeddings included) with each
-rotation and prints the w4a4 pass's measured output SQNR per layer kind, averaged over the blocks
+rotation and prints the quantize pass's measured output SQNR per layer kind, averaged over blocks
 (inputs: one denoiser call on `--batch` example inputs).
 
     python benchmarks/quant_layers.py
@@ -26,11 +26,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def layer_sqnr(model: torch.nn.Module, inputs: dict, quant: QuantConfig | dict) -> dict[str, float]:
-    """The w4a4 pass's measured output SQNR per layer kind (its name inside a block), averaged
+    """The quantize pass's measured output SQNR per layer kind (its name inside a block), averaged
     over the blocks."""
     report = diffopt.inspect(model, inputs, Config(inner="eager", quant=quant))
     per_kind: dict[str, list[float]] = defaultdict(list)
-    for entry in next(p for p in report.passes if p.name == "w4a4").rewritten:
+    for entry in next(p for p in report.passes if p.name == "quantize").rewritten:
         found = re.search(
             r"transformer_blocks\.\d+\.(\S+?):?\s.*SQNR ([\d.]+)", f"{entry.where} {entry.what}"
         )

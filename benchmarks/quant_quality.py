@@ -39,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def quantized_layers(model: torch.nn.Module, inputs: dict, preset: str):
     report = diffopt.inspect(model, inputs, Config(inner="eager", quant=preset))
-    return next(p for p in report.passes if p.name == "w4a4")
+    return next(p for p in report.passes if p.name == "quantize")
 
 
 def memory_rows(reference: zoo.Reference) -> list[list[str]]:

@@ -7,7 +7,7 @@ reports achieved int8 TOPS against the card's dense int8 peak (H100 / H200 SXM: 
 pass --peak for another card). Inputs rotate among several buffers so that repeated runs do
 not just measure the L2 cache.
 
-``--sweep`` also times a grid of tile sizes for each kernel (`kernels.triton_w4a4.Tiles`),
+``--sweep`` also times a grid of tile sizes for each kernel (`kernels.triton_quant.Tiles`),
 checks each against the reference's output, and prints the fastest: one run on a lent GPU
 gives the tiles to make the default. Full numbers go to ``$OUT/w4a4-gpu.json`` (or --out).
 
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-import diffopt.kernels  # noqa: F401  (registers diffopt::w4a4_linear)
+import diffopt.kernels  # noqa: F401  (registers diffopt::quant_linear)
 from diffopt.kernels import default_group, hadamard, quantize_weight
-from diffopt.kernels import triton_w4a4 as tk
+from diffopt.kernels import triton_quant as tk
 from diffopt.kernels.reference import (
     dequantize,
     int_matmul,
@@ -104,7 +104,7 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
     h = hadamard("regular", default_group(k)).to(device)
     stored, scale = quantize_weight(w, 4, h)
-    op = torch.ops.diffopt.w4a4_linear.default
+    op = torch.ops.diffopt.quant_linear.default
     x = xs[0]
     result: dict = {"shape": [m, k, n], "checks": {}, "ms": {}, "errors": {}}
 

@@ -7,6 +7,7 @@ field is a JSON-friendly value and unknown keys are errors, never ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -120,13 +121,17 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class QuantConfig:
-    """Rotated low-bit linears: group-wise Hadamard rotation, symmetric int weights and
-    per-token int activations, integer GEMM, dequantization (the `w4a4` pass).
+    """Low-bit linears (the `quantize` pass). The default ``int`` format: group-wise Hadamard
+    rotation, symmetric int weights and per-token int activations, integer GEMM, dequantization.
 
-    Each eligible linear becomes one ``diffopt::w4a4_linear`` op. Weights are rotated and
-    quantized once, at compile time; activations are rotated and quantized inside the op.
+    Each eligible linear becomes one op of its format (``diffopt::quant_linear`` for ``int``).
+    Weights are rotated and quantized once, at compile time; activations are rotated and
+    quantized inside the op.
     """
 
+    format: str = "int"
+    """The quantization format (`diffopt.kernels.formats`): how weights are stored and which op
+    computes with them. ``int``: the rotated integer linear the other fields describe."""
     weight_bits: Literal[4, 8] = 4
     act_bits: Literal[4, 8] = 4
     rotation: Literal["regular", "sylvester", "none"] = "regular"
@@ -154,6 +159,9 @@ class QuantConfig:
         _check_choice("quant.act_bits", self.act_bits, (4, 8))
         _check_choice("quant.rotation", self.rotation, ("regular", "sylvester", "none"))
         _check_choice("quant.scope", self.scope, ("blocks", "all"))
+        from diffopt.kernels.formats import quant_format  # here: the formats import torch
+
+        quant_format(self.format)  # an unknown name raises, listing the registered ones
         if self.group is not None and self.group not in (16, 64, 256):
             raise ConfigError(f"quant.group must be 16, 64 or 256 (a power of 4), not {self.group}")
 
@@ -178,13 +186,60 @@ def _check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None
         raise ConfigError(f"{name}={value!r} is not a known choice; use one of {allowed}")
 
 
+_SECTIONS: dict[str, type] = {}
+"""Config sections of passes from outside diffopt, by name (`register_section`)."""
+
+
+def register_section(name: str, kind: type) -> None:
+    """Let `Config` hold a pass's settings under `name`: a `kind` dataclass, or ``None`` (the
+    default: the pass is off).
+
+    The section then works like the built-in ones: a keyword (``Config(name=kind(...))``), an
+    attribute, and a key of `Config.from_dict`, `Config.to_dict` and JSON. Registering the same
+    kind again does nothing. `diffopt.passes.register_pass(..., section=kind)` calls this.
+    """
+    if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+        raise ConfigError(f"config section {name!r} must be a dataclass, not {kind!r}")
+    taken = config_sections().get(name)
+    if taken is kind:
+        return
+    if taken is not None:
+        raise ConfigError(f"config section {name!r} already holds {taken.__name__}")
+    if not name.isidentifier() or name in Config.__dataclass_fields__ or hasattr(Config, name):
+        raise ConfigError(f"{name!r} cannot name a config section: Config has it or it is no name")
+    _SECTIONS[name] = kind
+
+
+def config_sections() -> dict[str, type]:
+    """Every section `Config` holds, by name, with its settings dataclass: the built-in
+    ``cleanup``, ``cache`` and ``quant``, then those registered with `register_section`."""
+    return {name: kind for name, kind in _field_kinds(Config).items() if kind is not None}
+
+
+def _section_keywords(cls: type) -> type:
+    """Wrap a dataclass __init__ so that registered sections are keywords too (into `sections`)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **options: Any) -> None:
+        _check_keys(options, {**_field_kinds(cls), "sections": None}, "Config")
+        sections = dict(options.pop("sections", None) or {})
+        sections.update({name: options.pop(name) for name in list(options) if name in _SECTIONS})
+        init(self, *args, sections=sections, **options)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_section_keywords
 @dataclass
 class Config:
     """Everything that decides what diffopt does to a denoiser.
 
     Pass configs set to ``None`` disable that pass. Build one directly, from a dict
     (`Config.from_dict`), or from JSON (`Config.load`); `torch.compile(..., options=...)` accepts
-    either a `Config` or a dict of the same keys.
+    either a `Config` or a dict of the same keys. Passes from outside diffopt add their own
+    sections (`register_section`), which behave like ``cleanup``, ``cache`` and ``quant``.
     """
 
     inner: InnerBackend = "inductor"
@@ -196,7 +251,11 @@ class Config:
     cache: CacheConfig | None = None
     """Cache-reuse guards (step, block and token granularity); ``None`` disables them."""
     quant: QuantConfig | None = None
-    """Rotated low-bit linears (a `QuantConfig`, or a preset name such as ``"w4a4"``)."""
+    """Low-bit linears (a `QuantConfig`, or a preset name such as ``"w4a4"``)."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Sections registered with `register_section`, by name (``None`` where off). Give them as
+    keywords, ``Config(my_pass=MySettings())``, read them as attributes, ``config.my_pass``;
+    `to_dict` puts them beside the built-in sections."""
 
     def __post_init__(self) -> None:
         _check_choice("inner", self.inner, typing.get_args(InnerBackend))
@@ -207,11 +266,10 @@ class Config:
             )
         if isinstance(self.quant, str):
             self.quant = QuantConfig.preset(self.quant)
-        for name, kind in (
-            ("cleanup", CleanupConfig),
-            ("cache", CacheConfig),
-            ("quant", QuantConfig),
-        ):
+        _check_keys(self.sections, _SECTIONS, "Config.sections")
+        for name in _SECTIONS:
+            self.sections.setdefault(name, None)
+        for name, kind in config_sections().items():
             value = getattr(self, name)
             if isinstance(value, dict):  # what the error below promises: a dict of its fields
                 value = _from_dict(kind, value, path=name)
@@ -220,6 +278,18 @@ class Config:
                 raise ConfigError(
                     f"{name} must be a {kind.__name__}, a dict of its fields or None, not {value!r}"
                 )
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only when the normal lookup fails: registered sections live in `sections`
+        if name in _SECTIONS:
+            return self.__dict__.get("sections", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SECTIONS:
+            self.sections[name] = value
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def coerce(cls, options: Config | dict[str, Any] | None) -> Config:
@@ -241,7 +311,9 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dicts of plain values: `from_dict` rebuilds the same Config."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.update(data.pop("sections"))  # registered sections sit beside the built-in ones
+        return data
 
     def to_json(self) -> str:
         """`to_dict` as indented JSON with sorted keys."""
@@ -264,18 +336,36 @@ class Config:
 def _from_dict(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a dict of {cls.__name__} fields, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {path}; valid keys are: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
+    kinds = _field_kinds(cls)
+    _check_keys(data, kinds, path)
     kwargs = {}
     for name, value in data.items():
-        sub = _dataclass_in(hints[name])
-        if sub is not None and isinstance(value, dict):
-            value = _from_dict(sub, value, f"{path}.{name}")
+        if kinds[name] is not None and isinstance(value, dict):
+            value = _from_dict(kinds[name], value, f"{path}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_keys(given: Any, valid: Any, path: str) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {path}; valid keys are: {sorted(valid)}")
+
+
+def _field_kinds(cls: type) -> dict[str, type | None]:
+    """The keys `cls` takes, each with the dataclass a dict under it becomes (or None). Config's
+    registered sections are keys too; its `sections` holder is not."""
+    hints = _type_hints(cls)
+    kinds = {f.name: _dataclass_in(hints[f.name]) for f in dataclasses.fields(cls)}
+    if cls is Config:
+        del kinds["sections"]
+        kinds.update(_SECTIONS)
+    return kinds
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _dataclass_in(hint: Any) -> type | None:

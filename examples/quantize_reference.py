@@ -18,10 +18,10 @@ args = parser.parse_args()
 
 ref = zoo.load("ref-dit")  # a trained DiT on 16×16 digits; no download
 
-# What the w4a4 pass does: which linears become diffopt::w4a4_linear, their SQNR, the memory.
+# What the quantize pass does: which linears become diffopt::quant_linear, their SQNR, the memory.
 config = diffopt.Config(inner="eager", quant=args.quant)
 report = diffopt.inspect(ref.model, ref.make_inputs(batch=2), config)
-w4a4 = next(p for p in report.passes if p.name == "w4a4")
+w4a4 = next(p for p in report.passes if p.name == "quantize")
 print(w4a4.summary(), "|", w4a4.notes[-1])
 for entry in w4a4.rewritten[:6]:
     print(f"  {entry.where}: {entry.what}")

@@ -1,8 +1,10 @@
-"""``diffopt::w4a4_linear``: the rotated low-bit linear as one torch.library op.
+"""``diffopt::quant_linear``: the rotated low-bit linear (the ``int`` quantization format) as
+one torch.library op.
 
-One op for every bit width (W4A4, W4A8, W8A8): the bits are arguments. CUDA tensors run the
-Triton kernels; every other device runs the PyTorch reference (an integer matmul on CPU). The
-fake implementation gives torch.compile and torch.export the output's shape without running.
+One op for every bit width (W4A4, W4A8, W8A8) and rotation (``none`` included): the bits are
+arguments, the rotation block an optional tensor. CUDA tensors run the Triton kernels; every
+other device runs the PyTorch reference (an integer matmul on CPU). The fake implementation gives
+torch.compile and torch.export the output's shape without running.
 """
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotations.
@@ -14,8 +16,8 @@ from torch.utils.flop_counter import register_flop_formula
 from . import reference
 
 
-@torch.library.custom_op("diffopt::w4a4_linear", mutates_args=())
-def w4a4_linear(
+@torch.library.custom_op("diffopt::quant_linear", mutates_args=())
+def quant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -27,7 +29,7 @@ def w4a4_linear(
     """``F.linear(x, W, bias)`` with W rotated and quantized offline by
     `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside."""
     if x.is_cuda:
-        from .triton_w4a4 import rotated_linear  # imported on first use: CPU never needs triton
+        from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
     else:
         rotated_linear = reference.rotated_linear
     return rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
@@ -38,11 +40,11 @@ def _linear_output(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.T
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-w4a4_linear.register_fake(_linear_output)
+quant_linear.register_fake(_linear_output)
 
 
-@torch.library.custom_op("diffopt::w4a4_linear_static", mutates_args=())
-def w4a4_linear_static(
+@torch.library.custom_op("diffopt::quant_linear_static", mutates_args=())
+def quant_linear_static(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -52,17 +54,17 @@ def w4a4_linear_static(
     act_bits: int,
     weight_bits: int,
 ) -> torch.Tensor:
-    """`w4a4_linear` with one calibrated activation scale instead of per-token ones: the form
+    """`quant_linear` with one calibrated activation scale instead of per-token ones: the form
     the exporter writes for TensorRT (``quant_form="qdq_static"``). PyTorch reference only."""
     return reference.rotated_linear(
         x, weight, weight_scale, bias, rotation, act_bits, weight_bits, act_scale
     )
 
 
-w4a4_linear_static.register_fake(_linear_output)
+quant_linear_static.register_fake(_linear_output)
 
 
-@register_flop_formula(torch.ops.diffopt.w4a4_linear)
+@register_flop_formula(torch.ops.diffopt.quant_linear)
 def _flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     """Integer multiply-adds count like float ones: FLOP ratios stay comparable."""
     tokens = math.prod(x_shape[:-1])

@@ -1,15 +1,18 @@
 """Graph passes: region analysis, the pass manager, and one file per pass.
 
-Importing this package registers every pass it holds.
+Importing this package registers every pass it holds; they run in the order of `PIPELINE`
+(`manager.py`): step_guard, block_guard, token_guard, quantize, remove_noops. A pass from
+outside diffopt registers with `register_pass(..., after=... or before=...)`.
 """
 
-from . import block_guard, remove_noops, step_guard, token_guard, w4a4  # noqa: F401  (register)
+from . import block_guard, quantize, remove_noops, step_guard, token_guard  # noqa: F401 (register)
 from .graph import DenoiserGraph, Guard, InputRoles, Region, TensorRole
-from .manager import PassSpec, register_pass, registered_passes, run_passes
+from .manager import PIPELINE, PassSpec, pipeline, register_pass, registered_passes, run_passes
 from .regions import analyze
 from .report import PassError, PassReport
 
 __all__ = [
+    "PIPELINE",
     "DenoiserGraph",
     "Guard",
     "InputRoles",
@@ -19,6 +22,7 @@ __all__ = [
     "Region",
     "TensorRole",
     "analyze",
+    "pipeline",
     "register_pass",
     "registered_passes",
     "run_passes",

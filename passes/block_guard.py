@@ -14,7 +14,7 @@ from .regions import describe_residuals, guarded_span, region_inputs, region_out
 from .report import PassReport
 
 
-@register_pass("block_guard", order=110, config="cache")
+@register_pass("block_guard", config="cache")
 def block_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGraph, PassReport]:
     report = PassReport("block_guard")
     if not config.block_guard:

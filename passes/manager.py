@@ -1,8 +1,16 @@
-"""The pass manager: a registry of named passes, run in their declared order.
+"""The pass manager: a registry of named passes, run in the order `PIPELINE` lists.
 
 A pass is a stateless function ``(graph, settings) -> (graph, report)``; `settings` is the
-dataclass found on `Config` under the pass's `config` field (``None`` there disables the pass).
+dataclass found on `Config` under the pass's `config` section (``None`` there disables the pass).
 State that must live across denoiser calls belongs to the runtime, never to a pass.
+
+A pass from outside diffopt registers with its place and, if it needs one, its own section::
+
+    @register_pass("fuse_qkv", config="fuse", section=FuseConfig, after="quantize")
+    def fuse_qkv(graph: DenoiserGraph, settings: FuseConfig) -> tuple[DenoiserGraph, PassReport]:
+        ...
+
+and runs whenever ``Config(fuse=FuseConfig(...))`` (or ``{"fuse": {...}}``) turns it on.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from diffopt.config import Config
+from diffopt.config import Config, config_sections, register_section
 
 from .graph import REGION_KEY, DenoiserGraph
 from .report import PassReport
@@ -19,36 +27,79 @@ from .report import PassReport
 PassFn = Callable[[DenoiserGraph, Any], tuple[DenoiserGraph, PassReport]]
 
 
+PIPELINE: tuple[str, ...] = ("step_guard", "block_guard", "token_guard", "quantize", "remove_noops")
+"""diffopt's passes in the order they run: the cache guards (whole block stack, single blocks,
+tokens), quantization, then the cleanup. A pass from outside takes its place relative to these
+(`register_pass`); `pipeline()` gives the order with such passes in it."""
+
+
 @dataclass(frozen=True)
 class PassSpec:
     name: str
-    order: int
-    """Passes run in ascending order: cache guards before quantization before cleanups, say."""
     config: str
-    """The `Config` field that holds this pass's settings."""
+    """The `Config` section that holds this pass's settings."""
     run: PassFn
 
 
 _REGISTRY: dict[str, PassSpec] = {}
+_ORDER: list[str] = list(PIPELINE)
+"""`PIPELINE` with the outside passes inserted where they asked to run."""
 
 
-def register_pass(name: str, *, order: int, config: str) -> Callable[[PassFn], PassFn]:
-    """Register `fn` as pass `name`, configured by `Config.<config>`, run at `order`."""
-    if config not in Config.__dataclass_fields__:
-        raise ValueError(f"pass {name!r} names config field {config!r}, which Config lacks")
+def register_pass(
+    name: str,
+    *,
+    config: str,
+    section: type | None = None,
+    after: str | None = None,
+    before: str | None = None,
+) -> Callable[[PassFn], PassFn]:
+    """Register `fn` as pass `name`, configured by the `Config` section `config`.
+
+    diffopt's own passes run where `PIPELINE` lists them. A pass from outside names its place:
+    right `after` or right `before` a pass of the pipeline (outside ones included). `section`, a
+    dataclass, makes `config` a new `Config` section (`diffopt.config.register_section`);
+    without it, `config` must name an existing section (several passes may share one).
+    """
+    if name in PIPELINE and (after or before):
+        raise ValueError(f"pass {name!r} is one of diffopt's; its place is PIPELINE's")
+    if name not in PIPELINE and (after is None) == (before is None):
+        raise ValueError(
+            f"pass {name!r} must say where it runs: after= or before= one of {pipeline()}"
+        )
+    anchor = after or before
+    if anchor is not None and anchor not in _ORDER:
+        where = "after" if after else "before"
+        raise ValueError(
+            f"pass {name!r} runs {where} {anchor!r}, which is no pass; the pipeline: {pipeline()}"
+        )
 
     def decorate(fn: PassFn) -> PassFn:
         if name in _REGISTRY:
             raise ValueError(f"a pass named {name!r} is already registered")
-        _REGISTRY[name] = PassSpec(name, order, config, fn)
+        if section is not None:
+            register_section(config, section)
+        if config not in config_sections():
+            raise ValueError(
+                f"pass {name!r} names config section {config!r}, which Config lacks; give its "
+                f"settings dataclass as section=, or use one of {sorted(config_sections())}"
+            )
+        if anchor is not None:
+            _ORDER.insert(_ORDER.index(anchor) + (after is not None), name)
+        _REGISTRY[name] = PassSpec(name, config, fn)
         return fn
 
     return decorate
 
 
+def pipeline() -> list[str]:
+    """Every pass name in the order the passes run (`PIPELINE` plus the outside passes)."""
+    return list(_ORDER)
+
+
 def registered_passes() -> list[PassSpec]:
     """All registered passes in the order they run."""
-    return sorted(_REGISTRY.values(), key=lambda spec: (spec.order, spec.name))
+    return [_REGISTRY[name] for name in _ORDER if name in _REGISTRY]
 
 
 def run_passes(graph: DenoiserGraph, config: Config) -> tuple[DenoiserGraph, list[PassReport]]:

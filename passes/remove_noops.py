@@ -99,7 +99,7 @@ RULES: dict[str, Rule] = {
 """Each rule is switched by the `CleanupConfig` field of the same name."""
 
 
-@register_pass("remove_noops", order=900, config="cleanup")
+@register_pass("remove_noops", config="cleanup")
 def remove_noops(graph: DenoiserGraph, config: CleanupConfig) -> tuple[DenoiserGraph, PassReport]:
     """Replace every no-op node with its input and erase it."""
     report = PassReport("remove_noops")

@@ -16,7 +16,7 @@ from .regions import describe_residuals, guarded_span, region_inputs, region_out
 from .report import PassReport
 
 
-@register_pass("step_guard", order=100, config="cache")
+@register_pass("step_guard", config="cache")
 def step_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGraph, PassReport]:
     report = PassReport("step_guard")
     if not config.step_guard:

@@ -24,7 +24,7 @@ from .regions import describe_residuals, guarded_span, region_inputs, region_out
 from .report import PassReport
 
 
-@register_pass("token_guard", order=120, config="cache")
+@register_pass("token_guard", config="cache")
 def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGraph, PassReport]:
     report = PassReport("token_guard")
     if not config.token_guard:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+import diffopt.config
 from diffopt import CleanupConfig, Config, ConfigError
+from diffopt.config import config_sections, register_section
 
 
 def test_round_trips_through_dict_and_json(tmp_path):
@@ -51,3 +55,43 @@ def test_constructor_takes_a_dict_per_pass_section():
     assert config.quant == QuantConfig(rotation="none", min_sqnr=0.0)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rotaton'\] in quant"):
         Config(quant={"rotaton": "none"})
+
+
+@dataclasses.dataclass
+class ExtraConfig:
+    """The settings of a pass from outside diffopt."""
+
+    level: int = 1
+
+
+def test_registered_sections_work_like_the_built_in_ones(monkeypatch, tmp_path):
+    monkeypatch.setattr(diffopt.config, "_SECTIONS", {})  # registrations end with the test
+    register_section("extra", ExtraConfig)
+    register_section("extra", ExtraConfig)  # the same kind again: nothing happens
+    assert config_sections() == {
+        "cleanup": CleanupConfig,
+        "cache": diffopt.config.CacheConfig,
+        "quant": diffopt.config.QuantConfig,
+        "extra": ExtraConfig,
+    }
+    config = Config(inner="eager", extra={"level": 2})
+    assert config.extra == ExtraConfig(level=2) and Config().extra is None
+    assert dataclasses.replace(config, inner="aot_eager").extra == ExtraConfig(level=2)
+    config.extra = ExtraConfig(level=3)
+    assert config.to_dict()["extra"] == {"level": 3} and "sections" not in config.to_dict()
+    config.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == config
+    assert Config.from_dict({"extra": None}) == Config()
+
+    with pytest.raises(ConfigError, match=r"\['extr'\] in Config; valid keys are: .*'extra'"):
+        Config(extr={})
+    with pytest.raises(ConfigError, match=r"\['nope'\] in Config\.sections"):
+        Config(sections={"nope": None})
+    with pytest.raises(ConfigError, match="'extra' already holds ExtraConfig"):
+        register_section("extra", CleanupConfig)
+    with pytest.raises(ConfigError, match="'cache' already holds CacheConfig"):
+        register_section("cache", ExtraConfig)
+    with pytest.raises(ConfigError, match="'inner' cannot name a config section"):
+        register_section("inner", ExtraConfig)
+    with pytest.raises(ConfigError, match="must be a dataclass"):
+        register_section("plain", dict)

@@ -36,7 +36,7 @@ def test_example_runs(script, args, tmp_path):
         psnr = float(out.stdout.split("PSNR on fresh seeds: ")[1].split(" dB")[0])
         assert psnr > 20 and "'reuse'" in out.stdout
     elif script == "quantize_reference.py":
-        assert "48 rewritten" in out.stdout and "diffopt::w4a4_linear" not in out.stderr
+        assert "48 rewritten" in out.stdout and "diffopt::quant_linear" not in out.stderr
         psnr = float(out.stdout.split("unquantized model: ")[1].split(" dB")[0])
         assert psnr > 22
     elif script == "few_step_reference.py":

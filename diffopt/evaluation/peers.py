@@ -7,7 +7,7 @@ as a starting point; state is reset before every run.
 
 Quantizers (``pip install -e ".[peers]"``): torchao, optimum-quanto and comfy-kitchen's
 ConvRot W4A4, each with the configs that run on CPU, applied in place to the linears a
-`select(name)` function picks (the ones diffopt's w4a4 pass would quantize), run eagerly.
+`select(name)` function picks (the ones diffopt's quantize pass would rewrite), run eagerly.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def test_op_survives_compile_export_and_opcheck():
     torch.manual_seed(0)
     w, h = torch.randn(24, 64), hadamard("regular", 64)
     stored, scale = quantize_weight(w, 4, h)
-    op = torch.ops.diffopt.w4a4_linear.default
+    op = torch.ops.diffopt.quant_linear.default
 
     def run(x):
         return op(x, stored, scale, None, h, 4, 4)
@@ -104,7 +104,7 @@ def test_op_survives_compile_export_and_opcheck():
             return run(x)
 
     exported = torch.export.export(Linear(), (x,))
-    assert "diffopt.w4a4_linear" in str(exported.graph)
+    assert "diffopt.quant_linear" in str(exported.graph)
     assert torch.equal(exported.module()(x), eager)
 
 
@@ -112,10 +112,10 @@ def test_a_static_activation_scale_clips_beyond_it_and_matches_per_token_at_the_
     torch.manual_seed(0)
     w, h = torch.randn(24, 64), hadamard("regular", 64)
     stored, scale = quantize_weight(w, 8, h)
-    static = torch.ops.diffopt.w4a4_linear_static.default
+    static = torch.ops.diffopt.quant_linear_static.default
     x = torch.randn(1, 64)  # one token: its own absmax is the static scale
     absmax = float(rotate(x, h).abs().max())
-    per_token = torch.ops.diffopt.w4a4_linear(x, stored, scale, None, h, 8, 8)
+    per_token = torch.ops.diffopt.quant_linear(x, stored, scale, None, h, 8, 8)
     torch.testing.assert_close(static(x, stored, scale, None, h, absmax / 127, 8, 8), per_token)
     clipped = static(x * 4, stored, scale, None, h, absmax / 127, 8, 8)  # beyond the scale: clips
     assert (clipped - 4 * per_token).abs().max() > 0.1 * per_token.abs().max()

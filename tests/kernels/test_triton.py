@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 
 from diffopt.kernels import hadamard, pack_int4, quantize_weight
 from diffopt.kernels import reference as ref
-from diffopt.kernels import triton_w4a4 as tk
+from diffopt.kernels import triton_quant as tk
 
 DEVICE = os.environ.get("DIFFOPT_TEST_DEVICE", "cpu")
 on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs DIFFOPT_TEST_DEVICE=cuda and a GPU")
@@ -203,14 +203,14 @@ def test_gpu_benchmark_script_runs_end_to_end_as_a_dry_run(tmp_path):
 @on_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_op_runs_the_kernels_on_cuda(dtype):
-    """On a CUDA tensor `diffopt::w4a4_linear` dispatches to Triton: same numbers as the
+    """On a CUDA tensor `diffopt::quant_linear` dispatches to Triton: same numbers as the
     reference up to the rotation's float order (bf16 / fp16 inputs are rotated by tensor cores)."""
     torch.manual_seed(1)
     x, w, b = torch.randn(300, 3072), torch.randn(1024, 3072) / 3072**0.5, torch.randn(1024)
     h = hadamard("regular", 256)
     stored, scale = quantize_weight(w, 4, h)
     x, b = x.to(dtype), b.to(dtype)
-    got = torch.ops.diffopt.w4a4_linear(*on(x, stored, scale, b, h), 4, 4)
+    got = torch.ops.diffopt.quant_linear(*on(x, stored, scale, b, h), 4, 4)
     assert got.is_cuda and got.dtype == dtype
     want = ref.rotated_linear(x.float(), stored, scale, b.float(), h, 4, 4)
     assert_matches(got, want)

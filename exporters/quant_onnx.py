@@ -1,4 +1,4 @@
-"""`diffopt::w4a4_linear` in ONNX: the same arithmetic as `kernels/reference.py`, in standard ops.
+"""`diffopt::quant_linear` in ONNX: the same arithmetic as `kernels/reference.py`, in standard ops.
 
 ONNX has no int4 × int4 matmul, so the op is written out (the *decomposed* form):
 
@@ -22,7 +22,7 @@ from onnxscript import FLOAT, INT8, INT64
 from onnxscript import opset18 as op
 
 
-def w4a4_linear(
+def quant_linear(
     x: Any,
     weight: Any,
     weight_scale: Any,
@@ -31,7 +31,7 @@ def w4a4_linear(
     act_bits: int,
     weight_bits: int,
 ) -> Any:
-    """Translation of ``torch.ops.diffopt.w4a4_linear`` for ``torch.onnx.export``."""
+    """Translation of ``torch.ops.diffopt.quant_linear`` for ``torch.onnx.export``."""
     q = float(2 ** (act_bits - 1) - 1)
     rows = _rotated_rows(x, rotation)
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=1)
@@ -105,7 +105,7 @@ def _uint8(value: int) -> Any:
     return onnx.numpy_helper.from_array(np.array(value, dtype=np.uint8))
 
 
-def w4a4_linear_qdq(
+def quant_linear_qdq(
     x: Any,
     weight: Any,
     weight_scale: Any,
@@ -133,7 +133,7 @@ def w4a4_linear_qdq(
     return _qdq_matmul(rows, act_scale, 0, x, weight, weight_scale, bias, act_bits, weight_bits)
 
 
-def w4a4_linear_qdq_static(
+def quant_linear_qdq_static(
     x: Any,
     weight: Any,
     weight_scale: Any,
@@ -143,7 +143,7 @@ def w4a4_linear_qdq_static(
     act_bits: int,
     weight_bits: int,
 ) -> Any:
-    """The *static Q/DQ* form (opset 21) of ``diffopt::w4a4_linear_static``: as `w4a4_linear_qdq`
+    """The *static Q/DQ* form (opset 21) of ``diffopt::quant_linear_static``: as `quant_linear_qdq`
     but with one constant activation scale, calibrated at export; the form TensorRT's explicit
     quantization builds (INT8 activations; INT4 only as weight-only, so not the A4 layers)."""
     # clip to ±qmax·scale first: QuantizeLinear saturates to [-qmax-1, qmax], the op to ±qmax
@@ -191,7 +191,7 @@ CUSTOM_DOMAIN = "ai.diffopt"
 
 
 def as_custom_nodes(model: Any) -> int:
-    """The *custom* form: each `w4a4_linear`'s integer decomposition in `model` (an exported
+    """The *custom* form: each `quant_linear`'s integer decomposition in `model` (an exported
     ``onnx.ModelProto``, edited in place) becomes one ``ai.diffopt::W4A4Linear`` node.
 
     The node's inputs are the op's (x, packed weight, weight scales[, bias][, rotation]); its
@@ -210,7 +210,7 @@ def as_custom_nodes(model: Any) -> int:
         origin = next(
             (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), ""
         )
-        if "diffopt.w4a4_linear" in origin:
+        if "diffopt.quant_linear" in origin:
             groups.setdefault(origin, []).append(i)
     functions: dict[str, Any] = {}
     replacements: dict[int, Any] = {}
@@ -218,7 +218,7 @@ def as_custom_nodes(model: Any) -> int:
     for origin, indices in groups.items():
         body = [graph.node[i] for i in indices]
         *_, bias, rotation, act_bits, weight_bits = _op_args(origin)
-        # `w4a4_linear` above reads its inputs first in this order
+        # `quant_linear` above reads its inputs first in this order
         roles = [
             "x",
             *(["rotation"] * (rotation is not None)),

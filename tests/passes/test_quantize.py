@@ -1,4 +1,5 @@
-"""The w4a4 pass: which linears it rewrites, what stays in high precision, and parity."""
+"""The quantize pass: which linears it rewrites, what stays in high precision, parity, and
+formats registered from outside."""
 
 from __future__ import annotations
 
@@ -8,14 +9,24 @@ import torch
 import diffopt
 from diffopt.config import Config, ConfigError, QuantConfig
 from diffopt.evaluation import zoo
+from diffopt.kernels import (
+    BIAS,
+    Constant,
+    QuantFormat,
+    QuantizedLinear,
+    Unsupported,
+    X,
+    formats,
+    register_quant_format,
+)
 from diffopt.passes import PassError
 
 from ..conftest import first_output
 
 
-def w4a4_report(model, inputs, quant):
+def quantize_report(model, inputs, quant):
     report = diffopt.inspect(model, inputs, Config(inner="eager", quant=quant))
-    return next(p for p in report.passes if p.name == "w4a4"), report
+    return next(p for p in report.passes if p.name == "quantize"), report
 
 
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -38,7 +49,7 @@ def test_parity_on_every_family(tiny, quant, min_db):
 
 def test_dit_keeps_embedders_and_modulation_in_high_precision():
     model, inputs = zoo.build("tiny-dit")
-    report, inspected = w4a4_report(model, inputs, "w4a4")
+    report, inspected = quantize_report(model, inputs, "w4a4")
     rewritten = [e.where for e in report.rewritten]
     assert "transformer_blocks.0.attn1.to_q" in rewritten
     assert "transformer_blocks.1.ff.net.2" in rewritten
@@ -49,37 +60,37 @@ def test_dit_keeps_embedders_and_modulation_in_high_precision():
     stats = report.stats  # 12 layers: weights at 4 bits plus 2-byte scales, against fp16
     assert stats["layers"] == 12 and 3.0 < stats["fp16_weight_bytes"] / stats["weight_bytes"] < 4
     after = "\n".join(inspected.code_after.values())
-    assert "torch.ops.diffopt.w4a4_linear.default" in after
+    assert "torch.ops.diffopt.quant_linear.default" in after
     assert "diffopt_transformer_blocks_0_attn1_to_q_qweight" in after
 
 
 def test_include_exclude_and_scope():
     model, inputs = zoo.build("tiny-dit")
     only_q = QuantConfig(include=["*.to_q"])
-    report, _ = w4a4_report(model, inputs, only_q)
+    report, _ = quantize_report(model, inputs, only_q)
     assert [e.where.rsplit(".", 1)[-1] for e in report.rewritten] == ["to_q", "to_q"]
     everything = QuantConfig(scope="all", exclude=[])
-    report, _ = w4a4_report(model, inputs, everything)
+    report, _ = quantize_report(model, inputs, everything)
     assert any("proj_out" in e.where for e in report.rewritten)
 
 
 def test_low_sqnr_layers_fall_back_and_strict_refuses():
     model, inputs = zoo.build("tiny-dit")
-    report, _ = w4a4_report(model, inputs, QuantConfig(min_sqnr=60))
+    report, _ = quantize_report(model, inputs, QuantConfig(min_sqnr=60))
     assert not report.rewritten and report.skipped
     assert "output SQNR" in report.skipped[0].what and "min_sqnr=60" in report.skipped[0].what
     strict = Config(inner="eager", strict=True, quant=QuantConfig(min_sqnr=60))
-    with pytest.raises(Exception, match="pass 'w4a4' could not apply at transformer_blocks"):
+    with pytest.raises(Exception, match="pass 'quantize' could not apply at transformer_blocks"):
         diffopt.inspect(model, inputs, strict)
     assert issubclass(PassError, RuntimeError)
 
 
 def test_groups_that_do_not_divide_k_are_reported():
     model, inputs = zoo.build("tiny-unet")  # its attention projections have K = 8
-    report, _ = w4a4_report(model, inputs, "w4a4")
+    report, _ = quantize_report(model, inputs, "w4a4")
     assert report.rewritten
     assert any("K=8 is not a multiple of the rotation group" in e.what for e in report.skipped)
-    report, _ = w4a4_report(model, inputs, "w4a4-rtn")  # no rotation: nothing to divide
+    report, _ = quantize_report(model, inputs, "w4a4-rtn")  # no rotation: nothing to divide
     assert not any("rotation group" in e.what for e in report.skipped)
 
 
@@ -96,7 +107,7 @@ def test_presets_and_bad_settings():
 
 
 @pytest.mark.inductor
-def test_w4a4_under_inductor_matches_eager_regions():
+def test_quantize_under_inductor_matches_eager_regions():
     model, inputs = zoo.build("tiny-dit")
     eager = quantized_output(model, inputs, "w4a4")
     torch._dynamo.reset()
@@ -113,3 +124,41 @@ def test_dynamic_batch_measures_at_the_captured_sizes():
         with torch.no_grad():
             expected, got = first_output(model(**inputs)), first_output(compiled(**inputs))
         assert got.shape[0] == batch and sqnr(expected, got) > 20
+
+
+def toy_prepare(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
+    """A format defined here: per-channel int8 levels kept in float, run by ``aten.linear``."""
+    if weight.shape[0] != weight.shape[1]:
+        raise Unsupported("the toy format takes square weights only")
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    levels = (weight / scale).round() * scale
+    return QuantizedLinear(
+        torch.ops.aten.linear.default,
+        (X, Constant("toy_weight", levels.detach()), BIAS),
+        f"toy linear {tuple(weight.shape)}",
+    )
+
+
+def test_a_new_format_is_one_registration(monkeypatch):
+    monkeypatch.setattr(formats, "_FORMATS", dict(formats._FORMATS))  # ends with the test
+    register_quant_format(QuantFormat("toy", toy_prepare))
+    model, inputs = zoo.build("tiny-dit")
+    report, inspected = quantize_report(model, inputs, QuantConfig(format="toy"))
+    assert report.rewritten and all(
+        e.what.startswith("toy linear (16, 16)") for e in report.rewritten
+    )
+    assert any("square weights only" in e.what for e in report.skipped)
+    after = "\n".join(inspected.code_after.values())
+    assert "torch.ops.aten.linear.default" in after and "_to_q_toy_weight" in after
+    assert "quant_linear" not in after
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    assert sqnr(expected, quantized_output(model, inputs, {"format": "toy"})) > 30
+    config = Config(quant={"format": "toy"})
+    assert Config.from_dict(config.to_dict()) == config
+    with pytest.raises(
+        ConfigError, match=r"'nvfp4' is not a registered format; .*\['int', 'toy'\]"
+    ):
+        QuantConfig(format="nvfp4")
+    with pytest.raises(ValueError, match="already registered"):
+        register_quant_format(QuantFormat("int", toy_prepare))

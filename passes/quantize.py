@@ -1,9 +1,11 @@
-"""w4a4: replace eligible linears with ``diffopt::w4a4_linear`` (rotated low-bit matmul).
+"""quantize: replace eligible linears with the op of a quantization format (`QuantConfig.format`).
 
-Offline, each weight is rotated along K with the group Hadamard and quantized per output
-channel (packed two 4-bit values a byte); the stored weight, its scales and the rotation
-block become constants of the graph. Online, the op rotates the activation in the same
-groups, quantizes it per token, multiplies in integers and dequantizes (`kernels/`).
+Offline, the format stores each weight (`diffopt.kernels.formats`); what it stores becomes
+constants of the graph, and the linear becomes one call of the format's op. With the default
+``int`` format that is ``diffopt::quant_linear``: the weight is rotated along K with the group
+Hadamard and quantized per output channel (packed two 4-bit values a byte); online, the op
+rotates the activation in the same groups, quantizes it per token, multiplies in integers and
+dequantizes (`kernels/`).
 
 Which linears: by default those inside the repeated blocks, minus AdaLN modulation and
 time-embedding projections (`QuantConfig.exclude`). A layer whose output SQNR on the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -22,8 +25,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from diffopt.config import QuantConfig
-from diffopt.kernels import default_group, hadamard, quantize_weight
-from diffopt.kernels.reference import rotated_linear
+from diffopt.kernels import Constant, QuantFormat, QuantizedLinear, Unsupported, quant_format
 
 from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph
 from .manager import register_pass
@@ -35,21 +37,19 @@ _LINEARS = (torch._C._nn.linear, F.linear)
 
 @dataclass
 class _Candidate:
-    """A linear the config selects, with its weight already rotated and quantized."""
+    """A linear the config selects, with its weight already stored by the format."""
 
     where: str
     weight: torch.Tensor
-    rotation: torch.Tensor | None
-    group: int | None
-    stored: torch.Tensor
-    scale: torch.Tensor
+    quantized: QuantizedLinear
 
 
-@register_pass("w4a4", order=200, config="quant")
-def w4a4(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, PassReport]:
-    report = PassReport("w4a4")
-    chosen = _eligible_linears(graph, config, report)
-    sqnr = _measure_sqnr(graph, chosen, config, report) if config.min_sqnr is not None else {}
+@register_pass("quantize", config="quant")
+def quantize(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, PassReport]:
+    """Replace each linear the config selects with its format's op (see the module docstring)."""
+    report = PassReport("quantize")
+    chosen = _eligible_linears(graph, config, quant_format(config.format), report)
+    sqnr = _measure_sqnr(graph, chosen, report) if config.min_sqnr is not None else {}
     constants = _Constants(graph.gm)
     quantized_bytes = fp16_bytes = 0
     for node, c in chosen.items():
@@ -61,26 +61,18 @@ def w4a4(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, Pass
                 "precision (exclude it, or lower min_sqnr to quantize it anyway)",
             )
             continue
+        q = c.quantized
         with graph.gm.graph.inserting_before(node):
-            args = (
-                node.args[0],
-                constants.add(f"{c.where}.qweight", c.stored, node),
-                constants.add(f"{c.where}.qscale", c.scale, node),
-                _bias(node),
-                constants.add(f"rotation_{config.rotation}_{c.group}", c.rotation, node),
-                config.act_bits,
-                config.weight_bits,
-            )
-            op = graph.gm.graph.call_function(torch.ops.diffopt.w4a4_linear.default, args)
+            add = partial(constants.add, where=c.where, user=node)
+            args = q.bind(node.args[0], _bias(node), add)
+            op = graph.gm.graph.call_function(q.op, args)
         op.meta = dict(node.meta)  # same region, module stack and output value
         node.replace_all_uses_with(op)
         graph.gm.graph.erase_node(node)
-        quantized_bytes += c.stored.numel() * c.stored.element_size() + c.scale.nbytes
+        quantized_bytes += q.stored_bytes
         fp16_bytes += c.weight.numel() * 2
         shown = f", SQNR {quality:.1f} dB" if quality is not None else ""
-        report.rewrite(
-            c.where, f"{config.label} linear {tuple(c.weight.shape)}, group {c.group or '-'}{shown}"
-        )
+        report.rewrite(c.where, f"{q.summary}{shown}")
     report.stats.update(
         layers=len(report.rewritten), weight_bytes=quantized_bytes, fp16_weight_bytes=fp16_bytes
     )
@@ -97,9 +89,9 @@ def _bias(node: fx.Node) -> fx.Node | None:
 
 
 def _eligible_linears(
-    graph: DenoiserGraph, config: QuantConfig, report: PassReport
+    graph: DenoiserGraph, config: QuantConfig, fmt: QuantFormat, report: PassReport
 ) -> dict[fx.Node, _Candidate]:
-    """Linears the config selects, their weights quantized (once, here)."""
+    """Linears the config selects, their weights stored by `fmt` (once, here)."""
     kinds = {r.name: r.kind for r in graph.regions}
     values = _constant_values(graph)
     chosen = {}
@@ -123,22 +115,10 @@ def _eligible_linears(
         if weight is None:
             report.skip(where, "its weight is computed in the graph, not a parameter")
             continue
-        k = weight.shape[1]
-        group = config.group or default_group(k)
-        if config.rotation != "none" and (group is None or k % group):
-            report.skip(
-                where,
-                f"K={k} is not a multiple of the rotation group ({group or '16, 64 or 256'}); "
-                "use quant.rotation='none' for it or exclude it",
-            )
-            continue
-        if config.weight_bits == 4 and k % 2:
-            report.skip(where, f"K={k} is odd; 4-bit packing needs an even K (exclude it)")
-            continue
-        group = group if config.rotation != "none" else None
-        rotation = hadamard(config.rotation, group) if group else None
-        stored, scale = quantize_weight(weight, config.weight_bits, rotation, config.weight_clip)
-        chosen[node] = _Candidate(where, weight, rotation, group, stored, scale)
+        try:
+            chosen[node] = _Candidate(where, weight, fmt.prepare(weight, config))
+        except Unsupported as why:
+            report.skip(where, str(why))
     for why, places in kept.items():
         if places:
             report.notes.append(
@@ -161,9 +141,10 @@ def _constant_values(graph: DenoiserGraph) -> dict[fx.Node, torch.Tensor]:
 
 
 def _measure_sqnr(
-    graph: DenoiserGraph, chosen: dict[fx.Node, _Candidate], config: QuantConfig, report: PassReport
+    graph: DenoiserGraph, chosen: dict[fx.Node, _Candidate], report: PassReport
 ) -> dict[fx.Node, float]:
-    """Each chosen linear's output SQNR (dB) under quantization, on the capture's inputs."""
+    """Each chosen linear's output SQNR (dB) under quantization, on the capture's inputs: the
+    format's op itself runs (on CPU its PyTorch reference)."""
     if not all(_is_real(v) or not isinstance(v, torch.Tensor) for v in graph.example_inputs):
         report.skip("graph", "no real example inputs to measure SQNR on; set min_sqnr=None")
         return {}
@@ -173,17 +154,9 @@ def _measure_sqnr(
         def run_node(self, node: fx.Node):
             out = super().run_node(node)
             if node in chosen:
-                c, bias = chosen[node], _bias(node)
-                q = rotated_linear(
-                    self.env[node.args[0]],
-                    c.stored,
-                    c.scale,
-                    bias and self.env[bias],
-                    c.rotation,
-                    config.act_bits,
-                    config.weight_bits,
-                )
-                found[node] = _sqnr(out, q)
+                q, bias = chosen[node].quantized, _bias(node)
+                args = q.bind(self.env[node.args[0]], bias and self.env[bias], lambda k: k.value)
+                found[node] = _sqnr(out, q.op(*args))
             return out
 
     # dynamic shapes pass sizes as SymInts: measure at the sizes the capture saw
@@ -205,12 +178,14 @@ class _Constants:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
 
-    def add(self, name: str, value: torch.Tensor | None, user: fx.Node) -> fx.Node | None:
-        if value is None:
+    def add(self, constant: Constant, where: str, user: fx.Node) -> fx.Node | None:
+        """A get_attr node of `constant`, a buffer named after it (and `where` unless shared)."""
+        if constant.value is None:
             return None
+        name = constant.name if constant.shared else f"{where}.{constant.name}"
         attr = "diffopt_" + name.replace(".", "_")
         if not hasattr(self.gm, attr):
-            self.gm.register_buffer(attr, value)
+            self.gm.register_buffer(attr, constant.value)
         node = self.gm.graph.get_attr(attr)
         node.meta[REGION_KEY] = user.meta.get(REGION_KEY)
         return node

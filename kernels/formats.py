@@ -1,0 +1,169 @@
+"""Quantization formats: how a linear's weight is stored, and which op computes with it.
+
+The `quantize` pass looks `QuantConfig.format` up here, hands each eligible linear's weight to
+the format's `prepare` (once, at compile time) and replaces the linear with the call it returns.
+Built in: ``int``, the rotated integer linear (``diffopt::quant_linear``, `kernels/ops.py`).
+
+A new format (group scales, NVFP4, MXFP4, ...) is one file: its op (a ``torch.library``
+custom op with a fake implementation) and one registration::
+
+    def prepare(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
+        packed, scales = my_quantize(weight)  # raise Unsupported(why) to keep a layer as it is
+        return QuantizedLinear(
+            torch.ops.mylib.fp4_linear.default,
+            (X, Constant("qweight", packed), Constant("qscale", scales), BIAS),
+            f"fp4 linear {tuple(weight.shape)}",
+        )
+
+    register_quant_format(QuantFormat("fp4", prepare))
+
+after which ``QuantConfig(format="fp4")`` selects it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffopt.config import ConfigError
+
+from . import ops  # noqa: F401  (registers diffopt::quant_linear, which "int" emits)
+from .hadamard import default_group, hadamard
+from .reference import quantize_weight
+
+if TYPE_CHECKING:
+    from diffopt.config import QuantConfig
+
+
+class _Operand:
+    """Where the linear's own input or bias goes among a format op's arguments."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+X = _Operand("X")
+"""The linear's input, in a `QuantizedLinear`'s arguments."""
+BIAS = _Operand("BIAS")
+"""The linear's bias (``None`` when it has none), in a `QuantizedLinear`'s arguments."""
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A tensor a format op reads, kept in the graph as a constant (``None``: the argument is
+    None)."""
+
+    name: str
+    """Its name: per layer (``qweight`` becomes ``<module path>.qweight``), or with `shared`
+    one constant for every layer that uses the name (a rotation block)."""
+    value: torch.Tensor | None
+    shared: bool = False
+
+
+class Unsupported(ValueError):
+    """Raised by `QuantFormat.prepare`: this linear stays in high precision, for the reason given
+    (the pass reports it as a skip)."""
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """One linear as a format stores it: the op call that replaces it."""
+
+    op: torch._ops.OpOverload
+    args: tuple[Any, ...]
+    """The op's arguments: `X` and `BIAS` for the linear's input and bias, a `Constant` for each
+    stored tensor, anything else (bit widths, say) as it is."""
+    summary: str
+    """What the report says of the layer, e.g. ``w4a4-regular linear (16, 16), group 16``."""
+
+    def bind(self, x: Any, bias: Any, constant: Callable[[Constant], Any]) -> tuple[Any, ...]:
+        """The arguments with the input, the bias and each `Constant` replaced by the caller's
+        values for them (graph nodes in the pass, tensors when it measures the error)."""
+        return tuple(
+            x if a is X else bias if a is BIAS else constant(a) if isinstance(a, Constant) else a
+            for a in self.args
+        )
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of this layer's own constants (shared ones are not counted)."""
+        return sum(
+            a.value.nbytes
+            for a in self.args
+            if isinstance(a, Constant) and a.value is not None and not a.shared
+        )
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """A quantization format, registered under `name` (`QuantConfig.format`)."""
+
+    name: str
+    prepare: Callable[[torch.Tensor, QuantConfig], QuantizedLinear]
+    """Offline, once per linear: store `weight` [N, K] as the config says and name the op call;
+    raise `Unsupported` to keep this linear in high precision."""
+
+
+_FORMATS: dict[str, QuantFormat] = {}
+
+
+def register_quant_format(fmt: QuantFormat) -> QuantFormat:
+    """Make `fmt` selectable as ``QuantConfig(format=fmt.name)``; a name is registered once."""
+    if fmt.name in _FORMATS:
+        raise ValueError(f"a quantization format named {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def quant_formats() -> list[str]:
+    """The registered format names, in registration order (``int`` first)."""
+    return list(_FORMATS)
+
+
+def quant_format(name: str) -> QuantFormat:
+    """The format registered as `name`; an unknown name is an error that lists the known ones."""
+    if name not in _FORMATS:
+        raise ConfigError(
+            f"quant.format={name!r} is not a registered format; use one of {list(_FORMATS)}"
+        )
+    return _FORMATS[name]
+
+
+def _prepare_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
+    """The ``int`` format: the weight rotated along K with the group Hadamard and quantized per
+    output channel (4-bit values packed two a byte); `diffopt::quant_linear` rotates and
+    quantizes the activation per token, multiplies in integers and dequantizes."""
+    k = weight.shape[1]
+    group = config.group or default_group(k)
+    if config.rotation != "none" and (group is None or k % group):
+        raise Unsupported(
+            f"K={k} is not a multiple of the rotation group ({group or '16, 64 or 256'}); "
+            "use quant.rotation='none' for it or exclude it"
+        )
+    if config.weight_bits == 4 and k % 2:
+        raise Unsupported(f"K={k} is odd; 4-bit packing needs an even K (exclude it)")
+    group = group if config.rotation != "none" else None
+    rotation = hadamard(config.rotation, group) if group else None
+    stored, scale = quantize_weight(weight, config.weight_bits, rotation, config.weight_clip)
+    return QuantizedLinear(
+        torch.ops.diffopt.quant_linear.default,
+        (
+            X,
+            Constant("qweight", stored),
+            Constant("qscale", scale),
+            BIAS,
+            Constant(f"rotation_{config.rotation}_{group}", rotation, shared=True),
+            config.act_bits,
+            config.weight_bits,
+        ),
+        f"{config.label} linear {tuple(weight.shape)}, group {group or '-'}",
+    )
+
+
+register_quant_format(QuantFormat("int", _prepare_int))
