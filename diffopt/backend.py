@@ -12,10 +12,11 @@ from typing import Any
 import torch.fx as fx
 
 from diffopt.config import Config, ConfigError
+from diffopt.guards import Guard
 from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
-from diffopt.passes.graph import INPUT_KEY, Guard
+from diffopt.passes.graph import INPUT_KEY
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
-from diffopt.runtime.cache import CachingExecutor
+from diffopt.runtime.cache import CachingExecutor, VariantProvider
 
 
 @dataclass
@@ -278,9 +279,11 @@ def build_executor(
     *,
     timestep_slot: int | None,
     param_slots: set[int],
+    variants: VariantProvider | None = None,
 ) -> RegionExecutor:
     """`RegionExecutor`, or `CachingExecutor` when there is a cache config and guards; the
-    regions may be compiled torch code or engine sessions."""
+    regions may be compiled torch code or engine sessions. `variants` supplies the regions a
+    token refresh runs (`CachingExecutor`'s argument; an exporter records them with it)."""
     if config.cache is None or not guards:
         return RegionExecutor(program)
     return CachingExecutor(
@@ -290,4 +293,5 @@ def build_executor(
         timestep_slot=timestep_slot,
         param_slots=param_slots,
         inner=config.inner,
+        variants=variants,
     )

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 
 from diffopt import quality
-from diffopt.config import CacheAction, CacheConfig, Config, ConfigError, InnerBackend
+from diffopt.config import CacheConfig, Config, ConfigError, InnerBackend
+from diffopt.guards import ACTIONS, CacheAction
 from diffopt.runtime.cache import request
 
 Run = Callable[[Callable[..., Any]], torch.Tensor]
@@ -72,10 +73,10 @@ class Calibration:
 
         rows = [
             [json.dumps(t.settings), f"{t.psnr:.1f}", f"{t.work:.3f}"]
-            + [f"{t.hit_rates[a]:.2f}" for a in ("full", "block", "token", "reuse")]
+            + [f"{t.hit_rates[a]:.2f}" for a in ACTIONS]
             for t in self.trials
         ]
-        headers = ["settings", "PSNR dB", "work", "full", "block", "token", "reuse"]
+        headers = ["settings", "PSNR dB", "work", *ACTIONS]
         return tabulate(rows, headers, tablefmt="github")
 
 
@@ -133,7 +134,8 @@ def _search(
 
     trials, plans = [], []
     for settings in candidates:
-        with request(steps=steps, cache=settings) as req:
+        # the search's own settings: guards idle under them are its finding, not a user error
+        with request(steps=steps, cache=settings, trial=auto) as req:
             samples = run(denoiser)
         changed = {k: v for k, v in dataclasses.asdict(settings).items() if v != getattr(base, k)}
         trials.append(

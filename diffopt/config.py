@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from diffopt.guards import CacheAction
+
 InnerBackend = Literal["eager", "aot_eager", "inductor"]
 
 
@@ -33,10 +35,6 @@ class CleanupConfig:
     """Drop `view`/`reshape` to the shape the tensor already has."""
     same_dtype_casts: bool = True
     """Drop `.to(dtype)` / `.type(dtype)` to the dtype the tensor already has."""
-
-
-CacheAction = Literal["full", "block", "token", "reuse"]
-"""What one denoiser call does under cache guards, from most to least compute."""
 
 
 @dataclass

@@ -5,8 +5,10 @@ Importing this package registers every pass it holds; they run in the order of `
 outside diffopt registers with `register_pass(..., after=... or before=...)`.
 """
 
+from diffopt.guards import Guard
+
 from . import block_guard, quantize, remove_noops, step_guard, token_guard  # noqa: F401 (register)
-from .graph import DenoiserGraph, Guard, InputRoles, Region, TensorRole
+from .graph import DenoiserGraph, InputRoles, Region, TensorRole
 from .manager import PIPELINE, PassSpec, pipeline, register_pass, registered_passes, run_passes
 from .regions import analyze
 from .report import PassError, PassReport

@@ -7,8 +7,9 @@ last full step run, the others re-add their cached residual to their fresh input
 from __future__ import annotations
 
 from diffopt.config import CacheConfig
+from diffopt.guards import Guard
 
-from .graph import DenoiserGraph, Guard
+from .graph import DenoiserGraph
 from .manager import register_pass
 from .regions import describe_residuals, guarded_span, region_inputs, region_outputs, user_values
 from .report import PassReport

@@ -6,12 +6,13 @@ rewrites nodes keeps it by construction; the region list only records names and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.fx as fx
+
+from diffopt.guards import Guard
 
 REGION_KEY = "diffopt_region"
 """``node.meta`` key naming the region a node belongs to."""
@@ -55,24 +56,6 @@ class InputRoles:
     notes: list[str] = field(default_factory=list)
 
 
-GuardKind = Literal["step", "block", "token"]
-
-
-@dataclass(frozen=True)
-class Guard:
-    """A place where the runtime may reuse cached results instead of running regions.
-
-    Guards are data, not code: the runtime reads them to know what it may skip, `inspect` lists
-    them, and exporters carry them into the engine manifest.
-    """
-
-    kind: GuardKind
-    regions: tuple[str, ...]
-    """The regions the guard can skip (step and token guards: a contiguous span of blocks)."""
-    why: str
-    """What is cached and how it is re-added, in words."""
-
-
 @dataclass
 class DenoiserGraph:
     """A captured denoiser: the FX graph, its regions in execution order, and input roles."""
@@ -103,19 +86,3 @@ def shape_of(node: fx.Node) -> tuple[int | str, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
     return None
-
-
-def residual_bases(
-    outputs: Sequence[tuple[int, ...] | None], inputs: Sequence[tuple[int, ...] | None]
-) -> list[int | None]:
-    """For each output shape, the index of the one input of the same shape, if exactly one.
-
-    A cached region output is stored as a residual against that input (re-added to the fresh
-    input on reuse, which tracks the step far better than the stale value); an output with no
-    unique partner is cached as a value.
-    """
-    bases: list[int | None] = []
-    for shape in outputs:
-        matches = [i for i, s in enumerate(inputs) if shape is not None and s == shape]
-        bases.append(matches[0] if len(matches) == 1 else None)
-    return bases

@@ -24,6 +24,8 @@ from collections.abc import Collection
 import torch
 import torch.fx as fx
 
+from diffopt.guards import residual_bases
+
 from .graph import (
     INPUT_KEY,
     REGION_KEY,
@@ -31,7 +33,6 @@ from .graph import (
     InputRoles,
     Region,
     TensorRole,
-    residual_bases,
     shape_of,
 )
 from .report import PassReport

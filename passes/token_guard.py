@@ -17,8 +17,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from diffopt.config import CacheConfig
+from diffopt.guards import Guard, refresh_count, token_indexed
 
-from .graph import DenoiserGraph, Guard, example_value, shape_of
+from .graph import DenoiserGraph, example_value, shape_of
 from .manager import register_pass
 from .regions import describe_residuals, guarded_span, region_inputs, region_outputs, user_values
 from .report import PassReport
@@ -41,7 +42,9 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
     gathered = [n for n in entries if token_indexed(shape_of(n), batch, tokens)]
     problem = _why_not(graph, span, entries, gathered, exits, tokens)
     if problem is None:
-        problem = _shorter_sequence_fails(graph, span, gathered, refresh_count(config, tokens))
+        problem = _shorter_sequence_fails(
+            graph, span, gathered, refresh_count(config.token_ratio, tokens)
+        )
     if problem is not None:
         report.skip(where, problem)
         return graph, report
@@ -51,16 +54,6 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
     graph.guards.append(Guard("token", tuple(span), why))
     report.rewrite(where, f"token guard over {len(span)} regions ({tokens} tokens): {why}")
     return graph, report
-
-
-def refresh_count(config: CacheConfig, tokens: int) -> int:
-    """How many of `tokens` tokens a token refresh recomputes."""
-    return max(1, round(config.token_ratio * tokens))
-
-
-def token_indexed(shape: tuple[int, ...] | None, batch: int, tokens: int) -> bool:
-    """A [B, N, ...] value: one row per sample and token, gathered on a token refresh."""
-    return shape is not None and len(shape) >= 3 and shape[:2] == (batch, tokens)
 
 
 def _why_not(

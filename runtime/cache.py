@@ -1,7 +1,8 @@
 """Cache state and the caching executor: run guarded regions, or re-add cached residuals.
 
 The executor walks the regions like `RegionExecutor`, except across the guarded span of blocks,
-where the controller's action for this step decides what runs:
+where the controller's action for this step decides what runs. Each action is a `Strategy`
+registered by name (`STRATEGIES`), runnable only where its guard applied (`diffopt.guards`):
 
 - ``full``: every region runs; the span's residuals (and each guarded block's) are cached;
 - ``reuse`` (step guard): the span is skipped, its outputs are its fresh inputs + cached residual;
@@ -22,15 +23,25 @@ import contextvars
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from diffopt.config import CacheAction, CacheConfig, ConfigError, InnerBackend
-from diffopt.passes.graph import Guard, residual_bases
-from diffopt.passes.token_guard import refresh_count, token_indexed
+from diffopt.config import CacheConfig, ConfigError, InnerBackend
+from diffopt.guards import (
+    ACTION_GUARD,
+    ACTIONS,
+    CacheAction,
+    Guard,
+    GuardKind,
+    action_applies,
+    polish_action,
+    refresh_count,
+    residual_bases,
+    token_indexed,
+)
 
 from .controller import Controller, resample_profile
 from .executor import RegionExecutor
@@ -46,6 +57,9 @@ class Request:
     """Controller settings for this request only (thresholds, mode, plan); guards are fixed."""
     calibrate: bool = False
     """Run every step in full and record the indicator (the executor then uses it)."""
+    trial: bool = False
+    """A setting diffopt's own search tries (`diffopt.calibrate`): guards that never fire are
+    the search's finding, not the user's to fix, so they are not warned about."""
     actions: dict[int, list[CacheAction]] = field(default_factory=dict)
     """Per guidance branch, the action taken at each step."""
     work: dict[int, list[float]] = field(default_factory=dict)
@@ -57,7 +71,7 @@ class Request:
         """The share of steps (over all branches) that took each action."""
         taken = Counter(a for steps in self.actions.values() for a in steps)
         total = sum(taken.values()) or 1
-        return {a: taken[a] / total for a in ("full", "block", "token", "reuse")}
+        return {a: taken[a] / total for a in ACTIONS}
 
     def compute(self) -> float:
         """Guarded block work done, as a share of running every step in full."""
@@ -70,14 +84,19 @@ _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("diffo
 
 @contextlib.contextmanager
 def request(
-    steps: int | None = None, cache: CacheConfig | None = None, *, calibrate: bool = False
+    steps: int | None = None,
+    cache: CacheConfig | None = None,
+    *,
+    calibrate: bool = False,
+    trial: bool = False,
 ) -> Iterator[Request]:
     """Scope one sampling run: a fresh cache, an explicit step count, optional settings.
 
     ``with diffopt.request(steps=50) as req: pipe(...)``, then ``req.hit_rates()``.
-    ``calibrate=True`` runs the request in full and records the change profile.
+    ``calibrate=True`` runs the request in full and records the change profile; ``trial=True``
+    marks a setting tried by a search (no warning about guards that never fired).
     """
-    token = _REQUEST.set(Request(steps, cache, calibrate))
+    token = _REQUEST.set(Request(steps, cache, calibrate, trial))
     try:
         yield _REQUEST.get()
     finally:
@@ -182,8 +201,71 @@ class TokenAnchor:
     """The span run on the chosen tokens alone, at the full step."""
 
 
+@dataclass
+class SpanCall:
+    """One denoiser call at the guarded span: what an action's strategy reads and fills in."""
+
+    branch: Branch
+    values: list[Any]
+    """The value slots; the strategy leaves the span's exits in them."""
+    entries: dict[int, Any]
+    """The span's inputs at this step."""
+    step: int
+    config: CacheConfig
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the guarded span runs under one cache action, and when it can."""
+
+    action: CacheAction
+    run: Callable[[CachingExecutor, SpanCall], float]
+    """Runs the span (or rebuilds its exits); returns the guarded block work done, as a share
+    of a full step's."""
+    ready: Callable[[CachingExecutor, Branch], bool]
+    """Whether the branch holds what the action reads (false until enough full steps ran)."""
+
+    @property
+    def guard(self) -> GuardKind | None:
+        """The guard the action needs applied (`diffopt.guards.ACTION_GUARD`)."""
+        return ACTION_GUARD[self.action]
+
+    def can(self, executor: CachingExecutor, branch: Branch) -> bool:
+        """Whether the action can run now: its guard applied and its cache is filled."""
+        return action_applies(self.action, executor.kinds) and self.ready(executor, branch)
+
+
+STRATEGIES: dict[CacheAction, Strategy] = {}
+"""Each cache action's strategy, by name; `CachingExecutor` dispatches through it."""
+
+
+def strategy(
+    action: CacheAction, *, ready: Callable[[CachingExecutor, Branch], bool] | None = None
+) -> Callable[[Callable[[CachingExecutor, SpanCall], float]], Callable[..., float]]:
+    """Register the decorated function as how the executor runs `action` (a name in
+    `diffopt.guards.ACTIONS`); `ready` says when the branch's cache can serve it."""
+    if action not in ACTIONS:
+        raise ValueError(f"{action!r} is not a cache action in diffopt.guards; add it there first")
+
+    def register(run: Callable[[CachingExecutor, SpanCall], float]) -> Callable[..., float]:
+        STRATEGIES[action] = Strategy(action, run, ready or (lambda executor, branch: True))
+        return run
+
+    return register
+
+
+VariantProvider = Callable[[int, int, list[Any]], Callable[..., Sequence[Any]]]
+"""``(region index, token count, example inputs) -> region``: what runs a guarded region on a
+token refresh's shorter sequence."""
+
+
 class CachingExecutor(RegionExecutor):
-    """Runs a `RegionProgram` with the cache guards the passes marked."""
+    """Runs a `RegionProgram` with the cache guards the passes marked.
+
+    `variants` supplies the regions a token refresh runs on its shorter sequence (an exporter
+    records them this way); by default they are compiled on first use, or taken from an engine's
+    exported variants (`token_variant`).
+    """
 
     def __init__(
         self,
@@ -194,8 +276,10 @@ class CachingExecutor(RegionExecutor):
         timestep_slot: int | None,
         param_slots: set[int],
         inner: InnerBackend,
+        variants: VariantProvider | None = None,
     ) -> None:
         super().__init__(program)
+        self.variants = variants
         self.config = config
         self.inner = inner
         self.timestep_slot = timestep_slot
@@ -266,10 +350,10 @@ class CachingExecutor(RegionExecutor):
         same_step = t is not None and t == self._last_t
         new = ctx is not self._request and ctx is not None
         if not same_step:
-            steps = self._steps()
+            steps = self._steps(ctx)
             first = self._branches.get(0)
             # without a request scope, a request ends after `steps` calls; inside one, more
-            # calls than `steps` are an error (raised in `_run`)
+            # calls than `steps` are an error (raised in `run`)
             finished = ctx is None and first is not None and steps is not None
             finished = finished and first.step >= steps
             restarted = t is not None and self._last_t is not None and t > self._last_t
@@ -284,13 +368,15 @@ class CachingExecutor(RegionExecutor):
             self._branches[self._branch] = self._new_branch()
         return self._branches[self._branch]
 
-    def _steps(self) -> int | None:
-        ctx = _REQUEST.get(None)
-        return (ctx.steps if ctx is not None else None) or self.config.steps
+    def _steps(self, req: Request | None = None) -> int | None:
+        """The step count of `req` (by default the request in scope), else the compiled one."""
+        req = req if req is not None else _REQUEST.get(None)
+        return (req.steps if req is not None else None) or self.config.steps
 
-    def _settings(self) -> CacheConfig:
-        ctx = _REQUEST.get(None)
-        settings = (ctx.cache if ctx is not None else None) or self.config
+    def _settings(self, req: Request | None = None) -> CacheConfig:
+        """The settings of `req` (by default the request in scope), else the compiled ones."""
+        req = req if req is not None else _REQUEST.get(None)
+        settings = (req.cache if req is not None else None) or self.config
         if settings.indicator != self.config.indicator:
             raise ConfigError(
                 f"a request cannot switch cache.indicator ({self.config.indicator!r} was compiled "
@@ -313,17 +399,20 @@ class CachingExecutor(RegionExecutor):
         return Branch(Controller(config, steps, self._polish(config)))
 
     def _polish(self, config: CacheConfig) -> CacheAction:
-        if config.polish == "none":
-            return "reuse"
-        kind = config.polish
-        if kind not in self.kinds:
-            warnings.warn(
-                f"cache.polish={kind!r} but the {kind}_guard pass did not apply (see its report); "
-                "polish steps run in full",
-                stacklevel=3,
-            )
-            return "full"
-        return kind
+        action = polish_action(config.polish)
+        if action == "reuse" or action_applies(action, self.kinds):
+            return action
+        warnings.warn(
+            f"cache.polish={config.polish!r} but the {ACTION_GUARD[action]}_guard pass did not "
+            "apply (see its report); polish steps run in full",
+            stacklevel=3,
+        )
+        return "full"
+
+    def _armed(self, action: CacheAction, config: CacheConfig) -> bool:
+        """Whether this request may take `action`, so its full steps keep what it reads."""
+        may_take = polish_action(config.polish) == action or config.mode == "plan"
+        return may_take and action_applies(action, self.kinds)
 
     def _finish_request(self) -> None:
         """Close the previous request: keep a calibrated profile, warn about idle guards."""
@@ -331,7 +420,7 @@ class CachingExecutor(RegionExecutor):
         if req is None or not branches:
             return
         first = branches.get(0)
-        steps = self._steps()
+        steps = self._steps(req)  # the closed request's own settings, not the next one's
         if first.calibrating:
             key = "block0" if self.probe is not None else "stack"
             if req.recorded.get(key):
@@ -344,9 +433,12 @@ class CachingExecutor(RegionExecutor):
                 "step was not protected; give the real step count",
                 stacklevel=3,
             )
+        if req.trial:
+            return
         rates = req.hit_rates()
-        config = self._settings()
-        idle = [a for a in ("reuse", first.controller.polish) if a != "full" and rates[a] == 0]
+        config = self._settings(req)
+        armed = dict.fromkeys(("reuse", first.controller.polish))
+        idle = [a for a in armed if a != "full" and action_applies(a, self.kinds) and not rates[a]]
         if idle and config.mode == "online":
             warnings.warn(
                 f"cache guard action(s) {idle} never fired in a {first.step}-step request; "
@@ -356,7 +448,9 @@ class CachingExecutor(RegionExecutor):
 
     # ---- one denoiser call -----------------------------------------------------------------
 
-    def _run(self, args: Sequence[Any]) -> Any:
+    def run(self, args: Sequence[Any]) -> Any:
+        """One denoiser call: the regions before the span, the span as this step's action's
+        strategy runs it, then the rest."""
         program = self.program
         values: list[Any] = list(args) + [None] * (program.num_slots - len(args))
         branch = self._current_branch(values)
@@ -378,33 +472,19 @@ class CachingExecutor(RegionExecutor):
             if branch.calibrating
             else branch.controller.decide(step, change, self._curvature(branch, step, change))
         )
-        if action != "full" and not self._can(action, branch, span):
-            action = "full"  # nothing cached yet to reuse (only before the second full step)
+        chosen = STRATEGIES[action]
+        if not chosen.can(self, branch):
+            # its guard did not apply, or nothing is cached yet (before the second full step)
+            chosen = STRATEGIES["full"]
         entries = {s: values[s] for s in span.entries}
-        self._work = 0.0
-        {
-            "full": self._full,
-            "reuse": self._reuse,
-            "block": self._refresh_blocks,
-            "token": self._refresh_tokens,
-        }[action](branch, values, entries, step, config)
+        work = chosen.run(self, SpanCall(branch, values, entries, step, config))
         for index in range(span.stop, len(program.regions)):
             self.step(index, values)
 
-        self._request.actions.setdefault(self._branch, []).append(action)
-        self._request.work.setdefault(self._branch, []).append(self._work)
+        self._request.actions.setdefault(self._branch, []).append(chosen.action)
+        self._request.work.setdefault(self._branch, []).append(work)
         branch.step += 1
         return self.outputs(values)
-
-    def _can(self, action: CacheAction, branch: Branch, span: Boundary) -> bool:
-        trends = [branch.stack.get(s) for s in span.exits]
-        if any(t is None for t in trends):
-            return False
-        if action == "token":
-            return branch.token_source is not None
-        if action == "block":
-            return bool(branch.blocks)
-        return True
 
     def _indicator(
         self, branch: Branch, values: list[Any], step: int, probe_inputs: dict[int, Any] | None
@@ -412,6 +492,8 @@ class CachingExecutor(RegionExecutor):
         """Each sample's change this step, as a share of the calibrated whole-run change."""
         stream = next(values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor))
         batch, device = stream.shape[0], stream.device
+        if not branch.calibrating and not branch.controller.reads_indicator:
+            return torch.zeros(batch, device=device)  # a plan: no profile needed
         if self.probe is not None:  # block 0 just ran: its residual's change
             probe = self.probe
             self._bind(probe, probe_inputs, values)
@@ -440,7 +522,8 @@ class CachingExecutor(RegionExecutor):
         """With extrapolated reuse: this step's share of the calibrated curvature."""
         settings = self._settings()
         curvature = settings.curvature or self.curvature
-        if not settings.extrapolate or not curvature or self.probe is not None:
+        planned = not branch.controller.reads_indicator
+        if not settings.extrapolate or not curvature or self.probe is not None or planned:
             return None
         if branch.curvature is None:
             branch.curvature = resample_profile(curvature, branch.controller.steps)
@@ -458,32 +541,7 @@ class CachingExecutor(RegionExecutor):
             recorded = self._request.recorded.setdefault(key, [])
             recorded.append(float(change.mean()) if step > 0 else 0.0)
 
-    # ---- the four actions ------------------------------------------------------------------
-
-    def _full(self, branch, values, entries, step, config) -> None:
-        span = self.span
-        track_blocks = "block" in self.kinds and (config.polish == "block" or config.mode == "plan")
-        before = list(values)  # keeps parameters alive for the short run after the span
-        self._work = 1.0
-        for index in range(span.start, span.stop):
-            block = self.block_spans.get(index) if track_blocks else None
-            inputs = {s: values[s] for s in block.entries} if block else None
-            self.step(index, values)
-            if block:
-                self._bind(block, inputs, values)
-                trends = branch.blocks.setdefault(index, {})
-                for out, base in zip(block.exits, block.bases, strict=True):
-                    value = values[out] - inputs[base] if base is not None else values[out]
-                    trends.setdefault(out, Trend()).record_full(value, step)
-        self._bind(span, entries, values)
-        for out, base in zip(span.exits, span.bases, strict=True):
-            value = values[out] - entries[base] if base is not None else values[out]
-            trend = branch.stack.setdefault(out, Trend())
-            if branch.calibrating and out == span.exits[0]:
-                self._record_stack(branch, value, step)
-            trend.record_full(value, step)
-        if "token" in self.kinds and (config.polish == "token" or config.mode == "plan"):
-            self._set_anchor(branch, before, values)
+    # ---- what the action strategies share ----------------------------------------------------
 
     def _record_stack(self, branch: Branch, value: torch.Tensor, step: int) -> None:
         """Calibration: the residual's change (first difference) and curvature (second)."""
@@ -501,54 +559,10 @@ class CachingExecutor(RegionExecutor):
         cached = trend.at(step, config.extrapolate)
         return entries[base] + cached if base is not None else cached
 
-    def _reuse(self, branch, values, entries, step, config) -> None:
-        span = self.span
-        for out, base in zip(span.exits, span.bases, strict=True):
-            rebuilt = self._rebuild(branch.stack[out], base, entries, step, config)
-            values[out] = span.laid_out(out, rebuilt)
-        self._release(span, values)
-
     def _release(self, span: Boundary, values: list[Any]) -> None:
         for index in range(span.start, span.stop):
             for slot in self.program.release[index]:
                 values[slot] = None
-
-    def _refresh_blocks(self, branch, values, entries, step, config) -> None:
-        span = self.span
-        ranked = sorted(branch.blocks, key=lambda i: -_block_change(branch.blocks[i]))
-        run = set(ranked[: math.ceil(config.block_ratio * len(ranked))])
-        self._work = len(run) / len(ranked)
-        for index in range(span.start, span.stop):
-            trends = branch.blocks.get(index)
-            if trends is None or index in run:
-                self.step(index, values)
-                continue
-            block = self.block_spans[index]
-            inputs = {s: values[s] for s in block.entries}
-            for out, base in zip(block.exits, block.bases, strict=True):
-                rebuilt = self._rebuild(trends[out], base, inputs, step, config)
-                values[out] = block.laid_out(out, rebuilt)
-            self._release(block, values)
-        for out, base in zip(span.exits, span.bases, strict=True):
-            value = values[out] - entries[base] if base is not None else values[out]
-            branch.stack[out].record(value, step)
-
-    def _refresh_tokens(self, branch, values, entries, step, config) -> None:
-        """Refresh the anchor's tokens: their output moves as the short run's output moves.
-
-        The short run sees only the chosen tokens, so its attention misses the others; using
-        its change since the anchor (not its value) cancels that to first order.
-        """
-        span, anchor = self.span, self._anchor(branch)
-        current = self._run_short(values, anchor.chosen)
-        self._work = anchor.chosen.shape[1] / values[span.bases[0]].shape[1]
-        for out, base in zip(span.exits, span.bases, strict=True):
-            full = self._rebuild(branch.stack[out], base, entries, step, config).clone()
-            moved = anchor.outputs[out] + current[out] - anchor.short[out]
-            full.scatter_(1, _expand(anchor.chosen, full), moved)
-            branch.stack[out].record(full - entries[base], step)
-            values[out] = span.laid_out(out, full)
-        self._release(span, values)
 
     def _set_anchor(self, branch: Branch, before: list[Any], values: list[Any]) -> None:
         """After a full step: keep what a token refresh will compare against."""
@@ -564,14 +578,14 @@ class CachingExecutor(RegionExecutor):
             slope = branch.stack[self.span.exits[0]].slope
             tokens = slope.shape[1]
             scores = slope.abs().mean(-1)  # [B, N]: change between the last two full steps
-            chosen = scores.topk(refresh_count(self._settings(), tokens), dim=1).indices
+            chosen = scores.topk(refresh_count(self._settings().token_ratio, tokens), dim=1)
+            chosen = chosen.indices
             chosen = chosen.sort(dim=1).values
             outputs = {
                 out: value.gather(1, _expand(chosen, value)).contiguous()
                 for out, value in exits.items()
             }
             branch.token = TokenAnchor(chosen, outputs, self._run_short(before, chosen))
-            self._work += chosen.shape[1] / tokens
         return branch.token
 
     def _run_short(self, values: list[Any], chosen: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -594,8 +608,11 @@ class CachingExecutor(RegionExecutor):
         return {out: short[out] for out in span.exits}
 
     def token_variant(self, index: int, count: int, examples: list[Any]) -> Any:
-        """Region `index` for a `count`-token sequence: compiled on first use, or for an engine
-        region (which cannot be recompiled) the variant exported with it."""
+        """Region `index` for a `count`-token sequence: from the `variants` provider when one
+        was given; else compiled on first use, or for an engine region (which cannot be
+        recompiled) the variant exported with it."""
+        if self.variants is not None:
+            return self.variants(index, count, examples)
         key = (index, count)
         if key not in self._variants:
             lowered = self.program.regions[index]
@@ -611,6 +628,118 @@ class CachingExecutor(RegionExecutor):
                     "with cache.polish='token' and the cache.token_ratio and resolution you serve"
                 )
         return self._variants[key]
+
+
+# ---- the actions, each a strategy registered by name --------------------------------------------
+
+
+def _stack_cached(executor: CachingExecutor, branch: Branch) -> bool:
+    """Every exit of the span has a cached residual (from the first full step on)."""
+    return all(out in branch.stack for out in executor.span.exits)
+
+
+@strategy("full")
+def _full(executor: CachingExecutor, call: SpanCall) -> float:
+    """Run the span; cache its residuals and what the request's refresh action will read."""
+    span, branch, values, entries, step = (
+        executor.span,
+        call.branch,
+        call.values,
+        call.entries,
+        call.step,
+    )
+    track_blocks = executor._armed("block", call.config)
+    before = list(values)  # keeps parameters alive for the short run after the span
+    for index in range(span.start, span.stop):
+        block = executor.block_spans.get(index) if track_blocks else None
+        inputs = {s: values[s] for s in block.entries} if block else None
+        executor.step(index, values)
+        if block:
+            executor._bind(block, inputs, values)
+            trends = branch.blocks.setdefault(index, {})
+            for out, base in zip(block.exits, block.bases, strict=True):
+                value = values[out] - inputs[base] if base is not None else values[out]
+                trends.setdefault(out, Trend()).record_full(value, step)
+    executor._bind(span, entries, values)
+    for out, base in zip(span.exits, span.bases, strict=True):
+        value = values[out] - entries[base] if base is not None else values[out]
+        trend = branch.stack.setdefault(out, Trend())
+        if branch.calibrating and out == span.exits[0]:
+            executor._record_stack(branch, value, step)
+        trend.record_full(value, step)
+    if executor._armed("token", call.config):
+        executor._set_anchor(branch, before, values)
+    return 1.0
+
+
+@strategy("reuse", ready=_stack_cached)
+def _reuse(executor: CachingExecutor, call: SpanCall) -> float:
+    """Skip the span: each exit is its fresh input plus the cached residual."""
+    span, branch = executor.span, call.branch
+    for out, base in zip(span.exits, span.bases, strict=True):
+        rebuilt = executor._rebuild(branch.stack[out], base, call.entries, call.step, call.config)
+        call.values[out] = span.laid_out(out, rebuilt)
+    executor._release(span, call.values)
+    return 0.0
+
+
+@strategy(
+    "block",
+    ready=lambda executor, branch: _stack_cached(executor, branch) and bool(branch.blocks),
+)
+def _refresh_blocks(executor: CachingExecutor, call: SpanCall) -> float:
+    """Run the blocks whose residual changed most; the others re-add their cached residual."""
+    span, branch, values, step, config = (
+        executor.span,
+        call.branch,
+        call.values,
+        call.step,
+        call.config,
+    )
+    ranked = sorted(branch.blocks, key=lambda i: -_block_change(branch.blocks[i]))
+    run = set(ranked[: math.ceil(config.block_ratio * len(ranked))])
+    for index in range(span.start, span.stop):
+        trends = branch.blocks.get(index)
+        if trends is None or index in run:
+            executor.step(index, values)
+            continue
+        block = executor.block_spans[index]
+        inputs = {s: values[s] for s in block.entries}
+        for out, base in zip(block.exits, block.bases, strict=True):
+            rebuilt = executor._rebuild(trends[out], base, inputs, step, config)
+            values[out] = block.laid_out(out, rebuilt)
+        executor._release(block, values)
+    for out, base in zip(span.exits, span.bases, strict=True):
+        value = values[out] - call.entries[base] if base is not None else values[out]
+        branch.stack[out].record(value, step)
+    return len(run) / len(ranked)
+
+
+@strategy(
+    "token",
+    ready=lambda executor, branch: (
+        _stack_cached(executor, branch) and branch.token_source is not None
+    ),
+)
+def _refresh_tokens(executor: CachingExecutor, call: SpanCall) -> float:
+    """Refresh the anchor's tokens: their output moves as the short run's output moves.
+
+    The short run sees only the chosen tokens, so its attention misses the others; using
+    its change since the anchor (not its value) cancels that to first order.
+    """
+    span, branch, values, entries = executor.span, call.branch, call.values, call.entries
+    anchor = executor._anchor(branch)
+    current = executor._run_short(values, anchor.chosen)
+    work = anchor.chosen.shape[1] / values[span.bases[0]].shape[1]  # read before the release
+    for out, base in zip(span.exits, span.bases, strict=True):
+        full = executor._rebuild(branch.stack[out], base, entries, call.step, call.config)
+        full = full.clone()
+        moved = anchor.outputs[out] + current[out] - anchor.short[out]
+        full.scatter_(1, _expand(anchor.chosen, full), moved)
+        branch.stack[out].record(full - entries[base], call.step)
+        values[out] = span.laid_out(out, full)
+    executor._release(span, values)
+    return work
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

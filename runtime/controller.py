@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import torch
 
-from diffopt.config import CacheAction, CacheConfig, ConfigError
-
-ACTIONS: tuple[CacheAction, ...] = get_args(CacheAction)
-"""From most to least compute: full, block, token, reuse."""
+from diffopt.config import CacheConfig, ConfigError
+from diffopt.guards import ACTIONS, CacheAction
 
 
 def resample_profile(profile: Sequence[float], steps: int) -> list[float]:
@@ -68,6 +65,8 @@ class Controller:
         self.polish = polish
         """What the polish band runs: "token" or "block", "reuse" for ``polish="none"``."""
         self.plan = load_plan(config.plan, steps) if config.mode == "plan" else None
+        self.reads_indicator = self.plan is None
+        """Whether `decide` uses the change it is given (a plan does not: it needs no profile)."""
         self.accumulated: torch.Tensor | None = None
         self.since_full: torch.Tensor | None = None
 

@@ -1,7 +1,9 @@
 """The region executor: runs a `RegionProgram`'s regions in order over its value slots.
 
 Decisions that belong between regions (reuse a cached block, skip a step) are made here, in
-Python, once per region, never inside a compiled region: subclasses override `run_region`.
+Python, once per region, never inside a compiled region. Subclasses override `run_region` to
+decide per region (run it, or substitute its outputs), or `run` to decide per call which regions
+run (the caching executor), with `step` and `outputs` as its building blocks.
 """
 
 from __future__ import annotations
@@ -54,14 +56,15 @@ class RegionExecutor:
 
     def __call__(self, *args: Any) -> Any:
         if not _TALLIES:
-            return self._run(args)
-        with FlopCounterMode(display=False) as counter:
-            outputs = self._run(args)
+            return self.run(args)
+        with FlopCounterMode(display=False) as counter:  # around `run`: any override is counted
+            outputs = self.run(args)
         for tally in _TALLIES:
             tally.total += counter.get_total_flops()
         return outputs
 
-    def _run(self, args: Sequence[Any]) -> Any:
+    def run(self, args: Sequence[Any]) -> Any:
+        """One call of the graph on its flat inputs: every region in order, then the outputs."""
         program = self.program
         values: list[Any] = list(args)
         values.extend([None] * (program.num_slots - len(values)))

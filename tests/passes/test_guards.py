@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 import diffopt
+from diffopt import config as config_module
+from diffopt import guards
 from diffopt.config import CacheConfig, Config
 from diffopt.passes import PassError
+from diffopt.runtime.cache import STRATEGIES
 
 from ..caching import build
 
@@ -75,3 +81,22 @@ def test_guards_can_be_switched_off():
 def test_cache_auto_in_options_points_to_calibrate():
     with pytest.raises(diffopt.ConfigError, match=r"diffopt\.calibrate"):
         Config(cache="auto")
+
+
+# ---- the cache contract (diffopt.guards) ----------------------------------------------------
+
+
+def test_every_action_has_a_guard_and_a_strategy():
+    assert set(guards.ACTION_GUARD) == set(guards.ACTIONS) == set(STRATEGIES)
+    assert {g for g in guards.ACTION_GUARD.values() if g} <= set(guards.GUARD_KINDS)
+    assert guards.ACTIONS[0] == "full" and guards.ACTIONS[-1] == "reuse"  # most to least compute
+    assert {STRATEGIES[a].guard for a in guards.ACTIONS} == {None, *guards.GUARD_KINDS}
+
+
+def test_the_contract_imports_nothing_from_diffopt():
+    """config.py imports CacheAction from it: an import back would be a cycle."""
+    tree = ast.parse(Path(guards.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.split(".")[0] == "diffopt"]
+    assert config_module.CacheAction is guards.CacheAction  # one definition, used by config

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 
 import diffopt
-from diffopt.config import CacheConfig, ConfigError
-from diffopt.runtime import counting_flops
+from diffopt.backend import build_executor, input_slots, optimize
+from diffopt.config import CacheConfig, Config, ConfigError
+from diffopt.runtime import cache, counting_flops
 
 from ..caching import build, cached, denoise
 from ..conftest import FAMILIES
@@ -220,3 +224,100 @@ def test_inspecting_or_exporting_leaves_compiled_models_alone():
     with diffopt.request(steps=12) as req:
         denoise(compiled, inputs, 12)
     assert req.hit_rates()["reuse"] > 0
+
+
+@pytest.mark.parametrize("indicator", ["profile", "block0"])
+def test_plan_mode_needs_no_calibrated_profile(indicator):
+    """A plan names every step's action, so no indicator (and no profile) is read."""
+    model, inputs = build()
+    plan = ["full", "full", "reuse", "token", "block", "full"]
+    compiled = cached(model, steps=6, mode="plan", plan=plan, indicator=indicator)
+    with diffopt.request(steps=6) as req:
+        out = denoise(compiled, inputs, 6)
+    assert req.actions[0] == plan
+    assert out.isfinite().all()
+
+
+def test_reuse_needs_the_step_guard():
+    """With step_guard off, reuse steps run in full (the token guard's span is not a licence)
+    and nobody is warned that reuse never fired."""
+    model, inputs = build()
+    expected = denoise(model, inputs, 12)
+    compiled = calibrated(model, inputs, step_guard=False, **ALWAYS_REUSE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with diffopt.request(steps=12) as req:
+            out = denoise(compiled, inputs, 12)
+        with diffopt.request(steps=12):
+            denoise(compiled, inputs, 1)  # its first call closes the request above
+    assert req.actions[0] == ["full"] * 12
+    assert not [w for w in caught if "never fired" in str(w.message)]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_idle_guards_warn_for_a_users_request_but_not_for_a_search_trial():
+    model, inputs = build()
+    compiled = calibrated(model, inputs)
+    never = CacheConfig(**ALWAYS_FULL)  # thresholds 0: neither reuse nor a refresh fires
+    with diffopt.request(steps=12, cache=never, trial=True):
+        denoise(compiled, inputs, 12)
+    with warnings.catch_warnings(record=True) as caught, diffopt.request(steps=12, cache=never):
+        warnings.simplefilter("always")
+        denoise(compiled, inputs, 12)  # its first call closes the trial: no warning
+    assert not [w for w in caught if "never fired" in str(w.message)]
+    with (
+        pytest.warns(UserWarning, match=r"\['reuse', 'token'\] never fired"),
+        diffopt.request(steps=12),
+    ):
+        denoise(compiled, inputs, 1)  # closes the user's request: warned
+
+
+def test_actions_dispatch_through_the_strategy_registry(monkeypatch):
+    reuse = cache.STRATEGIES["reuse"]
+    steps = []
+
+    def counted(executor, call):
+        steps.append(call.step)
+        return reuse.run(executor, call)
+
+    monkeypatch.setitem(cache.STRATEGIES, "reuse", dataclasses.replace(reuse, run=counted))
+    model, inputs = build()
+    compiled = calibrated(model, inputs, **ALWAYS_REUSE)
+    with diffopt.request(steps=12):
+        denoise(compiled, inputs, 12)
+    assert steps == list(range(2, 11))
+    with pytest.raises(ValueError, match="not a cache action"):
+        cache.strategy("skip")
+
+
+def test_token_refreshes_run_the_regions_the_variants_provider_gives():
+    """How an exporter records the shorter-sequence runs: a provider passed to the executor."""
+    model, inputs = build()
+    plan = ["full", "full", "token", "full"]
+    config = Config(inner="eager", cache=CacheConfig(steps=4, mode="plan", plan=plan))
+    asked = []
+
+    def backend(gm, example_inputs):
+        optimized = optimize(gm, example_inputs, config)
+        program = optimized.program
+
+        def variants(index, count, examples):
+            asked.append((index, count))
+            return program.regions[index]  # eager regions run any sequence length
+
+        timestep, weights = input_slots(optimized.graph)
+        return build_executor(
+            program,
+            config,
+            optimized.graph.guards,
+            timestep_slot=timestep,
+            param_slots=weights,
+            variants=variants,
+        )
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with diffopt.request(steps=4) as req:
+        denoise(compiled, inputs, 4)
+    assert req.actions[0] == plan
+    # the anchor's and the refresh's short runs, over the span's two blocks, at one length
+    assert len(asked) == 4 and len({count for _, count in asked}) == 1

@@ -1,0 +1,88 @@
+"""The cache contract: guard kinds, cache actions, and what passes, runtime and exporters share.
+
+A guard pass marks where the runtime *may* skip work (a `Guard`, plain data the manifest carries);
+the runtime's controller picks one `CacheAction` per step, and an action runs only where the guard
+it needs applied (`ACTION_GUARD`). Adding an action: its name in `CacheAction` and `ACTION_GUARD`,
+and one strategy registered in ``runtime/cache.py``.
+
+This module imports nothing from diffopt, so every layer (``diffopt.config`` included) can
+import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+GuardKind = Literal["step", "block", "token"]
+"""``step``: skip the whole guarded span of blocks; ``block``: skip single blocks; ``token``:
+run the span on the most-changed tokens only."""
+
+GUARD_KINDS: tuple[GuardKind, ...] = get_args(GuardKind)
+
+CacheAction = Literal["full", "block", "token", "reuse"]
+"""What one denoiser call does under cache guards, from most to least compute."""
+
+ACTIONS: tuple[CacheAction, ...] = get_args(CacheAction)
+"""From most to least compute: full, block, token, reuse."""
+
+ACTION_GUARD: dict[CacheAction, GuardKind | None] = {
+    "full": None,
+    "block": "block",
+    "token": "token",
+    "reuse": "step",
+}
+"""The guard each action needs applied (a full step needs none)."""
+
+
+def action_applies(action: CacheAction, kinds: Collection[str]) -> bool:
+    """Whether `action` can run where guards of `kinds` applied (a full step always can)."""
+    guard = ACTION_GUARD[action]
+    return guard is None or guard in kinds
+
+
+def polish_action(polish: str) -> CacheAction:
+    """The action that ``cache.polish`` runs between the two lines (``"none"``: they reuse)."""
+    return "reuse" if polish == "none" else polish  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A place where the runtime may reuse cached results instead of running regions.
+
+    Guards are data, not code: the runtime reads them to know what it may skip, `inspect` lists
+    them, and exporters carry them into the engine manifest.
+    """
+
+    kind: GuardKind
+    regions: tuple[str, ...]
+    """The regions the guard can skip (step and token guards: a contiguous span of blocks)."""
+    why: str
+    """What is cached and how it is re-added, in words."""
+
+
+def residual_bases(
+    outputs: Sequence[tuple[int, ...] | None], inputs: Sequence[tuple[int, ...] | None]
+) -> list[int | None]:
+    """For each output shape, the index of the one input of the same shape, if exactly one.
+
+    A cached region output is stored as a residual against that input (re-added to the fresh
+    input on reuse, which tracks the step far better than the stale value); an output with no
+    unique partner is cached as a value.
+    """
+    bases: list[int | None] = []
+    for shape in outputs:
+        matches = [i for i, s in enumerate(inputs) if shape is not None and s == shape]
+        bases.append(matches[0] if len(matches) == 1 else None)
+    return bases
+
+
+def refresh_count(token_ratio: float, tokens: int) -> int:
+    """How many of `tokens` tokens a token refresh recomputes (``cache.token_ratio`` of them)."""
+    return max(1, round(token_ratio * tokens))
+
+
+def token_indexed(shape: tuple[int, ...] | None, batch: int, tokens: int) -> bool:
+    """A [B, N, ...] value: one row per sample and token, gathered on a token refresh."""
+    return shape is not None and len(shape) >= 3 and shape[:2] == (batch, tokens)
