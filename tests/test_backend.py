@@ -7,6 +7,7 @@ import torch
 
 import diffopt
 from diffopt import ConfigError
+from diffopt.evaluation import zoo
 from diffopt.passes import PassError
 
 from .conftest import first_output
@@ -48,7 +49,7 @@ def test_backend_is_found_without_importing_diffopt(tmp_path):
 
 
 def test_return_dict_true_returns_the_diffusers_output_object():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-dit")
+    model, inputs = zoo.build("tiny-dit")
     inputs = {**inputs, "return_dict": True}
     compiled = torch.compile(model, backend="diffopt", options={"inner": "eager"})
     with torch.no_grad():
@@ -80,7 +81,7 @@ def test_no_recompiles_across_timesteps(tiny):
 
 
 def test_options_accepts_config_and_rejects_unknown_keys():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-sd3")
+    model, inputs = zoo.build("tiny-sd3")
     compile_and_compare(model, inputs, diffopt.Config(inner="eager", cleanup=None), tol=1e-5)
 
     valid = r"valid keys are: \['cache', 'cleanup', 'inner', 'quant', 'strict'"
@@ -106,7 +107,7 @@ def test_unknown_inner_backend_is_a_config_error():
 @pytest.mark.inductor
 @pytest.mark.parametrize("name", ["tiny-dit", "tiny-unet"])
 def test_inductor_matches_eager_and_does_not_recompile(name):
-    model, inputs = diffopt.evaluation.zoo.build(name)
+    model, inputs = zoo.build(name)
     compiled = torch.compile(model, backend="diffopt", fullgraph=True)  # default inner: inductor
     with torch.no_grad():
         compiled(**inputs)

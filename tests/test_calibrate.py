@@ -11,13 +11,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 import diffopt
 from diffopt.config import CacheConfig, ConfigError
+from diffopt.evaluation import zoo
 
 STEPS = 20
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return diffopt.evaluation.zoo.load("ref-dit")
+    return zoo.load("ref-dit")
 
 
 def sampler(reference, images=6):

@@ -10,13 +10,14 @@ import torch
 
 import diffopt
 from diffopt.cli import main
+from diffopt.evaluation import zoo
 
 from .models import user_model
 
 
 @pytest.fixture(scope="module")
 def dit_report():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-dit")
+    model, inputs = zoo.build("tiny-dit")
     return diffopt.inspect(model, inputs, {"inner": "eager"})
 
 
@@ -25,7 +26,7 @@ def test_report_lists_regions_with_nodes_params_and_flops(dit_report):
     assert names == ["prologue", "transformer_blocks.0", "transformer_blocks.1", "epilogue"]
     block = dit_report.regions[1]
     assert block.nodes > 10
-    model, _ = diffopt.evaluation.zoo.build("tiny-dit")
+    model, _ = zoo.build("tiny-dit")
     own = sum(p.numel() for p in model.transformer_blocks[0].parameters())
     assert block.params == own
     # every token goes through the block's attention and MLP weights: 2 FLOPs per weight
@@ -98,7 +99,7 @@ def test_cli_inspect_builtin(capsys, tmp_path):
 
 
 def test_cli_inspect_local_diffusers_folder(capsys, tmp_path):
-    model, _ = diffopt.evaluation.zoo.build("tiny-sd3")
+    model, _ = zoo.build("tiny-sd3")
     model.save_pretrained(tmp_path / "sd3")
     assert main(["inspect", str(tmp_path / "sd3")]) == 0
     assert "transformer_blocks.1" in capsys.readouterr().out

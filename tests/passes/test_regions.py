@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diffopt
+from diffopt.evaluation import zoo
 from diffopt.passes.regions import module_path
 
 from ..models import NoBlocks, user_model
@@ -29,7 +30,7 @@ def test_block_count_matches_the_config(tiny):
 
 
 def test_flux_blocks_come_from_both_block_lists():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-flux")
+    model, inputs = zoo.build("tiny-flux")
     report = diffopt.inspect(model, inputs, {"inner": "eager"})
     names = [b.name for b in report.blocks]
     assert names == [
@@ -44,14 +45,14 @@ def test_flux_blocks_come_from_both_block_lists():
 
 
 def test_unet_mid_block_is_one_block():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-unet")
+    model, inputs = zoo.build("tiny-unet")
     names = [b.name for b in diffopt.inspect(model, inputs, {"inner": "eager"}).blocks]
     assert names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 
 
 @pytest.mark.parametrize("name", ["tiny-dit", "tiny-sd3", "tiny-pixart"])
 def test_token_stream_and_timestep_roles(name):
-    model, inputs = diffopt.evaluation.zoo.build(name)
+    model, inputs = zoo.build(name)
     roles = diffopt.inspect(model, inputs, {"inner": "eager"}).roles
     assert roles.token_streams, "the [B, N, D] stream entering the first block"
     batch, tokens, _ = roles.token_streams[0].shape

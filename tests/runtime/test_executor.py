@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import diffopt
 from diffopt.backend import optimize
 from diffopt.config import Config
+from diffopt.evaluation import zoo
 from diffopt.runtime import RegionExecutor
 
 
@@ -25,7 +25,7 @@ def capture(model, inputs, config: Config, executor=RegionExecutor):
 
 
 def test_split_regions_match_the_unsplit_graph():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-flux")
+    model, inputs = zoo.build("tiny-flux")
     config = Config(inner="aot_eager", cleanup=None)  # no passes: the same graph, cut up
     optimized, _, out = capture(model, inputs, config)
     assert optimized.program.regions[0].region.name == "prologue"
@@ -47,7 +47,7 @@ class Recording(RegionExecutor):
 
 
 def test_executor_runs_regions_in_order_and_releases_dead_values():
-    model, inputs = diffopt.evaluation.zoo.build("tiny-dit")
+    model, inputs = zoo.build("tiny-dit")
     optimized, executor, _ = capture(model, inputs, Config(inner="eager"), Recording)
     program = optimized.program
     # every slot read by a region and not part of the output is released exactly once
@@ -73,7 +73,7 @@ def test_counting_flops_sees_compiled_regions_and_leaves_dynamo_compiling():
 
     from diffopt.runtime import counting_flops
 
-    model, inputs = diffopt.evaluation.zoo.build("tiny-dit")
+    model, inputs = zoo.build("tiny-dit")
     with torch.no_grad(), FlopCounterMode(display=False) as eager:
         model(**inputs)
     compiled = torch.compile(model, backend="diffopt", options={"inner": "eager"})
