@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("export", help="write an engine: ONNX files per region and a manifest")
     p.add_argument("model", help="as for inspect")
     p.add_argument("--config", help="a Config as JSON (cache settings, quant, ...)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    p.add_argument(
+        "--format",
+        default="onnx",
+        help="a registered engine format: onnx, tensorrt, or one a plugin registers",
+    )
     p.add_argument("--out", required=True, help="engine folder to write")
     p.add_argument("--dynamic-batch", action="store_true", help="the batch as a dynamic axis")
     p.add_argument(
