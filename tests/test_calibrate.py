@@ -26,10 +26,12 @@ def sampler(reference, images=6):
     return lambda denoiser: reference.sample(labels, seeds, denoiser=denoiser, steps=STEPS)
 
 
-def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_path):
+def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_path, recwarn):
     calibration = diffopt.calibrate(
         reference.model, sampler(reference), steps=STEPS, cache="auto", target_psnr=30
     )
+    # settings the search chose itself are not the user's to fix: no idle-guard warnings
+    assert not [w for w in recwarn if "never fired" in str(w.message)]
     assert len(calibration.config.profile) == STEPS
     passing = [t for t in calibration.trials if t.psnr >= 30]
     chosen = min(t.work for t in passing)
