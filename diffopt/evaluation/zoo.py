@@ -234,9 +234,19 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 def build(
     name: str, *, batch: int = 2, seed: int = 0, size: tuple[int, int] | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A built-in model (eval mode, seeded weights) and example inputs for it (`example_inputs`)."""
+    """A built-in model (eval mode, seeded weights) and example inputs for it (`example_inputs`).
+
+    The other ``tiny-*`` names are `families` (every diffusers denoiser class): those come with
+    their own inputs (batch 2), so `batch` and `size` do not apply to them."""
     if name not in TINY_MODELS:
-        raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(TINY_MODELS)}")
+        from diffopt.evaluation import families
+
+        if name not in families.FAMILIES:
+            known = sorted({*TINY_MODELS, *families.FAMILIES})
+            raise KeyError(f"unknown built-in model {name!r}; choose one of {known}")
+        if size is not None:
+            raise ValueError(f"{name} has fixed example inputs; size= is for {sorted(TINY_MODELS)}")
+        return families.build(name, seed=seed)
     torch.manual_seed(seed)
     model = TINY_MODELS[name]().eval()
     return model, example_inputs(model, batch=batch, seed=seed, size=size)
@@ -344,7 +354,9 @@ def resolve(spec: str) -> tuple[torch.nn.Module, ExampleInputs]:
     """A model named on the command line: a built-in name, a local diffusers model folder
     (loaded with ``from_pretrained``, never downloaded), or ``package.module:factory`` returning
     ``(model, example_inputs)``."""
-    if spec in TINY_MODELS:
+    from diffopt.evaluation.families import FAMILIES  # every diffusers denoiser class, tiny
+
+    if spec in TINY_MODELS or spec in FAMILIES:
         return build(spec)
     if spec in SHIPPED or spec == "dit-s2":
         reference = load(spec)
