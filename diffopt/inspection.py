@@ -48,6 +48,8 @@ class InspectReport:
     """Region analysis first, then every pass that ran, in order."""
     code_before: dict[str, str]
     code_after: dict[str, str]
+    cache_profile: str | None = None
+    """With cache guards: whose calibrated profile this model's cached requests use."""
 
     @property
     def blocks(self) -> list[RegionStats]:
@@ -62,6 +64,8 @@ class InspectReport:
         console.print(_regions_table(self.regions))
         for line in _role_lines(self.roles):
             console.print(line)
+        if self.cache_profile:
+            console.print(f"cache profile: {self.cache_profile}", markup=False)
         for report in self.passes:
             console.print(f"\npass {report.name}: {report.summary()}")
             for entry in report.rewritten[:MAX_LISTED]:
@@ -98,7 +102,9 @@ class InspectReport:
             for r in self.regions
         )
         passes = "".join(_pass_html(report) for report in self.passes)
-        roles = "".join(f"<li>{html.escape(line)}</li>" for line in _role_lines(self.roles))
+        lines = _role_lines(self.roles)
+        lines += [f"cache profile: {self.cache_profile}"] if self.cache_profile else []
+        roles = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
         path.write_text(
             f"<!doctype html><html><head><meta charset='utf-8'><title>diffopt inspect: "
             f"{html.escape(self.model)}</title><style>{_CSS}</style></head><body>"
@@ -197,7 +203,33 @@ def inspect(
         passes=result.reports,
         code_before={r.region.name: r.module.code for r in result.before.regions},
         code_after={r.region.name: r.module.code for r in result.program.regions},
+        cache_profile=_cache_profile(model, config),
     )
+
+
+def _cache_profile(model: torch.nn.Module, config: Config) -> str | None:
+    """Whose calibrated profile `model`'s cached requests use, in words."""
+    from diffopt.runtime import profiles
+
+    cache = config.cache
+    name = type(model).__name__
+    if cache is None:
+        return None
+    if cache.mode == "plan":
+        return "none needed (mode='plan' follows its plan)"
+    if cache.profile:
+        return (
+            f"the one in the config ({len(cache.profile)} steps, from diffopt.calibrate): every "
+            "model compiled with this config uses it"
+        )
+    found = profiles.profile_of(model)
+    if found is None:
+        return (
+            f"none yet: this {name}'s first cached request runs in full and calibrates; the "
+            "profile then belongs to these weights (kept across recompiles; another instance "
+            "calibrates on its own)"
+        )
+    return f"this {name}'s own: {found.describe()}; kept across recompiles"
 
 
 def _region_stats(result: Optimized, flops: dict[str, int]) -> list[RegionStats]:

@@ -1,6 +1,7 @@
 """The region runtime: lowering a rewritten graph into compiled regions, and executing them
 (plainly, or under cache guards with their controller)."""
 
+from . import profiles
 from .cache import CachingExecutor, Request, request
 from .executor import FlopTally, RegionExecutor, counting_flops
 from .lowering import (
@@ -23,6 +24,7 @@ __all__ = [
     "compile_regions",
     "counting_flops",
     "lower",
+    "profiles",
     "request",
     "split_regions",
 ]

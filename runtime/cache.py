@@ -43,9 +43,11 @@ from diffopt.guards import (
     token_indexed,
 )
 
+from . import profiles
 from .controller import Controller, resample_profile
 from .executor import RegionExecutor
 from .lowering import RegionProgram, compile_region
+from .profiles import Condition, ModelProfile
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Request:
     work: dict[int, list[float]] = field(default_factory=dict)
     """Per guidance branch, each step's guarded block work as a share of a full step's."""
     recorded: dict[str, list[float]] = field(default_factory=dict)
-    """Indicator per step (``"stack"``, ``"block0"``) when this request calibrated."""
+    """Indicator per step (``"stack"``, ``"curvature"``, ``"block0"``) when this request
+    calibrated, and the ``"timestep"`` of each step."""
 
     def hit_rates(self) -> dict[CacheAction, float]:
         """The share of steps (over all branches) that took each action."""
@@ -187,6 +190,8 @@ class Branch:
     curvature: list[float] | None = None
     earlier_stack: torch.Tensor | None = None
     """The first exit's residual two steps back (calibration of the curvature)."""
+    kept: bool = False
+    """A calibrating branch whose profile is stored already (at its last step)."""
 
 
 @dataclass
@@ -298,13 +303,22 @@ class CachingExecutor(RegionExecutor):
             if g.kind == "block"
         }
         self.probe = self._boundary(span[0] - 1, span[0]) if config.indicator == "block0" else None
-        self.profile: list[float] | None = config.profile
-        self.curvature: list[float] | None = config.curvature
         self._variants: dict[tuple[int, int], Any] = {}
         self._request: Request | None = None
         self._branches: dict[int, Branch] = {}
         self._branch = 0
         self._last_t: float | None = None
+        self._weights: list[torch.Tensor] = []
+        """The parameters of the model the current request runs (models of one class share a
+        compiled graph, hence this executor): whose calibrated profile applies."""
+        self._calibrated: ModelProfile | None = None
+        """The current model's calibrated profile (`runtime.profiles`), if it has one."""
+        self._own_profile: ModelProfile | None = None
+        """Where a model without parameter inputs (an engine) keeps its profile."""
+        self._key_slots: list[int] = []
+        """Where the first of those weights comes in: a different tensor there is another model."""
+        self._seen: tuple[int, int | None] = (0, None)
+        """The current request's batch and token count (the condition a calibration records)."""
 
     # ---- structure -------------------------------------------------------------------------
 
@@ -349,6 +363,8 @@ class CachingExecutor(RegionExecutor):
             t = float(values[self.timestep_slot].reshape(-1)[0])
         same_step = t is not None and t == self._last_t
         new = ctx is not self._request and ctx is not None
+        # another instance of the class (another model's weights): its own request and profile
+        switched = bool(self._key_slots) and not self._same_model(values)
         if not same_step:
             steps = self._steps(ctx)
             first = self._branches.get(0)
@@ -358,15 +374,33 @@ class CachingExecutor(RegionExecutor):
             finished = finished and first.step >= steps
             restarted = t is not None and self._last_t is not None and t > self._last_t
             new = new or finished or restarted or not self._branches
-        if new:
+        if new or switched:
             self._finish_request()
-            self._request = ctx if ctx is not None else Request()
-            self._branches = {}
-        self._branch = self._branch + 1 if same_step and not new else 0
+            self._start_request(ctx, values)
+        self._branch = self._branch + 1 if same_step and not (new or switched) else 0
         self._last_t = t
         if self._branch not in self._branches:
             self._branches[self._branch] = self._new_branch()
         return self._branches[self._branch]
+
+    def _same_model(self, values: list[Any]) -> bool:
+        """Whether this call's weights are the current request's (one identity check)."""
+        return all(values[s] is self._weights[0] for s in self._key_slots)
+
+    def _start_request(self, ctx: Request | None, values: list[Any]) -> None:
+        """A new request: find whose weights run it, and that model's calibrated profile."""
+        self._request = ctx if ctx is not None else Request()
+        self._branches = {}
+        slots = sorted(self.param_slots)
+        self._weights = profiles.model_weights(values[s] for s in slots)
+        self._key_slots = [s for s in slots if self._weights and values[s] is self._weights[0]]
+        self._calibrated = profiles.lookup(self._weights) if self._weights else self._own_profile
+
+    def _stream(self, values: list[Any]) -> torch.Tensor:
+        """The token stream entering the guarded span, once the regions before it ran: its input
+        with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D])."""
+        tensors = [values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor)]
+        return max(tensors, key=torch.Tensor.dim)
 
     def _steps(self, req: Request | None = None) -> int | None:
         """The step count of `req` (by default the request in scope), else the compiled one."""
@@ -387,7 +421,9 @@ class CachingExecutor(RegionExecutor):
     def _new_branch(self) -> Branch:
         config = self._settings()
         ctx = _REQUEST.get(None)
-        uncalibrated = config.profile is None and self.profile is None and config.mode == "online"
+        uncalibrated = (
+            config.profile is None and self._calibrated is None and config.mode == "online"
+        )
         if uncalibrated or (ctx is not None and ctx.calibrate):
             return Branch(None, calibrating=True)  # this request runs in full and calibrates
         steps = self._steps()
@@ -414,6 +450,39 @@ class CachingExecutor(RegionExecutor):
         may_take = polish_action(config.polish) == action or config.mode == "plan"
         return may_take and action_applies(action, self.kinds)
 
+    @property
+    def _indicator_key(self) -> str:
+        """What the calibration records as the profile: block 0's change, or the stack's."""
+        return "block0" if self.probe is not None else "stack"
+
+    def _recorded(self, key: str) -> list[float] | None:
+        """The current model's calibrated `key` indicator (None before it calibrated)."""
+        return self._calibrated.recorded.get(key) if self._calibrated is not None else None
+
+    def _keep_profile(self, req: Request, first: Branch) -> None:
+        """After a calibrating request (at its last step, or when the next request starts): its
+        profile now belongs to the model that ran it, whichever graph runs that model next."""
+        if first.kept or not req.recorded.get(self._indicator_key):
+            return
+        first.kept = True
+        batch, tokens = self._seen
+        condition = Condition(first.step, batch, tokens, tuple(req.recorded.get("timestep", ())))
+        weights = self._weights
+        owner = (
+            f"the model with {len(weights)} parameter tensors "
+            f"({sum(w.numel() for w in weights):,} weights)"
+            if weights
+            else "this engine"
+        )
+        keys = (self._indicator_key, "curvature")
+        recorded = {k: list(req.recorded[k]) for k in keys if k in req.recorded}
+        found = ModelProfile(recorded, condition, profiles.fingerprint(weights), owner)
+        if weights:
+            profiles.store(weights, found)
+        else:
+            self._own_profile = found
+        self._calibrated = found
+
     def _finish_request(self) -> None:
         """Close the previous request: keep a calibrated profile, warn about idle guards."""
         req, branches = self._request, self._branches
@@ -422,10 +491,7 @@ class CachingExecutor(RegionExecutor):
         first = branches.get(0)
         steps = self._steps(req)  # the closed request's own settings, not the next one's
         if first.calibrating:
-            key = "block0" if self.probe is not None else "stack"
-            if req.recorded.get(key):
-                self.profile = req.recorded[key]
-                self.curvature = req.recorded.get("curvature")
+            self._keep_profile(req, first)
             return
         if steps is not None and first.step < steps:
             warnings.warn(
@@ -455,6 +521,8 @@ class CachingExecutor(RegionExecutor):
         values: list[Any] = list(args) + [None] * (program.num_slots - len(args))
         branch = self._current_branch(values)
         step = branch.step
+        if branch.calibrating and self._branch == 0 and self._last_t is not None:
+            self._request.recorded.setdefault("timestep", []).append(self._last_t)
         steps = self._steps()
         if steps is not None and step >= steps and not branch.calibrating:
             raise ConfigError(f"more than steps={steps} denoiser calls in one request")
@@ -466,6 +534,9 @@ class CachingExecutor(RegionExecutor):
             if self.probe is not None and index == self.probe.start:
                 probe_inputs = {s: values[s] for s in self.probe.entries}
             self.step(index, values)
+        if step == 0 and self._branch == 0:  # the request's shape, for its calibration record
+            stream = self._stream(values)
+            self._seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
         change = self._indicator(branch, values, step, probe_inputs)
         action: CacheAction = (
             "full"
@@ -484,13 +555,16 @@ class CachingExecutor(RegionExecutor):
         self._request.actions.setdefault(self._branch, []).append(chosen.action)
         self._request.work.setdefault(self._branch, []).append(work)
         branch.step += 1
+        if branch.calibrating and self._branch == 0 and branch.step == steps:
+            # stored now: a new batch size's request next runs in another graph's executor
+            self._keep_profile(self._request, branch)
         return self.outputs(values)
 
     def _indicator(
         self, branch: Branch, values: list[Any], step: int, probe_inputs: dict[int, Any] | None
     ) -> torch.Tensor:
         """Each sample's change this step, as a share of the calibrated whole-run change."""
-        stream = next(values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor))
+        stream = self._stream(values)
         batch, device = stream.shape[0], stream.device
         if not branch.calibrating and not branch.controller.reads_indicator:
             return torch.zeros(batch, device=device)  # a plan: no profile needed
@@ -521,7 +595,7 @@ class CachingExecutor(RegionExecutor):
     def _curvature(self, branch: Branch, step: int, like: torch.Tensor) -> torch.Tensor | None:
         """With extrapolated reuse: this step's share of the calibrated curvature."""
         settings = self._settings()
-        curvature = settings.curvature or self.curvature
+        curvature = settings.curvature or self._recorded("curvature")
         planned = not branch.controller.reads_indicator
         if not settings.extrapolate or not curvature or self.probe is not None or planned:
             return None
@@ -532,7 +606,7 @@ class CachingExecutor(RegionExecutor):
 
     def _profile(self, branch: Branch) -> list[float]:
         if branch.profile is None:  # resampled once per request and branch
-            profile = self._settings().profile or self.profile
+            profile = self._settings().profile or self._recorded(self._indicator_key)
             branch.profile = resample_profile(profile, branch.controller.steps)
         return branch.profile
 

@@ -11,7 +11,7 @@ import torch
 import diffopt
 from diffopt.backend import build_executor, input_slots, optimize
 from diffopt.config import CacheConfig, Config, ConfigError
-from diffopt.runtime import cache, counting_flops
+from diffopt.runtime import cache, counting_flops, profiles
 
 from ..caching import build, cached, denoise
 from ..conftest import FAMILIES
@@ -190,15 +190,53 @@ def test_inductor_regions_with_token_refresh():
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
 
 
-def test_a_second_batch_size_recompiles_dynamic_and_keeps_caching():
+def test_a_second_batch_size_recompiles_dynamic_and_keeps_the_calibration():
+    """A new batch size compiles a new graph (a new executor); the model's profile, measured on
+    its first request, is found again: no uncached request per new shape."""
     model, inputs = build(batch=2)
     compiled = calibrated(model, inputs, early=0.0, critical=100.0, max_reuse=100)
     _, bigger = build(batch=3)
-    denoise(compiled, bigger, 12)  # dynamic batch: a new graph, calibrated on its first request
     with diffopt.request(steps=12) as req:
-        out = denoise(compiled, bigger, 12)
+        out = denoise(compiled, bigger, 12)  # dynamic batch: a new graph, same weights
     assert req.actions[0].count("token") == 9
     assert out.shape[0] == 3 and out.isfinite().all()
+
+
+def test_a_calibration_belongs_to_the_model_it_was_measured_on():
+    """Two instances of one class share dynamo's compiled graph (weights are graph inputs), so
+    the profile is kept by weights: the second model calibrates on its own first request."""
+    first, inputs = build()
+    second, _ = build()
+    with torch.no_grad():
+        for weight in second.parameters():
+            weight.mul_(1.1)
+    settings = {"early": 0.05, "critical": 0.15, "polish": "none"}
+    one, two = cached(first, **settings), cached(second, **settings)
+    denoise(one, inputs, 12)  # the first model's calibration
+    assert profiles.profile_of(first) is not None and profiles.profile_of(second) is None
+    for compiled, calibrates in ((two, True), (one, False), (two, False)):
+        with diffopt.request(steps=12) as req:
+            denoise(compiled, inputs, 12)
+        assert (req.hit_rates()["full"] == 1.0) == calibrates
+    assert profiles.profile_of(first) is not profiles.profile_of(second)
+    found = profiles.profile_of(second)
+    assert found.condition.steps == 12 and found.condition.batch == 2
+    assert found.condition.tokens == 16 and len(found.condition.timesteps) == 12
+    report = str(diffopt.inspect(second, inputs, {"cache": {"steps": 12}}))
+    assert "cache profile: this DiTTransformer2DModel's own: measured on" in report
+
+
+def test_weights_loaded_in_place_calibrate_again():
+    model, inputs = build()
+    compiled = calibrated(model, inputs, early=0.05, critical=0.15, polish="none")
+    other, _ = build()
+    model.load_state_dict({k: v * 1.1 for k, v in other.state_dict().items()})
+    assert profiles.profile_of(model) is None
+    with diffopt.request(steps=12) as req:
+        denoise(compiled, inputs, 12)
+    assert req.hit_rates()["full"] == 1.0  # measured again, on the new weights
+    profiles.forget(model)
+    assert profiles.profile_of(model) is None
 
 
 def test_fully_dynamic_shapes_pass_sizes_through_reused_spans():

@@ -1,0 +1,105 @@
+"""Calibrated profiles, kept per model: keyed by the model's weights, not by a compiled graph.
+
+Dynamo shares one compiled graph (and with it one `CachingExecutor`) between instances of a class
+with different weights, since it lifts parameters to graph inputs; and it compiles a new graph
+(a new executor) for a new batch size of the same model. A profile kept on the executor would be
+wrong in the first case and lost in the second. So the profile an uncached request measures is
+stored here under the parameter tensors the executor was called with: another model gets its own
+calibration, and a recompile of the same model finds its profile again.
+
+Weights changed in place (``load_state_dict``) bump the tensors' version counters: the stored
+profile then no longer matches and the next request calibrates again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a request ran under, as the executor sees it: what a profile was measured at."""
+
+    steps: int
+    """Denoiser calls per guidance branch."""
+    batch: int
+    """Samples per call (a classifier-free-guidance batch counts both halves)."""
+    tokens: int | None
+    """Length of the token stream entering the guarded span (the resolution), if it has one."""
+    timesteps: tuple[float, ...] = ()
+    """The timestep of each step, as the model received it (the scheduler and its shift)."""
+
+    def describe(self) -> str:
+        """``28 steps, batch 20, 64 tokens``."""
+        tokens = f", {self.tokens} tokens" if self.tokens is not None else ""
+        return f"{self.steps} steps, batch {self.batch}{tokens}"
+
+
+@dataclass
+class ModelProfile:
+    """A model's calibrated indicator, and whose and what it was measured on."""
+
+    recorded: dict[str, list[float]]
+    """Per-step indicator by key (``"stack"``, ``"curvature"``, ``"block0"``)."""
+    condition: Condition
+    weights: dict[int, int] = field(repr=False)
+    """id -> version of each parameter tensor at calibration: a changed weight invalidates it."""
+    owner: str = ""
+    """Which model, in words."""
+
+    def matches(self, weights: Iterable[torch.Tensor]) -> bool:
+        """Whether `weights` still hold what this profile was measured with (every stored
+        tensor present, none modified in place since)."""
+        current = fingerprint(weights)
+        return all(current.get(i) == version for i, version in self.weights.items())
+
+    def describe(self) -> str:
+        """Whose profile this is and what it was measured on."""
+        return f"measured on an uncached request of {self.owner} ({self.condition.describe()})"
+
+
+_PROFILES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""parameter tensor -> the `ModelProfile` of the model that owns it (weak: dies with the model)."""
+
+
+def model_weights(values: Iterable[Any]) -> list[torch.Tensor]:
+    """The parameters among a call's graph inputs (buffers may be shared between models)."""
+    return [v for v in values if isinstance(v, torch.nn.Parameter)]
+
+
+def fingerprint(weights: Iterable[torch.Tensor]) -> dict[int, int]:
+    """id -> version counter of each tensor (in-place writes such as ``load_state_dict`` bump
+    the version)."""
+    return {id(w): w._version for w in weights}
+
+
+def lookup(weights: list[torch.Tensor]) -> ModelProfile | None:
+    """The profile stored for the model these weights belong to, if it still matches them."""
+    found = _PROFILES.get(weights[0]) if weights else None
+    return found if found is not None and found.matches(weights) else None
+
+
+def store(weights: list[torch.Tensor], profile: ModelProfile) -> None:
+    """Keep `profile` for the model these weights belong to (under each of them, so the model
+    can be found from any of its parameters)."""
+    for weight in weights:
+        _PROFILES[weight] = profile
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Drop `model`'s calibrated profile: its next cached request calibrates again."""
+    for weight in model.parameters():
+        _PROFILES.pop(weight, None)
+
+
+def profile_of(model: torch.nn.Module) -> ModelProfile | None:
+    """The profile `model`'s cached requests use (measured on one of its own uncached
+    requests), or None when it has none yet (its next cached request calibrates)."""
+    weights = list(model.parameters())
+    found = next((_PROFILES[w] for w in weights if w in _PROFILES), None)
+    return found if found is not None and found.matches(weights) else None
