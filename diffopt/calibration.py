@@ -1,17 +1,20 @@
 """`diffopt.calibrate`: record the change indicator on calibration inputs, then pick settings.
 
 One full run records the indicator at every step; that profile is what thresholds are measured
-against (they are fractions of the whole run's change), so the same settings transfer across
-models, step counts and quantization. With ``cache="auto"`` and a quality budget, every setting
-on a small grid is run on the same inputs and the one that does the least block work while
-meeting the budget wins; each setting is a per-request override, so nothing recompiles.
+against (they are fractions of the whole run's change). With ``cache="auto"`` and a quality
+budget, every setting on a small grid is run on the same inputs (each a per-request override, so
+nothing recompiles), and the one with the least block work whose *fresh-input* estimate keeps the
+budget wins: the promise is about inputs calibration never saw, so a setting is judged by the
+bootstrap lower bounds of its mean-MSE PSNR and of its 5th-percentile sample
+(`diffopt.quality.fresh_estimate`), not by the calibration inputs' own figure, which the search
+picked it for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,21 +37,67 @@ CRITICAL_GRID = {
 run's calibrated change, or of its curvature weighted by the distance from the last full step."""
 
 
+Selection = Literal["fresh", "calibration"]
+"""How `select` reads a trial: ``"fresh"`` by its estimate for inputs calibration never saw (the
+bootstrap lower bounds of `diffopt.quality.FreshEstimate`), ``"calibration"`` by the calibration
+inputs' own mean-MSE PSNR (the edge-picking diffopt did before; flatters the chosen setting)."""
+
+
 @dataclass
 class Trial:
     """One setting tried by the search, and how it did against the uncached run."""
 
     settings: dict[str, Any]
+    """The fields that differ from the base settings."""
+    config: CacheConfig
+    """The whole setting, calibrated profile included."""
     stats: quality.PsnrStats
     """Mean-MSE PSNR and per-sample percentiles on the calibration inputs."""
+    fresh: quality.FreshEstimate
+    """What the per-sample errors say about fresh inputs (bootstrap interval and bounds)."""
     work: float
     """Guarded block work as a share of the uncached run's."""
     hit_rates: dict[str, float]
+    plan: list[CacheAction] = field(default_factory=list, repr=False)
+    """The actions it took per step (first guidance branch)."""
+    mse: list[float] = field(default_factory=list, repr=False)
+    """Each calibration input's mean squared error against the uncached run."""
 
     @property
     def psnr(self) -> float:
         """PSNR of the mean squared error over the calibration inputs."""
         return self.stats.mean
+
+
+def select(trials: Sequence[Trial], target_psnr: float, *, by: Selection = "fresh") -> Trial:
+    """The trial with the least block work that keeps `target_psnr`.
+
+    ``by="fresh"``: its fresh-input lower bounds keep the promise (mean-MSE PSNR >= target,
+    5th percentile >= target - `diffopt.quality.TAIL_MARGIN_DB`); ``by="calibration"``: its
+    calibration inputs' own mean-MSE PSNR reaches the target. Raises `ConfigError` with the
+    closest setting when none does.
+    """
+    if by == "fresh":
+        passing = [t for t in trials if t.fresh.meets(target_psnr)]
+    elif by == "calibration":
+        passing = [t for t in trials if t.psnr >= target_psnr]
+    else:
+        raise ConfigError(f"select by 'fresh' or 'calibration', not {by!r}")
+    if passing:
+        return min(passing, key=lambda t: (t.work, -t.fresh.low))
+    best = max(trials, key=lambda t: t.fresh.low if by == "fresh" else t.psnr)
+    if by == "calibration":
+        reached = f"best: {best.psnr:.1f} dB"
+    else:
+        reached = (
+            f"best: {best.fresh.low:.1f} dB for fresh inputs at {best.fresh.confidence:.0%} "
+            f"confidence, p5 {best.fresh.p5_low:.1f} dB; {best.psnr:.1f} dB on the calibration "
+            "inputs"
+        )
+    raise ConfigError(
+        f"no cache setting reached target_psnr={target_psnr} dB ({reached}, with "
+        f"{best.settings}); lower the target, calibrate with more steps or more inputs"
+    )
 
 
 @dataclass
@@ -60,6 +109,16 @@ class Calibration:
     plan: list[CacheAction]
     """The chosen setting's actions per step (first guidance branch), for ``mode="plan"``."""
     trials: list[Trial] = field(default_factory=list)
+    target_psnr: float | None = None
+    """The quality budget the setting was chosen for (None without ``cache="auto"``)."""
+    chosen: Trial | None = None
+    """The trial `config` comes from."""
+
+    def retarget(self, target_psnr: float, *, by: Selection = "fresh") -> Calibration:
+        """The same trials' choice for another budget (or another rule), without running
+        anything again."""
+        chosen = select(self.trials, target_psnr, by=by)
+        return Calibration(chosen.config, chosen.plan, self.trials, target_psnr, chosen)
 
     def save(self, path: str | Path) -> Path:
         """Write the cache config as JSON (loadable with `CacheConfig(**json.load(...))`)."""
@@ -74,17 +133,49 @@ class Calibration:
         return path
 
     def table(self) -> str:
-        """Every setting tried: PSNR (mean-MSE, 5th percentile, worst and median sample), guarded
-        block work and the hit rate of each action."""
+        """Every setting tried: PSNR on the calibration inputs (mean-MSE, 5th percentile, worst
+        and median sample), the estimate for fresh inputs with its interval, block work and the
+        hit rate of each action; the chosen row is starred, and `summary` follows."""
         from tabulate import tabulate
 
         rows = [
-            [json.dumps(t.settings), *t.stats.cells(), f"{t.work:.3f}"]
+            ["*" if t is self.chosen else "", json.dumps(t.settings), *t.stats.cells()]
+            + [_interval(t.fresh), quality.format_db(t.fresh.p5_low), f"{t.work:.3f}"]
             + [f"{t.hit_rates[a]:.2f}" for a in ACTIONS]
             for t in self.trials
         ]
-        headers = ["settings", *quality.STATS_HEADERS, "work", *ACTIONS]
-        return tabulate(rows, headers, tablefmt="github")
+        confidence = self.trials[0].fresh.confidence if self.trials else 0.9
+        headers = ["", "settings", *quality.STATS_HEADERS]
+        headers += [f"fresh dB ({confidence:.0%} interval)", "fresh p5 >= dB", "work", *ACTIONS]
+        table = tabulate(rows, headers, tablefmt="github")
+        return table + "\n\n" + self.summary() if self.chosen is not None else table
+
+    def summary(self, *, rate: float = 0.05, margin_db: float = 0.5) -> str:
+        """The chosen setting's estimate for fresh inputs, with its spread, and how many
+        calibration inputs a tighter bound, or seeing a failure that hits a `rate` share of
+        inputs, would need."""
+        t = self.chosen
+        if t is None:
+            return "no setting was chosen (calibrate with cache='auto' and a target_psnr)"
+        fresh, n = t.fresh, t.fresh.samples
+        seen = 1 - (1 - rate) ** n
+        lines = [
+            f"chosen {json.dumps(t.settings)} for target {self.target_psnr:g} dB: "
+            f"{t.psnr:.1f} dB on its {n} calibration inputs; on fresh inputs "
+            f"{fresh.estimate:.1f} dB expected, {_interval(fresh)} ({fresh.confidence:.0%} "
+            f"bootstrap interval), 5th-percentile sample >= {fresh.p5_low:.1f} dB; "
+            f"block work {t.work:.3f}.",
+            f"for a lower bound within {margin_db:g} dB of the estimate: about "
+            f"{fresh.inputs_for_margin(margin_db)} calibration inputs. A failure that hits "
+            f"1 input in {round(1 / rate)} shows up among {n} inputs with {seen:.0%} "
+            f"probability; {quality.inputs_to_see(rate, fresh.confidence)} inputs see it with "
+            f"{fresh.confidence:.0%} confidence.",
+        ]
+        return "\n".join(lines)
+
+
+def _interval(fresh: quality.FreshEstimate) -> str:
+    return f"{quality.format_db(fresh.low)}-{quality.format_db(fresh.high)}"
 
 
 def calibrate(
@@ -94,6 +185,7 @@ def calibrate(
     steps: int,
     cache: CacheConfig | Literal["auto"] | None = None,
     target_psnr: float | None = None,
+    confidence: float = 0.9,
     data_range: float = 2.0,
     inner: InnerBackend = "eager",
 ) -> Calibration:
@@ -102,8 +194,10 @@ def calibrate(
     `run(denoiser)` must sample once with the given denoiser (``steps`` denoiser calls per
     guidance branch) and return the result. Without ``cache="auto"``, the given (or default)
     settings get the calibrated profile. With ``cache="auto"`` and `target_psnr`, the grid is
-    searched for the least block work whose samples stay within `target_psnr` dB (PSNR with
-    `data_range`) of the uncached run's; if none does, a `ConfigError` says how close it got.
+    searched for the least block work that keeps the promise on inputs calibration never saw:
+    at `confidence`, the bootstrap lower bound of the mean-MSE PSNR (with `data_range`) against
+    the uncached run reaches `target_psnr`, and that of the 5th-percentile sample
+    `target_psnr - 3`. If none does, a `ConfigError` says how close it got.
     """
     auto = cache == "auto"
     if auto and target_psnr is None:
@@ -114,18 +208,31 @@ def calibrate(
     # a model compiled often (a benchmark, repeated calibration) must not fall back to eager
     limit = max(torch._dynamo.config.recompile_limit, 64)
     with torch._dynamo.config.patch(recompile_limit=limit):
-        return _search(denoiser, run, base, steps, auto, target_psnr, data_range)
+        reference, base = _profile(denoiser, run, base, steps)
+        candidates = _grid(base) if auto else [base]
+        trials = measure(
+            denoiser,
+            run,
+            candidates,
+            reference,
+            steps=steps,
+            data_range=data_range,
+            confidence=confidence,
+            trial=auto,
+        )
+    for trial in trials:
+        trial.settings = _changed(trial.config, base)
+    if not auto:
+        return Calibration(base, trials[0].plan, trials)
+    chosen = select(trials, target_psnr)
+    return Calibration(chosen.config, chosen.plan, trials, target_psnr, chosen)
 
 
-def _search(
-    denoiser: Callable[..., Any],
-    run: Run,
-    base: CacheConfig,
-    steps: int,
-    auto: bool,
-    target_psnr: float | None,
-    data_range: float,
-) -> Calibration:
+def _profile(
+    denoiser: Callable[..., Any], run: Run, base: CacheConfig, steps: int
+) -> tuple[torch.Tensor, CacheConfig]:
+    """One uncached run that records the indicator: the reference samples and the settings
+    with the calibrated profile."""
     with request(steps=steps, calibrate=True) as calibration_run:
         reference = run(denoiser)
     key = "block0" if base.indicator == "block0" else "stack"
@@ -136,35 +243,47 @@ def _search(
             "(did `run` use the denoiser it was given? see the step_guard pass report)"
         )
     curvature = calibration_run.recorded.get("curvature") if key == "stack" else None
-    base = dataclasses.replace(base, profile=profile, curvature=curvature)
-    candidates = _grid(base) if auto else [base]
+    return reference, dataclasses.replace(base, profile=profile, curvature=curvature)
 
-    trials, plans = [], []
-    for settings in candidates:
+
+def measure(
+    denoiser: Callable[..., Any],
+    run: Run,
+    settings: Sequence[CacheConfig],
+    reference: torch.Tensor,
+    *,
+    steps: int,
+    data_range: float = 2.0,
+    confidence: float = 0.9,
+    trial: bool = True,
+) -> list[Trial]:
+    """Run each of `settings` as one request of `denoiser` (compiled with cache guards; nothing
+    recompiles) on the inputs `run` samples, and score it against the `reference` samples: the
+    statistics of these inputs, and the estimate for fresh ones at `confidence`. `trial` marks
+    the requests as a search's (no idle-guard warnings)."""
+    trials = []
+    for config in settings:
         # the search's own settings: guards idle under them are its finding, not a user error
-        with request(steps=steps, cache=settings, trial=auto) as req:
+        with request(steps=steps, cache=config, trial=trial) as req:
             samples = run(denoiser)
-        changed = {k: v for k, v in dataclasses.asdict(settings).items() if v != getattr(base, k)}
+        mse = quality.mse_per_sample(samples, reference)
         trials.append(
             Trial(
-                changed,
-                quality.psnr_stats(samples, reference, data_range),
+                {},
+                config,
+                quality.PsnrStats.from_mse(mse, data_range),
+                quality.fresh_estimate(mse, data_range, confidence=confidence),
                 req.compute(),
                 req.hit_rates(),
+                req.actions.get(0, []),
+                mse.tolist(),
             )
         )
-        plans.append(req.actions.get(0, []))
-    if not auto:
-        return Calibration(base, plans[0], trials)
-    passing = [i for i, t in enumerate(trials) if t.psnr >= target_psnr]
-    if not passing:
-        best = max(trials, key=lambda t: t.psnr)
-        raise ConfigError(
-            f"no cache setting reached target_psnr={target_psnr} dB (best: {best.psnr:.1f} dB "
-            f"with {best.settings}); lower the target or calibrate with more steps"
-        )
-    chosen = min(passing, key=lambda i: (trials[i].work, -trials[i].psnr))
-    return Calibration(candidates[chosen], plans[chosen], trials)
+    return trials
+
+
+def _changed(config: CacheConfig, base: CacheConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items() if v != getattr(base, k)}
 
 
 def _grid(base: CacheConfig) -> list[CacheConfig]:

@@ -103,3 +103,79 @@ def psnr_stats(images: torch.Tensor, reference: torch.Tensor, data_range: float)
 def format_db(value: float) -> str:
     """A PSNR for a table: one decimal, or ``inf`` for an identical result."""
     return "inf" if value == math.inf else f"{value:.1f}"
+
+
+@dataclass(frozen=True)
+class FreshEstimate:
+    """What one setting's per-sample errors on the calibration inputs say about fresh inputs.
+
+    A calibration set's own PSNR is the figure the setting was picked for, so it flatters it;
+    resampling the calibration inputs (bootstrap) gives the spread a fresh set of the same size
+    would show, and its lower bound is what a selection can stand on.
+    """
+
+    estimate: float
+    """Mean-MSE PSNR on the calibration inputs (the point estimate for fresh inputs)."""
+    low: float
+    """Lower bound of the mean-MSE PSNR at `confidence` (bootstrap percentile)."""
+    high: float
+    """Upper bound at `confidence` (the other side of the interval)."""
+    p5_low: float
+    """Lower bound of the 5th-percentile sample's PSNR at `confidence`."""
+    confidence: float
+    samples: int
+
+    def meets(self, target: float) -> bool:
+        """Whether fresh inputs keep the promise at this confidence: the mean-MSE PSNR's lower
+        bound reaches `target`, and the 5th percentile's is within `TAIL_MARGIN_DB` of it."""
+        return self.low >= target and self.p5_low >= target - TAIL_MARGIN_DB
+
+    def inputs_for_margin(self, margin_db: float) -> int:
+        """Calibration inputs for the lower bound to sit within `margin_db` of the estimate
+        (the interval narrows as one over the square root of the count)."""
+        spread = self.estimate - self.low
+        if not math.isfinite(spread) or spread <= margin_db:
+            return self.samples
+        return math.ceil(self.samples * (spread / margin_db) ** 2)
+
+
+def fresh_estimate(
+    mse: Sequence[float] | torch.Tensor,
+    data_range: float,
+    *,
+    confidence: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> FreshEstimate:
+    """Bootstrap the per-sample squared errors of the calibration inputs: the mean-MSE PSNR a
+    fresh set of the same size would give, with a two-sided `confidence` interval, and a lower
+    bound for its 5th-percentile sample. Seeded, so a calibration is reproducible."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    mse = torch.as_tensor(mse, dtype=torch.float64)
+    n = mse.numel()
+    if n == 0:
+        raise ValueError("no samples to score")
+    gen = torch.Generator().manual_seed(seed)
+    drawn = mse[torch.randint(n, (resamples, n), generator=gen)]
+    tail = (1 - confidence) / 2
+    means = drawn.mean(1)
+    high_mse, low_mse = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    p95 = torch.quantile(drawn, 0.95, dim=1)
+    worst_p95 = torch.quantile(p95, 1 - tail)
+    return FreshEstimate(
+        estimate=to_psnr(mse.mean().item(), data_range),
+        low=to_psnr(low_mse.item(), data_range),
+        high=to_psnr(high_mse.item(), data_range),
+        p5_low=to_psnr(worst_p95.item(), data_range),
+        confidence=confidence,
+        samples=n,
+    )
+
+
+def inputs_to_see(rate: float, confidence: float) -> int:
+    """Calibration inputs needed for a failure that hits a `rate` share of inputs to show up in
+    at least one of them with `confidence` (``1 - (1 - rate) ** n >= confidence``)."""
+    if not (0 < rate < 1 and 0 < confidence < 1):
+        raise ValueError(f"rate and confidence must be in (0, 1), got {rate}, {confidence}")
+    return math.ceil(math.log(1 - confidence) / math.log(1 - rate))
