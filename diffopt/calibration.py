@@ -192,14 +192,16 @@ def calibrate(
     """Calibrate cache guards for `model` on the inputs `run` samples.
 
     `run(denoiser)` must sample once with the given denoiser (``steps`` denoiser calls per
-    guidance branch) and return the result. Without ``cache="auto"``, the given (or default)
-    settings get the calibrated profile. With ``cache="auto"`` and `target_psnr`, the grid is
-    searched for the least block work that keeps the promise on inputs calibration never saw:
+    guidance branch) and return the result. Without a `target_psnr`, the given (or default)
+    settings get the calibrated profile. With one (and ``cache="auto"``, or settings whose
+    thresholds and refresh the search then replaces, such as ``CacheConfig(check="stack")``), the
+    grid is searched for the least block work that keeps the promise on inputs calibration never saw:
     at `confidence`, the bootstrap lower bound of the mean-MSE PSNR (with `data_range`) against
     the uncached run reaches `target_psnr`, and that of the 5th-percentile sample
     `target_psnr - 3`. If none does, a `ConfigError` says how close it got.
     """
-    auto = cache == "auto"
+    # a budget searches, from the given settings when there are some (e.g. with the check on)
+    auto = cache == "auto" or target_psnr is not None
     if auto and target_psnr is None:
         raise ConfigError('cache="auto" needs a quality budget, e.g. target_psnr=30')
     base = CacheConfig(steps=steps) if cache in (None, "auto") else cache
