@@ -7,8 +7,8 @@ PSNR reaches the target) and the fresh-input selection (bootstrap lower bounds o
 PSNR and of the 5th-percentile sample). Both choices, and every setting edge-picking would take at
 other targets (its speed frontier), sample fresh inputs at the serving batch and are scored
 against the uncached run of the same inputs: mean-MSE PSNR, per-sample p5, min and median, block
-work and wall time. `--check` adds the online per-sample check to the new selection's settings
-(calibrated with it). `--transfer` also runs the settings chosen at the first condition under the
+work and wall time. `--check stack` also runs the fresh-input choice with the online per-sample
+check turned on (as chosen, not recalibrated). `--transfer` also runs the settings chosen at the first condition under the
 others, to see how far a profile carries.
 
     python benchmarks/cache_robustness.py --calibration 12 --fresh 40 --targets 26 30 34
@@ -38,6 +38,9 @@ from diffopt.config import CacheConfig, ConfigError
 from diffopt.evaluation import zoo
 
 FRONTIER_TARGETS = tuple(range(20, 50, 2))
+METHODS = ("old", "new", "new+check")
+"""Edge-picking on the calibration figure; the fresh-input selection; the same with the online
+check turned on (``--check``)."""
 """Budgets edge-picking is asked for to trace its fresh-PSNR-vs-work frontier."""
 
 
@@ -185,7 +188,6 @@ def run_condition(
 
     started = time.perf_counter()
     found = calibrated("auto")
-    checked = calibrated(CacheConfig(check=args.check)) if args.check else found
     calibration_seconds = time.perf_counter() - started
     fresh = Fresh(reference, condition, args.fresh)
     old_points = []
@@ -196,13 +198,19 @@ def run_condition(
     rows = []
     for target in args.targets:
         row: dict[str, Any] = {"target": target}
-        for method, source, by in (("old", found, "calibration"), ("new", checked, "fresh")):
-            picked = choose(source, target, by)
+        for method, by in (("old", "calibration"), ("new", "fresh")):
+            picked = choose(found, target, by)
             row[method] = None if picked is None else _measured(fresh, picked)
-        if row["new"] is not None:
-            psnr = row["new"]["fresh"]["mean"]
-            row["old_work_at_new_psnr"] = work_at(old_points, psnr)
-            row["old_wall_at_new_psnr"] = work_at(old_points, psnr, "wall_ratio")
+        if args.check and row["new"] is not None:  # the safety net on top of the new choice
+            picked = choose(found, target, "fresh")
+            check = {"check": args.check, "check_tolerance": args.tolerance}
+            picked.config = dataclasses.replace(picked.config, **check)
+            row["new+check"] = _measured(fresh, picked)
+        for method in METHODS[1:]:
+            if row.get(method) is not None:  # edge-picking's cost at the same fresh PSNR
+                psnr = row[method]["fresh"]["mean"]
+                row[method]["old_work_at_this_psnr"] = work_at(old_points, psnr)
+                row[method]["old_wall_at_this_psnr"] = work_at(old_points, psnr, "wall_ratio")
         rows.append(row)
     return {
         "condition": dataclasses.asdict(condition),
@@ -214,7 +222,7 @@ def run_condition(
         "chosen_new": {
             str(t): dataclasses.asdict(c.config)
             for t in args.targets
-            if (c := choose(checked, t, "fresh")) is not None
+            if (c := choose(found, t, "fresh")) is not None
         },
     }
 
@@ -280,7 +288,9 @@ def markdown(results: list[dict[str, Any]], transfers: list[dict[str, Any]]) -> 
     table = []
     for result in results:
         for row in result["rows"]:
-            for method in ("old", "new"):
+            for method in METHODS:
+                if method not in row:
+                    continue
                 m = row[method]
                 if m is None:
                     table.append([result["condition"]["name"], row["target"], method, "none"])
@@ -337,24 +347,24 @@ def summary(results: list[dict[str, Any]]) -> list[list[Any]]:
     """Per target and method: the promise over all conditions."""
     rows = []
     for target in sorted({r["target"] for result in results for r in result["rows"]}):
-        for method in ("old", "new"):
+        for method in METHODS:
             chosen = [
                 r[method]
                 for result in results
                 for r in result["rows"]
-                if r["target"] == target and r[method] is not None
+                if r["target"] == target and r.get(method) is not None
             ]
             if not chosen:
                 continue
             fresh = [c["fresh"]["mean"] for c in chosen]
             tails = sum(c["fresh"]["p5"] >= target - quality.TAIL_MARGIN_DB for c in chosen)
             ratios = [
-                r["new"]["work"] / r["old_work_at_new_psnr"]
+                r[method]["work"] / r[method]["old_work_at_this_psnr"]
                 for result in results
                 for r in result["rows"]
                 if r["target"] == target
-                and r["new"] is not None
-                and math.isfinite(r.get("old_work_at_new_psnr", math.nan))
+                and r.get(method) is not None
+                and math.isfinite(r[method].get("old_work_at_this_psnr", math.nan))
             ]
             rows.append(
                 [
@@ -364,9 +374,7 @@ def summary(results: list[dict[str, Any]]) -> list[list[Any]]:
                     f"{min(fresh):.1f}",
                     f"{tails} / {len(chosen)}",
                     f"{sum(c['work'] for c in chosen) / len(chosen):.3f}",
-                    f"{sum(ratios) / len(ratios):.2f} ({len(ratios)})"
-                    if method == "new" and ratios
-                    else "",
+                    f"{sum(ratios) / len(ratios):.2f} ({len(ratios)})" if ratios else "",
                 ]
             )
     return rows
@@ -384,15 +392,15 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     names = [r["condition"]["name"] for r in results]
     targets = sorted({r["target"] for result in results for r in result["rows"]})
     for k, target in enumerate(targets):
-        for method, marker in (("old", "x"), ("new", "o")):
+        for method, marker in zip(METHODS, "xos", strict=True):
             xs, ys = [], []
             for i, result in enumerate(results):
                 for r in result["rows"]:
-                    if r["target"] == target and r[method] is not None:
+                    if r["target"] == target and r.get(method) is not None:
                         xs.append(i + 0.15 * (k - 1))
                         ys.append(r[method]["fresh"]["mean"] - target)
-            label = f"{target:g} dB, {'edge-picking' if method == 'old' else 'fresh-input'}"
-            left.scatter(xs, ys, marker=marker, color=f"C{k}", label=label)
+            if xs:
+                left.scatter(xs, ys, marker=marker, color=f"C{k}", label=f"{target:g} dB, {method}")
     left.axhline(0, color="0.3", lw=0.8)
     left.axhline(-1.5, color="0.6", lw=0.8, ls=":")
     left.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
@@ -430,7 +438,8 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=40, help="fresh inputs per condition")
     parser.add_argument("--targets", type=float, nargs="+", default=[26, 30, 34])
     parser.add_argument("--confidence", type=float, default=0.9)
-    parser.add_argument("--check", default=None, help="the online check the new method uses")
+    parser.add_argument("--check", help="also run the fresh-input choice with this cache.check")
+    parser.add_argument("--tolerance", type=float, default=1.2, help="cache.check_tolerance")
     parser.add_argument("--conditions", nargs="+", help="names (default: all)")
     parser.add_argument("--transfer", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")

@@ -74,6 +74,15 @@ class CacheConfig:
     """The first steps always compute (the last step always does too)."""
     max_reuse: int = 8
     """Cap on consecutive steps that are not full."""
+    check: Literal["none", "stack"] = "none"
+    """The online safety net, per sample: ``stack`` measures, at every full step, how far each
+    sample's block-stack residual moved per step since the last full step (free: the executor
+    holds both), against what the calibrated profile expects; a sample that moved more than
+    `check_tolerance` times that runs full steps (and with it its batch) until a full step
+    finds it back within tolerance. The profile decides everywhere else."""
+    check_tolerance: float = 1.2
+    """Ratio of a sample's measured residual change to the profile's above which the check
+    vetoes reuse for it."""
     profile: list[float] | None = None
     """The calibrated per-step indicator (from `diffopt.calibrate`), resampled to `steps`."""
     curvature: list[float] | None = None
@@ -89,6 +98,14 @@ class CacheConfig:
         _check_choice("cache.mode", self.mode, ("online", "plan"))
         _check_choice("cache.indicator", self.indicator, ("profile", "block0"))
         _check_choice("cache.polish", self.polish, ("token", "block", "none"))
+        _check_choice("cache.check", self.check, ("none", "stack"))
+        if self.check != "none" and self.indicator != "profile":
+            raise ConfigError(
+                "cache.check compares the measured residual change with the calibrated profile; "
+                "it needs cache.indicator='profile' (block0 measures every step already)"
+            )
+        if self.check_tolerance <= 0:
+            raise ConfigError(f"cache.check_tolerance must be > 0, got {self.check_tolerance}")
         if not 0 <= self.early <= self.critical:
             raise ConfigError(
                 f"cache thresholds need 0 <= early <= critical, got early={self.early}, "

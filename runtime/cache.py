@@ -64,6 +64,8 @@ class Request:
     the search's finding, not the user's to fix, so they are not warned about."""
     actions: dict[int, list[CacheAction]] = field(default_factory=dict)
     """Per guidance branch, the action taken at each step."""
+    vetoes: dict[int, list[int]] = field(default_factory=dict)
+    """Per guidance branch, how many samples the check held to a full step at each step."""
     work: dict[int, list[float]] = field(default_factory=dict)
     """Per guidance branch, each step's guarded block work as a share of a full step's."""
     recorded: dict[str, list[float]] = field(default_factory=dict)
@@ -115,11 +117,14 @@ class Trend:
         self.full: torch.Tensor | None = None
         self.full_step = 0
         self.slope: torch.Tensor | None = None
+        self.gap = 1
+        """Steps between the last two full steps (what `slope` is measured over)."""
 
     def record_full(self, value: torch.Tensor, step: int) -> None:
         # sizes a region passes on under dynamic shapes are ints: held, never extrapolated
         if isinstance(value, torch.Tensor) and self.full is not None and step > self.full_step:
-            self.slope = (value - self.full) / (step - self.full_step)
+            self.gap = step - self.full_step
+            self.slope = (value - self.full) / self.gap
         self.full = self.latest = value
         self.full_step = self.at_step = step
 
@@ -137,6 +142,10 @@ class Trend:
         if self.slope is None:
             return 0.0
         return float(self.slope.abs().mean() / self.full.abs().mean().clamp_min(1e-12))
+
+    def change_per_sample(self) -> torch.Tensor:
+        """Each sample's relative L1 change per step between the last two full steps [B]."""
+        return relative_change(self.slope + self.full, self.full)
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -192,6 +201,8 @@ class Branch:
     """The first exit's residual two steps back (calibration of the curvature)."""
     kept: bool = False
     """A calibrating branch whose profile is stored already (at its last step)."""
+    drifting: torch.Tensor | None = None
+    """[B] samples the check found moving more than the profile expects (`cache.check`)."""
 
 
 @dataclass
@@ -538,11 +549,14 @@ class CachingExecutor(RegionExecutor):
             stream = self._stream(values)
             self._seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
         change = self._indicator(branch, values, step, probe_inputs)
-        action: CacheAction = (
-            "full"
-            if branch.calibrating
-            else branch.controller.decide(step, change, self._curvature(branch, step, change))
-        )
+        if branch.calibrating:
+            action: CacheAction = "full"
+        else:
+            curvature = self._curvature(branch, step, change)
+            action = branch.controller.decide(step, change, curvature, branch.drifting)
+            if branch.drifting is not None:
+                vetoes = self._request.vetoes.setdefault(self._branch, [])
+                vetoes.append(int(branch.drifting.sum()))
         chosen = STRATEGIES[action]
         if not chosen.can(self, branch):
             # its guard did not apply, or nothing is cached yet (before the second full step)
@@ -609,6 +623,17 @@ class CachingExecutor(RegionExecutor):
             profile = self._settings().profile or self._recorded(self._indicator_key)
             branch.profile = resample_profile(profile, branch.controller.steps)
         return branch.profile
+
+    def _drifting(self, branch: Branch, step: int) -> torch.Tensor | None:
+        """The check, at a full step: the samples whose stack residual moved more per step since
+        the previous full step than the calibrated profile expects over those steps, times
+        `check_tolerance`."""
+        trend = branch.stack[self.span.exits[0]]
+        if trend.slope is None:
+            return None
+        expected = sum(self._profile(branch)[step - trend.gap + 1 : step + 1]) / trend.gap
+        tolerance = self._settings().check_tolerance
+        return trend.change_per_sample() > tolerance * max(expected, 1e-12)
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
         if self._branch == 0:
@@ -743,6 +768,8 @@ def _full(executor: CachingExecutor, call: SpanCall) -> float:
         trend.record_full(value, step)
     if executor._armed("token", call.config):
         executor._set_anchor(branch, before, values)
+    if call.config.check == "stack" and not branch.calibrating:
+        branch.drifting = executor._drifting(branch, step)
     return 1.0
 
 

@@ -71,13 +71,18 @@ class Controller:
         self.since_full: torch.Tensor | None = None
 
     def decide(
-        self, step: int, change: torch.Tensor, curvature: torch.Tensor | None = None
+        self,
+        step: int,
+        change: torch.Tensor,
+        curvature: torch.Tensor | None = None,
+        veto: torch.Tensor | None = None,
     ) -> CacheAction:
         """The batch's action at `step`, given each sample's indicator `change` [B].
 
         With `curvature` (for extrapolated reuse), the accumulated quantity is the error a linear
         extrapolation makes instead: each step's curvature weighs by its distance from the
-        last full step.
+        last full step. `veto` [B] marks samples a measured check found drifting: they get a
+        full step whatever the indicator says.
         """
         if self.accumulated is None:
             self.accumulated = torch.zeros_like(change)
@@ -93,6 +98,8 @@ class Controller:
             want = (self.accumulated >= config.early).to(torch.int8)
             want += self.accumulated >= config.critical
             want[self.since_full >= config.max_reuse] = 2
+            if veto is not None:
+                want[veto] = 2
             rank = int(want.max())  # the one host read per step
             action = ("reuse", self.polish, "full")[rank]
         if action == "full":

@@ -190,6 +190,30 @@ def test_inductor_regions_with_token_refresh():
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize(("tolerance", "vetoed"), [(1e6, False), (1e-6, True)])
+def test_the_check_vetoes_reuse_for_samples_that_move_more_than_the_profile(tolerance, vetoed):
+    """check="stack": at each full step, a sample whose residual moved more than the profile
+    expects (times the tolerance) holds its batch to full steps; within tolerance, the profile
+    alone decides."""
+    model, inputs = build()
+    settings = {**ALWAYS_REUSE, "max_reuse": 3, "polish": "none"}
+    compiled = calibrated(model, inputs, check="stack", check_tolerance=tolerance, **settings)
+    with diffopt.request(steps=12) as req:
+        denoise(compiled, inputs, 12)
+    if vetoed:  # drift is measured from the second full step on (its slope): full ever after
+        assert req.actions[0] == ["full"] * 12
+        assert req.vetoes[0] == [2] * 10  # both samples, at steps 2 to 11
+    else:
+        cycle = ["reuse", "reuse", "reuse", "full"]
+        assert req.actions[0] == ["full", "full", *cycle * 2, "reuse", "full"]
+        assert not any(req.vetoes[0])
+
+
+def test_the_check_needs_the_profile_indicator():
+    with pytest.raises(ConfigError, match=r"cache\.check compares"):
+        CacheConfig(check="stack", indicator="block0")
+
+
 def test_a_second_batch_size_recompiles_dynamic_and_keeps_the_calibration():
     """A new batch size compiles a new graph (a new executor); the model's profile, measured on
     its first request, is found again: no uncached request per new shape."""

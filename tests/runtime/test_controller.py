@@ -49,6 +49,18 @@ def test_each_sample_accumulates_its_own_change():
     assert controller.accumulated.tolist() == pytest.approx([0.01, 0.35])
 
 
+def test_a_vetoed_sample_gets_a_full_step_for_its_batch():
+    controller = Controller(CacheConfig(early=10, critical=20, max_reuse=100), 6, "token")
+    calm = torch.tensor([False, False])
+    assert [controller.decide(s, torch.zeros(2), veto=calm) for s in range(3)] == [
+        "full",
+        "reuse",
+        "reuse",
+    ]
+    assert controller.decide(3, torch.zeros(2), veto=torch.tensor([False, True])) == "full"
+    assert controller.decide(4, torch.zeros(2), veto=calm) == "reuse"  # accumulators restarted
+
+
 def test_plan_mode_follows_the_plan_inside_the_guardrails(tmp_path):
     plan = ["full", "reuse", "token", "block", "reuse", "reuse"]
     path = tmp_path / "plan.json"
