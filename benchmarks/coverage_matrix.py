@@ -17,8 +17,9 @@ this checks, through the public API only:
   where the class's call does not fit unroll's ``denoiser(hidden_states|sample=, timestep=)``);
 - export: ``diffopt.export`` + ``diffopt.load_engine`` match the model (<= 1e-4).
 
-Each family runs in its own process with a timeout, each check under its own alarm, so one hang or
-crash costs one cell. A failed cell carries its reason: the exception's first line and where it
+Families run in child processes, each check under its own alarm; a family that crashes or
+outlives --timeout ends only its child, and the next child resumes after it, so one hang or crash
+costs one cell. A failed cell carries its reason: the exception's first line and where it
 was raised (the deepest diffopt frame, else the deepest frame), or the pass report's skip reason
 with the module path. The table goes to stdout, ``results/coverage.md`` and ``coverage.json``.
 
@@ -217,24 +218,44 @@ class Family:
     def guards(self) -> dict[str, dict]:
         """Cells for regions and the three guards, from one inspect with cache guards on."""
         report = self.inspect({"cache": {"steps": 4}})
-        blocks = report.blocks
-        stacks = sorted({b.name.rsplit(".", 1)[0] for b in blocks})
-        cells = {
-            "regions": cell(
-                "ok" if len(blocks) > 1 else "fail",
-                f"{len(blocks)} blocks",
-                None
-                if len(blocks) > 1
-                else "no repeated blocks found"
-                if not blocks
-                else f"only one block ({blocks[0].name})",
-                blocks=[b.name for b in blocks],
-                stacks=stacks,
+        blocks = [b.name for b in report.blocks]
+        odd = self.odd_blocks(blocks)
+        detail = {"blocks": blocks, "odd_blocks": odd}
+        if len(blocks) < 2:
+            why = f"only one block ({blocks[0]})" if blocks else "no repeated blocks found"
+            regions = cell("fail", f"{len(blocks)} blocks", why, **detail)
+        elif odd:
+            more = f" (and {len(odd) - 3} more)" if len(odd) > 3 else ""
+            why = (
+                "also taken as blocks: modules outside any ModuleList stack and not between two "
+                f"stack blocks (embedders, Sequential members): {', '.join(odd[:3])}{more}"
             )
-        }
+            regions = cell("partial", f"{len(blocks) - len(odd)}+{len(odd)} blocks", why, **detail)
+        else:
+            regions = cell("ok", f"{len(blocks)} blocks", **detail)
+        cells = {"regions": regions}
         for name in ("step_guard", "block_guard", "token_guard"):
             cells[name] = guard_cell(report, name, len(blocks))
         return cells
+
+    def odd_blocks(self, blocks: list[str]) -> list[str]:
+        """Found blocks that are neither an element of a `ModuleList` (the block stacks) nor a
+        module called between two such elements (a UNet's mid block): embedders and the members
+        of an `nn.Sequential` that region analysis took for repeated blocks."""
+        from torch import nn
+
+        modules = dict(self.model.named_modules())
+
+        def in_stack(name: str) -> bool:
+            parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+            return isinstance(parent, nn.ModuleList)
+
+        stacked = [in_stack(b) for b in blocks]
+        return [
+            b
+            for i, b in enumerate(blocks)
+            if not stacked[i] and not (any(stacked[:i]) and any(stacked[i + 1 :]))
+        ]
 
     def cache_reuse(self) -> dict:
         import torch
@@ -255,18 +276,27 @@ class Family:
                 t = torch.full_like(t0, round(value) if not t0.is_floating_point() else value)
                 outs.append(compiled(**self.fresh(**{key: t})))
                 refs.append(self.model(**self.fresh(**{key: t})))
-        actions = [a for branch in request.actions.values() for a in branch]
+        branches = {str(k): list(v) for k, v in request.actions.items()}
+        actions = [a for branch in branches.values() for a in branch]
         work = request.compute()
         full_diff = max(max_diff(outs[i], refs[i]) for i, a in enumerate(PLAN) if a == "full")
         reuse = PLAN.index("reuse")
         reuse_diff = max_diff(outs[reuse], refs[reuse])
         detail = {
-            "actions": actions,
+            "actions": branches,
             "work": work,
             "full_diff": full_diff,
             "reuse_diff": reuse_diff,
         }
         problems = []
+        if len(actions) != len(PLAN):
+            # a forward dynamo splits into several graphs reaches the cache once per graph
+            problems.append(
+                f"{len(PLAN)} denoiser calls took {len(actions)} cache decisions over "
+                f"{len(branches)} branches (the forward compiles to several graphs?): {branches}"
+            )
+        elif actions != PLAN:
+            problems.append(f"the actions taken {actions} are not the plan {PLAN}")
         if "reuse" not in actions:
             problems.append(f"the plan's reuse step was not taken (actions {actions})")
         if not work < 1:
@@ -630,6 +660,26 @@ def render(rows: list[dict], meta: dict) -> str:
             f"families, {meta['seconds']:.0f} s on {meta['machine']}; diffusers "
             f"{meta['diffusers']}, torch {meta['torch']}, diffopt at {meta['commit']}.",
             "",
+            *(
+                [
+                    "Re-run since, with the fixed script or tree: "
+                    + "; ".join(
+                        f"{', '.join(n for n, h in meta['rerun'].items() if h == how)} "
+                        f"(`python benchmarks/coverage_matrix.py{how}`)"
+                        for how in dict.fromkeys(meta["rerun"].values())
+                    )
+                    + ".",
+                    "",
+                ]
+                if meta.get("rerun")
+                else []
+            ),
+            f"Installed diffusers denoiser-package classes: {meta['installed']}; "
+            f"{meta['families']} have a tiny family here, "
+            f"{len(meta['excluded'])} are not denoisers: "
+            + "; ".join(f"{name} ({why})" for name, why in meta["excluded"].items())
+            + ".",
+            "",
             "✓ works · ◐ works with parts skipped (the reason says which) · ✗ fails · "
             "– not applicable. Numbers in brackets are the reasons listed below the table."
             + (" The export check was not run (--skip-export)." if meta["skip_export"] else ""),
@@ -653,6 +703,8 @@ def render(rows: list[dict], meta: dict) -> str:
 def metadata(args: argparse.Namespace, names: list[str], seconds: float) -> dict:
     import diffusers
     import torch
+
+    from diffopt.evaluation import families
 
     try:
         commit = subprocess.run(
@@ -680,6 +732,8 @@ def metadata(args: argparse.Namespace, names: list[str], seconds: float) -> dict
         "torch": torch.__version__,
         "commit": commit,
         "skip_export": args.skip_export,
+        "installed": len(families.denoiser_classes()),
+        "excluded": families.EXCLUDED,
     }
 
 
@@ -691,6 +745,11 @@ def main() -> None:
     parser.add_argument("--check-timeout", type=int, default=300, help="seconds per check")
     parser.add_argument("--jobs", type=int, default=1, help="families run at once")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where coverage.md/.json go")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun --families into the existing coverage.json (the other rows stay)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -719,15 +778,22 @@ def main() -> None:
     shares = [names[i :: args.jobs] for i in range(args.jobs)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda share: run_worker(share, args, report), shares))
-    ordered = [rows[n] for n in names]
     meta = metadata(args, names, time.perf_counter() - start)
+    previous = args.out / "coverage.json"
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        rerun = {**old["meta"].get("rerun", {}), **{n: meta["arguments"] for n in names}}
+        rows = {**{row["family"]: row for row in old["rows"]}, **rows}
+        order = [row["family"] for row in old["rows"]]
+        names = order + [n for n in names if n not in order]
+        meta = {**meta, **old["meta"], "rerun": rerun}
+    ordered = [rows[n] for n in names]
     page = render(ordered, meta)
     print(page)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "coverage.md").write_text(page)
     payload = {
         "meta": meta,
-        "excluded": families.EXCLUDED,
         "installed": sorted(families.denoiser_classes()),
         "missing": families.missing(),
         "rows": ordered,
