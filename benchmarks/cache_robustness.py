@@ -8,8 +8,8 @@ PSNR and of the 5th-percentile sample). Both choices, and every setting edge-pic
 other targets (its speed frontier), sample fresh inputs at the serving batch and are scored
 against the uncached run of the same inputs: mean-MSE PSNR, per-sample p5, min and median, block
 work and wall time. `--check stack` also runs the fresh-input choice with the online per-sample
-check turned on (as chosen, not recalibrated). `--transfer` also runs the settings chosen at the first condition under the
-others, to see how far a profile carries.
+check turned on (as chosen, not recalibrated). `--transfer` also runs the settings chosen at the
+first condition under the others, to see how far a profile carries.
 
     python benchmarks/cache_robustness.py --calibration 12 --fresh 40 --targets 26 30 34
 

@@ -194,11 +194,11 @@ def calibrate(
     `run(denoiser)` must sample once with the given denoiser (``steps`` denoiser calls per
     guidance branch) and return the result. Without a `target_psnr`, the given (or default)
     settings get the calibrated profile. With one (and ``cache="auto"``, or settings whose
-    thresholds and refresh the search then replaces, such as ``CacheConfig(check="stack")``), the
-    grid is searched for the least block work that keeps the promise on inputs calibration never saw:
-    at `confidence`, the bootstrap lower bound of the mean-MSE PSNR (with `data_range`) against
-    the uncached run reaches `target_psnr`, and that of the 5th-percentile sample
-    `target_psnr - 3`. If none does, a `ConfigError` says how close it got.
+    thresholds and refresh the search then replaces, such as ``CacheConfig(check="stack")``),
+    the grid is searched for the least block work that keeps the promise on inputs calibration
+    never saw: at `confidence`, the bootstrap lower bound of the mean-MSE PSNR (with
+    `data_range`) against the uncached run reaches `target_psnr`, and that of the
+    5th-percentile sample `target_psnr - 3`. If none does, a `ConfigError` says how close it got.
     """
     # a budget searches, from the given settings when there are some (e.g. with the check on)
     auto = cache == "auto" or target_psnr is not None
