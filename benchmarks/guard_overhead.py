@@ -39,6 +39,8 @@ def main() -> None:
             "cache": {**never, "polish": "none", "indicator": "block0"}
         },
         "cache guards, token polish armed": {"cache": {**never, "polish": "token"}},
+        # the online check measures every full step here (its most expensive case)
+        "cache guards, check stack": {"cache": {**never, "polish": "none", "check": "stack"}},
     }
     denoisers = {}
     for name, options in setups.items():

@@ -25,6 +25,7 @@ from diffopt import quality
 from diffopt.config import CacheConfig, Config, ConfigError, InnerBackend
 from diffopt.guards import ACTIONS, CacheAction
 from diffopt.runtime.cache import request
+from diffopt.runtime.profiles import Condition
 
 Run = Callable[[Callable[..., Any]], torch.Tensor]
 """``run(denoiser) -> samples``: one whole sampling run on the calibration inputs."""
@@ -245,7 +246,10 @@ def _profile(
             "(did `run` use the denoiser it was given? see the step_guard pass report)"
         )
     curvature = calibration_run.recorded.get("curvature") if key == "stack" else None
-    return reference, dataclasses.replace(base, profile=profile, curvature=curvature)
+    measured_on = Condition.from_recorded(calibration_run.recorded, steps)
+    return reference, dataclasses.replace(
+        base, profile=profile, curvature=curvature, calibrated_on=dataclasses.asdict(measured_on)
+    )
 
 
 def measure(

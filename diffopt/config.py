@@ -88,6 +88,10 @@ class CacheConfig:
     curvature: list[float] | None = None
     """The calibrated per-step second difference of the stack residual: with `extrapolate`, the
     controller accumulates the error of a linear extrapolation from it instead of `profile`."""
+    calibrated_on: dict[str, Any] | None = None
+    """What `profile` was measured on (`diffopt.runtime.profiles.Condition` as a dict: steps,
+    batch, tokens, timesteps, early stream speed; `diffopt.calibrate` sets it): a request that
+    differs in a way that moves quality is warned about, with the command that recalibrates."""
     plan: list[CacheAction] | str | None = None
     """For ``mode="plan"``: one action per step, or the path of a JSON file holding the list."""
     step_guard: bool = True

@@ -66,11 +66,16 @@ class Request:
     """Per guidance branch, the action taken at each step."""
     vetoes: dict[int, list[int]] = field(default_factory=dict)
     """Per guidance branch, how many samples the check held to a full step at each step."""
+    fit: list[float] = field(default_factory=list)
+    """At each full step (first branch): the batch's measured residual change per step against
+    what the calibrated profile expects (1 where the profile describes this request)."""
     work: dict[int, list[float]] = field(default_factory=dict)
     """Per guidance branch, each step's guarded block work as a share of a full step's."""
     recorded: dict[str, list[float]] = field(default_factory=dict)
     """Indicator per step (``"stack"``, ``"curvature"``, ``"block0"``) when this request
-    calibrated, and the ``"timestep"`` of each step."""
+    calibrated, and what it ran under: the ``"timestep"`` and the stream's change
+    (``"stream"``) at each step, its ``"batch"`` and ``"tokens"``
+    (`diffopt.runtime.profiles.Condition.from_recorded`)."""
 
     def hit_rates(self) -> dict[CacheAction, float]:
         """The share of steps (over all branches) that took each action."""
@@ -203,6 +208,11 @@ class Branch:
     """A calibrating branch whose profile is stored already (at its last step)."""
     drifting: torch.Tensor | None = None
     """[B] samples the check found moving more than the profile expects (`cache.check`)."""
+    last_stream: torch.Tensor | None = None
+    """The stream entering the blocks at the previous step (its early speed, `Condition`)."""
+    stream: list[float] = field(default_factory=list)
+    """Its mean relative change at each step so far (the first third is enough)."""
+    timesteps: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -326,6 +336,8 @@ class CachingExecutor(RegionExecutor):
         """The current model's calibrated profile (`runtime.profiles`), if it has one."""
         self._own_profile: ModelProfile | None = None
         """Where a model without parameter inputs (an engine) keeps its profile."""
+        self._warned: set[tuple[int, str]] = set()
+        """Transfer warnings given (once per calibration and kind of difference)."""
         self._key_slots: list[int] = []
         """Where the first of those weights comes in: a different tensor there is another model."""
         self._seen: tuple[int, int | None] = (0, None)
@@ -407,6 +419,70 @@ class CachingExecutor(RegionExecutor):
         self._key_slots = [s for s in slots if self._weights and values[s] is self._weights[0]]
         self._calibrated = profiles.lookup(self._weights) if self._weights else self._own_profile
 
+    def _observe(self, branch: Branch, values: list[Any], step: int, steps: int | None) -> None:
+        """The condition this request runs under (first guidance branch, once the regions before
+        the span ran): recorded when it calibrates, else compared with the calibration's."""
+        stream = self._stream(values)
+        if step == 0:
+            self._seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
+        if self._last_t is not None:
+            branch.timesteps.append(self._last_t)
+        early = steps is not None and step <= max(steps // 3, 2)
+        if early:  # a host read per step, in the first third only
+            last = branch.last_stream
+            moved = 0.0 if last is None else float(relative_change(stream, last).mean())
+            branch.stream.append(moved)
+            branch.last_stream = stream
+        else:
+            branch.last_stream = None
+        if branch.calibrating:
+            recorded = self._request.recorded
+            recorded["timestep"] = branch.timesteps
+            recorded["stream"] = branch.stream
+            recorded["batch"], recorded["tokens"] = [self._seen[0]], [self._seen[1] or 0]
+            return
+        calibrated = self._calibration_condition()
+        if calibrated is None or steps is None:
+            return
+        now = Condition(
+            steps,
+            self._seen[0],
+            self._seen[1],
+            tuple(branch.timesteps),
+            profiles.early_speed(branch.stream, steps),
+        )
+        for difference in calibrated.differences(now):
+            self._warn_transfer(calibrated, difference, steps)
+
+    def _calibration_condition(self) -> Condition | None:
+        """What the profile in use was measured on: the request's settings' (from
+        `diffopt.calibrate`), else the model's own calibration."""
+        settings = self._settings()
+        if settings.profile is not None:
+            known = settings.calibrated_on
+            return Condition.from_dict(known) if known else None
+        return self._calibrated.condition if self._calibrated is not None else None
+
+    def _warn_transfer(self, calibrated: Condition, difference: str, steps: int) -> None:
+        """Once per executor and difference: the calibrated quality may not hold here."""
+        key = (id(calibrated), difference.split(" (")[0].split(":")[0])
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        fix = (
+            f"recalibrate for this schedule: diffopt.calibrate(model, run, steps={steps}, "
+            "cache='auto', target_psnr=...) with `run` sampling as you serve"
+        )
+        if self._settings().profile is None:
+            fix += ", or diffopt.runtime.profiles.forget(model) so the next request calibrates"
+        warnings.warn(
+            f"cache profile calibrated at {calibrated.describe()} is used for a request with "
+            f"{difference}: the quality calibration measured does not carry over (on ref-dit "
+            f"the same thresholds moved PSNR by 4-18 dB across step counts and guidance "
+            f"scales); {fix}",
+            stacklevel=4,
+        )
+
     def _stream(self, values: list[Any]) -> torch.Tensor:
         """The token stream entering the guarded span, once the regions before it ran: its input
         with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D])."""
@@ -476,8 +552,7 @@ class CachingExecutor(RegionExecutor):
         if first.kept or not req.recorded.get(self._indicator_key):
             return
         first.kept = True
-        batch, tokens = self._seen
-        condition = Condition(first.step, batch, tokens, tuple(req.recorded.get("timestep", ())))
+        condition = Condition.from_recorded(req.recorded, first.step)
         weights = self._weights
         owner = (
             f"the model with {len(weights)} parameter tensors "
@@ -532,8 +607,6 @@ class CachingExecutor(RegionExecutor):
         values: list[Any] = list(args) + [None] * (program.num_slots - len(args))
         branch = self._current_branch(values)
         step = branch.step
-        if branch.calibrating and self._branch == 0 and self._last_t is not None:
-            self._request.recorded.setdefault("timestep", []).append(self._last_t)
         steps = self._steps()
         if steps is not None and step >= steps and not branch.calibrating:
             raise ConfigError(f"more than steps={steps} denoiser calls in one request")
@@ -545,9 +618,8 @@ class CachingExecutor(RegionExecutor):
             if self.probe is not None and index == self.probe.start:
                 probe_inputs = {s: values[s] for s in self.probe.entries}
             self.step(index, values)
-        if step == 0 and self._branch == 0:  # the request's shape, for its calibration record
-            stream = self._stream(values)
-            self._seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
+        if self._branch == 0:
+            self._observe(branch, values, step, steps)
         change = self._indicator(branch, values, step, probe_inputs)
         if branch.calibrating:
             action: CacheAction = "full"
@@ -624,16 +696,19 @@ class CachingExecutor(RegionExecutor):
             branch.profile = resample_profile(profile, branch.controller.steps)
         return branch.profile
 
-    def _drifting(self, branch: Branch, step: int) -> torch.Tensor | None:
-        """The check, at a full step: the samples whose stack residual moved more per step since
-        the previous full step than the calibrated profile expects over those steps, times
-        `check_tolerance`."""
+    def _against_profile(self, branch: Branch, step: int) -> torch.Tensor | None:
+        """At a full step: each sample's measured stack-residual change per step since the
+        previous full step, as a ratio to what the calibrated profile expects over those steps
+        (1: the profile describes this sample; None before two full steps or without a
+        profile-driven controller)."""
         trend = branch.stack[self.span.exits[0]]
-        if trend.slope is None:
+        controller = branch.controller
+        if trend.slope is None or controller is None or not controller.reads_indicator:
             return None
+        if self.probe is not None:
+            return None  # the block-0 indicator's profile is block 0's, not the stack's
         expected = sum(self._profile(branch)[step - trend.gap + 1 : step + 1]) / trend.gap
-        tolerance = self._settings().check_tolerance
-        return trend.change_per_sample() > tolerance * max(expected, 1e-12)
+        return trend.change_per_sample() / max(expected, 1e-12)
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
         if self._branch == 0:
@@ -768,8 +843,12 @@ def _full(executor: CachingExecutor, call: SpanCall) -> float:
         trend.record_full(value, step)
     if executor._armed("token", call.config):
         executor._set_anchor(branch, before, values)
-    if call.config.check == "stack" and not branch.calibrating:
-        branch.drifting = executor._drifting(branch, step)
+    ratio = executor._against_profile(branch, step)
+    if ratio is not None:
+        if call.config.check == "stack":
+            branch.drifting = ratio > call.config.check_tolerance
+        if executor._branch == 0:
+            executor._request.fit.append(float(ratio.mean()))
     return 1.0
 
 

@@ -20,10 +20,21 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+SPEED_TOLERANCE = 0.06
+"""How much faster than at calibration the early token stream may move before a request counts
+as another guidance scale or sampler (ref-dit: +7 % at guidance 2.5, +16 % at 4, against 1.5)."""
+
+SCHEDULE_TOLERANCE = 0.02
+"""How far (as a share of the first timestep) a request's timesteps may sit from the calibrated
+schedule, resampled to its step count, before it counts as another scheduler or shift."""
+
 
 @dataclass(frozen=True)
 class Condition:
-    """What a request ran under, as the executor sees it: what a profile was measured at."""
+    """What a request ran under, as the executor sees it: what a profile was measured at.
+
+    Guidance is applied outside the denoiser, so it is seen only through its effect: the
+    early-trajectory `speed` of the token stream entering the blocks."""
 
     steps: int
     """Denoiser calls per guidance branch."""
@@ -33,11 +44,73 @@ class Condition:
     """Length of the token stream entering the guarded span (the resolution), if it has one."""
     timesteps: tuple[float, ...] = ()
     """The timestep of each step, as the model received it (the scheduler and its shift)."""
+    speed: float | None = None
+    """Mean relative change per step of the stream entering the blocks over the first third of
+    the steps, times the step count (so step counts compare); larger under stronger guidance."""
 
     def describe(self) -> str:
         """``28 steps, batch 20, 64 tokens``."""
         tokens = f", {self.tokens} tokens" if self.tokens is not None else ""
         return f"{self.steps} steps, batch {self.batch}{tokens}"
+
+    @classmethod
+    def from_recorded(cls, recorded: dict[str, list[float]], steps: int) -> Condition:
+        """The condition a calibrating request recorded (`Request.recorded`)."""
+        tokens = recorded.get("tokens", [0])[0]
+        return cls(
+            steps=steps,
+            batch=int(recorded.get("batch", [0])[0]),
+            tokens=int(tokens) if tokens else None,
+            timesteps=tuple(recorded.get("timestep", ())),
+            speed=early_speed(recorded.get("stream", []), steps),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Condition:
+        """Inverse of `dataclasses.asdict` (a config's `calibrated_on`, read from JSON)."""
+        return cls(**{**data, "timesteps": tuple(data.get("timesteps", ()))})
+
+    def schedule_at(self, step: int, steps: int) -> float | None:
+        """The calibrated timestep at `step` of a `steps`-step request (linear in the position
+        along the trajectory), or None when no schedule was recorded."""
+        if len(self.timesteps) < 2:
+            return None
+        position = step / max(steps - 1, 1) * (len(self.timesteps) - 1)
+        low = min(int(position), len(self.timesteps) - 2)
+        share = position - low
+        return self.timesteps[low] * (1 - share) + self.timesteps[low + 1] * share
+
+    def differences(self, now: Condition) -> list[str]:
+        """How the request `now` (as far as it has run) differs from this calibration in ways
+        that move the quality the calibration measured."""
+        found = []
+        if now.steps != self.steps:
+            found.append(f"{now.steps} steps instead of {self.steps}")
+        if now.tokens != self.tokens and None not in (now.tokens, self.tokens):
+            found.append(f"{now.tokens} tokens (another resolution) instead of {self.tokens}")
+        if self.timesteps and now.timesteps:
+            span = max(abs(self.timesteps[0]), 1e-12)
+            off = max(
+                abs(t - self.schedule_at(i, now.steps)) / span for i, t in enumerate(now.timesteps)
+            )
+            if off > SCHEDULE_TOLERANCE:
+                found.append(
+                    f"another timestep schedule (scheduler or shift: {off:.0%} of the range off)"
+                )
+        if self.speed and now.speed and now.speed > (1 + SPEED_TOLERANCE) * self.speed:
+            found.append(
+                f"a stream moving {now.speed / self.speed - 1:.0%} faster early on (a higher "
+                "guidance scale or another sampler)"
+            )
+        return found
+
+
+def early_speed(stream: list[float], steps: int) -> float | None:
+    """`Condition.speed` from per-step stream changes (None until a third of `steps` ran)."""
+    third = max(steps // 3, 2)
+    if len(stream) < third:
+        return None
+    return sum(stream[1:third]) / (third - 1) * steps
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -248,6 +249,49 @@ def test_a_calibration_belongs_to_the_model_it_was_measured_on():
     assert found.condition.tokens == 16 and len(found.condition.timesteps) == 12
     report = str(diffopt.inspect(second, inputs, {"cache": {"steps": 12}}))
     assert "cache profile: this DiTTransformer2DModel's own: measured on" in report
+
+
+def transfer_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "cache profile calibrated at" in str(w.message)]
+
+
+def test_a_profile_used_under_another_condition_is_warned_about_with_the_fix():
+    model, inputs = build()
+    compiled = cached(model, None, early=0.05, critical=0.15, polish="none")
+    with diffopt.request(steps=12):
+        denoise(compiled, inputs, 12)  # the calibration
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with diffopt.request(steps=12):
+            denoise(compiled, inputs, 12)  # what it was calibrated on: silent
+        assert not transfer_warnings(caught)
+        with diffopt.request(steps=8):
+            denoise(compiled, inputs, 8)  # same schedule shape, fewer steps
+        with diffopt.request(steps=12):
+            denoise(compiled, inputs, 12, start=300.0)  # another schedule
+    found = transfer_warnings(caught)
+    assert len(found) == 2
+    assert "12 steps, batch 2, 16 tokens" in found[0] and "8 steps instead of 12" in found[0]
+    assert "diffopt.calibrate(model, run, steps=8" in found[0] and "forget(model)" in found[0]
+    assert "another timestep schedule" in found[1]
+
+
+def test_a_calibrated_config_knows_what_it_was_measured_on():
+    measured = profiles.Condition(50, 20, 64, tuple(range(1000, 0, -20)), speed=0.74)
+    same = dataclasses.replace(measured, batch=8)  # a batch size changes no decision's quality
+    assert measured.differences(same) == []
+    config = CacheConfig(calibrated_on=dataclasses.asdict(measured))
+    restored = profiles.Condition.from_dict(json.loads(json.dumps(config.calibrated_on)))
+    assert restored == measured
+    stronger = dataclasses.replace(measured, speed=0.86)  # ref-dit at guidance 4 against 1.5
+    (difference,) = measured.differences(stronger)
+    assert "higher guidance scale" in difference
+    assert measured.differences(dataclasses.replace(measured, speed=0.7)) == []  # weaker: safe
+    fewer = dataclasses.replace(measured, steps=25, timesteps=tuple(range(1000, 0, -40)))
+    assert measured.differences(fewer) == ["25 steps instead of 50"]  # the same schedule's shape
+    shifted = tuple(1000 * (1 - i / 25) ** 0.5 for i in range(25))
+    other = dataclasses.replace(fewer, tokens=256, timesteps=shifted)
+    assert len(measured.differences(other)) == 3
 
 
 def test_weights_loaded_in_place_calibrate_again():
