@@ -56,7 +56,7 @@ class Family:
         Weight tensors the class initializes to zero (adaLN-zero modulation, zero-init output
         projections and gates, learned position tables) are drawn small and random instead: a
         zero gate makes its block the identity whatever the timestep, which would hide what a
-        cache or a quantizer does to it."""
+        cache or a quantizer does to it. So are parameters the class leaves uninitialized."""
         torch.manual_seed(seed)
         model, inputs = self.builder(torch.Generator().manual_seed(seed))
         _redraw_zero_weights(model, torch.Generator().manual_seed(seed + 1))
@@ -64,9 +64,16 @@ class Family:
 
 
 def _redraw_zero_weights(model: nn.Module, g: torch.Generator) -> None:
+    """Zero weight tensors, and parameters left uninitialized (``torch.empty``: diffusers fills
+    some, such as stacked MoE experts, only when it loads a checkpoint), get small random
+    values."""
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.ndim >= 2 and parameter.numel() and not parameter.any():
+            if not parameter.numel():
+                continue
+            zero = parameter.ndim >= 2 and not parameter.any()
+            garbage = not torch.isfinite(parameter).all() or parameter.abs().max() > 1e3
+            if zero or garbage:
                 parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.02)
 
 
