@@ -660,6 +660,10 @@ def _nucleusmoe(g):
         moe_intermediate_dim=32,
         capacity_factors=1.0,  # expert-choice routing: capacity = factor · tokens / experts
     )
+    with torch.no_grad():  # the stacked experts are torch.empty until a checkpoint fills them
+        for name, parameter in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                parameter.copy_(_randn(g, *parameter.shape) * 0.02)
     return model, {
         "hidden_states": _randn(g, B, 16, 16),
         "img_shapes": [(1, 4, 4)] * B,
