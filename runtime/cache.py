@@ -71,7 +71,7 @@ class Request:
     what the calibrated profile expects (1 where the profile describes this request)."""
     work: dict[int, list[float]] = field(default_factory=dict)
     """Per guidance branch, each step's guarded block work as a share of a full step's."""
-    recorded: dict[str, list[float]] = field(default_factory=dict)
+    recorded: dict[str, list[float | None]] = field(default_factory=dict)
     """Indicator per step (``"stack"``, ``"curvature"``, ``"block0"``) when this request
     calibrated, and what it ran under: the ``"timestep"`` and the stream's change
     (``"stream"``) at each step, its ``"batch"`` and ``"tokens"``
@@ -210,8 +210,9 @@ class Branch:
     """[B] samples the check found moving more than the profile expects (`cache.check`)."""
     last_stream: torch.Tensor | None = None
     """The stream entering the blocks at the previous step (its early speed, `Condition`)."""
-    stream: list[float] = field(default_factory=list)
-    """Its mean relative change at each step so far (the first third is enough)."""
+    stream: list[float | None] = field(default_factory=list)
+    """Its mean relative change at each step so far (the first third is enough; None after a
+    step that did not run in full)."""
     timesteps: list[float] = field(default_factory=list)
 
 
@@ -336,7 +337,7 @@ class CachingExecutor(RegionExecutor):
         """The current model's calibrated profile (`runtime.profiles`), if it has one."""
         self._own_profile: ModelProfile | None = None
         """Where a model without parameter inputs (an engine) keeps its profile."""
-        self._warned: set[tuple[int, str]] = set()
+        self._warned: set[tuple[Condition, str]] = set()
         """Transfer warnings given (once per calibration and kind of difference)."""
         self._key_slots: list[int] = []
         """Where the first of those weights comes in: a different tensor there is another model."""
@@ -430,8 +431,9 @@ class CachingExecutor(RegionExecutor):
         early = steps is not None and step <= max(steps // 3, 2)
         if early:  # a host read per step, in the first third only
             last = branch.last_stream
-            moved = 0.0 if last is None else float(relative_change(stream, last).mean())
-            branch.stream.append(moved)
+            # the stream moved by the velocity of the last step: exact only if that ran in full
+            exact = last is not None and self._request.actions.get(0, [])[-1:] == ["full"]
+            branch.stream.append(float(relative_change(stream, last).mean()) if exact else None)
             branch.last_stream = stream
         else:
             branch.last_stream = None
@@ -451,8 +453,8 @@ class CachingExecutor(RegionExecutor):
             tuple(branch.timesteps),
             profiles.early_speed(branch.stream, steps),
         )
-        for difference in calibrated.differences(now):
-            self._warn_transfer(calibrated, difference, steps)
+        for kind, difference in calibrated.differences(now).items():
+            self._warn_transfer(calibrated, kind, difference, steps)
 
     def _calibration_condition(self) -> Condition | None:
         """What the profile in use was measured on: the request's settings' (from
@@ -463,9 +465,10 @@ class CachingExecutor(RegionExecutor):
             return Condition.from_dict(known) if known else None
         return self._calibrated.condition if self._calibrated is not None else None
 
-    def _warn_transfer(self, calibrated: Condition, difference: str, steps: int) -> None:
-        """Once per executor and difference: the calibrated quality may not hold here."""
-        key = (id(calibrated), difference.split(" (")[0].split(":")[0])
+    def _warn_transfer(self, calibrated: Condition, kind: str, difference: str, steps: int) -> None:
+        """Once per executor, calibration and kind of difference: the calibrated quality may not
+        hold here."""
+        key = (calibrated, kind)
         if key in self._warned:
             return
         self._warned.add(key)

@@ -21,8 +21,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 SPEED_TOLERANCE = 0.06
-"""How much faster than at calibration the early token stream may move before a request counts
-as another guidance scale or sampler (ref-dit: +7 % at guidance 2.5, +16 % at 4, against 1.5)."""
+"""How much faster than at calibration the early token stream may move, in a batch of 8 or more
+samples, before a request counts as another guidance scale or sampler (ref-dit: +7 % at guidance
+2.5, +16-23 % at 4, against 1.5; batches of 12 and 16 other inputs agree within 1 %). One
+sample's speed varies by about 5 %, so smaller batches get a tolerance that grows as one over
+the square root of their size."""
 
 SCHEDULE_TOLERANCE = 0.02
 """How far (as a share of the first timestep) a request's timesteps may sit from the calibrated
@@ -80,37 +83,41 @@ class Condition:
         share = position - low
         return self.timesteps[low] * (1 - share) + self.timesteps[low + 1] * share
 
-    def differences(self, now: Condition) -> list[str]:
+    def differences(self, now: Condition) -> dict[str, str]:
         """How the request `now` (as far as it has run) differs from this calibration in ways
-        that move the quality the calibration measured."""
-        found = []
+        that move the quality the calibration measured: kind -> what differs."""
+        found = {}
         if now.steps != self.steps:
-            found.append(f"{now.steps} steps instead of {self.steps}")
+            found["steps"] = f"{now.steps} steps instead of {self.steps}"
         if now.tokens != self.tokens and None not in (now.tokens, self.tokens):
-            found.append(f"{now.tokens} tokens (another resolution) instead of {self.tokens}")
+            found["tokens"] = f"{now.tokens} tokens (another resolution) instead of {self.tokens}"
         if self.timesteps and now.timesteps:
             span = max(abs(self.timesteps[0]), 1e-12)
             off = max(
                 abs(t - self.schedule_at(i, now.steps)) / span for i, t in enumerate(now.timesteps)
             )
             if off > SCHEDULE_TOLERANCE:
-                found.append(
+                found["schedule"] = (
                     f"another timestep schedule (scheduler or shift: {off:.0%} of the range off)"
                 )
-        if self.speed and now.speed and now.speed > (1 + SPEED_TOLERANCE) * self.speed:
-            found.append(
+        tolerance = SPEED_TOLERANCE * max(1.0, (8 / max(now.batch, 1)) ** 0.5)
+        if self.speed and now.speed and now.speed > (1 + tolerance) * self.speed:
+            found["speed"] = (
                 f"a stream moving {now.speed / self.speed - 1:.0%} faster early on (a higher "
                 "guidance scale or another sampler)"
             )
         return found
 
 
-def early_speed(stream: list[float], steps: int) -> float | None:
-    """`Condition.speed` from per-step stream changes (None until a third of `steps` ran)."""
+def early_speed(stream: list[float | None], steps: int) -> float | None:
+    """`Condition.speed` from per-step stream changes over the first third of `steps`: None
+    until that third ran, or when fewer than two of its steps followed a full step (a change
+    after a reused step carries the reuse's own error; those are recorded as None)."""
     third = max(steps // 3, 2)
     if len(stream) < third:
         return None
-    return sum(stream[1:third]) / (third - 1) * steps
+    exact = [v for v in stream[1:third] if v is not None]
+    return sum(exact) / len(exact) * steps if len(exact) >= 2 else None
 
 
 @dataclass
