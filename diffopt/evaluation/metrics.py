@@ -19,9 +19,11 @@ from functools import cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffopt import quality
+from diffopt.evaluation.data import IMAGE_SIZE
 from diffopt.evaluation.zoo import ASSETS
 
 CLASSIFIER_WEIGHTS = ASSETS / "digits-classifier.safetensors"
@@ -67,7 +69,10 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(self.num_features, 10)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 128] penultimate activations (ref-FID's feature space)."""
+        """[N, 128] penultimate activations (ref-FID's feature space). Larger images (ref-flux's
+        32×32) are average-pooled to 16×16 first."""
+        if images.shape[-1] != IMAGE_SIZE:
+            images = F.adaptive_avg_pool2d(images, IMAGE_SIZE)
         return self.body(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,7 @@ SHIPPED = {
     "ref-dit": (1.5, 50),  # guidance 1.0 is already 99 % accurate; 1.5 keeps the batch of two
     "ref-dit-1step": (1.0, [1.0]),  # students are guidance-distilled: one call per step
     "ref-dit-2step": (1.0, [1.0, 0.5]),
+    "ref-flux": (3.0, 28),  # FluxTransformer2DModel, `diffopt.evaluation.ref_flux`
 }
 """Trained models in `ASSETS`: name → (guidance, default schedule)."""
 
@@ -161,9 +162,14 @@ SHIPPED = {
 def load(name: str) -> Reference:
     """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt), its
     few-step students ``"ref-dit-1step"`` and ``"ref-dit-2step"`` (distilled from it, also
-    shipped), or ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
+    shipped), ``"ref-flux"`` (a Flux transformer trained on digits, shipped: `ref_flux`) or
+    ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
+    if name == "ref-flux":
+        from diffopt.evaluation import ref_flux
+
+        return ref_flux.load(*SHIPPED[name])
     if name in SHIPPED:
         folder = ASSETS / name
         if not (folder / "config.json").exists():

@@ -1,0 +1,194 @@
+"""`ref-flux`: a trained diffusers `FluxTransformer2DModel` on the digits, the MMDiT reference.
+
+The model sees what FLUX.1 sees, at toy size: a 1-channel 32×32 image packed into 2×2 patches
+(256 image tokens of 4 channels, the packing of `FluxPipeline`), rotary position ids for image and
+text tokens, and a class's "prompt" as 4 learned text tokens (`encoder_hidden_states`) plus a
+learned pooled vector (`pooled_projections`). Blocks: 1 dual-stream and 7 single-stream, hidden 256
+(4 heads of 64). Class 10 is the null prompt for classifier-free guidance. The class embeddings
+ship next to the transformer (``class_embeddings.safetensors``), so the transformer folder itself
+loads with ``FluxTransformer2DModel.from_pretrained`` and the embeddings can be handed to
+`FluxPipeline` as ``prompt_embeds`` / ``pooled_prompt_embeds``.
+
+Sampling reuses `diffopt.fewstep.sampler.sample`; `flux_call` adapts a Flux denoiser to its calling
+convention (Flux takes σ ∈ [0, 1] as its timestep and needs the ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffopt.evaluation.data import NUM_CLASSES
+from diffopt.evaluation.zoo import ASSETS, Reference
+
+NAME = "ref-flux"
+IMAGE_SIZE = 32
+"""Side of the images, in pixels; 2×2 packing makes (32 / 2)² = 256 image tokens."""
+TEXT_TOKENS = 4
+EMBEDDINGS_FILE = "class_embeddings.safetensors"
+
+
+def architecture() -> nn.Module:
+    """The untrained `ref-flux` transformer (fp32): 1 + 7 blocks, hidden 256, 4 channels a token."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=7,
+        attention_head_dim=64,
+        num_attention_heads=4,
+        joint_attention_dim=256,
+        pooled_projection_dim=128,
+        guidance_embeds=False,
+        axes_dims_rope=(16, 24, 24),
+    )
+
+
+class ClassEmbeddings(nn.Module):
+    """A class label's prompt: `TEXT_TOKENS` text tokens and a pooled vector, one row per class
+    plus the null class."""
+
+    def __init__(self, joint_dim: int = 256, pooled_dim: int = 128) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(NUM_CLASSES + 1, TEXT_TOKENS, joint_dim))
+        self.pooled = nn.Parameter(torch.randn(NUM_CLASSES + 1, pooled_dim))
+
+    def forward(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` [N, 4, joint_dim], ``pooled_projections`` [N, pooled_dim]."""
+        return {
+            "encoder_hidden_states": self.tokens[labels],
+            "pooled_projections": self.pooled[labels],
+        }
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] → [N, H/2 · W/2, 4C] tokens, as `FluxPipeline._pack_latents`."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Inverse of `pack` for square images: [N, (size/2)², 4C] → [N, C, size, size]."""
+    n, _, d = tokens.shape
+    c, side = d // 4, size // 2
+    x = tokens.reshape(n, side, side, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c, size, size)
+
+
+def image_ids(size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Rotary ids of the packed image tokens, [(size/2)², 3]: (0, row, column), as Flux."""
+    side = size // 2
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
+    return torch.cat([torch.zeros(side * side, 1), grid.reshape(-1, 2).float()], dim=1)
+
+
+def text_ids(tokens: int = TEXT_TOKENS) -> torch.Tensor:
+    """Rotary ids of the text tokens: zeros, as Flux."""
+    return torch.zeros(tokens, 3)
+
+
+def digits32(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """`data.digits` upsampled (bilinear) to 32×32: [N, 1, 32, 32] in [-1, 1], labels [N]."""
+    from diffopt.evaluation.data import digits
+
+    images, labels = digits(split)
+    images = F.interpolate(images, size=IMAGE_SIZE, mode="bilinear", align_corners=False)
+    return images.clamp(-1, 1), labels
+
+
+def flux_call(denoiser: Callable[..., Any]) -> Callable[..., Any]:
+    """`denoiser` (a Flux transformer, compiled or not) in the sampler's calling convention: the
+    sampler's timestep (σ · 1000) becomes Flux's σ, and the image and text ids are added."""
+    img, txt = image_ids(), text_ids()
+
+    def call(*, hidden_states: torch.Tensor, timestep: torch.Tensor, **kwargs: Any) -> Any:
+        return denoiser(
+            hidden_states=hidden_states,
+            timestep=timestep / 1000,
+            img_ids=img,
+            txt_ids=txt,
+            **kwargs,
+        )
+
+    return call
+
+
+@dataclass
+class FluxReference(Reference):
+    """`Reference` for a Flux transformer: labels become prompt embeddings, latents are packed."""
+
+    embeddings: ClassEmbeddings = field(default_factory=ClassEmbeddings)
+
+    def sample(
+        self,
+        labels: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        denoiser: Callable[..., Any] | None = None,
+        steps: int | Sequence[float] | None = None,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
+        """Images [len(labels), 1, 32, 32] in about [-1, 1], one seed per image (as `Reference`)."""
+        from diffopt.fewstep.sampler import initial_noise, sample
+
+        noise = pack(initial_noise((1, IMAGE_SIZE, IMAGE_SIZE), seeds))
+        with torch.no_grad():
+            cond = self.embeddings(labels)
+            uncond = self.embeddings(torch.full_like(labels, self.null_class))
+        latents = sample(
+            flux_call(self.model if denoiser is None else denoiser),
+            self.scheduler,
+            noise,
+            cond,
+            uncond,
+            steps=steps or self.steps,
+            guidance=self.guidance if guidance is None else guidance,
+        )
+        return unpack(latents)
+
+
+def load(guidance: float, steps: int | Sequence[float], folder: Path | None = None) -> Reference:
+    """The shipped `ref-flux` (fp32 in memory, fp16 on disk)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    folder = folder or ASSETS / NAME
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is missing; make it with benchmarks/train_ref_flux.py")
+    model = FluxTransformer2DModel.from_pretrained(
+        folder, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=torch.float32
+    )
+    model = model.eval().requires_grad_(False)
+    config = model.config
+    embeddings = ClassEmbeddings(config.joint_attention_dim, config.pooled_projection_dim)
+    state = load_file(folder / EMBEDDINGS_FILE)
+    embeddings.load_state_dict({k: v.float() for k, v in state.items()})
+    embeddings = embeddings.eval().requires_grad_(False)
+
+    def make_inputs(batch: int = 2, seed: int = 0) -> dict[str, Any]:
+        """One denoiser call as `FluxPipeline` makes it: packed latents, σ, prompt, ids."""
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+        tokens = (IMAGE_SIZE // 2) ** 2
+        return {
+            "hidden_states": torch.randn(batch, tokens, config.in_channels, generator=gen),
+            "timestep": torch.rand(batch, generator=gen),
+            **embeddings(labels),
+            "img_ids": image_ids(),
+            "txt_ids": text_ids(),
+            "return_dict": False,
+        }
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return FluxReference(
+        NAME, model, scheduler, make_inputs, NUM_CLASSES, guidance, steps, embeddings=embeddings
+    )
