@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from diffopt.evaluation import ref_flux
-from diffopt.evaluation.data import NUM_CLASSES
+from diffopt.evaluation import metrics, ref_flux, zoo
+from diffopt.evaluation.data import NUM_CLASSES, digits
 
 OUT = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets" / ref_flux.NAME
 
@@ -43,6 +43,23 @@ def save(model: torch.nn.Module, embeddings: torch.nn.Module, out: Path) -> None
     save_file(state, out / ref_flux.EMBEDDINGS_FILE)
 
 
+def evaluate(folder: Path, images: int, guidances: list[float]) -> None:
+    """Class accuracy and ref-FID of `images` samples at the default schedule, on seeds from
+    100,000 (training draws its noise from one generator; sampling seeds are per image)."""
+    steps = zoo.SHIPPED[ref_flux.NAME][1]
+    reference = ref_flux.load(guidances[0], steps, folder)
+    labels, real = torch.arange(images) % NUM_CLASSES, digits("all")[0]
+    for guidance in guidances:
+        start = time.time()
+        samples = reference.sample(labels, range(100_000, 100_000 + images), guidance=guidance)
+        print(
+            f"{folder}: {images} images, {steps} steps, guidance {guidance}: "
+            f"accuracy {metrics.class_accuracy(samples, labels):.3f}, "
+            f"ref-FID {metrics.ref_fid(samples, real):.2f} ({time.time() - start:.0f} s)",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=760)
@@ -57,9 +74,16 @@ def main() -> None:
         "--checkpoint", type=Path, help="also write the EMA weights here every --every steps"
     )
     parser.add_argument("--every", type=int, default=200)
+    parser.add_argument("--evaluate", type=Path, help="only evaluate this trained folder")
+    parser.add_argument("--eval-images", type=int, default=100, help="0: no evaluation")
+    parser.add_argument("--guidance", type=float, nargs="+", help="default: the shipped scale")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    guidances = args.guidance or [zoo.SHIPPED[ref_flux.NAME][0]]
+    if args.evaluate:
+        evaluate(args.evaluate, args.eval_images, guidances)
+        return
     torch.manual_seed(args.seed)
     images, labels = ref_flux.digits32("all")
     model = ref_flux.architecture()
@@ -126,6 +150,8 @@ def main() -> None:
         f"trained {args.steps} steps in {minutes:.1f} min; final loss (last 100 steps) {final:.4f}"
     )
     print(f"wrote {args.out}")
+    if args.eval_images:
+        evaluate(args.out, args.eval_images, guidances)
 
 
 if __name__ == "__main__":
