@@ -15,6 +15,7 @@ and runs whenever ``Config(fuse=FuseConfig(...))`` (or ``{"fuse": {...}}``) turn
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,12 +112,33 @@ def run_passes(graph: DenoiserGraph, config: Config) -> tuple[DenoiserGraph, lis
             continue
         graph, report = spec.run(graph, settings)
         _inherit_regions(graph)
+        _drop_emptied_blocks(graph, report)
         graph.gm.graph.lint()
         graph.gm.recompile()
         reports.append(report)
         if config.strict:
             report.raise_if_skipped()
     return graph, reports
+
+
+def _drop_emptied_blocks(graph: DenoiserGraph, report: PassReport) -> None:
+    """Blocks a pass left without an op (an eval-mode dropout once `remove_noops` erased it)
+    leave the region list and the guards: nothing runs there, so lowering makes no region of them
+    and a guard must not name them."""
+    held = {node.meta.get(REGION_KEY) for node in graph.gm.graph.nodes}
+    empty = {r.name for r in graph.blocks if r.name not in held}
+    if not empty:
+        return
+    graph.regions = [r for r in graph.regions if r.name not in empty]
+    guards = []
+    for guard in graph.guards:
+        kept = tuple(name for name in guard.regions if name not in empty)
+        if kept:
+            guards.append(dataclasses.replace(guard, regions=kept))
+    graph.guards = guards
+    report.notes.append(
+        f"blocks left without an op, dropped from regions and guards: {sorted(empty)}"
+    )
 
 
 def _inherit_regions(graph: DenoiserGraph) -> None:

@@ -56,10 +56,42 @@ def module_path(source: str) -> str:
     return ".".join(parts)
 
 
-def _module_paths(node: fx.Node) -> list[str]:
+def _module_stack(node: fx.Node) -> list[tuple[str, object]]:
+    """The (path, class) of every module a node was called in, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     # the root module itself (on the stack when it was called from a frame around it) has no path
-    return [path for entry in stack.values() if (path := module_path(entry[0]))]
+    return [(path, entry[1]) for entry in stack.values() if (path := module_path(entry[0]))]
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    return [path for path, _ in _module_stack(node)]
+
+
+def _layer_steps(nodes: list[fx.Node]) -> set[str]:
+    """Indexed modules that are the steps of one layer rather than repeated blocks.
+
+    diffusers' `FeedForward` keeps projection, dropout and output linear in ``net``, a
+    `ModuleList` like any block stack; what tells them apart is that they differ in class and
+    some are leaves (nothing called inside), where blocks of different classes (the UNet's down
+    blocks) each hold layers. Dynamo's fragment graphs of a block's tail after a graph break
+    start inside such a layer.
+    """
+    classes: dict[str, object] = {}
+    called: set[str] = set()
+    for node in nodes:
+        for path, cls in _module_stack(node):
+            called.add(path)
+            if path.rpartition(".")[2].isdigit():
+                classes[path] = cls
+    siblings: dict[str, list[str]] = {}
+    for path in classes:
+        siblings.setdefault(path.rpartition(".")[0], []).append(path)
+    steps: set[str] = set()
+    for members in siblings.values():
+        leaves = [m for m in members if not any(c.startswith(m + ".") for c in called)]
+        if leaves and len({classes[m] for m in members}) > 1:
+            steps.update(members)
+    return steps
 
 
 def owning_module(node: fx.Node) -> str | None:
@@ -68,19 +100,19 @@ def owning_module(node: fx.Node) -> str | None:
     return paths[-1] if paths else None
 
 
-def _block_path(paths: list[str]) -> str | None:
-    """The outermost module in the stack that is addressed by an index."""
-    return next((p for p in paths if p.rsplit(".", 1)[-1].isdigit()), None)
+def _block_path(paths: list[str], steps: Collection[str] = ()) -> str | None:
+    """The outermost module in the stack that is addressed by an index (and is no `steps`)."""
+    return next((p for p in paths if p.rsplit(".", 1)[-1].isdigit() and p not in steps), None)
 
 
-def _block_depth(nodes: list[fx.Node]) -> int | None:
+def _block_depth(nodes: list[fx.Node], steps: Collection[str] = ()) -> int | None:
     """The shallowest depth at which indexed modules are called.
 
     Blocks live at this depth only: the UNet's ``down_blocks.0`` counts, the
     ``mid_block.resnets.0`` inside its mid block does not (the mid block is one block).
     """
-    depths = [p.count(".") for n in nodes if (p := _block_path(_module_paths(n))) is not None]
-    return min(depths, default=None)
+    paths = (_block_path(_module_paths(n), steps) for n in nodes)
+    return min((p.count(".") for p in paths if p is not None), default=None)
 
 
 def analyze(gm: fx.GraphModule, example_inputs: list[object]) -> tuple[DenoiserGraph, PassReport]:
@@ -112,10 +144,11 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
     # Runs of consecutive nodes with the same owner: ("block", path), ("module", path) or root.
     runs: list[tuple[str | None, str | None, list[fx.Node]]] = []
     finished: set[str] = set()
-    depth = _block_depth(body)
+    steps = _layer_steps(body)
+    depth = _block_depth(body, steps)
     for node in body:
         paths = _module_paths(node)
-        block = _block_path(paths)
+        block = _block_path(paths, steps)
         if block is not None and block.count(".") != depth:
             block = None
         current = runs[-1][1] if runs and runs[-1][0] == "block" else None

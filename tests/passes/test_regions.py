@@ -82,3 +82,63 @@ def test_module_path_normalizes_dynamo_sources():
     source = "L['self'].__dict__['_modules']['transformer_blocks'].__dict__['_modules']['3']"
     assert module_path(source) == "transformer_blocks.3"
     assert module_path("L['self'].transformer_blocks[3].attn") == "transformer_blocks.3.attn"
+
+
+class _FeedForwardTail(torch.nn.Module):
+    """What dynamo captures after a graph break inside a diffusers block: its feed-forward tail,
+    whose ``net`` is a ModuleList of projection, dropout and linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention import FeedForward
+
+        self.ff = FeedForward(16, mult=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ff(x)
+
+
+def test_the_layers_of_one_feed_forward_are_not_blocks():
+    report = diffopt.inspect(
+        _FeedForwardTail().eval(), (torch.randn(2, 5, 16),), {"inner": "eager"}
+    )
+    assert [r.name for r in report.regions] == ["graph"]
+    assert "no repeated blocks found" in report.passes[0].skipped[0].what
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, cast_only: bool) -> None:
+        super().__init__()
+        self.cast_only, self.linear = cast_only, torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(x.dtype) if self.cast_only else x + self.linear(x)
+
+
+class _NoopBlockInStack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Step(cast_only) for cast_only in (False, True, False))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x * t[:, None, None]
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_block_left_empty_by_cleanup_leaves_regions_and_guards():
+    # a block of no-ops (a same-dtype cast; Mochi's dropout) is erased by remove_noops: no region
+    # runs it, so no guard may name it (the cache executor looked every guard region up in the
+    # lowered program: KeyError 'ff.net.1')
+    model, inputs = _NoopBlockInStack().eval(), (torch.randn(2, 5, 16), torch.rand(2))
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": 4}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    with torch.no_grad(), diffopt.request(steps=4) as request:
+        for step in range(4):
+            compiled(inputs[0], torch.full((2,), 0.9 - 0.2 * step))
+    assert [a for actions in request.actions.values() for a in actions] == plan
+    report = diffopt.inspect(model, inputs, options)
+    assert "blocks.1" not in [r.name for r in report.regions]
+    assert any("blocks.1" in note for p in report.passes for note in p.notes)
