@@ -60,6 +60,10 @@ class Guard:
     """The regions the guard can skip (step and token guards: a contiguous span of blocks)."""
     why: str
     """What is cached and how it is re-added, in words."""
+    joint: tuple[int, int] = (0, 0)
+    """Token guard: the other streams' tokens before and after the refreshed stream where the
+    blocks concatenate them into one sequence (Flux: text then image, ``(512, 0)``), so inputs
+    indexed by that joint sequence keep the other streams' rows; ``(0, 0)``: no joint sequence."""
 
 
 def residual_bases(
@@ -83,6 +87,32 @@ def refresh_count(token_ratio: float, tokens: int) -> int:
     return max(1, round(token_ratio * tokens))
 
 
-def token_indexed(shape: tuple[int, ...] | None, batch: int, tokens: int) -> bool:
-    """A [B, N, ...] value: one row per sample and token, gathered on a token refresh."""
-    return shape is not None and len(shape) >= 3 and shape[:2] == (batch, tokens)
+def per_sample(shape: tuple[int, ...], batch: int) -> bool:
+    """Whether a token-indexed input has a leading batch axis, so each sample gathers its own
+    tokens; one without (a rotary table shared by the batch) is indexed once, and then every
+    sample of the batch refreshes the same tokens."""
+    return len(shape) >= 2 and shape[0] == batch
+
+
+def token_axes(
+    shape: tuple[int, ...] | None,
+    batch: int,
+    tokens: int,
+    joint: tuple[int, int] = (0, 0),
+    *,
+    mask: bool = False,
+) -> list[int]:
+    """The axes along which an input of `shape` runs over the refreshed stream's `tokens`
+    tokens, or over the joint sequence that holds them with the other streams' (`Guard.joint`).
+
+    A leading batch axis does not count, nor the last axis (channels) unless the input is a
+    boolean `mask` (keys, [B, 1, 1, N]). A token refresh gathers an input along its one token
+    axis and passes an input with none whole; the token guard refuses an input with two (an
+    attention mask over token pairs).
+    """
+    if shape is None:
+        return []
+    lengths = {tokens, joint[0] + tokens + joint[1]}
+    first = 1 if per_sample(shape, batch) else 0
+    last = len(shape) if mask else len(shape) - 1
+    return [axis for axis in range(first, last) if shape[axis] in lengths]

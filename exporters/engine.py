@@ -221,7 +221,10 @@ def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
         manifest["release"],
     )
     config = Config.from_dict(manifest["config"])
-    guards = [Guard(g["kind"], tuple(g["regions"]), g["why"]) for g in manifest["guards"]]
+    guards = [
+        Guard(g["kind"], tuple(g["regions"]), g["why"], tuple(g.get("joint", (0, 0))))
+        for g in manifest["guards"]
+    ]
     executor = build_executor(
         program, config, guards, timestep_slot=manifest["timestep_slot"], param_slots=set()
     )

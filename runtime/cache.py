@@ -37,10 +37,11 @@ from diffopt.guards import (
     Guard,
     GuardKind,
     action_applies,
+    per_sample,
     polish_action,
     refresh_count,
     residual_bases,
-    token_indexed,
+    token_axes,
 )
 
 from . import profiles
@@ -226,6 +227,8 @@ class TokenAnchor:
     """The full step's span outputs at the chosen tokens."""
     short: dict[int, torch.Tensor]
     """The span run on the chosen tokens alone, at the full step."""
+    tokens: int
+    """How many tokens the refreshed stream has."""
 
 
 @dataclass
@@ -319,6 +322,8 @@ class CachingExecutor(RegionExecutor):
             raise ConfigError("no step or token guard applied; see the step_guard pass report")
         self.span = self._boundary(*span)
         self.token_span = spans.get("token")
+        self.joint = next((g.joint for g in guards if g.kind == "token"), (0, 0))
+        """Where the refreshed stream sits in the blocks' joint sequence (`Guard.joint`)."""
         self.block_spans = {
             index[g.regions[0]]: self._boundary(index[g.regions[0]], index[g.regions[0]] + 1)
             for g in guards
@@ -488,9 +493,10 @@ class CachingExecutor(RegionExecutor):
 
     def _stream(self, values: list[Any]) -> torch.Tensor:
         """The token stream entering the guarded span, once the regions before it ran: its input
-        with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D])."""
+        with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D]; a
+        boolean attention mask [B, 1, 1, N] is no stream)."""
         tensors = [values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor)]
-        return max(tensors, key=torch.Tensor.dim)
+        return max((t for t in tensors if t.dtype != torch.bool), key=torch.Tensor.dim)
 
     def _steps(self, req: Request | None = None) -> int | None:
         """The step count of `req` (by default the request in scope), else the compiled one."""
@@ -753,29 +759,52 @@ class CachingExecutor(RegionExecutor):
         if branch.token is None:
             before, exits = branch.token_source
             slope = branch.stack[self.span.exits[0]].slope
-            tokens = slope.shape[1]
-            scores = slope.abs().mean(-1)  # [B, N]: change between the last two full steps
+            batch, rows = slope.shape[:2]
+            # the first exit is the stream, or the joint sequence where the span joins them
+            joined = self.span.bases[0] is None
+            tokens = rows - sum(self.joint) if joined else rows
+            first = self.joint[0] if joined else 0
+            # [B, N]: each token's change between the last two full steps
+            scores = slope[:, first : first + tokens].abs().mean(-1)
+            if self._shared_by_batch(before, batch, tokens):  # one set of tokens for all
+                scores = scores.mean(0, keepdim=True).expand_as(scores)
             chosen = scores.topk(refresh_count(self._settings().token_ratio, tokens), dim=1)
             chosen = chosen.indices
             chosen = chosen.sort(dim=1).values
             outputs = {
-                out: value.gather(1, _expand(chosen, value)).contiguous()
-                for out, value in exits.items()
+                out: _take(value, chosen, 1, tokens, self.joint) for out, value in exits.items()
             }
-            branch.token = TokenAnchor(chosen, outputs, self._run_short(before, chosen))
+            short = self._run_short(before, chosen, tokens)
+            branch.token = TokenAnchor(chosen, outputs, short, tokens)
         return branch.token
 
-    def _run_short(self, values: list[Any], chosen: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The span run on the `chosen` tokens of each sample only: its exits, [B, k, ...]."""
+    def _shared_by_batch(self, values: list[Any], batch: int, tokens: int) -> bool:
+        """Whether an input the span gathers has no batch axis (a rotary table), so the
+        batch refreshes one set of tokens."""
+        return any(
+            self._token_axes(values[slot], batch, tokens)
+            and not per_sample(_shape(values[slot]), batch)
+            for slot in self.span.entries
+        )
+
+    def _token_axes(self, value: Any, batch: int, tokens: int) -> list[int]:
+        """`diffopt.guards.token_axes` of a value the span reads."""
+        mask = isinstance(value, torch.Tensor) and value.dtype == torch.bool
+        return token_axes(_shape(value), batch, tokens, self.joint, mask=mask)
+
+    def _run_short(
+        self, values: list[Any], chosen: torch.Tensor, tokens: int
+    ) -> dict[int, torch.Tensor]:
+        """The span run on the `chosen` of its `tokens` tokens of each sample only: its exits,
+        [B, k, ...] (and the other streams' rows, where an exit holds them)."""
         span = self.span
         batch, count = chosen.shape
-        tokens = values[span.bases[0]].shape[1]
         short = list(values)
         for slot in span.entries:
             value = values[slot]
-            if token_indexed(_shape(value), batch, tokens):
-                # gather takes the index's strides; compiled regions expect dense rows
-                short[slot] = value.gather(1, _expand(chosen, value)).contiguous()
+            axes = self._token_axes(value, batch, tokens)
+            if axes:
+                short[slot] = _take(value, chosen, axes[0], tokens, self.joint)
         for index in range(span.start, span.stop):
             lowered = self.program.regions[index]
             inputs = [short[s] for s in lowered.inputs]
@@ -912,17 +941,17 @@ def _refresh_tokens(executor: CachingExecutor, call: SpanCall) -> float:
     """
     span, branch, values, entries = executor.span, call.branch, call.values, call.entries
     anchor = executor._anchor(branch)
-    current = executor._run_short(values, anchor.chosen)
-    work = anchor.chosen.shape[1] / values[span.bases[0]].shape[1]  # read before the release
+    current = executor._run_short(values, anchor.chosen, anchor.tokens)
     for out, base in zip(span.exits, span.bases, strict=True):
         full = executor._rebuild(branch.stack[out], base, entries, call.step, call.config)
         full = full.clone()
         moved = anchor.outputs[out] + current[out] - anchor.short[out]
-        full.scatter_(1, _expand(anchor.chosen, full), moved)
-        branch.stack[out].record(full - entries[base], call.step)
+        rows = _rows(anchor.chosen, full.shape[1], anchor.tokens, executor.joint)
+        full.scatter_(1, _expand(rows, full), moved)
+        branch.stack[out].record(full - entries[base] if base is not None else full, call.step)
         values[out] = span.laid_out(out, full)
     executor._release(span, values)
-    return work
+    return anchor.chosen.shape[1] / anchor.tokens
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -932,6 +961,37 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 def _block_change(trends: dict[int, Trend]) -> float:
     return max(t.change() for t in trends.values())
+
+
+def _take(
+    value: torch.Tensor,
+    chosen: torch.Tensor,
+    axis: int,
+    tokens: int,
+    joint: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """`value` at the `chosen` [B, k] of its `tokens` tokens along `axis`: each sample's own
+    where it has a batch axis, else the batch's one set (`chosen`'s rows are equal then)."""
+    chosen = _rows(chosen, value.shape[axis], tokens, joint)
+    if not per_sample(tuple(value.shape), len(chosen)):
+        return value.index_select(axis, chosen[0])
+    shape = [1] * value.dim()
+    shape[0], shape[axis] = len(chosen), chosen.shape[1]
+    index = chosen.view(shape).expand(
+        *value.shape[:axis], chosen.shape[1], *value.shape[axis + 1 :]
+    )
+    # gather takes the index's strides; compiled regions expect dense rows
+    return value.gather(axis, index).contiguous()
+
+
+def _rows(chosen: torch.Tensor, length: int, tokens: int, joint: tuple[int, int]) -> torch.Tensor:
+    """The rows of an axis of `length` that hold the `chosen` [B, k] of `tokens` tokens: those,
+    or on an axis over the joint sequence (`Guard.joint`) those and every other stream's row."""
+    if length == tokens:
+        return chosen
+    before = joint[0]
+    rows = torch.arange(length, device=chosen.device).expand(len(chosen), -1)
+    return torch.cat([rows[:, :before], before + chosen, rows[:, before + tokens :]], 1)
 
 
 def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

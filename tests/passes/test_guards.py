@@ -44,10 +44,30 @@ def test_block0_indicator_keeps_the_first_block_out_of_the_span():
 
 
 @pytest.mark.parametrize(
+    ("family", "says"),
+    [
+        # rotary tables shared by the batch, over text then image tokens (a joint sequence)
+        ("tiny-flux", ["freqs_cos_3, freqs_sin_3 have no batch axis", "(8 other tokens, these 16"]),
+        # joint attention: image then text, the split between them baked in at capture
+        (
+            "tiny-sd3",
+            ["gather top tokens of hidden_states_1;", "(0 other tokens, these 16, 6 other"],
+        ),
+        # a video model's rotary tables [1, N, 1, D], no joint sequence (text by cross-attention)
+        ("tiny-wan", ["freqs_cos, freqs_sin have no batch axis"]),
+    ],
+)
+def test_token_guard_covers_dual_stream_and_video_models(family, says):
+    reports, _ = guard_reports(family)
+    what = reports["token_guard"].rewritten[0].what
+    assert all(part in what for part in says), what
+
+
+@pytest.mark.parametrize(
     ("family", "reason"),
     [
-        ("tiny-flux", "not as [B, N, ...]"),  # rotary embeddings shared by the batch
-        ("tiny-sd3", "does not run on a 4-token sequence"),  # a token count baked into the graph
+        ("tiny-sana", "does not run on a 16-token sequence"),  # a token grid baked into the graph
+        ("tiny-ideogram4", "runs over the tokens on axes [2, 3]"),  # an attention mask
         ("tiny-unet", "no [B, N, D] token stream"),
     ],
 )
@@ -65,8 +85,8 @@ def test_unet_blocks_without_a_residual_are_skipped_with_the_reason():
 
 
 def test_strict_turns_a_skipped_guard_into_an_error():
-    model, inputs = build("tiny-flux")
-    config = Config(inner="eager", strict=True, cache=CacheConfig(steps=10))
+    model, inputs = build("tiny-unet")
+    config = Config(inner="eager", strict=True, cache=CacheConfig(steps=10, block_guard=False))
     with pytest.raises(Exception, match="pass 'token_guard' could not apply") as info:
         diffopt.inspect(model, inputs, config)
     assert isinstance(getattr(info.value, "inner_exception", info.value), PassError)
@@ -100,3 +120,18 @@ def test_the_contract_imports_nothing_from_diffopt():
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if m and m.split(".")[0] == "diffopt"]
     assert config_module.CacheAction is guards.CacheAction  # one definition, used by config
+
+
+def test_token_axes_find_where_an_input_runs_over_tokens():
+    """What a token refresh gathers, as the pass and the runtime both read it from shapes."""
+    batch, tokens = 2, 16
+    assert guards.token_axes((2, 16, 32), batch, tokens) == [1]  # the stream: per sample
+    assert guards.token_axes((2, 32), batch, tokens) == []  # a per-sample vector
+    assert guards.token_axes((1, 16, 1, 8), batch, tokens) == [1]  # Wan's rotary table
+    assert not guards.per_sample((1, 16, 1, 8), batch)  # ... shared by the batch
+    assert guards.token_axes((24, 8), batch, tokens) == []  # text + image: unknown layout
+    assert guards.token_axes((24, 8), batch, tokens, joint=(8, 0)) == [0]  # Flux's table
+    assert guards.token_axes((8, 8), batch, tokens, joint=(8, 0)) == []  # the text's own rows
+    # boolean masks: over keys [B, 1, 1, N] (gathered), over token pairs (refused)
+    assert guards.token_axes((2, 1, 1, 24), batch, tokens, joint=(0, 8), mask=True) == [3]
+    assert guards.token_axes((2, 1, 24, 24), batch, tokens, joint=(0, 8), mask=True) == [2, 3]

@@ -55,10 +55,14 @@ def test_reused_steps_skip_the_blocks_and_stay_close():
     assert (out - expected).abs().mean() < 0.5 * expected.abs().mean()
 
 
-@pytest.mark.parametrize("polish", ["token", "block"])
-def test_a_full_refresh_is_a_full_step(polish):
-    """Refreshing every token (or every block) must reproduce the uncached step."""
-    model, inputs = build()
+@pytest.mark.parametrize(
+    ("family", "polish"),
+    [("tiny-dit", "token"), ("tiny-dit", "block"), ("tiny-flux", "token"), ("tiny-sd3", "token")],
+)
+def test_a_full_refresh_is_a_full_step(family, polish):
+    """Refreshing every token (or every block) must reproduce the uncached step; on Flux the
+    rotary tables and on both dual-stream models the joint sequence go through the gather."""
+    model, inputs = build(family)
     expected = denoise(model, inputs, 12)
     compiled = calibrated(model, inputs)
     settings = CacheConfig(
@@ -399,20 +403,25 @@ def test_actions_dispatch_through_the_strategy_registry(monkeypatch):
         cache.strategy("skip")
 
 
-def test_token_refreshes_run_the_regions_the_variants_provider_gives():
-    """How an exporter records the shorter-sequence runs: a provider passed to the executor."""
-    model, inputs = build()
-    plan = ["full", "full", "token", "full"]
-    config = Config(inner="eager", cache=CacheConfig(steps=4, mode="plan", plan=plan))
-    asked = []
+def _recording_short_runs(model, plan, **settings):
+    """`model` compiled with eager regions, whose token refreshes run what the variants provider
+    gives and record it: a list of (region index, token count, inputs, outputs)."""
+    config = Config(
+        inner="eager", cache=CacheConfig(steps=len(plan), mode="plan", plan=plan, **settings)
+    )
+    runs = []
 
     def backend(gm, example_inputs):
         optimized = optimize(gm, example_inputs, config)
         program = optimized.program
 
         def variants(index, count, examples):
-            asked.append((index, count))
-            return program.regions[index]  # eager regions run any sequence length
+            def run(*inputs):
+                outputs = program.regions[index](*inputs)  # eager: any sequence length
+                runs.append((index, count, inputs, outputs))
+                return outputs
+
+            return run
 
         timestep, weights = input_slots(optimized.graph)
         return build_executor(
@@ -424,9 +433,94 @@ def test_token_refreshes_run_the_regions_the_variants_provider_gives():
             variants=variants,
         )
 
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    return torch.compile(model, backend=backend, fullgraph=True), runs
+
+
+def test_token_refreshes_run_the_regions_the_variants_provider_gives():
+    """How an exporter records the shorter-sequence runs: a provider passed to the executor."""
+    model, inputs = build()
+    plan = ["full", "full", "token", "full"]
+    compiled, runs = _recording_short_runs(model, plan)
     with diffopt.request(steps=4) as req:
         denoise(compiled, inputs, 4)
     assert req.actions[0] == plan
     # the anchor's and the refresh's short runs, over the span's two blocks, at one length
-    assert len(asked) == 4 and len({count for _, count in asked}) == 1
+    assert len(runs) == 4 and len({count for _, count, *_ in runs}) == 1
+
+
+def _flux_on_tokens(model, call, chosen):
+    """Flux's span output on the image tokens `chosen` alone: the model called with those
+    latents and their position ids (so the rotary rows come from the model, not a gather)."""
+    captured = {}
+    last = model.single_transformer_blocks[-1]
+    hook = last.register_forward_hook(lambda module, args, out: captured.update(image=out[1]))
+    latents, ids = call["hidden_states"][:, chosen], call["img_ids"][chosen]
+    model(**{**call, "hidden_states": latents, "img_ids": ids})
+    hook.remove()
+    return captured["image"]
+
+
+def _sd3_on_tokens(model, call, chosen):
+    """SD3's blocks on the image tokens `chosen` of each sample alone (the text stays whole)."""
+    image = model.pos_embed(call["hidden_states"])
+    image = image.gather(1, _rows(chosen, image))
+    text = model.context_embedder(call["encoder_hidden_states"])
+    temb = model.time_text_embed(call["timestep"], call["pooled_projections"])
+    for block in model.transformer_blocks:
+        text, image = block(image, text, temb)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("family", "stream", "on_tokens"),
+    [("tiny-flux", "x_embedder", _flux_on_tokens), ("tiny-sd3", "pos_embed", _sd3_on_tokens)],
+)
+def test_a_short_run_is_the_blocks_on_the_refreshed_tokens_alone(family, stream, on_tokens):
+    """A token refresh runs the span on the gathered tokens: on dual-stream models that is the
+    image tokens with their own rotary rows (Flux's tables are shared by the batch, so both
+    samples refresh the same tokens) next to the whole text stream, whatever order the blocks
+    join the two in. A wrong gather (rows, offsets, the cut between the streams) differs."""
+    model, inputs = build(family)
+    plan = ["full", "full", "token", "full"]
+    compiled, runs = _recording_short_runs(model, plan, token_ratio=0.25)
+    generator = torch.Generator().manual_seed(0)
+    calls = [
+        {
+            **inputs,
+            "hidden_states": torch.randn(inputs["hidden_states"].shape, generator=generator),
+            "timestep": inputs["timestep"] * (1 - step / len(plan)),
+        }
+        for step in range(len(plan))
+    ]
+    with diffopt.request(steps=len(plan)) as req, torch.no_grad():
+        for call in calls:
+            compiled(**call)
+    assert req.actions[0] == plan
+    first, last = min(i for i, *_ in runs), max(i for i, *_ in runs)
+    starts = [k for k, (index, *_) in enumerate(runs) if index == first]
+    ends = [k for k, (index, *_) in enumerate(runs) if index == last]
+    assert len(starts) == len(ends) == 2  # the anchor's short run, then the refresh's
+    # the anchor runs on the last full step's values (call 1), the refresh on its own (call 2)
+    for call, start, end in zip(calls[1:3], starts, ends, strict=True):
+        with torch.no_grad():
+            full = getattr(model, stream)(call["hidden_states"])  # [B, N, D] entering the span
+        _, count, region_inputs, _ = runs[start]
+        gathered = next(v for v in region_inputs if _shape(v) == (len(full), count, full.shape[2]))
+        # which tokens each sample refreshed: the rows of the full stream it holds
+        chosen = torch.cdist(gathered, full).argmin(-1)
+        torch.testing.assert_close(gathered, full.gather(1, _rows(chosen, gathered)))
+        if family == "tiny-flux":
+            assert (chosen == chosen[0]).all()  # tables shared by the batch: one token set
+            chosen = chosen[0]
+        with torch.no_grad():
+            expected = on_tokens(model, call, chosen)
+        short = next(v for v in runs[end][3] if _shape(v) == tuple(expected.shape))
+        torch.testing.assert_close(short, expected, rtol=1e-5, atol=1e-5)
+
+
+def _shape(value):
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _rows(chosen, like):
+    return chosen[..., None].expand(-1, -1, like.shape[-1])
