@@ -59,17 +59,17 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
         report.skip(where, f"the token count is symbolic ({tokens}, dynamic shapes)")
         return graph, report
     others = [s.shape[1] for s in graph.roles.token_streams if s.shape[1] != tokens]
-    joint = _joint_layout(graph, span, tokens, others)
-    cuts = _sized_by_stream(graph, span, stream, joint) if isinstance(joint, tuple) else []
-    problem = (
-        joint if isinstance(joint, str) else next((c for c in cuts if isinstance(c, str)), None)
-    )
+    try:
+        joint = _joint_layout(graph, span, tokens, others)
+        rewrites = _sized_by_stream(graph, span, stream, joint)
+    except _CannotGather as e:
+        report.skip(where, str(e))
+        return graph, report
+    layout = (batch, tokens, joint)
+    gathered = [n for n in entries if _axes(n, layout)]
+    problem = _why_not(graph, entries, gathered, exits, layout, others)
     if problem is None:
-        layout = (batch, tokens, joint)
-        gathered = [n for n in entries if _axes(n, layout)]
-        problem = _why_not(graph, entries, gathered, exits, layout, others)
-    if problem is None:
-        for apply in cuts:
+        for apply in rewrites:
             apply()  # the same sizes at full length: harmless should the fake run below fail
         graph.gm.recompile()
         count = refresh_count(config.token_ratio, tokens)
@@ -103,13 +103,17 @@ def _axes(node: fx.Node, layout: tuple) -> list[int]:
     return token_axes(shape_of(node), *layout, mask=mask)
 
 
+class _CannotGather(Exception):
+    """Why the token guard cannot apply (the message is the report's reason)."""
+
+
 def _span_nodes(graph: DenoiserGraph, span: list[str]) -> list[fx.Node]:
     return [n for region in span for n in graph.nodes_of(region)]
 
 
 def _joint_layout(
     graph: DenoiserGraph, span: list[str], tokens: int, others: list[int]
-) -> tuple[int, int] | str:
+) -> tuple[int, int]:
     """How many other streams' tokens precede and follow the refreshed stream where the blocks
     concatenate the streams along a token axis; (0, 0) where they never do."""
     layouts: dict[tuple[int, int], fx.Node] = {}
@@ -127,7 +131,7 @@ def _joint_layout(
         layouts.setdefault((sum(sizes[:at]), sum(sizes[at + 1 :])), node)
     if len(layouts) > 1:
         found = ", ".join(f"{n.name}: {b} before, {a} after" for (b, a), n in layouts.items())
-        return (
+        raise _CannotGather(
             f"the blocks join the streams in different orders ({found}), so the refreshed "
             f"{tokens} tokens have no one place in the joint sequence"
         )
@@ -137,7 +141,7 @@ def _joint_layout(
 def _sized_by_stream(
     graph: DenoiserGraph, span: list[str], stream: tuple[int, ...], joint: tuple[int, int]
 ) -> list:
-    """The rewrites (callables) that let the span follow a shorter stream, or a reason (str).
+    """The rewrites (callables) that let the span follow a shorter stream.
 
     Capture bakes sizes in as numbers. A cut of the joint sequence behind the stream (SD3's
     ``hidden_states[:, :image_tokens]``, Flux's ``split_with_sizes([text, image])``) is made to
@@ -157,32 +161,24 @@ def _sized_by_stream(
             return at
         if at >= before + tokens:
             return None if stop and at == length else at - length
-        raise _InsideStream(node)
+        raise _CannotGather(
+            f"{node.name} cuts the joint sequence ({before} + {tokens} + {after} tokens) "
+            "inside the refreshed stream; a shorter stream would move that cut"
+        )
 
     rewrites: list = []
     for node in _span_nodes(graph, span):
-        try:
-            if node.target in _VIEWS:
-                rewrites += _view_rewrite(node, {tokens, length})
-            elif node.target in _FACTORIES:
-                rewrites += _factory_rewrite(graph, node, stream)
-            elif length == tokens:
-                continue  # no joint sequence to cut
-            elif node.op == "call_function" and node.target is operator.getitem:
-                rewrites += _slice_rewrite(node, length, moved)
-            elif node.target in _SPLITS:
-                rewrites += _split_rewrite(graph, node, length, moved)
-        except _InsideStream as e:
-            return [
-                f"{e.node.name} cuts the joint sequence ({before} + {tokens} + {after} tokens) "
-                "inside the refreshed stream; a shorter stream would move that cut"
-            ]
+        if node.target in _VIEWS:
+            rewrites += _view_rewrite(node, {tokens, length})
+        elif node.target in _FACTORIES:
+            rewrites += _factory_rewrite(graph, node, stream)
+        elif length == tokens:
+            continue  # no joint sequence to cut
+        elif node.op == "call_function" and node.target is operator.getitem:
+            rewrites += _slice_rewrite(node, length, moved)
+        elif node.target in _SPLITS:
+            rewrites += _split_rewrite(graph, node, length, moved)
     return rewrites
-
-
-class _InsideStream(Exception):
-    def __init__(self, node: fx.Node) -> None:
-        self.node = node
 
 
 def _slice_rewrite(node: fx.Node, length: int, moved) -> list:
