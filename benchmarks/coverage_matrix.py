@@ -215,6 +215,22 @@ class Family:
         torch._dynamo.reset()
         return diffopt.inspect(self.model, self.fresh(), {"inner": "eager", **config})
 
+    def first_break(self) -> str:
+        """Where and why dynamo first breaks the graph, in one line."""
+        import torch
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            found = torch._dynamo.explain(self.model)(**self.fresh())
+        torch._dynamo.reset()
+        if not found.break_reasons:
+            return "no graph break"
+        first = found.break_reasons[0]
+        where = first.user_stack[-1] if first.user_stack else None
+        at = f" at {where.filename.split('site-packages/')[-1]}:{where.lineno}" if where else ""
+        reason = " ".join(str(first.reason).split())[:160]
+        return f"{found.graph_count} graphs, first break{at}: {reason}"
+
     def guards(self) -> dict[str, dict]:
         """Cells for regions and the three guards, from one inspect with cache guards on."""
         report = self.inspect({"cache": {"steps": 4}})
@@ -223,6 +239,8 @@ class Family:
         detail = {"blocks": blocks, "odd_blocks": odd}
         if len(blocks) < 2:
             why = f"only one block ({blocks[0]})" if blocks else "no repeated blocks found"
+            if report.graphs > 1:  # graph breaks inside the blocks leave no graph holding two
+                why += f" in any graph ({self.first_break()})"
             regions = cell("fail", f"{len(blocks)} blocks", why, **detail)
         elif odd:
             more = f" (and {len(odd) - 3} more)" if len(odd) > 3 else ""
@@ -288,6 +306,8 @@ class Family:
             "full_diff": full_diff,
             "reuse_diff": reuse_diff,
         }
+        if not actions:
+            return cell("fail", "", f"no graph took a cache decision ({self.first_break()})")
         problems = []
         if len(actions) != len(PLAN):
             # a forward dynamo splits into several graphs reaches the cache once per graph

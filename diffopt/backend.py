@@ -6,6 +6,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from diffopt.guards import Guard
 from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
 from diffopt.passes.graph import INPUT_KEY
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
-from diffopt.runtime.cache import CachingExecutor, VariantProvider
+from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Captured:
     ``RegionExecutor(result.program)(*inputs)``."""
     sources: list[str]
     """Where each graph input came from, as dynamo names it (``L['hidden_states']``)."""
+    graphs: int = 1
+    """How many graphs dynamo split the call into (graph breaks); this one holds the blocks."""
 
 
 def capture(
@@ -69,15 +72,20 @@ def capture(
     keep_before: bool = False,
     dynamic_batch: bool = False,
     dynamic_resolution: bool = False,
+    one_graph: bool = True,
 ) -> Captured:
-    """Capture `model` on one call with dynamo (one graph, no breaks) and run diffopt's passes;
-    the regions stay uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic,
-    `dynamic_resolution` the latents' spatial (or token) dimensions (`mark_dynamic_axes`)."""
+    """Capture `model` on one call with dynamo and run diffopt's passes; the regions stay
+    uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic,
+    `dynamic_resolution` the latents' spatial (or token) dimensions (`mark_dynamic_axes`).
+
+    With `one_graph` (what an engine needs) a graph break is an error naming it; without, the
+    call may split into several graphs, as under `torch.compile`, and the one holding the most
+    blocks is returned (`Captured.graphs` says how many there were)."""
     import inspect
     import re
 
     import torch
-    from torch._dynamo.eval_frame import reset_code
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
     from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
     captured: list[Captured] = []
@@ -125,15 +133,20 @@ def capture(
     def call(model: Any, *args: Any, **kwargs: Any) -> Any:  # our own frame and cache entry
         return model(*args, **kwargs)
 
+    # a graph break compiles the model's own frames too; drop them afterwards unless the user
+    # had compiled that code already (dynamo keys entries by backend, so theirs stay apart)
+    forward = getattr(type(model).forward, "__code__", None)
+    own_frames = forward is not None and not _debug_get_cache_entry_list(forward)
     try:
         # dynamic only where asked: dynamo would otherwise make sizes that differ from an earlier
         # capture in this process dynamic ("automatic dynamic"), since `call` is one code object
         with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            torch.compile(call, backend=backend, fullgraph=True)(model, *args, **kwargs)
+            torch.compile(call, backend=backend, fullgraph=one_graph)(model, *args, **kwargs)
     except torch._dynamo.exc.Unsupported as e:
         raise ValueError(
-            f"diffopt captures denoisers that dynamo traces as one graph; "
-            f"{type(model).__name__} has a graph break: {e}"
+            f"an engine needs the denoiser as one graph; {type(model).__name__} has a graph "
+            f"break: {e}. `diffopt.inspect` and torch.compile(backend='diffopt') run across "
+            "breaks; to export, remove the break (the message names the line)"
         ) from e
     except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
         raise ValueError(
@@ -141,14 +154,17 @@ def capture(
             f"size); export with that axis static: {e}"
         ) from e
     finally:
-        # drop only this capture's compiled frame: a global dynamo reset would also throw away
+        # drop only this capture's compiled frames: a global dynamo reset would also throw away
         # the user's compiled models (and with them their calibrated cache state)
         reset_code(call.__code__)
+        if own_frames and len(captured) > 1:
+            reset_code(forward)
     if not captured:
         raise RuntimeError("dynamo ran the model without compiling it (recompile limit reached?)")
     if asked:
         _check_guards_at_double_size(type(model).__name__, captured[0].result.graph.gm, asked)
-    return captured[0]
+    main = max(captured, key=lambda c: len(c.result.graph.blocks))  # the first, on a tie
+    return dataclasses.replace(main, graphs=len(captured))
 
 
 def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> None:
@@ -284,6 +300,8 @@ def build_executor(
     """`RegionExecutor`, or `CachingExecutor` when there is a cache config and guards; the
     regions may be compiled torch code or engine sessions. `variants` supplies the regions a
     token refresh runs (`CachingExecutor`'s argument; an exporter records them with it)."""
+    if config.cache is not None and not guards and timestep_slot is not None:
+        return TimestepRecorder(program, timestep_slot)  # for a guarded graph after a break
     if config.cache is None or not guards:
         return RegionExecutor(program)
     return CachingExecutor(

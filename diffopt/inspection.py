@@ -50,6 +50,8 @@ class InspectReport:
     code_after: dict[str, str]
     cache_profile: str | None = None
     """With cache guards: whose calibrated profile this model's cached requests use."""
+    graphs: int = 1
+    """How many graphs dynamo split one call into; the report shows the one holding the blocks."""
 
     @property
     def blocks(self) -> list[RegionStats]:
@@ -61,6 +63,13 @@ class InspectReport:
 
         console = Console(file=io.StringIO(), width=110, color_system=None)
         console.print(f"diffopt inspect: {self.model}  (inner={self.config.inner})")
+        if self.graphs > 1:
+            console.print(
+                f"the call compiles to {self.graphs} graphs (graph breaks); shown: the one "
+                "holding the blocks. torch.compile(backend='diffopt') runs every graph, the cache "
+                "on this one; an engine needs one graph (torch._dynamo.explain lists the breaks)",
+                markup=False,
+            )
         console.print(_regions_table(self.regions))
         for line in _role_lines(self.roles):
             console.print(line)
@@ -190,7 +199,7 @@ def inspect(
     positional ones. Regions run eagerly here (inspect compiles nothing with the inner backend).
     """
     config = Config.coerce(config)
-    captured = capture(model, example_inputs, config, keep_before=True)
+    captured = capture(model, example_inputs, config, keep_before=True, one_graph=False)
     result = captured.result
     executor = _CountingExecutor(result.program)
     with torch.no_grad():
@@ -204,6 +213,7 @@ def inspect(
         code_before={r.region.name: r.module.code for r in result.before.regions},
         code_after={r.region.name: r.module.code for r in result.program.regions},
         cache_profile=_cache_profile(model, config),
+        graphs=captured.graphs,
     )
 
 

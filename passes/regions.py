@@ -124,6 +124,8 @@ def analyze(gm: fx.GraphModule, example_inputs: list[object]) -> tuple[DenoiserG
     if graph.blocks:
         graph.roles = find_roles(graph)
         report.notes.extend(graph.roles.notes)
+    else:  # a graph before a break may still read the noise level the blocks' graph needs
+        graph.roles.timestep = _find_timestep(graph)
     return graph, report
 
 

@@ -72,6 +72,10 @@ class Request:
     what the calibrated profile expects (1 where the profile describes this request)."""
     work: dict[int, list[float]] = field(default_factory=dict)
     """Per guidance branch, each step's guarded block work as a share of a full step's."""
+    timestep: float | None = None
+    """The noise level of the denoiser call running now, as the graph that reads it saw it: a
+    graph dynamo split off after a graph break (HunyuanVideo 1.5's prologue branches on data)
+    gets only the embedding, and tells steps and guidance branches apart by this."""
     recorded: dict[str, list[float | None]] = field(default_factory=dict)
     """Indicator per step (``"stack"``, ``"curvature"``, ``"block0"``) when this request
     calibrated, and what it ran under: the ``"timestep"`` and the stream's change
@@ -289,6 +293,21 @@ VariantProvider = Callable[[int, int, list[Any]], Callable[..., Sequence[Any]]]
 token refresh's shorter sequence."""
 
 
+class TimestepRecorder(RegionExecutor):
+    """A graph without guards that reads the noise level (the part of a forward before a graph
+    break): it records each call's timestep on the request for the guarded graph after it."""
+
+    def __init__(self, program: RegionProgram, timestep_slot: int) -> None:
+        super().__init__(program)
+        self.timestep_slot = timestep_slot
+
+    def run(self, args: Sequence[Any]) -> Any:
+        ctx = _REQUEST.get(None)
+        if ctx is not None:
+            ctx.timestep = float(args[self.timestep_slot].reshape(-1)[0])
+        return super().run(args)
+
+
 class CachingExecutor(RegionExecutor):
     """Runs a `RegionProgram` with the cache guards the passes marked.
 
@@ -390,6 +409,8 @@ class CachingExecutor(RegionExecutor):
         t = None
         if self.timestep_slot is not None:
             t = float(values[self.timestep_slot].reshape(-1)[0])
+        elif ctx is not None:  # read by a graph before a graph break (`TimestepRecorder`)
+            t = ctx.timestep
         same_step = t is not None and t == self._last_t
         new = ctx is not self._request and ctx is not None
         # another instance of the class (another model's weights): its own request and profile

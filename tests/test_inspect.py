@@ -78,14 +78,29 @@ def test_positional_inputs_are_accepted():
     assert len(report.blocks) == 3
 
 
-def test_graph_break_is_a_clear_error():
-    class Breaks(torch.nn.Module):
-        def forward(self, x):
-            print("side effect")
-            return x.item()
+class _BranchesOnData(torch.nn.Module):
+    """HunyuanVideo 1.5's shape: the prologue branches on a tensor's value (a graph break), the
+    blocks run in the graph after it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, _ = user_model()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if torch.all(image == 0):  # data-dependent: dynamo breaks the graph here
+            x = x * 1.0
+        return self.inner(x, t)["sample"]
+
+
+def test_inspect_runs_across_a_graph_break_and_export_names_it(tmp_path):
+    model = _BranchesOnData().eval()
+    x, t = user_model()[1]
+    report = diffopt.inspect(model, (x, t, torch.zeros(2, 3)))
+    assert report.graphs == 2
+    assert [b.name for b in report.blocks] == [f"inner.blocks.{i}" for i in range(3)]
+    assert "compiles to 2 graphs" in str(report)
     with pytest.raises(ValueError, match="graph break"):
-        diffopt.inspect(Breaks(), (torch.ones(1),))
+        diffopt.export(model, (x, t, torch.zeros(2, 3)), out=tmp_path / "engine")
 
 
 def test_cli_inspect_builtin(capsys, tmp_path):

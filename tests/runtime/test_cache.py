@@ -524,3 +524,45 @@ def _shape(value):
 
 def _rows(chosen, like):
     return chosen[..., None].expand(-1, -1, like.shape[-1])
+
+
+class _EmbedsThenBreaks(torch.nn.Module):
+    """HunyuanVideo 1.5's shape: the noise level is embedded, then the prologue branches on a
+    tensor's value (a graph break), and the blocks run in a graph that sees only the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ..models import Block
+
+        self.time, self.embed = torch.nn.Linear(16, 16), torch.nn.Linear(4, 16)
+        self.blocks = torch.nn.ModuleList(Block(16) for _ in range(3))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        from ..models import timestep_embedding
+
+        temb = self.time(timestep_embedding(t, 16))
+        if torch.all(image == 0):  # data-dependent: dynamo splits the forward here
+            temb = temb * 1.0
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.head(h)
+
+
+def test_steps_and_guidance_branches_are_told_apart_across_a_graph_break():
+    """The guarded graph after the break has no timestep input; it reads the noise level the
+    graph before the break recorded on the request, so the two guidance calls of a step are
+    two branches of one step, not two steps."""
+    torch.manual_seed(0)
+    model = _EmbedsThenBreaks().eval()
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": 4}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    x, image = torch.randn(2, 10, 4), torch.zeros(2, 3)
+    with torch.no_grad(), diffopt.request(steps=4) as req:
+        for step in range(4):
+            t = torch.full((2,), 900.0 - 200 * step)
+            for _ in ("cond", "uncond"):
+                compiled(x, t, image)
+    assert req.actions == {0: plan, 1: plan}
