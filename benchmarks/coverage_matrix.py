@@ -275,7 +275,7 @@ class Family:
             if not stacked[i] and not (any(stacked[:i]) and any(stacked[i + 1 :]))
         ]
 
-    def cache_reuse(self) -> dict:
+    def cache_reuse(self, fullgraph: bool = False) -> dict:
         import torch
 
         import diffopt
@@ -285,7 +285,9 @@ class Family:
             return cell("skip", "", "no noise-level input: consecutive calls are the same call")
         torch._dynamo.reset()
         options = {"inner": "eager", "cache": {"mode": "plan", "plan": PLAN, "steps": len(PLAN)}}
-        compiled = torch.compile(self.model, backend="diffopt", options=options)
+        compiled = torch.compile(
+            self.model, backend="diffopt", options=options, fullgraph=fullgraph
+        )
         t0 = self.inputs[key]
         outs, refs = [], []
         with torch.no_grad(), diffopt.request(steps=len(PLAN)) as request:
@@ -306,8 +308,19 @@ class Family:
             "full_diff": full_diff,
             "reuse_diff": reuse_diff,
         }
+        if not actions and not fullgraph:  # what the reason tells a user to try
+            broken = f"no graph took a cache decision ({self.first_break()})"
+            try:
+                retry = self.cache_reuse(fullgraph=True)
+            except Exception as e:
+                retry = cell("fail", "", reason_of(e))
+            if retry["status"] != "ok":
+                return cell("fail", "", f"{broken}; with fullgraph=True: {retry['reason']}")
+            why = f"{broken}; torch.compile(..., fullgraph=True) captures one graph and caches"
+            detail = {k: v for k, v in retry.items() if k not in ("status", "text", "reason")}
+            return cell("partial", f"{retry['text']} with fullgraph=True", why, **detail)
         if not actions:
-            return cell("fail", "", f"no graph took a cache decision ({self.first_break()})")
+            return cell("fail", "", "no graph took a cache decision")
         problems = []
         if len(actions) != len(PLAN):
             # a forward dynamo splits into several graphs reaches the cache once per graph

@@ -78,9 +78,10 @@ def capture(
     uncompiled. `dynamic_batch` keeps the inputs' first dimension symbolic,
     `dynamic_resolution` the latents' spatial (or token) dimensions (`mark_dynamic_axes`).
 
-    With `one_graph` (what an engine needs) a graph break is an error naming it; without, the
-    call may split into several graphs, as under `torch.compile`, and the one holding the most
-    blocks is returned (`Captured.graphs` says how many there were)."""
+    Dynamo is asked for one graph first. Where it cannot make one, with `one_graph` (what an
+    engine needs) the break is an error naming it; without, the call splits into several graphs,
+    as under `torch.compile`, and the one holding the most blocks is returned (`Captured.graphs`
+    says how many there were)."""
     import inspect
     import re
 
@@ -137,17 +138,26 @@ def capture(
     # had compiled that code already (dynamo keys entries by backend, so theirs stay apart)
     forward = getattr(type(model).forward, "__code__", None)
     own_frames = forward is not None and not _debug_get_cache_entry_list(forward)
-    try:
+
+    def trace(fullgraph: bool) -> None:
         # dynamic only where asked: dynamo would otherwise make sizes that differ from an earlier
         # capture in this process dynamic ("automatic dynamic"), since `call` is one code object
         with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            torch.compile(call, backend=backend, fullgraph=one_graph)(model, *args, **kwargs)
-    except torch._dynamo.exc.Unsupported as e:
-        raise ValueError(
-            f"an engine needs the denoiser as one graph; {type(model).__name__} has a graph "
-            f"break: {e}. `diffopt.inspect` and torch.compile(backend='diffopt') run across "
-            "breaks; to export, remove the break (the message names the line)"
-        ) from e
+            torch.compile(call, backend=backend, fullgraph=fullgraph)(model, *args, **kwargs)
+
+    try:
+        try:  # one graph where dynamo can make one: fullgraph traces ops it would otherwise
+            trace(fullgraph=True)  # break at (Mochi's nonzero becomes an unbacked size)
+        except torch._dynamo.exc.Unsupported as e:
+            if one_graph:
+                raise ValueError(
+                    f"an engine needs the denoiser as one graph; {type(model).__name__} has a "
+                    f"graph break: {e}. `diffopt.inspect` and torch.compile(backend='diffopt') "
+                    "run across breaks; to export, remove the break (the message names the line)"
+                ) from e
+            captured.clear()
+            reset_code(call.__code__)
+            trace(fullgraph=False)
     except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
         raise ValueError(
             f"{type(model).__name__} does not allow a dynamic {asked} (its code fixes that "
