@@ -1,0 +1,80 @@
+"""ref-flux: a shipped Flux transformer of the promised size that samples, compiles and caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffopt
+from diffopt import quality
+from diffopt.evaluation import metrics, ref_flux, zoo
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return zoo.load("ref-flux")
+
+
+def test_ref_flux_is_a_flux_mmdit_of_the_promised_size(ref):
+    from diffusers import FluxTransformer2DModel
+
+    assert isinstance(ref.model, FluxTransformer2DModel) and isinstance(ref, ref_flux.FluxReference)
+    config = ref.model.config
+    assert config.num_attention_heads * config.attention_head_dim >= 256
+    assert config.num_layers >= 1 and config.num_single_layers >= 1  # dual and single stream
+    assert config.num_layers + config.num_single_layers >= 8
+    assert sum(config.axes_dims_rope) == config.attention_head_dim
+    assert not config.guidance_embeds  # real classifier-free guidance, as ref-dit
+    weights = zoo.ASSETS / "ref-flux" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    inputs = ref.make_inputs(batch=3)
+    assert inputs["hidden_states"].shape == (3, 256, 4)  # 256 image tokens
+    assert inputs["encoder_hidden_states"].shape == (3, ref_flux.TEXT_TOKENS, 256)
+    assert inputs["img_ids"].shape == (256, 3) and inputs["txt_ids"].shape == (4, 3)
+    assert ref.model(**inputs)[0].shape == (3, 256, 4)
+    assert ref.null_class == 10 and ref.steps == 28
+
+
+def test_pack_is_fluxs_packing_and_unpack_inverts_it():
+    from diffusers import FluxPipeline
+
+    images = torch.randn(2, 1, 32, 32)
+    packed = ref_flux.pack(images)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(images, 2, 1, 32, 32))
+    assert torch.equal(ref_flux.unpack(packed), images)
+
+
+def test_a_short_sample_is_deterministic_per_seed(ref):
+    labels = torch.tensor([3, 7])
+    images = ref.sample(labels, seeds=[11, 12], steps=2)
+    assert images.shape == (2, 1, 32, 32) and images.isfinite().all()
+    again = ref.sample(labels[1:], seeds=[12], steps=2)  # a subset reproduces its image
+    torch.testing.assert_close(again, images[1:], rtol=0, atol=1e-5)
+
+
+def test_samples_show_their_class(ref):
+    labels = torch.arange(10)
+    images = ref.sample(labels, seeds=range(5000, 5010), steps=10)
+    assert metrics.class_accuracy(images, labels) >= 0.8
+
+
+def test_the_diffopt_backend_runs_ref_flux_like_eager(ref):
+    compiled = torch.compile(ref.model, backend="diffopt", options={"inner": "eager"})
+    inputs = ref.make_inputs(batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs)[0], ref.model(**inputs)[0], rtol=0, atol=1e-4)
+
+
+def test_cache_guards_reuse_steps_on_ref_flux(ref):
+    steps = 8
+    options = {"inner": "eager", "cache": {"steps": steps, "polish": "none"}}
+    compiled = torch.compile(ref.model, backend="diffopt", options=options)
+    labels, seeds = torch.tensor([5]), [31]
+    expected = ref.sample(labels, seeds, steps=steps)
+    ref.sample(labels, seeds, denoiser=compiled, steps=steps)  # the first request calibrates
+    with diffopt.request(steps=steps) as req:
+        images = ref.sample(labels, seeds, denoiser=compiled, steps=steps)
+    assert {a for actions in req.actions.values() for a in actions} - {"full"}  # some reuse
+    # a smoke check: 8 steps at the default thresholds reuse hard (22 dB measured); quality at
+    # the 28-step schedule is the benchmarks' business
+    assert quality.psnr(images, expected, 2.0) >= 15
