@@ -148,12 +148,14 @@ def capture(
     try:
         try:  # one graph where dynamo can make one: fullgraph traces ops it would otherwise
             trace(fullgraph=True)  # break at (Mochi's nonzero becomes an unbacked size)
-        except torch._dynamo.exc.Unsupported as e:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            # UserError: a size the one graph would need from data (Lumina2's, HiDream's routing)
             if one_graph:
                 raise ValueError(
                     f"an engine needs the denoiser as one graph; {type(model).__name__} has a "
-                    f"graph break: {e}. `diffopt.inspect` and torch.compile(backend='diffopt') "
-                    "run across breaks; to export, remove the break (the message names the line)"
+                    f"graph break or a size taken from data: {e}. `diffopt.inspect` and "
+                    "torch.compile(backend='diffopt') run across breaks; to export, remove the "
+                    "break (the message names the line)"
                 ) from e
             captured.clear()
             reset_code(call.__code__)
