@@ -54,7 +54,7 @@ def test_a_short_sample_is_deterministic_per_seed(ref):
 
 def test_samples_show_their_class(ref):
     labels = torch.arange(10)
-    images = ref.sample(labels, seeds=range(5000, 5010), steps=10)
+    images = ref.sample(labels, seeds=range(5000, 5010), steps=6)  # 10/10 measured
     assert metrics.class_accuracy(images, labels) >= 0.8
 
 
