@@ -128,31 +128,19 @@ class FluxReference(Reference):
 
     embeddings: ClassEmbeddings = field(default_factory=ClassEmbeddings)
 
-    def sample(
-        self,
-        labels: torch.Tensor,
-        seeds: Sequence[int],
-        *,
-        denoiser: Callable[..., Any] | None = None,
-        steps: int | Sequence[float] | None = None,
-        guidance: float | None = None,
-    ) -> torch.Tensor:
-        """Images [len(labels), 1, 32, 32] in about [-1, 1], one seed per image (as `Reference`)."""
-        from diffopt.fewstep.sampler import initial_noise, sample
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        from diffopt.fewstep.sampler import initial_noise
 
-        noise = pack(initial_noise((1, IMAGE_SIZE, IMAGE_SIZE), seeds))
-        with torch.no_grad():
-            cond = self.embeddings(labels)
-            uncond = self.embeddings(torch.full_like(labels, self.null_class))
-        latents = sample(
-            flux_call(self.model if denoiser is None else denoiser),
-            self.scheduler,
-            noise,
-            cond,
-            uncond,
-            steps=steps or self.steps,
-            guidance=self.guidance if guidance is None else guidance,
-        )
+        return pack(initial_noise((1, IMAGE_SIZE, IMAGE_SIZE), seeds))
+
+    def condition(self, labels: torch.Tensor) -> dict[str, Any]:
+        return self.embeddings(labels)
+
+    def calling(self, denoiser: Callable[..., Any]) -> Callable[..., Any]:
+        return flux_call(denoiser)
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [N, 1, 32, 32] from packed latents."""
         return unpack(latents)
 
 

@@ -135,19 +135,42 @@ class Reference:
 
         `denoiser` defaults to the model; pass an optimized one to compare on the same seeds.
         """
-        from diffopt.fewstep.sampler import initial_noise, sample
+        from diffopt.fewstep.sampler import sample
 
-        config = self.model.config
-        noise = initial_noise((config.in_channels, config.sample_size, config.sample_size), seeds)
-        return sample(
-            self.model if denoiser is None else denoiser,
+        with torch.no_grad():
+            cond = self.condition(labels)
+            uncond = self.condition(torch.full_like(labels, self.null_class))
+        latents = sample(
+            self.calling(self.model if denoiser is None else denoiser),
             self.scheduler,
-            noise,
-            {"class_labels": labels},
-            {"class_labels": torch.full_like(labels, self.null_class)},
+            self.noise(seeds),
+            cond,
+            uncond,
             steps=steps or self.steps,
             guidance=self.guidance if guidance is None else guidance,
         )
+        return self.images(latents)
+
+    # what a model class changes about sampling (`ref_flux.FluxReference` overrides these)
+
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """The initial latents, one seed per image."""
+        from diffopt.fewstep.sampler import initial_noise
+
+        config = self.model.config
+        return initial_noise((config.in_channels, config.sample_size, config.sample_size), seeds)
+
+    def condition(self, labels: torch.Tensor) -> dict[str, Any]:
+        """The denoiser's conditioning keywords for these class labels."""
+        return {"class_labels": labels}
+
+    def calling(self, denoiser: Callable[..., Any]) -> Callable[..., Any]:
+        """`denoiser` in the sampler's calling convention."""
+        return denoiser
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's final latents as images."""
+        return latents
 
 
 SHIPPED = {
