@@ -19,6 +19,7 @@ from torch import nn
 from diffopt.config import ConfigError
 
 if TYPE_CHECKING:
+    from .sampler import Conditioning
     from .unroll import UnrolledSampler
 
 
@@ -86,8 +87,8 @@ class CompensationFit:
 def fit_compensation(
     sampler: UnrolledSampler,
     latents: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    uncond: dict[str, torch.Tensor] | None = None,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
     noise: torch.Tensor | None = None,
 ) -> CompensationFit:
     """Fit every partial step's compensation on calibration inputs, in schedule order.

@@ -14,8 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
+
+from diffopt.config import ConfigError
 
 Denoiser = Callable[..., Any]
+Conditioning = dict[str, Any]
+"""The denoiser's keyword inputs besides latents and timestep: tensors, or containers (dicts,
+lists, tuples) of tensors and None, as pipelines pass them (PixArt's ``added_cond_kwargs``)."""
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
@@ -29,8 +35,8 @@ def sample(
     denoiser: Denoiser,
     scheduler: Any,
     noise: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    uncond: dict[str, torch.Tensor] | None = None,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
     *,
     steps: int | Sequence[float] = 50,
     guidance: float = 1.0,
@@ -60,11 +66,59 @@ def sample(
     return x
 
 
-def guidance_batch(
-    cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Conditional and unconditional inputs as one batch of two, conditional first."""
-    return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+def guidance_batch(cond: Conditioning, uncond: Conditioning) -> Conditioning:
+    """Conditional and unconditional inputs as one batch of two, conditional first.
+
+    Conditioning may nest, as pipelines pass it (PixArt's ``added_cond_kwargs``, a dict of
+    tensors or None): tensors at the same place in both are concatenated on the batch axis; any
+    other leaf (None, a flag, a scale) must be equal in both and is passed once. Raises
+    `ConfigError` naming the keys where the two differ.
+    """
+
+    def pair(path: tuple[Any, ...], c: Any, u: Any) -> Any:
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            return torch.cat([c, u])
+        if isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor) or c != u:
+            where = pytree.keystr(path)
+            raise ConfigError(
+                f"cond{where} is {_short(c)} but uncond{where} is {_short(u)}: a guidance batch "
+                "concatenates tensors and passes other values once, so give both a tensor of "
+                "the same shape, or the same non-tensor value"
+            )
+        return c
+
+    try:
+        return pytree.tree_map_with_path(pair, cond, uncond)
+    except ConfigError:
+        raise
+    except ValueError as e:  # pytree's: the two nest differently
+        raise ConfigError(_structure_difference(cond, uncond, e)) from e
+
+
+def _structure_difference(cond: Conditioning, uncond: Conditioning, error: ValueError) -> str:
+    """Which keys one of cond and uncond has and the other lacks, for a clear error."""
+    paths = [
+        {pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tree)[0]}
+        for tree in (cond, uncond)
+    ]
+    only_cond, only_uncond = sorted(paths[0] - paths[1]), sorted(paths[1] - paths[0])
+    keys = [
+        f"only {name} has {', '.join(v)}"
+        for name, v in [("cond", only_cond), ("uncond", only_uncond)]
+        if v
+    ]
+    # the same keys: another container (a tuple for a list), which pytree's message names
+    detail = "; ".join(keys) or str(error)
+    return (
+        f"cond and uncond must nest the same way to batch them for guidance: {detail}; build "
+        "uncond as cond is built, with None where cond has None"
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def mix_guidance(output: torch.Tensor, guidance: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 from diffopt.config import ConfigError
 
 from .compensation import Compensation
-from .sampler import guidance_batch, mix_guidance, set_schedule
+from .sampler import Conditioning, guidance_batch, mix_guidance, set_schedule
 
 
 @dataclass(frozen=True)
@@ -296,20 +296,20 @@ class UnrolledSampler(nn.Module):
     def forward(
         self,
         latents: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor] | None = None,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final latents from starting `latents`, conditioning `cond` (the denoiser's keyword
-        inputs) and, with guidance by a batch of two, `uncond`. `noise`: [noisy_steps, *latents
-        shape] for consistency samplers (drawn fresh when None)."""
+        inputs, nested as pipelines pass them) and, with guidance by a batch of two, `uncond`.
+        `noise`: [noisy_steps, *latents shape] for consistency samplers (drawn fresh when None)."""
         return self._run(latents, cond, uncond, noise)[0]
 
     def _run(
         self,
         latents: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor] | None,
+        cond: Conditioning,
+        uncond: Conditioning | None,
         noise: torch.Tensor | None,
         collect: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -351,8 +351,8 @@ class UnrolledSampler(nn.Module):
     def _inputs(
         self,
         latents: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor] | None,
+        cond: Conditioning,
+        uncond: Conditioning | None,
     ) -> tuple[bool, dict[str, Any]]:
         """Whether guidance runs as a batch of two, and the denoiser's keyword inputs."""
         guided = uncond is not None and self.guidance != 1.0 and self.guidance_input is None
@@ -364,8 +364,8 @@ class UnrolledSampler(nn.Module):
     def effective_nfe(
         self,
         latents: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor] | None = None,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
     ) -> float:
         """FLOPs of one sampler call over the FLOPs of one full step, counted on these inputs."""
         from torch.utils.flop_counter import FlopCounterMode

@@ -10,6 +10,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
+    PixArtTransformer2DModel,
     TCDScheduler,
 )
 from torch import nn
@@ -18,6 +19,7 @@ import diffopt
 from diffopt import ConfigError
 from diffopt.evaluation import zoo
 from diffopt.fewstep.compensation import Compensation, load_compensation, save_compensation
+from diffopt.fewstep.sampler import guidance_batch, sample
 from diffopt.fewstep.unroll import parse_schedule
 
 SCHEDULERS = {
@@ -35,12 +37,13 @@ def tiny_dit():
     return model, inputs["hidden_states"], {"class_labels": labels}, {"class_labels": labels * 0}
 
 
-def step_loop(model, scheduler, steps, latents, cond, uncond, guidance, seed):
-    """The usual diffusers loop, one scheduler.step per denoiser call."""
+def step_loop(model, scheduler, steps, latents, cond, uncond, guidance, seed, batched=None):
+    """The usual diffusers loop, one scheduler.step per denoiser call; `batched`: the guidance
+    batch of nested conditioning, built by hand as a pipeline does."""
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     x = latents
-    inputs = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    inputs = batched if batched is not None else {k: torch.cat([cond[k], uncond[k]]) for k in cond}
     for t in scheduler.timesteps:
         model_in = (
             scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
@@ -51,6 +54,42 @@ def step_loop(model, scheduler, steps, latents, cond, uncond, guidance, seed):
         out = v_uncond + guidance * (v_cond - v_uncond)
         x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
     return x
+
+
+def tiny_pixart(sizes: bool):
+    """tiny-pixart with PixArt's nested ``added_cond_kwargs``: None (the zoo's model), or with
+    `sizes` PixArt-α's resolution and aspect-ratio tensors (a model that embeds them; its width
+    is a multiple of 3, the embedding splits it in three). Returns the model, latents, cond,
+    uncond and the guidance batch built by hand, as PixArt's pipeline does."""
+    model, inputs = zoo.build("tiny-pixart", batch=2)
+    text = inputs["encoder_hidden_states"]
+    empty = torch.zeros_like(text)
+    if not sizes:
+        extra = {"resolution": None, "aspect_ratio": None}
+        cond = {"encoder_hidden_states": text, "added_cond_kwargs": extra}
+        uncond = {"encoder_hidden_states": empty, "added_cond_kwargs": dict(extra)}
+        batched = {"encoder_hidden_states": torch.cat([text, empty]), "added_cond_kwargs": extra}
+        return model, inputs["hidden_states"], cond, uncond, batched
+    torch.manual_seed(0)
+    config = {**model.config, "num_attention_heads": 3, "cross_attention_dim": 24}
+    model = PixArtTransformer2DModel(**{**config, "use_additional_conditions": True}).eval()
+    resolution, aspect = torch.tensor([[64.0, 64.0], [32.0, 64.0]]), torch.tensor([[1.0], [2.0]])
+    cond = {
+        "encoder_hidden_states": text,
+        "added_cond_kwargs": {"resolution": resolution, "aspect_ratio": aspect},
+    }
+    uncond = {
+        "encoder_hidden_states": empty,
+        "added_cond_kwargs": {"resolution": resolution, "aspect_ratio": aspect},
+    }
+    batched = {
+        "encoder_hidden_states": torch.cat([text, empty]),
+        "added_cond_kwargs": {
+            "resolution": resolution.repeat(2, 1),
+            "aspect_ratio": aspect.repeat(2, 1),
+        },
+    }
+    return model, inputs["hidden_states"], cond, uncond, batched
 
 
 def noise_like_the_loop(sampler, latents, seed):
@@ -296,3 +335,54 @@ def test_flux_timesteps_unets_and_schedule_inputs():
         assert diffopt.unroll(unet, scheduler, 2)(inputs["sample"], cond).isfinite().all()
     with pytest.raises(ValueError, match="takes a step count, not explicit sigmas"):
         diffopt.unroll(unet, DDIMScheduler(clip_sample=False), 2, sigmas=[1.0, 0.5])
+
+
+@pytest.mark.parametrize("sizes", [False, True], ids=["added-cond-none", "added-cond-tensors"])
+def test_nested_conditioning_matches_the_step_loop(sizes):
+    model, latents, cond, uncond, batched = tiny_pixart(sizes)
+    with torch.no_grad():
+        expected = step_loop(
+            model, DDIMScheduler(clip_sample=False), 3, latents, cond, uncond, 2.0, 0, batched
+        )
+        sampler = diffopt.unroll(model, DDIMScheduler(clip_sample=False), 3, guidance=2.0)
+        eager = sampler(latents, cond, uncond)
+        compiled = torch.compile(
+            sampler, backend="diffopt", options={"inner": "eager"}, fullgraph=True
+        )(latents, cond, uncond)
+        looped = sample(
+            model, DDIMScheduler(clip_sample=False), latents, cond, uncond, steps=3, guidance=2.0
+        )
+    torch.testing.assert_close(eager, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(looped, expected, atol=1e-4, rtol=1e-4)
+    if sizes:  # the sizes reach the model: another aspect ratio, other latents
+        extra = {**cond["added_cond_kwargs"], "aspect_ratio": torch.tensor([[3.0], [0.5]])}
+        cond, uncond = ({**c, "added_cond_kwargs": extra} for c in (cond, uncond))
+        with torch.no_grad():
+            assert not torch.allclose(sampler(latents, cond, uncond), eager, atol=1e-3)
+
+
+def test_guidance_batches_of_nested_conditioning_that_do_not_pair_are_refused():
+    text = torch.ones(2, 3)
+    cond = {"text": text, "extra": {"resolution": torch.ones(2, 2), "aspect_ratio": None}}
+    with pytest.raises(ConfigError, match=r"only cond has \['extra'\]\['resolution'\]"):
+        guidance_batch(cond, {"text": text, "extra": {"aspect_ratio": None}})
+    uncond = {"text": text, "extra": {"resolution": None, "aspect_ratio": None}}
+    with pytest.raises(ConfigError, match=r"cond\['extra'\]\['resolution'\] is a tensor"):
+        guidance_batch(cond, uncond)
+    with pytest.raises(ConfigError, match="the same non-tensor value"):
+        guidance_batch({"scale": 1.0}, {"scale": 0.5})
+    batched = guidance_batch({"x": [text, None, 2]}, {"x": [text * 0, None, 2]})
+    assert batched["x"][0].shape == (4, 3) and batched["x"][1:] == [None, 2]
+
+
+def test_a_sampler_with_nested_conditioning_exports_as_one_onnx_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, latents, cond, uncond, _ = tiny_pixart(sizes=True)
+    sampler = diffopt.unroll(model, DDIMScheduler(clip_sample=False), 2, guidance=2.0)
+    out = diffopt.export(sampler, (latents, cond, uncond), out=tmp_path)
+    engine = diffopt.load_engine(out)
+    with torch.no_grad():
+        expected = sampler(latents, cond, uncond)
+    got = engine(latents=latents, cond=cond, uncond=uncond)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
