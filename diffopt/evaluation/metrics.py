@@ -6,6 +6,9 @@
   shipped with its weights; `class_accuracy` scores whether samples show their conditioning class,
   `ref_fid` is the Fréchet distance between its penultimate-layer features of generated and real
   images (the FID recipe with a digits network in place of Inception).
+- Video (clips [N, C, F, H, W], `ref_wan`): `frame_accuracy` scores every frame,
+  `temporal_consistency` compares the frame-to-frame change of generated clips with the data's,
+  and `ref_fid` on clips uses each clip's mean frame features and their mean frame-to-frame change.
 - `count_flops` (torch.utils.flop_counter) and `measure_peak_memory` for the cost side.
 """
 
@@ -94,6 +97,29 @@ def classifier() -> DigitClassifier:
     return model.eval().requires_grad_(False)
 
 
+def frames(videos: torch.Tensor) -> torch.Tensor:
+    """Clips [N, C, F, H, W] as one batch of frames [N · F, C, H, W]."""
+    n, c, f, h, w = videos.shape
+    return videos.transpose(1, 2).reshape(n * f, c, h, w)
+
+
+def frame_accuracy(videos: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of all frames of `videos` [N, C, F, H, W] the classifier assigns to their clip's
+    conditioning label."""
+    return class_accuracy(frames(videos), labels.repeat_interleave(videos.shape[2]))
+
+
+def temporal_change(videos: torch.Tensor) -> float:
+    """Mean absolute change between consecutive frames of clips [N, C, F, H, W]."""
+    return (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean().item()
+
+
+def temporal_consistency(videos: torch.Tensor, real: torch.Tensor) -> float:
+    """`temporal_change` of generated clips over that of real ones: 1 moves like the data, above 1
+    flickers, below 1 is stiffer (0: a still image)."""
+    return temporal_change(videos.clamp(-1, 1)) / temporal_change(real)
+
+
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of `images` the classifier assigns to their conditioning `labels`."""
     with torch.no_grad():
@@ -110,11 +136,31 @@ class _ClassifierFeatures(nn.Module):
         return classifier().features(images * 2 - 1)  # FID hands us [0, 1]
 
 
+class _ClipFeatures(nn.Module):
+    """Features of clips [N, C, F, H, W]: the mean of their frames' classifier features and the
+    mean absolute change of those features from frame to frame (what the clip shows, and how it
+    moves)."""
+
+    num_features = 2 * DigitClassifier.num_features
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        n, _, f = videos.shape[:3]
+        features = classifier().features(frames(videos) * 2 - 1).reshape(n, f, -1)
+        motion = (features[:, 1:] - features[:, :-1]).abs().mean(1)
+        return torch.cat([features.mean(1), motion], dim=1)
+
+
 def ref_fid(images: torch.Tensor, real: torch.Tensor) -> float:
-    """Fréchet distance between classifier features of `images` and of `real` (both in [-1, 1])."""
+    """Fréchet distance between classifier features of `images` and of `real` (both in [-1, 1]).
+
+    Clips [N, C, F, H, W] (both sides) get the video ref-FID: each clip's mean frame features and
+    their mean frame-to-frame change."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=_ClassifierFeatures(), normalize=True)
+    if images.dim() != real.dim():
+        raise ValueError(f"images are {images.dim()}-D but real data is {real.dim()}-D")
+    features = _ClipFeatures() if images.dim() == 5 else _ClassifierFeatures()
+    fid = FrechetInceptionDistance(feature=features, normalize=True)
     fid.update((real.clamp(-1, 1) + 1) / 2, real=True)
     fid.update((images.clamp(-1, 1) + 1) / 2, real=False)
     return fid.compute().item()

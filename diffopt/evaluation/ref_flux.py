@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffopt.evaluation.data import NUM_CLASSES
-from diffopt.evaluation.zoo import ASSETS, Reference
+from diffopt.evaluation.zoo import ASSETS, ClassEmbeddings, Reference
 
 NAME = "ref-flux"
 IMAGE_SIZE = 32
@@ -52,21 +52,10 @@ def architecture() -> nn.Module:
     )
 
 
-class ClassEmbeddings(nn.Module):
-    """A class label's prompt: `TEXT_TOKENS` text tokens and a pooled vector, one row per class
-    plus the null class."""
-
-    def __init__(self, joint_dim: int = 256, pooled_dim: int = 128) -> None:
-        super().__init__()
-        self.tokens = nn.Parameter(torch.randn(NUM_CLASSES + 1, TEXT_TOKENS, joint_dim))
-        self.pooled = nn.Parameter(torch.randn(NUM_CLASSES + 1, pooled_dim))
-
-    def forward(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``encoder_hidden_states`` [N, 4, joint_dim], ``pooled_projections`` [N, pooled_dim]."""
-        return {
-            "encoder_hidden_states": self.tokens[labels],
-            "pooled_projections": self.pooled[labels],
-        }
+def class_embeddings(model: nn.Module) -> ClassEmbeddings:
+    """Untrained class prompts shaped for `model`: 4 text tokens and a pooled vector."""
+    config = model.config
+    return ClassEmbeddings(TEXT_TOKENS, config.joint_attention_dim, config.pooled_projection_dim)
 
 
 def pack(images: torch.Tensor) -> torch.Tensor:
@@ -126,7 +115,7 @@ def flux_call(denoiser: Callable[..., Any]) -> Callable[..., Any]:
 class FluxReference(Reference):
     """`Reference` for a Flux transformer: labels become prompt embeddings, latents are packed."""
 
-    embeddings: ClassEmbeddings = field(default_factory=ClassEmbeddings)
+    embeddings: ClassEmbeddings = field(default_factory=lambda: class_embeddings(architecture()))
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         from diffopt.fewstep.sampler import initial_noise
@@ -157,7 +146,7 @@ def load(guidance: float, steps: int | Sequence[float], folder: Path | None = No
     )
     model = model.eval().requires_grad_(False)
     config = model.config
-    embeddings = ClassEmbeddings(config.joint_attention_dim, config.pooled_projection_dim)
+    embeddings = class_embeddings(model)
     state = load_file(folder / EMBEDDINGS_FILE)
     embeddings.load_state_dict({k: v.float() for k, v in state.items()})
     embeddings = embeddings.eval().requires_grad_(False)

@@ -173,11 +173,34 @@ class Reference:
         return latents
 
 
+class ClassEmbeddings(torch.nn.Module):
+    """A class label's "prompt": `tokens` learned text tokens (``encoder_hidden_states``) and,
+    for models that take one, a learned pooled vector (``pooled_projections``); one row per
+    class plus the null class (the last row) for classifier-free guidance."""
+
+    def __init__(self, tokens: int, token_dim: int, pooled_dim: int | None = None) -> None:
+        from diffopt.evaluation.data import NUM_CLASSES
+
+        super().__init__()
+        self.tokens = torch.nn.Parameter(torch.randn(NUM_CLASSES + 1, tokens, token_dim))
+        self.pooled = None
+        if pooled_dim is not None:
+            self.pooled = torch.nn.Parameter(torch.randn(NUM_CLASSES + 1, pooled_dim))
+
+    def forward(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` [N, tokens, token_dim] (and ``pooled_projections``)."""
+        condition = {"encoder_hidden_states": self.tokens[labels]}
+        if self.pooled is not None:
+            condition["pooled_projections"] = self.pooled[labels]
+        return condition
+
+
 SHIPPED = {
     "ref-dit": (1.5, 50),  # guidance 1.0 is already 99 % accurate; 1.5 keeps the batch of two
     "ref-dit-1step": (1.0, [1.0]),  # students are guidance-distilled: one call per step
     "ref-dit-2step": (1.0, [1.0, 0.5]),
     "ref-flux": (2.0, 28),  # Flux, `ref_flux`: 100 % accurate at 28 steps (100 images)
+    "ref-wan": (2.0, 50),  # Wan, `ref_wan`: video, 8 frames
 }
 """Trained models in `ASSETS`: name → (guidance, default schedule)."""
 
@@ -185,14 +208,14 @@ SHIPPED = {
 def load(name: str) -> Reference:
     """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt), its
     few-step students ``"ref-dit-1step"`` and ``"ref-dit-2step"`` (distilled from it, also
-    shipped), ``"ref-flux"`` (a Flux transformer trained on digits, shipped: `ref_flux`) or
+    shipped), ``"ref-flux"`` (a Flux transformer trained on digits, shipped: `ref_flux`),
+    ``"ref-wan"`` (a Wan video transformer trained on moving digits, shipped: `ref_wan`) or
     ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-    if name == "ref-flux":
-        from diffopt.evaluation import ref_flux
-
-        return ref_flux.load(*SHIPPED[name])
+    if name in ("ref-flux", "ref-wan"):
+        module = importlib.import_module(f"diffopt.evaluation.{name.replace('-', '_')}")
+        return module.load(*SHIPPED[name])
     if name in SHIPPED:
         folder = ASSETS / name
         if not (folder / "config.json").exists():
