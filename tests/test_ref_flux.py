@@ -78,3 +78,34 @@ def test_cache_guards_reuse_steps_on_ref_flux(ref):
     # a smoke check: 8 steps at the default thresholds reuse hard (22 dB measured); quality at
     # the 28-step schedule is the benchmarks' business
     assert quality.psnr(images, expected, 2.0) >= 15
+
+
+def test_fluxpipeline_runs_the_compiled_transformer_with_cache_guards(ref):
+    """The user's path: a diffusers FluxPipeline whose transformer is compiled by diffopt; the
+    first request calibrates (runs in full), the next reuses, one cache per guidance branch
+    (FluxPipeline calls cond and uncond one after the other)."""
+    from diffopt.runtime import profiles
+
+    steps, labels = 6, torch.tensor([4])
+    expected = ref.pipeline()(**ref.pipeline_inputs(labels, steps, seed=0)).images
+    profiles.forget(ref.model)  # calibrate here, whatever ran before
+    options = {"inner": "eager", "cache": {"steps": steps, "polish": "none"}}
+    pipe = ref.pipeline(torch.compile(ref.model, backend="diffopt", options=options))
+    first = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).images
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-4)  # calibrating: all full
+    with diffopt.request(steps=steps) as req:
+        second = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).images
+    assert len(req.actions) == 2, req.actions  # the cond and the uncond branch
+    assert all("reuse" in branch for branch in req.actions.values()), req.actions
+    images = ref.images(second)
+    assert metrics.class_accuracy(images, labels) == 1.0
+    assert quality.psnr(images, ref.images(expected), 2.0) > 20  # 26.5 dB measured
+
+
+def test_fluxpipeline_runs_the_compiled_transformer_with_w4a4(ref):
+    steps, labels = 2, torch.tensor([4])
+    expected = ref.pipeline()(**ref.pipeline_inputs(labels, steps, seed=0)).images
+    options = {"inner": "eager", "quant": "w4a4"}
+    pipe = ref.pipeline(torch.compile(ref.model, backend="diffopt", options=options))
+    images = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).images
+    assert quality.psnr(ref.images(images), ref.images(expected), 2.0) > 20

@@ -15,6 +15,7 @@ convention (Flux takes σ ∈ [0, 1] as its timestep and needs the ids).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,38 @@ class FluxReference(Reference):
     def images(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [N, 1, 32, 32] from packed latents."""
         return unpack(latents)
+
+    def pipeline(self, transformer: nn.Module | None = None) -> Any:
+        """A diffusers `FluxPipeline` around `transformer` (default: the model) with no VAE and no
+        text encoders: call it with `pipeline_inputs` (prompt embeddings, ``output_type="latent"``)
+        and `images` turns its packed latents into digits. It calls the cond and uncond branches
+        one after the other (`true_cfg_scale`), as FLUX.1 pipelines do."""
+        from diffusers import FluxPipeline
+
+        none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+        return FluxPipeline(
+            scheduler=copy.deepcopy(self.scheduler),
+            transformer=self.model if transformer is None else transformer,
+            **none,
+        )
+
+    def pipeline_inputs(self, labels: torch.Tensor, steps: int, seed: int) -> dict[str, Any]:
+        """`FluxPipeline` keywords for a batch of classes: the class prompts and null prompts as
+        embeddings, the shipped guidance, 32×32 latents (the pipeline assumes an 8× VAE: 256 px)."""
+        cond = self.condition(labels)
+        uncond = self.condition(torch.full_like(labels, self.null_class))
+        return {
+            "prompt_embeds": cond["encoder_hidden_states"],
+            "pooled_prompt_embeds": cond["pooled_projections"],
+            "negative_prompt_embeds": uncond["encoder_hidden_states"],
+            "negative_pooled_prompt_embeds": uncond["pooled_projections"],
+            "true_cfg_scale": self.guidance,
+            "height": IMAGE_SIZE * 8,
+            "width": IMAGE_SIZE * 8,
+            "num_inference_steps": steps,
+            "generator": torch.Generator().manual_seed(seed),
+            "output_type": "latent",
+        }
 
 
 def load(guidance: float, steps: int | Sequence[float], folder: Path | None = None) -> Reference:

@@ -15,6 +15,7 @@ Wan takes the timestep in [0, 1000] as the sampler passes it, so sampling is `zo
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,37 @@ class WanReference(Reference):
 
     def condition(self, labels: torch.Tensor) -> dict[str, Any]:
         return self.embeddings(labels)
+
+    def pipeline(self, transformer: nn.Module | None = None) -> Any:
+        """A diffusers `WanPipeline` around `transformer` (default: the model) with no VAE and no
+        text encoder: call it with `pipeline_inputs`; its ``.frames`` are latent clips
+        [N, 1, 8, 16, 16], which are the images. Cond and uncond run one after the other."""
+        from diffusers import WanPipeline
+
+        return WanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            scheduler=copy.deepcopy(self.scheduler),
+            transformer=self.model if transformer is None else transformer,
+        )
+
+    def pipeline_inputs(self, labels: torch.Tensor, steps: int, seed: int) -> dict[str, Any]:
+        """`WanPipeline` keywords for a batch of classes: class and null prompts as embeddings,
+        the shipped guidance, 8 latent frames of 16×16 (the pipeline assumes Wan's VAE: 4×
+        in time, 8× in space, so 29 frames of 128×128 pixels)."""
+        uncond = torch.full_like(labels, self.null_class)
+        return {
+            "prompt_embeds": self.condition(labels)["encoder_hidden_states"],
+            "negative_prompt_embeds": self.condition(uncond)["encoder_hidden_states"],
+            "guidance_scale": self.guidance,
+            "height": IMAGE_SIZE * 8,
+            "width": IMAGE_SIZE * 8,
+            "num_frames": (FRAMES - 1) * 4 + 1,
+            "num_inference_steps": steps,
+            "generator": torch.Generator().manual_seed(seed),
+            "output_type": "latent",
+        }
 
 
 def load(guidance: float, steps: int | Sequence[float], folder: Path | None = None) -> Reference:
