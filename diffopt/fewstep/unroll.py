@@ -15,6 +15,8 @@ Fractional ("1.x-step") schedules: a `Partial` step runs the prologue and the fi
 stack, and adds the residual the remaining blocks produced in the last full step, passed through a
 small per-step `Compensation` (fit with `diffopt.fit_compensation`). In the unrolled graph that
 residual is a plain dataflow edge from one step to the next: no cache, no runtime decisions.
+Dual-stream blocks (Flux, SD3), which return the pair (text, image), work the same way: the taps
+and the stand-in carry both streams (`Streams`), and the compensation maps the image stream.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -182,37 +184,126 @@ def parse_schedule(steps: int | float | str | Sequence[Step], num_blocks: int | 
     return schedule
 
 
+class Streams(NamedTuple):
+    """What a dual-stream block (Flux, SD3 and their successors) carries from one block to the
+    next: the image tokens and the text tokens, each updated by the block.
+
+    Such a block returns the pair as a tuple, in an order of its own (diffusers' Flux and SD3:
+    ``(encoder_hidden_states, hidden_states)``; HunyuanVideo and CogVideoX the other way); the
+    order is read off the shapes (the image stream keeps the shape of the block's
+    ``hidden_states``) and kept here so that a partial step returns what the block would. SD3's
+    last block drops the text stream: `encoder` is None there.
+    """
+
+    hidden: torch.Tensor
+    encoder: torch.Tensor | None
+    hidden_first: bool
+
+
+def _difference(end: Any, start: Any) -> Any:
+    """The residual between two taps: a tensor, or the residual of each of two streams."""
+    if not isinstance(end, Streams):
+        return end - start
+    text = None if end.encoder is None or start.encoder is None else end.encoder - start.encoder
+    return Streams(end.hidden - start.hidden, text, end.hidden_first)
+
+
+def _inner(block: nn.Module) -> nn.Module:
+    """The block a tap wraps (taps may nest)."""
+    while isinstance(block, _Tap):
+        block = block.block
+    return block
+
+
+def _stream_names(block: nn.Module) -> list[str]:
+    """The block's parameter names in order, to find its streams among positional arguments."""
+    return list(inspect.signature(_inner(block).forward).parameters)
+
+
+def _stream_inputs(
+    names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (hidden_states, encoder_hidden_states) a block call was given, by keyword or place."""
+    given = {**dict(zip(names, args, strict=False)), **kwargs}
+    hidden = given["hidden_states"] if "hidden_states" in given else args[0]  # a user's block(h)
+    return hidden, given.get("encoder_hidden_states")
+
+
+def _streams(out: tuple[Any, ...], hidden_in: torch.Tensor, block: nn.Module) -> Streams:
+    """A dual-stream block's output as `Streams`: the image stream has the input's shape."""
+    name = type(_inner(block)).__name__
+    if len(out) != 2:
+        raise ConfigError(
+            f"partial steps take blocks returning hidden states or a pair (image, text); {name} "
+            f"returns a tuple of {len(out)}"
+        )
+    shaped = [isinstance(o, torch.Tensor) and o.shape == hidden_in.shape for o in out]
+    if shaped.count(True) != 1:
+        what = ", ".join("None" if o is None else str(tuple(o.shape)) for o in out)
+        raise ConfigError(
+            f"a partial step tells {name}'s image stream from its text stream by shape (the "
+            f"image keeps the shape of hidden_states, {tuple(hidden_in.shape)}), but it returns "
+            f"({what})"
+            + ("; give the text a token count other than the image's" if all(shaped) else "")
+        )
+    hidden_first = shaped[0]
+    return Streams(out[0 if hidden_first else 1], out[1 if hidden_first else 0], hidden_first)
+
+
 class _Tap(nn.Module):
-    """Wraps a block of a full step; keeps its input or output, the boundary of a residual."""
+    """Wraps a block of a full step; keeps its input or output, the boundary of a residual:
+    a tensor, or `Streams` for a dual-stream block."""
 
     def __init__(self, block: nn.Module, keep: str) -> None:
         super().__init__()
         self.block, self.keep, self.value = block, keep, None
+        self.names = _stream_names(block)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.keep == "input":
-            self.value = args[0] if args else kwargs["hidden_states"]
+        hidden, encoder = _stream_inputs(self.names, args, kwargs)
         out = self.block(*args, **kwargs)
-        if not isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Tensor):
+            self.value = hidden if self.keep == "input" else out
+        elif isinstance(out, tuple):
+            streams = _streams(out, hidden, self.block)
+            if self.keep == "input":
+                streams = Streams(hidden, encoder, streams.hidden_first)
+            self.value = streams
+        else:
             raise ConfigError(
-                f"partial steps need blocks that map hidden states to hidden states (as DiT and "
-                f"PixArt blocks do); {type(self.block).__name__} returns {type(out).__name__}"
+                f"partial steps need blocks that return hidden states (DiT, PixArt) or a tuple "
+                f"of image and text states (Flux, SD3); {type(_inner(self.block)).__name__} "
+                f"returns {type(out).__name__}"
             )
-        if self.keep == "output":
-            self.value = out
         return out
 
 
 class _Reuse(nn.Module):
-    """Stands in for the skipped blocks of a partial step: hidden + compensation(residual)."""
+    """Stands in for the skipped blocks of a partial step: hidden + compensation(residual).
 
-    def __init__(self, compensation: Compensation) -> None:
+    For a dual-stream block it returns the pair in the block's order, and only the image stream
+    goes through the compensation; the text stream gets its residual as it was. The image stream
+    is the one the model's output reads: the stacks a 1.x schedule skips the end of (Flux's and
+    ref-flux's single-stream stack, SD3's joint stack) discard the text stream after their last
+    block (SD3's returns None for it), so a map fit on the text residual there would be fit on
+    a tensor nothing reads. One map per partial step also keeps the fit, its error table and the
+    saved files the same for single- and dual-stream models. (Skipping the end of Flux's
+    dual-stream stack, which its single-stream blocks then read, reuses the text residual
+    uncompensated.)
+    """
+
+    def __init__(self, compensation: Compensation, names: list[str]) -> None:
         super().__init__()
-        self.compensation, self.residual = compensation, None
+        self.compensation, self.residual, self.names = compensation, None, names
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return hidden + self.compensation(self.residual)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden, encoder = _stream_inputs(self.names, args, kwargs)
+        residual = self.residual
+        if not isinstance(residual, Streams):
+            return hidden + self.compensation(residual)
+        hidden = hidden + self.compensation(residual.hidden)
+        encoder = None if residual.encoder is None else encoder + residual.encoder
+        return (hidden, encoder) if residual.hidden_first else (encoder, hidden)
 
 
 def _with_blocks(denoiser: nn.Module, attribute: str, blocks: list[nn.Module]) -> nn.Module:
@@ -281,7 +372,7 @@ class UnrolledSampler(nn.Module):
         for i, step in enumerate(schedule):
             if isinstance(step, Partial):
                 self.compensation[str(i)] = Compensation(width, kind=compensation, rank=rank)
-                self._reuse[i] = _Reuse(self.compensation[str(i)])
+                self._reuse[i] = _Reuse(self.compensation[str(i)], _stream_names(stack[0]))
                 self._views[i] = _with_blocks(
                     denoiser, blocks, [*stack[: step.blocks], self._reuse[i]]
                 )
@@ -329,7 +420,7 @@ class UnrolledSampler(nn.Module):
             if isinstance(step, Partial):
                 if i == collect:
                     self._call(self._views[0], batch, timestep, inputs)  # the truth, for fitting
-                    pair = (residuals[step.blocks], self._residual(step.blocks))
+                    pair = (_image(residuals[step.blocks]), _image(self._residual(step.blocks)))
                 self._reuse[i].residual = residuals[step.blocks]
             out = self._call(self._views.get(i, self._plain), batch, timestep, inputs)
             if isinstance(step, Partial):
@@ -379,8 +470,8 @@ class UnrolledSampler(nn.Module):
             self._call(self.denoiser, batch, timestep, inputs)
         return whole.get_total_flops() / step.get_total_flops()
 
-    def _residual(self, start: int) -> torch.Tensor:
-        return self._taps["end"].value - self._taps[start].value
+    def _residual(self, start: int) -> torch.Tensor | Streams:
+        return _difference(self._taps["end"].value, self._taps[start].value)
 
     def _call(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: dict) -> Any:
         latents = {self.latents_input: x}
@@ -403,6 +494,11 @@ class UnrolledSampler(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule=[{self.describe()}], guidance={self.guidance}"
+
+
+def _image(residual: torch.Tensor | Streams) -> torch.Tensor:
+    """The residual a partial step's compensation maps: a dual-stream block's image stream."""
+    return residual.hidden if isinstance(residual, Streams) else residual
 
 
 def _latents_keyword(denoiser: nn.Module) -> str:
