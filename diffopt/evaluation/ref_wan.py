@@ -152,9 +152,11 @@ def load(guidance: float, steps: int | Sequence[float], folder: Path | None = No
     folder = folder or ASSETS / NAME
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is missing; make it with benchmarks/train_ref_wan.py")
-    model = WanTransformer3DModel.from_pretrained(
-        folder, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=torch.float32
-    )
+    # from the config and the weights file, not from_pretrained: Wan keeps some modules in fp32,
+    # which from_pretrained only does through accelerate, not a dependency of diffopt
+    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
     model = model.eval().requires_grad_(False)
     embeddings = class_embeddings(model)
     state = load_file(folder / EMBEDDINGS_FILE)
