@@ -3,9 +3,10 @@
 Every variant samples the same images (same labels, same per-image seeds) as the baseline.
 Timing rounds are interleaved across variants and the median is kept, so machine drift hits all
 of them alike; quality is scored once, against the baseline's images (PSNR, SSIM) and with the
-digits classifier (class accuracy, ref-FID against the real digits). FLOPs are counted with each
-variant's regions run eagerly (what a compiled kernel hides from the flop counter it cannot
-count); peak memory is measured in a separate run.
+digits classifier (class accuracy, ref-FID against the real digits; for clips, ref-wan's, the
+accuracy of every frame and the video ref-FID against real moving-digit clips). FLOPs are counted
+with each variant's regions run eagerly (what a compiled kernel hides from the flop counter it
+cannot count); peak memory is measured in a separate run.
 """
 
 from __future__ import annotations
@@ -313,8 +314,10 @@ def run(
             bar.update(1)
     bar.close()
 
-    real, _ = _real_digits()
     base = names[0]
+    video = samples[base].dim() == 5  # clips [N, C, F, H, W] (ref-wan): video ref-FID, per frame
+    real = _real_clips(images) if video else _real_digits()[0]
+    accuracy = metrics.frame_accuracy if video else metrics.class_accuracy
     rows = []
     for variant in variants:
         name = variant.name
@@ -334,7 +337,7 @@ def run(
                 psnr_median=stats.median,
                 ssim=metrics.ssim(samples[name], samples[base]),
                 ref_fid=metrics.ref_fid(samples[name], real),
-                accuracy=metrics.class_accuracy(samples[name], labels),
+                accuracy=accuracy(samples[name], labels),
                 peak_mb=peaks[name] / 2**20,
             )
         )
@@ -354,6 +357,13 @@ def _real_digits() -> tuple[torch.Tensor, torch.Tensor]:
     from diffopt.evaluation.data import digits
 
     return digits("all")
+
+
+def _real_clips(count: int) -> torch.Tensor:
+    """Real moving-digit clips for the video ref-FID, as `train_ref_wan.py` scores its samples."""
+    from diffopt.evaluation import ref_wan
+
+    return ref_wan.clips(max(count, 300), seed=1)[0]
 
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10) -> Path:

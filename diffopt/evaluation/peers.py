@@ -3,7 +3,10 @@
 Caches: the diffusers cache hooks (FirstBlockCache, MagCache, TaylorSeerCache, FasterCache,
 PyramidAttentionBroadcast) and cache-dit's DBCache. Each runs on its own copy of the model,
 eagerly (the hooks decide in Python around each block), with the settings its authors suggest
-as a starting point; state is reset before every run.
+as a starting point; state is reset before every run. They run on diffusers' DiT, Flux and Wan
+transformers: `LAYOUTS` says which block lists each has and what scale its timestep is on, and
+cache-dit brings its own adapter for each; another class is refused with an error naming the
+peer and the class.
 
 Quantizers (``pip install -e ".[peers]"``): torchao, optimum-quanto and comfy-kitchen's
 ConvRot W4A4, each with the configs that run on CPU, applied in place to the linears a
@@ -16,12 +19,56 @@ import ast
 import contextlib
 import importlib.util
 import io
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from diffopt.evaluation.bench import Variant
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the cache peers need to know about a transformer class."""
+
+    blocks: tuple[str, ...]
+    """Attributes holding its block lists, in the order its forward runs them."""
+    timestep_scale: float
+    """Its ``timestep`` argument times this is the 0-1000 scale the timestep ranges of PAB and
+    FasterCache are written in (diffusers' defaults, tuned on DDPM-style timesteps)."""
+    tensor_format: str | None
+    """Its output's layout in FasterCache's names (None: none of them; Flux returns packed
+    tokens [B, S, C], which diffusers' FasterCache does not support)."""
+
+
+LAYOUTS = {
+    "DiTTransformer2DModel": Layout(("transformer_blocks",), 1.0, "BCHW"),
+    # the sampler's timestep (σ · 1000) reaches Flux as σ (`ref_flux.flux_call`)
+    "FluxTransformer2DModel": Layout(
+        ("transformer_blocks", "single_transformer_blocks"), 1000.0, None
+    ),
+    "WanTransformer3DModel": Layout(("blocks",), 1.0, "BCFHW"),
+}
+"""Known transformer classes, by class name (a subclass gets its base's layout)."""
+
+
+def layout(model: torch.nn.Module, peer: str) -> Layout:
+    """`model`'s `Layout`; a `TypeError` naming `peer` where the class has none."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in LAYOUTS:
+            return LAYOUTS[cls.__name__]
+    raise TypeError(
+        f"{peer} cannot run on {type(model).__name__}: the peer adapters know the block lists "
+        f"and timestep scale of {', '.join(sorted(LAYOUTS))} only; add the class to "
+        "diffopt.evaluation.peers.LAYOUTS"
+    )
+
+
+def _block_patterns(spec: Layout, suffix: str = "") -> list[str]:
+    """Regexes for every block of `spec`'s block lists (`suffix` appended: a submodule)."""
+    return [rf"^{re.escape(name)}\.\d+{suffix}" for name in spec.blocks]
 
 
 class _InCacheContext:
@@ -46,56 +93,78 @@ class _InCacheContext:
         HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks()
 
 
-def _timestep_tracker(model: torch.nn.Module) -> Callable[[], int]:
-    """The timestep of the call in progress, for hooks that schedule by timestep (PAB)."""
-    current = {"t": 1000}
+def _timestep_tracker(model: torch.nn.Module, scale: float) -> Callable[[], float]:
+    """The timestep of the call in progress on the 0-1000 scale (the model's times `scale`),
+    for hooks that schedule by timestep (PAB, FasterCache)."""
+    current = {"t": 1000.0}
 
     def remember(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        current["t"] = int(kwargs["timestep"].flatten()[0])
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        current["t"] = float(timestep.flatten()[0]) * scale
 
     model.register_forward_pre_hook(remember, with_kwargs=True)
     return lambda: current["t"]
 
 
-def _hook_variant(name: str, apply: Callable[[torch.nn.Module], None]) -> Variant:
+def _hook_variant(name: str, apply: Callable[[torch.nn.Module, Layout], None]) -> Variant:
     def build(model: torch.nn.Module, inner: str) -> _InCacheContext:
-        apply(model)
+        apply(model, layout(model, name))
         return _InCacheContext(model)
 
     return Variant(name, build, family="peer", reset=_InCacheContext.reset)
 
 
+def _check_hooked(model: torch.nn.Module, spec: Layout, peer: str) -> None:
+    """FBCache and MagCache find the block lists themselves: they must find `spec`'s."""
+    from diffusers.hooks import HookRegistry
+
+    for name in spec.blocks:
+        for index, block in enumerate(getattr(model, name)):
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            if not registry.hooks:
+                raise RuntimeError(
+                    f"{peer} left {type(model).__name__}.{name}.{index} unhooked: this diffusers "
+                    "version looks for block lists under other names"
+                )
+
+
 def first_block_cache(threshold: float = 0.05) -> Variant:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-    return _hook_variant(
-        f"diffusers FBCache {threshold}",
-        lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold)),
-    )
+    name = f"diffusers FBCache {threshold}"
+
+    def apply(model: torch.nn.Module, spec: Layout) -> None:
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+        _check_hooked(model, spec, name)
+
+    return _hook_variant(name, apply)
 
 
 def taylorseer_cache(interval: int = 5) -> Variant:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
-    # whole blocks: the default patterns ("^transformer_blocks.*attn", full match) miss DiT's attn1
-    config = TaylorSeerCacheConfig(
-        cache_interval=interval,
-        taylor_factors_dtype=torch.float32,
-        cache_identifiers=[r"^transformer_blocks\.\d+$"],
-    )
-    return _hook_variant(
-        f"diffusers TaylorSeer {interval}", lambda m: apply_taylorseer_cache(m, config)
-    )
+    def apply(model: torch.nn.Module, spec: Layout) -> None:
+        # whole blocks: the default patterns ("^transformer_blocks.*attn", full match) miss
+        # DiT's attn1 and Wan's attn1 / attn2
+        config = TaylorSeerCacheConfig(
+            cache_interval=interval,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=[pattern + "$" for pattern in _block_patterns(spec)],
+        )
+        apply_taylorseer_cache(model, config)
+
+    return _hook_variant(f"diffusers TaylorSeer {interval}", apply)
 
 
 def pyramid_attention_broadcast(skip_range: int = 2) -> Variant:
     from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
 
-    def apply(model: torch.nn.Module) -> None:
+    def apply(model: torch.nn.Module, spec: Layout) -> None:
         config = PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=skip_range,
             spatial_attention_timestep_skip_range=(100, 800),
-            current_timestep_callback=_timestep_tracker(model),
+            spatial_attention_block_identifiers=tuple(_block_patterns(spec, r"\.")),
+            current_timestep_callback=_timestep_tracker(model, spec.timestep_scale),
         )
         apply_pyramid_attention_broadcast(model, config)
 
@@ -103,16 +172,21 @@ def pyramid_attention_broadcast(skip_range: int = 2) -> Variant:
 
 
 def faster_cache(skip_range: int = 2) -> Variant:
+    """FasterCache's attention reuse. Its unconditional-branch approximation stays off
+    (``is_guidance_distilled``): it assumes the batch is [uncond, cond], and the sampler's is
+    [cond, uncond]. That approximation is the only reader of ``tensor_format``, so a class
+    without one (Flux) runs, with the config's default format, which nothing reads."""
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
-    def apply(model: torch.nn.Module) -> None:
+    def apply(model: torch.nn.Module, spec: Layout) -> None:
         config = FasterCacheConfig(
             spatial_attention_block_skip_range=skip_range,
             spatial_attention_timestep_skip_range=(-1, 681),
-            current_timestep_callback=_timestep_tracker(model),
+            spatial_attention_block_identifiers=tuple(_block_patterns(spec, r"\.")),
+            current_timestep_callback=_timestep_tracker(model, spec.timestep_scale),
             attention_weight_callback=lambda _: 0.3,
-            tensor_format="BFCHW",
-            is_guidance_distilled=True,  # our CFG batch is [cond, uncond]; no uncond-branch skip
+            tensor_format=spec.tensor_format or FasterCacheConfig.tensor_format,
+            is_guidance_distilled=True,
         )
         apply_faster_cache(model, config)
 
@@ -125,7 +199,9 @@ def mag_cache(
     """MagCache needs per-model magnitude ratios: calibrated with one run of `sample(model)`."""
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
-    def apply(model: torch.nn.Module) -> None:
+    name = f"diffusers MagCache {threshold}"
+
+    def apply(model: torch.nn.Module, spec: Layout) -> None:
         from diffusers.hooks import HookRegistry
 
         apply_mag_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=steps))
@@ -140,12 +216,13 @@ def mag_cache(
             )
         ratios = ast.literal_eval(lists[-1])
         registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in list(registry.hooks):
-            registry.remove_hook(name)
+        for hook in list(registry.hooks):
+            registry.remove_hook(hook)
         config = MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=ratios)
         apply_mag_cache(model, config)
+        _check_hooked(model, spec, name)
 
-    return _hook_variant(f"diffusers MagCache {threshold}", apply)
+    return _hook_variant(name, apply)
 
 
 class _CacheDiT:
@@ -163,33 +240,43 @@ class _CacheDiT:
         cache_dit.refresh_context(self.model, num_inference_steps=self.steps)
 
 
-def db_cache(steps: int, threshold: float = 0.08, front: int = 1, back: int = 0) -> Variant:
-    """cache-dit's DBCache (F`front`B`back`) on a diffusers DiT, through cache-dit's DiT patch.
+def db_cache(
+    steps: int, threshold: float = 0.08, front: int = 1, back: int = 0, warmup: int = 8
+) -> Variant:
+    """cache-dit's DBCache (F`front`B`back`; no caching in the first `warmup` steps, cache-dit's
+    default 8, so runs of 8 steps or fewer cache nothing) through the `BlockAdapter` cache-dit
+    registers for the model's class, the one its ``enable_cache(pipe.transformer)`` picks: DiT's
+    (with its patch functor: DiT's forward reads ``transformer_blocks[0].norm1`` after the block
+    loop, which the block wrapper hides), Flux's (both block lists run as one, through Flux's
+    patch functor) and Wan's.
 
-    The patch is needed because DiT's forward reads ``transformer_blocks[0].norm1`` after its
-    block loop, which cache-dit's block wrapper hides.
-    """
+    CFG: the sampler batches cond and uncond in one call, so ``enable_separate_cfg`` is off, also
+    where cache-dit's adapter expects a pipeline that calls them one after the other (Wan)."""
     import cache_dit
-    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
-    from cache_dit.caching.patch_functors.functor_dit import DiTPatchFunctor
+    from cache_dit import DBCacheConfig
+
+    name = f"cache-dit DBCache F{front}B{back} {threshold}"
 
     def build(model: torch.nn.Module, inner: str) -> _CacheDiT:
-        adapter = BlockAdapter(
-            transformer=model,
-            blocks=model.transformer_blocks,
-            forward_pattern=ForwardPattern.Pattern_3,  # hidden_states in, hidden_states out
-            patch_functor=DiTPatchFunctor(),
-        )
+        from cache_dit.caching.block_adapters import BlockAdapterRegister
+
+        if not BlockAdapterRegister.is_supported(model):
+            raise TypeError(
+                f"{name} cannot run on {type(model).__name__}: cache-dit "
+                f"{cache_dit.__version__} registers no BlockAdapter for the class"
+            )
         config = DBCacheConfig(
             Fn_compute_blocks=front,
             Bn_compute_blocks=back,
             residual_diff_threshold=threshold,
             num_inference_steps=steps,
+            max_warmup_steps=warmup,
+            enable_separate_cfg=False,
         )
-        cache_dit.enable_cache(adapter, cache_config=config)
+        cache_dit.enable_cache(BlockAdapterRegister.get_adapter(model), cache_config=config)
         return _CacheDiT(model, steps)
 
-    return Variant(f"cache-dit DBCache F{front}B{back} {threshold}", build, "peer", _CacheDiT.reset)
+    return Variant(name, build, "peer", _CacheDiT.reset)
 
 
 def all_peers(sample: Callable[[torch.nn.Module], Any], steps: int) -> list[Variant]:
