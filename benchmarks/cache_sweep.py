@@ -1,13 +1,15 @@
-"""diffopt's cache guards against every caching peer on ref-dit, each tuned over its own knob.
+"""diffopt's cache guards against every caching peer on a reference model, each over its own knob.
 
 For each step count: diffopt calibrated with ``cache="auto"`` at several PSNR budgets (on
 calibration seeds disjoint from the benchmark's), with inductor regions and with eager regions
 (the caching policy alone), against diffusers' FBCache, MagCache, TaylorSeer, FasterCache, PAB
 and cache-dit's DBCache at several settings each. All variants sample the same images; timing
 rounds are interleaved and the median kept. Writes a table (markdown, JSON) and a speed-vs-PSNR
-plot per step count.
+plot per step count: ``cache-sweep-STEPS.*`` for ref-dit, ``cache-sweep-MODEL-STEPS.*`` for the
+others.
 
     python benchmarks/cache_sweep.py --steps 50 28 --images 300
+    python benchmarks/cache_sweep.py --model ref-flux --steps 28 --images 300
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import diffopt
 from diffopt.evaluation import bench, peers, zoo
 
+MODELS = ("ref-dit", "ref-flux", "ref-wan")
 PEER_KNOBS = {
     "fbcache": (0.05, 0.1, 0.2, 0.3),
     "magcache": (0.06, 0.12, 0.24, 0.5),
@@ -81,6 +84,11 @@ def variants_for(
     return out
 
 
+def result_stem(model: str, steps: int) -> str:
+    """Output files' name: ref-dit's keep the name they were committed under."""
+    return f"cache-sweep-{steps}" if model == "ref-dit" else f"cache-sweep-{model}-{steps}"
+
+
 def family_of(name: str) -> str:
     """The method behind a row: its name without the knob value."""
     return re.sub(r" [\d.]+(dB)?( eager)?$", lambda m: " eager" if m.group(2) else "", name)
@@ -117,6 +125,7 @@ def plot(result: bench.BenchResult, path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="ref-dit")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 28])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
@@ -126,7 +135,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    reference = zoo.load("ref-dit")
+    reference = zoo.load(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for steps in args.steps:
@@ -142,7 +151,7 @@ def main() -> None:
         )
         table = result.markdown()
         print(table)
-        stem = f"cache-sweep-{steps}"
+        stem = result_stem(args.model, steps)
         (out / f"{stem}.md").write_text(table + "\n")
         (out / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print("wrote", plot(result, out / f"{stem}.png"))
