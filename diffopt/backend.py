@@ -15,7 +15,7 @@ import torch.fx as fx
 from diffopt.config import Config, ConfigError
 from diffopt.guards import Guard
 from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
-from diffopt.passes.graph import INPUT_KEY
+from diffopt.passes.graph import INPUT_KEY, collective_groups
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
 
@@ -287,7 +287,21 @@ def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
         optimized.graph.guards,
         timestep_slot=timestep_slot,
         param_slots=weight_slots,
+        group=sequence_group(optimized.graph),
     )
+
+
+def sequence_group(graph: DenoiserGraph) -> str | None:
+    """The process group whose ranks hold shards of the sequence (context parallelism), by
+    name; None for a graph that does not communicate. Of several groups (a ring × Ulysses mesh
+    communicates over each axis), the largest: the output's all-gather spans them all."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    groups = collective_groups(graph.gm)
+    if not groups:
+        return None
+    return max(groups, key=lambda name: dist.get_world_size(_resolve_process_group(name)))
 
 
 def input_slots(graph: DenoiserGraph) -> tuple[int | None, set[int]]:
@@ -308,10 +322,12 @@ def build_executor(
     timestep_slot: int | None,
     param_slots: set[int],
     variants: VariantProvider | None = None,
+    group: str | None = None,
 ) -> RegionExecutor:
     """`RegionExecutor`, or `CachingExecutor` when there is a cache config and guards; the
     regions may be compiled torch code or engine sessions. `variants` supplies the regions a
-    token refresh runs (`CachingExecutor`'s argument; an exporter records them with it)."""
+    token refresh runs (`CachingExecutor`'s argument; an exporter records them with it);
+    `group` the process group of a context-parallel graph (`sequence_group`)."""
     if config.cache is not None and not guards and timestep_slot is not None:
         return TimestepRecorder(program, timestep_slot)  # for a guarded graph after a break
     if config.cache is None or not guards:
@@ -324,4 +340,5 @@ def build_executor(
         param_slots=param_slots,
         inner=config.inner,
         variants=variants,
+        group=group,
     )

@@ -80,6 +80,25 @@ def example_value(node: fx.Node) -> object:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def collective_groups(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The process groups the graph's collectives run over, by name, in first-use order.
+
+    A graph that communicates was sharded: diffusers' context parallelism
+    (``model.enable_parallelism(config=ContextParallelConfig(...))``) splits the sequence between
+    ranks and its attention exchanges it with ``_c10d_functional`` collectives (all-to-all for
+    Ulysses, all-gather for ring and for the output), which dynamo records with their group's name.
+    """
+    groups: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        # torch.ops._c10d_functional.<op> (a packet; its .default overload prints the same)
+        if node.op != "call_function" or not str(node.target).startswith("_c10d_functional."):
+            continue
+        names = [a for a in (*node.args, node.kwargs.get("group_name")) if isinstance(a, str)]
+        if names:  # the group is the op's last string argument (wait_tensor has none)
+            groups[names[-1]] = None
+    return tuple(groups)
+
+
 def shape_of(node: fx.Node) -> tuple[int | str, ...] | None:
     """The captured shape; a symbolic dimension (dynamic shapes) appears as its name, ``"s0"``."""
     value = example_value(node)

@@ -18,6 +18,7 @@ Rules, in order of the graph (which is program order under dynamo):
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Collection
 
@@ -33,6 +34,8 @@ from .graph import (
     InputRoles,
     Region,
     TensorRole,
+    collective_groups,
+    example_value,
     shape_of,
 )
 from .report import PassReport
@@ -51,7 +54,12 @@ def module_path(source: str) -> str:
     parts = []
     for quoted, index, attr in _PATH_TOKEN.findall(source):
         part = quoted or index or attr
-        if part not in _SKIPPED_TOKENS:
+        if part == "__self__" and parts:
+            # a bound method's module: diffusers' hooks (context parallelism) call the model
+            # through ``fn_ref.forward``, so dynamo names it ``L['function_reference'].forward
+            # .__self__`` and its blocks ``forward.__self__.blocks.0``
+            parts.pop()
+        elif part not in _SKIPPED_TOKENS:
             parts.append(part)
     return ".".join(parts)
 
@@ -201,12 +209,56 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
             node.meta[REGION_KEY] = name
         pending = []
     regions.append(Region("epilogue", "epilogue"))
+    shards = _sequence_split_to_prologue(gm, regions[1].name)
+    if shards:
+        report.notes.append(
+            f"the sequence is split between ranks at the start of {regions[1].name} "
+            f"({', '.join(shards)}: context parallelism); the split runs in the prologue"
+        )
     _tag_get_attrs(gm)
     report.notes.append(
         f"{len(regions) - 2} blocks in "
         + ", ".join(sorted({r.group or r.name for r in regions if r.kind == "block"}))
     )
     return regions
+
+
+def _sequence_split_to_prologue(gm: fx.GraphModule, first: str) -> list[str]:
+    """Under context parallelism, move the first block's split of its inputs into the prologue.
+
+    diffusers' context-parallel plan may split a model's sequence at the first block's input
+    (Wan: ``"blocks.0": {"hidden_states": ContextParallelInput(split_dim=1)}``); the hook runs
+    inside that block's call, so dynamo records the ``chunk(world)[rank]`` as block 0's. Left
+    there, the stream enters the blocks whole and leaves them split: no block-stack residual, no
+    token stream. Only graphs that communicate (`collective_groups`) are touched, and only the
+    block's leading chunks of values from before it, along a non-batch axis, and their items:
+    views, so moving them changes no value. Returns the names of the values split."""
+    if not collective_groups(gm):
+        return []
+    chunks = {"chunk", torch.chunk, torch.Tensor.chunk}
+    moved: dict[fx.Node, str] = {}
+    for node in [n for n in gm.graph.nodes if n.meta.get(REGION_KEY) == first]:
+        if node.target is operator.getitem and node.args[0] in moved:
+            node.meta[REGION_KEY] = "prologue"  # an item of a chunk moved already
+            continue
+        source = node.args[0] if node.args else None
+        value = example_value(source) if isinstance(source, fx.Node) else None
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        before = isinstance(source, fx.Node) and (
+            source.op == "placeholder" or source.meta.get(REGION_KEY) == "prologue"
+        )
+        if not (
+            node.target in chunks
+            and before
+            and isinstance(value, torch.Tensor)
+            and value.dim() >= 3
+            and dim not in (0, -value.dim())
+            and all(user.target is operator.getitem for user in node.users)
+        ):
+            break  # the block's own code starts here
+        node.meta[REGION_KEY] = "prologue"
+        moved[node] = source.name
+    return list(moved.values())
 
 
 def _tag_get_attrs(gm: fx.GraphModule) -> None:

@@ -53,6 +53,16 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
     where = f"{span[0]} … {span[-1]}"
     entries = user_values(region_inputs(graph, span))
     exits = region_outputs(graph, span)
+    exchanged = sorted({str(n.target) for n in _span_nodes(graph, span) if _collective(n)})
+    if exchanged:
+        report.skip(
+            where,
+            f"the blocks exchange the sequence between ranks ({', '.join(exchanged)}: context "
+            "parallelism), each rank holding a shard: a token refresh of the most-changed "
+            "tokens would leave the ranks with different numbers of tokens for the all-to-all; "
+            "use cache.polish='block' or 'none'",
+        )
+        return graph, report
     stream = max(graph.roles.token_streams, key=lambda s: s.shape[1]).shape
     batch, tokens = stream[:2]
     if not isinstance(tokens, int):
@@ -105,6 +115,12 @@ def _axes(node: fx.Node, layout: tuple) -> list[int]:
 
 class _CannotGather(Exception):
     """Why the token guard cannot apply (the message is the report's reason)."""
+
+
+def _collective(node: fx.Node) -> bool:
+    """A collective between ranks (``torch.ops._c10d_functional``), other than waiting on one."""
+    name = str(node.target)
+    return name.startswith("_c10d_functional.") and "wait_tensor" not in name
 
 
 def _span_nodes(graph: DenoiserGraph, span: list[str]) -> list[fx.Node]:

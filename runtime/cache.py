@@ -147,20 +147,43 @@ class Trend:
             return self.latest
         return self.latest + self.slope * (step - self.at_step)
 
-    def change(self) -> float:
-        """Relative L1 change per step at the last full step (0 before there were two)."""
+    def change(self, group: Any = None) -> float:
+        """Relative L1 change per step at the last full step (0 before there were two); with
+        `group`, of the whole sequence its ranks hold shards of (`relative_change`)."""
         if self.slope is None:
             return 0.0
-        return float(self.slope.abs().mean() / self.full.abs().mean().clamp_min(1e-12))
+        if group is None:
+            return float(self.slope.abs().mean() / self.full.abs().mean().clamp_min(1e-12))
+        slope, full = self.slope.reshape(1, -1), self.full.reshape(1, -1)
+        return float(_reduced_ratio(slope.abs().sum(1), full.abs().sum(1), group)[0])
 
-    def change_per_sample(self) -> torch.Tensor:
+    def change_per_sample(self, group: Any = None) -> torch.Tensor:
         """Each sample's relative L1 change per step between the last two full steps [B]."""
-        return relative_change(self.slope + self.full, self.full)
+        return relative_change(self.slope + self.full, self.full, group)
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean |new − old| / mean |old|, shape [B]."""
-    return (new - old).abs().flatten(1).mean(1) / old.abs().flatten(1).mean(1).clamp_min(1e-12)
+def relative_change(new: torch.Tensor, old: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Per sample: mean |new − old| / mean |old|, shape [B].
+
+    With `group` (a `torch.distributed` process group: the ranks that hold shards of one
+    sequence under context parallelism), the sums over every rank's shard are reduced first, so
+    each rank gets the change of the whole sequence, the value one process measures, and the
+    decisions made from it are the same on every rank. Measured without it (tiny-flux, Ulysses
+    2, 8 steps): the ranks' own stack profiles differ by up to 4 % (block 0's change by 12 %),
+    which splits their decisions at 70 of 1,220 (early, critical) settings; and a rank that
+    skips the blocks while the other runs them leaves their collectives unmatched.
+    """
+    if group is None:
+        moved = (new - old).abs().flatten(1).mean(1)
+        return moved / old.abs().flatten(1).mean(1).clamp_min(1e-12)
+    return _reduced_ratio((new - old).abs().flatten(1).sum(1), old.abs().flatten(1).sum(1), group)
+
+
+def _reduced_ratio(moved: torch.Tensor, size: torch.Tensor, group: Any) -> torch.Tensor:
+    """Σ moved / Σ size over the ranks of `group` (sums, so shards may differ in length)."""
+    both = torch.stack([moved, size])
+    torch.distributed.all_reduce(both, group=group)
+    return both[0] / both[1].clamp_min(1e-12)
 
 
 @dataclass
@@ -288,6 +311,18 @@ def strategy(
     return register
 
 
+TOKENS_UNDER_CONTEXT_PARALLELISM = (
+    "token refresh (cache.polish='token', the default, or 'token' in a cache.plan) cannot run "
+    "under context parallelism: each rank holds a shard of the sequence, a token refresh reruns "
+    "the tokens that changed most in the whole sequence, so the ranks would hold different "
+    "numbers of them, while the blocks' all-to-all needs every rank to pass the same number "
+    "(and each rank's own top tokens are not the ones one process refreshes). Set "
+    "cache.polish='block' (rerun the blocks that changed most, decided alike on every rank) "
+    "or 'none' (reuse only), e.g. options={'cache': {'steps': N, 'polish': 'block'}}"
+)
+"""Why a context-parallel model refuses token refresh, and what to use instead."""
+
+
 VariantProvider = Callable[[int, int, list[Any]], Callable[..., Sequence[Any]]]
 """``(region index, token count, example inputs) -> region``: what runs a guarded region on a
 token refresh's shorter sequence."""
@@ -314,6 +349,11 @@ class CachingExecutor(RegionExecutor):
     `variants` supplies the regions a token refresh runs on its shorter sequence (an exporter
     records them this way); by default they are compiled on first use, or taken from an engine's
     exported variants (`token_variant`).
+
+    `group` names the process group the graph's collectives run over (`diffopt.passes.graph
+    .collective_groups`): under context parallelism each rank holds a shard of the sequence, so
+    every change the decisions read is reduced over it (`relative_change`) and all ranks take
+    the same action at every step; token refresh is refused (`_refuse_tokens`).
     """
 
     def __init__(
@@ -326,9 +366,12 @@ class CachingExecutor(RegionExecutor):
         param_slots: set[int],
         inner: InnerBackend,
         variants: VariantProvider | None = None,
+        group: str | None = None,
     ) -> None:
         super().__init__(program)
         self.variants = variants
+        self.group = _process_group(group)
+        self._refuse_tokens(config)  # at compile time already, for the compiled settings
         self.config = config
         self.inner = inner
         self.timestep_slot = timestep_slot
@@ -515,9 +558,12 @@ class CachingExecutor(RegionExecutor):
     def _stream(self, values: list[Any]) -> torch.Tensor:
         """The token stream entering the guarded span, once the regions before it ran: its input
         with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D]; a
-        boolean attention mask [B, 1, 1, N] is no stream)."""
+        boolean attention mask [B, 1, 1, N] is no stream), tables broadcast over the batch and
+        another axis last (Wan's rotary cos/sin, [1, N, 1, d], are no stream either: taken for
+        it, their batch of 1 broke the per-sample check and the block-0 indicator on Wan)."""
         tensors = [values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor)]
-        return max((t for t in tensors if t.dtype != torch.bool), key=torch.Tensor.dim)
+        candidates = [t for t in tensors if t.dtype != torch.bool]
+        return max(candidates, key=lambda t: (_sample(t), t.dim()))
 
     def _steps(self, req: Request | None = None) -> int | None:
         """The step count of `req` (by default the request in scope), else the compiled one."""
@@ -535,8 +581,14 @@ class CachingExecutor(RegionExecutor):
             )
         return settings
 
+    def _refuse_tokens(self, config: CacheConfig) -> None:
+        """Under context parallelism, a request that would refresh tokens is an error."""
+        if self.group is not None and config.mode == "online" and config.polish == "token":
+            raise ConfigError(TOKENS_UNDER_CONTEXT_PARALLELISM)
+
     def _new_branch(self) -> Branch:
         config = self._settings()
+        self._refuse_tokens(config)
         ctx = _REQUEST.get(None)
         uncalibrated = (
             config.profile is None and self._calibrated is None and config.mode == "online"
@@ -549,7 +601,10 @@ class CachingExecutor(RegionExecutor):
                 "cache guards need the step count: set options={'cache': {'steps': N}} or run "
                 "sampling inside `with diffopt.request(steps=N):`"
             )
-        return Branch(Controller(config, steps, self._polish(config)))
+        controller = Controller(config, steps, self._polish(config))
+        if self.group is not None and "token" in (controller.plan or ()):
+            raise ConfigError(TOKENS_UNDER_CONTEXT_PARALLELISM)
+        return Branch(controller)
 
     def _polish(self, config: CacheConfig) -> CacheAction:
         action = polish_action(config.polish)
@@ -694,7 +749,7 @@ class CachingExecutor(RegionExecutor):
                 )
             residual = values[probe.exits[0]] - probe_inputs[probe.bases[0]]
             raw = (
-                relative_change(residual, branch.probe)
+                relative_change(residual, branch.probe, self.group)
                 if branch.probe is not None
                 else torch.zeros(batch, device=device)
             )
@@ -738,7 +793,7 @@ class CachingExecutor(RegionExecutor):
         if self.probe is not None:
             return None  # the block-0 indicator's profile is block 0's, not the stack's
         expected = sum(self._profile(branch)[step - trend.gap + 1 : step + 1]) / trend.gap
-        return trend.change_per_sample() / max(expected, 1e-12)
+        return trend.change_per_sample(self.group) / max(expected, 1e-12)
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
         if self._branch == 0:
@@ -751,11 +806,12 @@ class CachingExecutor(RegionExecutor):
         """Calibration: the residual's change (first difference) and curvature (second)."""
         last, earlier = branch.last_stack, branch.earlier_stack
         zero = torch.zeros(1)
+        group = self.group
         self._record(
-            branch, "stack", relative_change(value, last) if last is not None else zero, step
+            branch, "stack", relative_change(value, last, group) if last is not None else zero, step
         )
         bent = (value - last) - (last - earlier) if earlier is not None else None
-        curvature = relative_change(bent + last, last) if bent is not None else zero
+        curvature = relative_change(bent + last, last, group) if bent is not None else zero
         self._record(branch, "curvature", curvature, step)
         branch.earlier_stack, branch.last_stack = last, value
 
@@ -929,7 +985,8 @@ def _refresh_blocks(executor: CachingExecutor, call: SpanCall) -> float:
         call.step,
         call.config,
     )
-    ranked = sorted(branch.blocks, key=lambda i: -_block_change(branch.blocks[i]))
+    group = executor.group  # every rank ranks the blocks alike: they run the same ones
+    ranked = sorted(branch.blocks, key=lambda i: -_block_change(branch.blocks[i], group))
     run = set(ranked[: math.ceil(config.block_ratio * len(ranked))])
     for index in range(span.start, span.stop):
         trends = branch.blocks.get(index)
@@ -975,13 +1032,27 @@ def _refresh_tokens(executor: CachingExecutor, call: SpanCall) -> float:
     return anchor.chosen.shape[1] / anchor.tokens
 
 
+def _sample(value: torch.Tensor) -> bool:
+    """Whether `value` may hold samples: not a table broadcast over batch and another axis."""
+    return value.dim() < 3 or value.shape[0] != 1 or 1 not in value.shape[1:-1]
+
+
 def _shape(value: Any) -> tuple[int, ...] | None:
     """A tensor's shape; None for the sizes dynamic shapes pass as inputs."""
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def _block_change(trends: dict[int, Trend]) -> float:
-    return max(t.change() for t in trends.values())
+def _block_change(trends: dict[int, Trend], group: Any = None) -> float:
+    return max(t.change(group) for t in trends.values())
+
+
+def _process_group(name: str | None) -> Any:
+    """The process group dynamo recorded by `name` on a graph's collectives (None: no group)."""
+    if name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
 
 
 def _take(

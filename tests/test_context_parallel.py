@@ -1,0 +1,251 @@
+"""diffopt under diffusers' context parallelism: Ulysses 2 on two CPU processes (gloo).
+
+One module fixture starts two ranks once (imports cost ~20 s a process on a 2-core machine) and
+runs every check in them; the tests read what each rank measured. Each rank also runs the same
+model, compiled the same way, as one process: that is the parity reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+FAMILIES = ("tiny-flux", "tiny-wan")
+STEPS = 6
+BASE = {"steps": STEPS, "polish": "none"}
+REQUESTS = {
+    "calibrate": None,  # the first request runs in full and calibrates the profile
+    "reuse": None,  # the compiled settings: reuse between full steps
+    "thresholds": {**BASE, "early": 0.1, "critical": 0.3},
+    "block": {**BASE, "polish": "block"},
+    "check": {**BASE, "check": "stack", "check_tolerance": 1.0},
+}
+"""The requests each model runs, in order, with per-request cache settings (no recompiles)."""
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _denoise(model, inputs: dict, top: float) -> torch.Tensor:
+    """`STEPS` Euler steps over decreasing timesteps; the final latents."""
+    x = inputs["hidden_states"].clone()
+    with torch.no_grad():
+        for t in torch.linspace(top, top / STEPS, STEPS):
+            call = {**inputs, "hidden_states": x, "timestep": t.expand(x.shape[0])}
+            x = x - model(**call)[0] / STEPS
+    return x
+
+
+def _requests(model, inputs: dict, top: float) -> dict:
+    import diffopt
+    from diffopt.config import CacheConfig
+
+    runs = {}
+    for name, settings in REQUESTS.items():
+        cache = CacheConfig(**settings) if settings else None
+        with diffopt.request(steps=STEPS, cache=cache) as req:
+            x = _denoise(model, inputs, top)
+        recorded = {k: req.recorded[k] for k in ("stack", "curvature") if k in req.recorded}
+        runs[name] = {
+            "x": x,
+            "actions": dict(req.actions),
+            "vetoes": dict(req.vetoes),
+            "recorded": recorded,
+        }
+    return runs
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except Exception as e:  # the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    timeout = datetime.timedelta(seconds=TIMEOUT_S // 2)  # a mismatched collective fails
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    if torch.accelerator.device_count() == 0:
+        # diffusers places each rank on device `rank % torch.accelerator.device_count()`, a
+        # division by zero without an accelerator; on CPU, gloo's one "device" is the CPU
+        torch.accelerator.device_count = lambda: 1
+    from diffusers import ContextParallelConfig
+
+    import diffopt
+    from diffopt.evaluation import zoo
+
+    results: dict = {}
+    try:
+        for family in FAMILIES:
+            found: dict = {}
+            single, inputs = zoo.build(family)
+            model, _ = zoo.build(family)  # the same weights (seeded), its own tensors
+            inputs["return_dict"] = False
+            top = 1.0 if family == "tiny-flux" else 999.0  # Flux's timesteps are sigmas
+            options = {"inner": "eager", "cache": BASE}
+            with torch.no_grad():
+                found["eager"] = single(**inputs)[0]
+                found["plain"] = torch.compile(
+                    single, backend="diffopt", options={"inner": "eager"}
+                )(**inputs)[0]
+            found["one"] = _requests(
+                torch.compile(single, backend="diffopt", options=options), inputs, top
+            )
+
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+            with torch.no_grad():
+                # diffusers' context-parallel hook on Wan's blocks.0 looks its forward's signature
+                # up on its first call, which dynamo cannot trace: compiled first, the whole
+                # forward would fall back to per-block frames for good, uncached
+                found["cp_eager"] = model(**inputs)[0]
+                found["cp_plain"] = torch.compile(
+                    model, backend="diffopt", options={"inner": "eager"}
+                )(**inputs)[0]
+            cached = torch.compile(model, backend="diffopt", options=options)
+            found["cp"] = _requests(cached, inputs, top)
+            token = diffopt.CacheConfig(steps=STEPS)  # polish="token", the default
+
+            def refresh_tokens(cached=cached, inputs=inputs, top=top, token=token):
+                with diffopt.request(steps=STEPS, cache=token):
+                    _denoise(cached, inputs, top)
+
+            found["token_request"] = _error(refresh_tokens)
+            compiled = torch.compile(
+                model, backend="diffopt", options={"inner": "eager", "cache": {"steps": STEPS}}
+            )
+            found["token_compile"] = _error(
+                lambda compiled=compiled, inputs=inputs, top=top: _denoise(compiled, inputs, top)
+            )
+            results[family] = found
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the two ranks measured: ``[rank0, rank1]``, and the wall time."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "ContextParallelConfig"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no ContextParallelConfig")
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("context_parallel")
+    start = time.perf_counter()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        try:
+            context = mp.start_processes(
+                _worker,
+                args=(2, _free_port(), str(out)),
+                nprocs=2,
+                join=False,
+                start_method="spawn",
+            )
+        except (OSError, RuntimeError) as e:
+            pytest.skip(f"cannot start two processes here: {e}")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ranks did not finish in {TIMEOUT_S} s (a collective hung?)")
+    found = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    for rank, result in enumerate(found):
+        assert "error" not in result, f"rank {rank} failed:\n{result.get('error')}"
+    return found, time.perf_counter() - start
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ulysses_matches_one_process_eager_and_compiled(ranks, family):
+    (rank0, rank1), _ = ranks
+    for result in (rank0, rank1):
+        found = result[family]
+        assert _gap(found["plain"], found["eager"]) <= 1e-5
+        assert _gap(found["cp_eager"], found["eager"]) <= 1e-4  # diffusers' own parity
+        assert _gap(found["cp_plain"], found["eager"]) <= 1e-4  # diffopt on top of it
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_decisions_are_the_same_on_every_rank_and_as_one_process(ranks, family):
+    (rank0, rank1), _ = ranks
+    one, cp0, cp1 = rank0[family]["one"], rank0[family]["cp"], rank1[family]["cp"]
+    for name in REQUESTS:
+        assert cp0[name]["actions"] == cp1[name]["actions"], name
+        assert cp0[name]["actions"] == one[name]["actions"], name
+        assert cp0[name]["vetoes"] == cp1[name]["vetoes"], name
+    assert set(one["calibrate"]["actions"][0]) == {"full"}
+    assert "reuse" in one["reuse"]["actions"][0]  # the cache does something to compare
+    assert "block" in one["block"]["actions"][0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_calibrated_profile_is_the_whole_sequences_on_every_rank(ranks, family):
+    """The profile is reduced over the ranks: bit-identical on both, and one process's value
+    (each rank's own shard measured up to 12 % apart, enough to split decisions)."""
+    (rank0, rank1), _ = ranks
+    one = rank0[family]["one"]["calibrate"]["recorded"]
+    cp0, cp1 = (result[family]["cp"]["calibrate"]["recorded"] for result in (rank0, rank1))
+    assert set(cp0) == {"stack", "curvature"}
+    assert cp0 == cp1
+    for key in cp0:
+        measured, expected = torch.tensor(cp0[key]), torch.tensor(one[key])
+        torch.testing.assert_close(measured, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_requests_match_one_process(ranks, family):
+    (rank0, rank1), _ = ranks
+    for result in (rank0, rank1):
+        one, cp = result[family]["one"], result[family]["cp"]
+        for name in REQUESTS:
+            assert _gap(cp[name]["x"], one[name]["x"]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_refresh_is_refused_with_the_reason_and_the_fix(ranks, family):
+    (rank0, _), _ = ranks
+    for where in ("token_request", "token_compile"):
+        message = rank0[family][where]
+        assert "ConfigError" in message and "context parallelism" in message, where
+        assert "polish='block'" in message and "all-to-all" in message, where
+
+
+def test_wan_block0_indicator_and_check_run_in_one_process():
+    """Found on the way: the executor took Wan's rotary table ([1, N, 1, d]) for the token
+    stream, so its batch of 1 broke the per-sample check and the block-0 indicator."""
+    import diffopt
+    from diffopt.evaluation import zoo
+
+    model, inputs = zoo.build("tiny-wan")
+    inputs["return_dict"] = False
+    for cache in ({"indicator": "block0"}, {"check": "stack", "check_tolerance": 1.0}):
+        options = {"inner": "eager", "cache": {**BASE, **cache}}
+        compiled = torch.compile(model, backend="diffopt", options=options)
+        for _ in range(2):  # calibrate, then decide per sample
+            with diffopt.request(steps=STEPS) as req:
+                _denoise(compiled, inputs, 999.0)
+        assert "reuse" in req.actions[0], cache
+        diffopt.runtime.profiles.forget(model)
