@@ -7,6 +7,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,7 +276,18 @@ def diffopt_backend(
             "pass settings as options={'inner': 'inductor', ...}"
         )
     config = Config.coerce(options)
-    return executor_for(optimize(gm, example_inputs, config), config)
+    optimized = optimize(gm, example_inputs, config)
+    if config.cache is not None and not optimized.graph.blocks and collective_groups(gm):
+        warnings.warn(
+            "the diffopt backend got a graph that exchanges tensors between ranks (context "
+            "parallelism) but holds no block stack, so the cache cannot skip anything here: "
+            "dynamo split the forward. diffusers' context-parallel hooks look up the signature "
+            "of the module they split at (Wan: blocks.0) on its first call, which dynamo cannot "
+            "trace, and the forward then runs as one frame per block for good; call the model "
+            "once before torch.compile (or before its first compiled call), e.g. one step",
+            stacklevel=2,
+        )
+    return executor_for(optimized, config)
 
 
 def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:

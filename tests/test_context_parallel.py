@@ -75,6 +75,27 @@ def _error(call) -> str:
     return ""
 
 
+def _compiled_cold() -> list[str]:
+    """The warnings of a context-parallel Wan compiled before its first call."""
+    import warnings
+
+    from diffusers import ContextParallelConfig
+
+    import diffopt
+    from diffopt.evaluation import zoo
+
+    torch._dynamo.reset()  # trace the forward anew, as in a fresh process
+    model, inputs = zoo.build("tiny-wan")
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    compiled = torch.compile(model, backend="diffopt", options={"inner": "eager", "cache": BASE})
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with diffopt.request(steps=STEPS) as req:
+            compiled(**inputs)
+    assert not req.actions, "compiled cold, the forward is expected to run uncached"
+    return [str(w.message) for w in caught]
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -132,6 +153,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 lambda compiled=compiled, inputs=inputs, top=top: _denoise(compiled, inputs, top)
             )
             results[family] = found
+        results["cold"] = _compiled_cold()
     except Exception:
         results["error"] = traceback.format_exc()
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -231,6 +253,13 @@ def test_token_refresh_is_refused_with_the_reason_and_the_fix(ranks, family):
         message = rank0[family][where]
         assert "ConfigError" in message and "context parallelism" in message, where
         assert "polish='block'" in message and "all-to-all" in message, where
+
+
+def test_a_forward_split_by_diffusers_hooks_is_warned_about_with_the_fix(ranks):
+    (rank0, rank1), _ = ranks
+    for result in (rank0, rank1):
+        said = [w for w in result["cold"] if "exchanges tensors between ranks" in w]
+        assert said and "call the model once before torch.compile" in said[0]
 
 
 def test_wan_block0_indicator_and_check_run_in_one_process():
