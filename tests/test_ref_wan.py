@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffopt.evaluation import metrics, ref_wan
+from diffopt.evaluation import metrics, ref_wan, zoo
+
+STEPS_FOR_CLASS = 10
+PIPELINE_CACHE_PSNR = 20
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +71,67 @@ def test_architecture_is_a_wan_video_dit():
     with torch.no_grad():
         out = model(x, timestep=torch.tensor([500.0, 20.0]), **condition, return_dict=False)[0]
     assert out.shape == x.shape
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return zoo.load("ref-wan")
+
+
+def test_ref_wan_is_a_shipped_wan_video_dit(ref):
+    from diffusers import WanTransformer3DModel
+
+    assert isinstance(ref.model, WanTransformer3DModel) and isinstance(ref, ref_wan.WanReference)
+    weights = zoo.ASSETS / ref_wan.NAME / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    inputs = ref.make_inputs(batch=3)
+    assert inputs["hidden_states"].shape == (3, 1, ref_wan.FRAMES, 16, 16)  # 8 frames, 512 tokens
+    assert ref.model(**inputs)[0].shape == (3, 1, ref_wan.FRAMES, 16, 16)
+    assert ref.null_class == 10 and ref.steps == 50
+
+
+def test_clips_show_their_class_in_every_frame(ref):
+    labels = torch.arange(10)
+    videos = ref.sample(labels, seeds=range(7000, 7010), steps=STEPS_FOR_CLASS)
+    assert videos.shape == (10, 1, ref_wan.FRAMES, 16, 16)
+    assert metrics.frame_accuracy(videos, labels) >= 0.8
+    assert 0.3 < metrics.temporal_consistency(videos, ref_wan.clips(100)[0]) < 3
+
+
+def test_the_diffopt_backend_runs_ref_wan_like_eager(ref):
+    compiled = torch.compile(ref.model, backend="diffopt", options={"inner": "eager"})
+    inputs = ref.make_inputs(batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs)[0], ref.model(**inputs)[0], rtol=0, atol=1e-4)
+
+
+def test_wanpipeline_runs_the_compiled_transformer_with_cache_guards(ref):
+    """A diffusers WanPipeline whose transformer is compiled by diffopt: the first request
+    calibrates (runs in full), the next reuses in both guidance branches."""
+    import diffopt
+    from diffopt import quality
+    from diffopt.runtime import profiles
+
+    steps, labels = 6, torch.tensor([3])
+    expected = ref.pipeline()(**ref.pipeline_inputs(labels, steps, seed=0)).frames
+    profiles.forget(ref.model)
+    options = {"inner": "eager", "cache": {"steps": steps, "polish": "none"}}
+    pipe = ref.pipeline(torch.compile(ref.model, backend="diffopt", options=options))
+    first = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).frames
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-4)
+    with diffopt.request(steps=steps) as req:
+        second = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).frames
+    assert len(req.actions) == 2, req.actions
+    assert all("reuse" in branch for branch in req.actions.values()), req.actions
+    assert quality.psnr(second, expected, 2.0) > PIPELINE_CACHE_PSNR
+
+
+def test_wanpipeline_runs_the_compiled_transformer_with_w4a4(ref):
+    from diffopt import quality
+
+    steps, labels = 2, torch.tensor([3])
+    expected = ref.pipeline()(**ref.pipeline_inputs(labels, steps, seed=0)).frames
+    options = {"inner": "eager", "quant": "w4a4"}
+    pipe = ref.pipeline(torch.compile(ref.model, backend="diffopt", options=options))
+    videos = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).frames
+    assert quality.psnr(videos, expected, 2.0) > 17  # 19.9 dB measured: K = 128 is small for W4A4
