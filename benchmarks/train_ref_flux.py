@@ -74,7 +74,6 @@ if __name__ == "__main__":
         draw=draw,
         velocity=velocity,
         evaluate=evaluate,
-        embeddings_file=ref_flux.EMBEDDINGS_FILE,
         default_guidance=zoo.SHIPPED[ref_flux.NAME][0],
         steps=760,
         batch=24,

@@ -67,7 +67,6 @@ if __name__ == "__main__":
         draw=draw,
         velocity=velocity,
         evaluate=evaluate,
-        embeddings_file=ref_wan.EMBEDDINGS_FILE,
         default_guidance=zoo.SHIPPED[ref_wan.NAME][0],
         steps=1400,
         batch=16,

@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffopt.evaluation.data import NUM_CLASSES
-from diffopt.evaluation.zoo import ASSETS, ClassEmbeddings, Reference
+from diffopt.evaluation.zoo import ASSETS, ClassEmbeddings, Reference, load_trained
 
 NAME = "ref-flux"
 IMAGE_SIZE = 32
 """Side of the images, in pixels; 2×2 packing makes (32 / 2)² = 256 image tokens."""
 TEXT_TOKENS = 4
-EMBEDDINGS_FILE = "class_embeddings.safetensors"
 
 
 def architecture() -> nn.Module:
@@ -169,20 +168,11 @@ class FluxReference(Reference):
 def load(guidance: float, steps: int | Sequence[float], folder: Path | None = None) -> Reference:
     """The shipped `ref-flux` (fp32 in memory, fp16 on disk)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from safetensors.torch import load_file
 
-    folder = folder or ASSETS / NAME
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is missing; make it with benchmarks/train_ref_flux.py")
-    model = FluxTransformer2DModel.from_pretrained(
-        folder, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=torch.float32
+    model, embeddings = load_trained(
+        FluxTransformer2DModel, folder or ASSETS / NAME, class_embeddings
     )
-    model = model.eval().requires_grad_(False)
     config = model.config
-    embeddings = class_embeddings(model)
-    state = load_file(folder / EMBEDDINGS_FILE)
-    embeddings.load_state_dict({k: v.float() for k, v in state.items()})
-    embeddings = embeddings.eval().requires_grad_(False)
 
     def make_inputs(batch: int = 2, seed: int = 0) -> dict[str, Any]:
         """One denoiser call as `FluxPipeline` makes it: packed latents, σ, prompt, ids."""

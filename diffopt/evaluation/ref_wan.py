@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffopt.evaluation.data import IMAGE_SIZE, NUM_CLASSES
-from diffopt.evaluation.zoo import ASSETS, ClassEmbeddings, Reference
+from diffopt.evaluation.zoo import ASSETS, ClassEmbeddings, Reference, load_trained
 
 NAME = "ref-wan"
 FRAMES = 8
 TEXT_TOKENS = 4
-EMBEDDINGS_FILE = "class_embeddings.safetensors"
 MOTION = {"shift": 1.5, "degrees": 12.0, "scale": (0.95, 1.1)}
 """The poses a clip starts and ends in are drawn uniformly within these bounds."""
 
@@ -147,21 +146,10 @@ class WanReference(Reference):
 def load(guidance: float, steps: int | Sequence[float], folder: Path | None = None) -> Reference:
     """The shipped `ref-wan` (fp32 in memory, fp16 on disk)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-    from safetensors.torch import load_file
 
-    folder = folder or ASSETS / NAME
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is missing; make it with benchmarks/train_ref_wan.py")
-    # from the config and the weights file, not from_pretrained: Wan keeps some modules in fp32,
-    # which from_pretrained only does through accelerate, not a dependency of diffopt
-    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
-    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    model = model.eval().requires_grad_(False)
-    embeddings = class_embeddings(model)
-    state = load_file(folder / EMBEDDINGS_FILE)
-    embeddings.load_state_dict({k: v.float() for k, v in state.items()})
-    embeddings = embeddings.eval().requires_grad_(False)
+    model, embeddings = load_trained(
+        WanTransformer3DModel, folder or ASSETS / NAME, class_embeddings
+    )
 
     def make_inputs(batch: int = 2, seed: int = 0) -> dict[str, Any]:
         """One denoiser call as `WanPipeline` makes it: a latent clip, timestep, prompt."""

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffopt.evaluation.data import NUM_CLASSES
+from diffopt.evaluation.zoo import EMBEDDINGS_FILE
 
 Batch = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
 """``draw(generator, batch) -> (x0, labels)``: a training batch of clean latents and labels."""
@@ -64,6 +65,11 @@ def train(
     Returns the averaged model, the averaged embeddings and the loss of every step. `checkpoint`
     receives the averages every `checkpoint_every` steps, so a stopped run leaves weights behind.
     """
+    if not 2 <= schedule.warmup <= schedule.steps - 2:  # OneCycleLR's phases need 2 steps each
+        raise ValueError(
+            f"warmup ({schedule.warmup} steps) must be at least 2 steps and end at least 2 steps "
+            f"before the run ({schedule.steps} steps); pass another --warmup or more --steps"
+        )
     zero_modulations(model)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     ema_embeddings = copy.deepcopy(embeddings).requires_grad_(False)
@@ -112,11 +118,11 @@ def train(
     return ema_model, ema_embeddings, losses
 
 
-def save_fp16(model: nn.Module, embeddings: nn.Module, out: Path, embeddings_file: str) -> None:
+def save_fp16(model: nn.Module, embeddings: nn.Module, out: Path) -> None:
     """The diffusers folder of `model` and the class embeddings beside it, both in fp16."""
     copy.deepcopy(model).half().save_pretrained(out, safe_serialization=True)
     state = {k: v.detach().half().contiguous() for k, v in embeddings.state_dict().items()}
-    save_file(state, out / embeddings_file)
+    save_file(state, out / EMBEDDINGS_FILE)
 
 
 def command_line(
@@ -127,7 +133,6 @@ def command_line(
     draw: Batch,
     velocity: Velocity,
     evaluate: Callable[[Path, int, list[float]], None],
-    embeddings_file: str,
     default_guidance: float,
     **defaults: float,
 ) -> None:
@@ -173,7 +178,7 @@ def command_line(
     if args.checkpoint:
 
         def checkpoint(model: nn.Module, embeddings: nn.Module) -> None:
-            save_fp16(model, embeddings, args.checkpoint, embeddings_file)
+            save_fp16(model, embeddings, args.checkpoint)
 
     model, embeddings, losses = train(
         model,
@@ -184,7 +189,7 @@ def command_line(
         checkpoint=checkpoint,
         checkpoint_every=args.every,
     )
-    save_fp16(model, embeddings, args.out, embeddings_file)
+    save_fp16(model, embeddings, args.out)
     final = sum(losses[-100:]) / len(losses[-100:])
     print(
         f"trained {args.steps} steps in {(time.time() - start) / 60:.1f} min; "

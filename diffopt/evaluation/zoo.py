@@ -173,6 +173,31 @@ class Reference:
         return latents
 
 
+EMBEDDINGS_FILE = "class_embeddings.safetensors"
+"""The class prompts of a trained reference, beside its diffusers transformer folder."""
+
+
+def load_trained(
+    model_class: type, folder: Path, embeddings_for: Callable[[torch.nn.Module], ClassEmbeddings]
+) -> tuple[torch.nn.Module, ClassEmbeddings]:
+    """A trained reference's transformer and class prompts from `folder` (fp16 on disk, fp32
+    here, both frozen). The model is built from its config and its weights file rather than
+    with ``from_pretrained``, which keeps Wan's fp32 modules only through accelerate, not a
+    dependency of diffopt; the folder still loads with ``from_pretrained`` where accelerate is."""
+    from safetensors.torch import load_file
+
+    if not (folder / "config.json").exists():
+        script = f"benchmarks/train_{folder.name.replace('-', '_')}.py"
+        raise FileNotFoundError(f"{folder} is missing; make it with {script}")
+    model = model_class.from_config(model_class.load_config(folder))
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    embeddings = embeddings_for(model)
+    state = load_file(folder / EMBEDDINGS_FILE)
+    embeddings.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval().requires_grad_(False), embeddings.eval().requires_grad_(False)
+
+
 class ClassEmbeddings(torch.nn.Module):
     """A class label's "prompt": `tokens` learned text tokens (``encoder_hidden_states``) and,
     for models that take one, a learned pooled vector (``pooled_projections``); one row per
