@@ -52,7 +52,7 @@ def sample(
     scheduler = copy.deepcopy(scheduler)
     set_schedule(scheduler, steps)
     guided = uncond is not None and guidance != 1.0
-    inputs = guidance_batch(cond, uncond) if guided else cond
+    inputs = guidance_batch(cond, uncond, noise.shape[0]) if guided else cond
     x = noise
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -66,20 +66,34 @@ def sample(
     return x
 
 
-def guidance_batch(cond: Conditioning, uncond: Conditioning) -> Conditioning:
+def guidance_batch(
+    cond: Conditioning, uncond: Conditioning, batch: int | None = None
+) -> Conditioning:
     """Conditional and unconditional inputs as one batch of two, conditional first.
 
     Conditioning may nest, as pipelines pass it (PixArt's ``added_cond_kwargs``, a dict of
     tensors or None): tensors at the same place in both are concatenated on the batch axis; any
-    other leaf (None, a flag, a scale) must be equal in both and is passed once. Raises
-    `ConfigError` naming the keys where the two differ.
+    other leaf (None, a flag, a scale) must be equal in both and is passed once. With `batch`
+    (the latents' batch size), a tensor whose leading size is not `batch` has no batch axis
+    (Flux's ``img_ids`` and ``txt_ids``, one row per token): it is shared, must be equal in both
+    (checked when running eagerly; a compiled graph cannot branch on values) and is passed once.
+    Raises `ConfigError` naming the keys where the two differ.
     """
 
     def pair(path: tuple[Any, ...], c: Any, u: Any) -> Any:
+        where = pytree.keystr(path)
         if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
-            return torch.cat([c, u])
+            if batch is None or (c.ndim > 0 and c.shape[0] == batch):
+                return torch.cat([c, u])
+            if c is not u and not torch.compiler.is_compiling() and not torch.equal(c, u):
+                raise ConfigError(
+                    f"cond{where} and uncond{where} differ but have no batch axis (leading size "
+                    f"{c.shape[0] if c.ndim else 'none'}, the latents' batch is {batch}): a "
+                    "tensor without one is shared by the guidance batch, so pass the same tensor "
+                    "in both, or give it a batch axis"
+                )
+            return c
         if isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor) or c != u:
-            where = pytree.keystr(path)
             raise ConfigError(
                 f"cond{where} is {_short(c)} but uncond{where} is {_short(u)}: a guidance batch "
                 "concatenates tensors and passes other values once, so give both a tensor of "

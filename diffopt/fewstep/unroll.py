@@ -447,7 +447,7 @@ class UnrolledSampler(nn.Module):
     ) -> tuple[bool, dict[str, Any]]:
         """Whether guidance runs as a batch of two, and the denoiser's keyword inputs."""
         guided = uncond is not None and self.guidance != 1.0 and self.guidance_input is None
-        inputs = guidance_batch(cond, uncond) if guided else dict(cond)
+        inputs = guidance_batch(cond, uncond, latents.shape[0]) if guided else dict(cond)
         if self.guidance_input is not None:
             inputs[self.guidance_input] = latents.new_full((latents.shape[0],), self.guidance)
         return guided, inputs

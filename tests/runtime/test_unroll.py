@@ -506,3 +506,43 @@ def test_a_sampler_with_nested_conditioning_exports_as_one_onnx_file(tmp_path):
         expected = sampler(latents, cond, uncond)
     got = engine(latents=latents, cond=cond, uncond=uncond)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_flux_with_guidance_shares_the_ids_that_have_no_batch_axis():
+    """Flux's img_ids and txt_ids are one row per token: the guidance batch passes them once."""
+    flux, inputs = zoo.build("tiny-flux")
+    cond = {
+        k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep", "return_dict")
+    }
+    uncond = {
+        **cond,
+        "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+        "pooled_projections": torch.zeros_like(cond["pooled_projections"]),
+    }
+    sampler = diffopt.unroll(
+        flux,
+        FlowMatchEulerDiscreteScheduler(),
+        2,
+        sigmas=[1.0, 0.5],
+        timestep_scale=1e-3,
+        guidance=3.0,
+    )
+    x = inputs["hidden_states"]
+    with torch.no_grad():
+        expected = x
+        for sigma, nxt in ((1.0, 0.5), (0.5, 0.0)):  # FluxPipeline's true CFG: two calls
+            t = torch.full((x.shape[0],), sigma)
+            v_c, v_u = (
+                flux(hidden_states=expected, timestep=t, **c, return_dict=False)[0]
+                for c in (cond, uncond)
+            )
+            expected = expected + (nxt - sigma) * (v_u + 3.0 * (v_c - v_u))
+        eager = sampler(x, cond, uncond)
+        compiled = torch.compile(
+            sampler, backend="diffopt", options={"inner": "eager"}, fullgraph=True
+        )(x, cond, uncond)
+    torch.testing.assert_close(eager, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+    shifted = {**uncond, "img_ids": cond["img_ids"] + 1}
+    with pytest.raises(ConfigError, match=r"cond\['img_ids'\] and uncond\['img_ids'\] differ"):
+        sampler(x, cond, shifted)
