@@ -1,16 +1,18 @@
-"""Rotated low-bit linears on ref-dit: quality against the unquantized model, memory, peers.
+"""Rotated low-bit linears on a reference model: quality against the float model, memory, peers.
 
 Samples the same images (same labels and seeds) with the unquantized model, diffopt's w4a4
 pass in each setting (regular / Sylvester / no rotation at W4A4, and W4A8, W8A8) and the peer
 quantizers that run on CPU (torchao, optimum-quanto, comfy-kitchen ConvRot), all applied to
 the same linears. Quality: PSNR and SSIM against the unquantized images, ref-FID and class
 accuracy from the digits classifier. Memory: the quantized layers' bytes against fp16, on
-ref-dit and on a 2-block model of DiT-XL/2 width (K = 1152 and 4608), scales included.
+the reference and on a 2-block model of DiT-XL/2 width (K = 1152 and 4608), scales included.
+Writes ``quant-quality.*`` for ref-dit, ``quant-quality-MODEL.*`` for the others.
 
 Wall time is printed, but on CPU the op runs its PyTorch reference (unpack + integer matmul),
 so it is not a speed claim; see benchmarks/w4a4_gpu.py for the kernels.
 
     python benchmarks/quant_quality.py --images 300
+    python benchmarks/quant_quality.py --model ref-flux --images 40
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def quantized_layers(model: torch.nn.Module, inputs: dict, preset: str):
     return next(p for p in report.passes if p.name == "quantize")
 
 
-def memory_rows(reference: zoo.Reference) -> list[list[str]]:
+def memory_rows(name: str, reference: zoo.Reference) -> list[list[str]]:
     torch.manual_seed(0)
     dit_xl = DiTTransformer2DModel(
         num_attention_heads=16,
@@ -53,7 +55,7 @@ def memory_rows(reference: zoo.Reference) -> list[list[str]]:
         num_embeds_ada_norm=10,
     ).eval()
     models = {
-        "ref-dit": (reference.model, reference.make_inputs(batch=2)),
+        name: (reference.model, reference.make_inputs(batch=2)),
         "DiT-XL/2 width, 2 blocks": (dit_xl, zoo.example_inputs(dit_xl, batch=2)),
     }
     rows = []
@@ -79,13 +81,14 @@ def memory_rows(reference: zoo.Reference) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("ref-dit", "ref-flux"), default="ref-dit")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--inner", default="eager")
     args = parser.parse_args()
 
-    reference = zoo.load("ref-dit")
+    reference = zoo.load(args.model)
     layers = quantized_layers(reference.model, reference.make_inputs(batch=2), "w4a4")
     chosen = {e.where for e in layers.rewritten}
     select = chosen.__contains__
@@ -113,7 +116,7 @@ def main() -> None:
         memory=False,
     )
     memory = tabulate(
-        memory_rows(reference),
+        memory_rows(args.model, reference),
         [
             "model",
             "setting",
@@ -126,18 +129,19 @@ def main() -> None:
         tablefmt="github",
     )
     RESULTS.mkdir(exist_ok=True)
+    stem = "quant-quality" if args.model == "ref-dit" else f"quant-quality-{args.model}"
     text = (
         f"{result.markdown()}\n\n{len(chosen)} linears quantized (the blocks' attention and MLP "
         "projections; embedders, AdaLN modulation and the final layer stay in float).\n\n"
         f"Weight memory against fp16 (scales included):\n\n{memory}\n"
     )
     print(text)
-    (RESULTS / "quant-quality.md").write_text(text)
-    (RESULTS / "quant-quality.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    result.plot(RESULTS / "quant-quality.png")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    result.plot(RESULTS / f"{stem}.png")
     bench.save_grid(
         torch.cat([result.samples[v.name][:10] for v in variants]),
-        RESULTS / "quant-quality-samples.png",
+        RESULTS / f"{stem}-samples.png",
         columns=10,
     )
 
