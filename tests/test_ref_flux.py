@@ -109,3 +109,32 @@ def test_fluxpipeline_runs_the_compiled_transformer_with_w4a4(ref):
     pipe = ref.pipeline(torch.compile(ref.model, backend="diffopt", options=options))
     images = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).images
     assert quality.psnr(ref.images(images), ref.images(expected), 2.0) > 20
+
+
+def test_the_unrolled_schedule_is_fluxpipeline_with_true_cfg(ref):
+    """`diffopt.unroll` on the trained Flux: the whole guided schedule as one module (cond and
+    uncond as one batch, the ids shared) gives FluxPipeline's images, eager and compiled."""
+    import numpy as np
+
+    steps, labels = 4, torch.tensor([4, 7])
+    latents = ref.noise([0, 1])
+    expected = ref.pipeline()(**ref.pipeline_inputs(labels, steps, seed=0), latents=latents)
+    sampler = diffopt.unroll(
+        ref.model,
+        ref.scheduler,
+        steps,
+        sigmas=np.linspace(1.0, 1 / steps, steps),  # FluxPipeline's sigmas
+        guidance=ref.guidance,
+        timestep_scale=1e-3,
+    )
+    ids = {"img_ids": ref_flux.image_ids(), "txt_ids": ref_flux.text_ids()}
+    cond = {**ref.condition(labels), **ids}
+    uncond = {**ref.condition(torch.full_like(labels, ref.null_class)), **ids}
+    with torch.no_grad():
+        eager = sampler(latents, cond, uncond)
+        compiled = torch.compile(
+            sampler, backend="diffopt", options={"inner": "eager"}, fullgraph=True
+        )(latents, cond, uncond)
+    torch.testing.assert_close(eager, expected.images, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled, expected.images, atol=1e-4, rtol=1e-4)
+    assert metrics.class_accuracy(ref.images(eager), labels) == 1.0

@@ -135,3 +135,24 @@ def test_wanpipeline_runs_the_compiled_transformer_with_w4a4(ref):
     pipe = ref.pipeline(torch.compile(ref.model, backend="diffopt", options=options))
     videos = pipe(**ref.pipeline_inputs(labels, steps, seed=0)).frames
     assert quality.psnr(videos, expected, 2.0) > 17  # 19.9 dB measured: K = 128 is small for W4A4
+
+
+def test_the_unrolled_schedule_is_wanpipeline(ref):
+    """`diffopt.unroll` on the trained Wan: the whole guided schedule as one module (cond and
+    uncond as one batch) gives WanPipeline's clips (two calls per step), eager and compiled."""
+    import diffopt
+
+    steps, labels = 4, torch.tensor([2, 5])
+    latents = ref.noise([0, 1])
+    pipe = ref.pipeline()
+    expected = pipe(**ref.pipeline_inputs(labels, steps, seed=0), latents=latents).frames
+    sampler = diffopt.unroll(ref.model, ref.scheduler, steps, guidance=ref.guidance)
+    cond = ref.condition(labels)
+    uncond = ref.condition(torch.full_like(labels, ref.null_class))
+    with torch.no_grad():
+        eager = sampler(latents, cond, uncond)
+        compiled = torch.compile(
+            sampler, backend="diffopt", options={"inner": "eager"}, fullgraph=True
+        )(latents, cond, uncond)
+    torch.testing.assert_close(eager, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled, expected, atol=1e-4, rtol=1e-4)

@@ -17,10 +17,10 @@ def _tiny_wan() -> torch.nn.Module:
     )  # fmt: skip
 
 
-def _run(steps: int = 4, warmup: int = 2):
+def _run(steps: int = 4, warmup: int = 2, *, lr: float = 1e-2, trained=None):
+    """Train the tiny Wan from scratch, or go on training `trained` (model, embeddings)."""
     torch.manual_seed(0)
-    model = _tiny_wan()
-    embeddings = zoo.ClassEmbeddings(2, 8)
+    model, embeddings = trained or (_tiny_wan(), zoo.ClassEmbeddings(2, 8))
     images = torch.rand(6, 1, 8, 8) * 2 - 1
 
     def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +30,8 @@ def _run(steps: int = 4, warmup: int = 2):
     def velocity(model, xt, sigma, condition):
         return model(hidden_states=xt, timestep=sigma * 1000, **condition, return_dict=False)[0]
 
-    schedule = training.Schedule(steps, lr=1e-2, warmup=warmup, log_every=100)
-    return training.train(model, embeddings, draw, velocity, schedule)
+    schedule = training.Schedule(steps, lr=lr, warmup=warmup, log_every=100)
+    return training.train(model, embeddings, draw, velocity, schedule, from_scratch=trained is None)
 
 
 def test_training_is_seeded_and_returns_the_average():
@@ -54,6 +54,19 @@ def test_saved_weights_load_back_as_fp32(tmp_path):
     weight = model.proj_out.weight
     torch.testing.assert_close(loaded.proj_out.weight, weight.half().float())
     torch.testing.assert_close(loaded_embeddings.tokens, embeddings.tokens.half().float())
+
+
+def test_resuming_goes_on_from_the_saved_weights(tmp_path):
+    model, embeddings, _ = _run()
+    training.save_fp16(model, embeddings, tmp_path)
+    resumed = _tiny_wan(), zoo.ClassEmbeddings(2, 8)
+    zoo.load_weights(*resumed, tmp_path)
+    for m in resumed:
+        m.requires_grad_(True)
+    again, _, losses = _run(lr=1e-9, trained=resumed)  # a step too small to move the weights
+    torch.testing.assert_close(again.proj_out.weight, model.proj_out.weight.half().float())
+    _, _, scratch = _run(lr=1e-9)
+    assert losses[0] != scratch[0]  # from scratch, the zeroed output gives another loss
 
 
 def test_a_warmup_longer_than_the_run_is_refused():

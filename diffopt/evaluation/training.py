@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffopt.evaluation.data import NUM_CLASSES
-from diffopt.evaluation.zoo import EMBEDDINGS_FILE
+from diffopt.evaluation.zoo import EMBEDDINGS_FILE, load_weights
 
 Batch = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
 """``draw(generator, batch) -> (x0, labels)``: a training batch of clean latents and labels."""
@@ -59,8 +59,12 @@ def train(
     *,
     checkpoint: Callable[[nn.Module, nn.Module], None] | None = None,
     checkpoint_every: int = 200,
+    from_scratch: bool = True,
 ) -> tuple[nn.Module, nn.Module, list[float]]:
     """Train `model` and `embeddings` (labels → conditioning keywords) together.
+
+    `from_scratch` starts the modulations at zero (adaLN-Zero); pass False to go on training
+    weights that are already trained.
 
     Returns the averaged model, the averaged embeddings and the loss of every step. `checkpoint`
     receives the averages every `checkpoint_every` steps, so a stopped run leaves weights behind.
@@ -70,7 +74,8 @@ def train(
             f"warmup ({schedule.warmup} steps) must be at least 2 steps and end at least 2 steps "
             f"before the run ({schedule.steps} steps); pass another --warmup or more --steps"
         )
-    zero_modulations(model)
+    if from_scratch:
+        zero_modulations(model)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     ema_embeddings = copy.deepcopy(embeddings).requires_grad_(False)
     params = [*model.parameters(), *embeddings.parameters()]
@@ -155,6 +160,11 @@ def command_line(
         "--checkpoint", type=Path, help="also write the EMA weights here every --every steps"
     )
     parser.add_argument("--every", type=int, default=200)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="go on training the weights in this trained folder (a new warm-up and cosine)",
+    )
     parser.add_argument("--evaluate", type=Path, help="only evaluate this trained folder")
     parser.add_argument("--eval-images", type=int, default=100, help="0: no evaluation")
     parser.add_argument("--guidance", type=float, nargs="+", help="default: the shipped scale")
@@ -167,9 +177,12 @@ def command_line(
         return
     torch.manual_seed(args.seed)
     model, embeddings = build()
+    if args.resume:
+        load_weights(model, embeddings, args.resume)
     print(
         f"{out.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{args.steps} steps of batch {args.batch}, {args.threads} thread(s)",
+        f"{args.steps} steps of batch {args.batch}, {args.threads} thread(s)"
+        + (f", resuming {args.resume}" if args.resume else ""),
         flush=True,
     )
     schedule = Schedule(args.steps, args.lr, args.warmup, args.ema, args.seed)
@@ -188,6 +201,7 @@ def command_line(
         schedule,
         checkpoint=checkpoint,
         checkpoint_every=args.every,
+        from_scratch=args.resume is None,
     )
     save_fp16(model, embeddings, args.out)
     final = sum(losses[-100:]) / len(losses[-100:])

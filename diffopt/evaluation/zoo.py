@@ -184,18 +184,24 @@ def load_trained(
     here, both frozen). The model is built from its config and its weights file rather than
     with ``from_pretrained``, which keeps Wan's fp32 modules only through accelerate, not a
     dependency of diffopt; the folder still loads with ``from_pretrained`` where accelerate is."""
-    from safetensors.torch import load_file
-
     if not (folder / "config.json").exists():
         script = f"benchmarks/train_{folder.name.replace('-', '_')}.py"
         raise FileNotFoundError(f"{folder} is missing; make it with {script}")
     model = model_class.from_config(model_class.load_config(folder))
+    embeddings = embeddings_for(model)
+    load_weights(model, embeddings, folder)
+    return model.eval().requires_grad_(False), embeddings.eval().requires_grad_(False)
+
+
+def load_weights(model: torch.nn.Module, embeddings: torch.nn.Module, folder: Path) -> None:
+    """Load a trained reference's weights and class prompts from `folder` (fp16 on disk) into
+    `model` and `embeddings` in fp32; the architectures must match the folder's."""
+    from safetensors.torch import load_file
+
     weights = load_file(folder / "diffusion_pytorch_model.safetensors")
     model.load_state_dict({k: v.float() for k, v in weights.items()})
-    embeddings = embeddings_for(model)
     state = load_file(folder / EMBEDDINGS_FILE)
     embeddings.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval().requires_grad_(False), embeddings.eval().requires_grad_(False)
 
 
 class ClassEmbeddings(torch.nn.Module):
