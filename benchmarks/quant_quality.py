@@ -1,8 +1,8 @@
 """Rotated low-bit linears on a reference model: quality against the float model, memory, peers.
 
 Samples the same images (same labels and seeds) with the unquantized model, diffopt's w4a4
-pass in each setting (regular / Sylvester / no rotation at W4A4, and W4A8, W8A8) and the peer
-quantizers that run on CPU (torchao, optimum-quanto, comfy-kitchen ConvRot), all applied to
+pass in each setting (regular / Sylvester / no rotation at W4A4, group scales and the low-rank
+branch, W4A8, W8A8) and the peer quantizers that run on CPU (torchao, optimum-quanto, comfy-kitchen ConvRot), all applied to
 the same linears. Quality: PSNR and SSIM against the unquantized images, ref-FID and class
 accuracy from the digits classifier. Memory: the quantized layers' bytes against fp16, on
 the reference and on a 2-block model of DiT-XL/2 width (K = 1152 and 4608), scales included.
@@ -33,7 +33,11 @@ SETTINGS = {  # variant name -> quant preset
     "diffopt W4A4 regular": "w4a4",
     "diffopt W4A4 Sylvester": "w4a4-sylvester",
     "diffopt W4A4 no rotation": "w4a4-rtn",
+    "diffopt W4A4 g64": "w4a4-g64",
+    "diffopt W4A4 rank 32": "w4a4-r32",
+    "diffopt W4A4 g64 rank 32": "w4a4-g64-r32",
     "diffopt W4A8 regular": "w4a8",
+    "diffopt W4A8 g64 rank 32": "w4a8-g64-r32",
     "diffopt W8A8 regular": "w8a8",
 }
 RESULTS = Path(__file__).parent / "results"
@@ -81,7 +85,7 @@ def memory_rows(name: str, reference: zoo.Reference) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("ref-dit", "ref-flux"), default="ref-dit")
+    parser.add_argument("--model", choices=("ref-dit", "ref-flux", "ref-wan"), default="ref-dit")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)

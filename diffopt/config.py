@@ -134,6 +134,10 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a4-sylvester": {"rotation": "sylvester"},
     "w4a8": {"act_bits": 8},
     "w8a8": {"weight_bits": 8, "act_bits": 8},
+    "w4a4-g64": {"scale_group": 64},  # scales per 64 values along K (weights and activations)
+    "w4a4-r32": {"rank": 32},  # SVDQuant's 16-bit rank-32 branch, the residual in 4 bits
+    "w4a4-g64-r32": {"scale_group": 64, "rank": 32},  # both: SVDQuant's layout, rotated
+    "w4a8-g64-r32": {"act_bits": 8, "scale_group": 64, "rank": 32},
 }
 """Named settings accepted as ``quant="w4a4"`` etc. (rotation ``regular`` unless named)."""
 
@@ -158,6 +162,13 @@ class QuantConfig:
     ``sylvester``: the classic Hadamard; ``none``: plain round-to-nearest."""
     group: int | None = None
     """Rotation group along K (a power of 4); ``None``: the largest of 256 / 64 / 16 dividing K."""
+    scale_group: int | None = None
+    """Scales per group of this many values along K (32, 64, 128 or 256) for weights and
+    activations, instead of one per output channel and one per token: finer scales, more bytes
+    (SVDQuant uses 64)."""
+    rank: int = 0
+    """Rank of SVDQuant's low-rank branch: the weight's top-`rank` SVD part stays in 16 bits
+    (``x · down · up`` beside the GEMM) and only the residual is quantized; 0: no branch."""
     weight_clip: bool = True
     """Search each output channel's clipping ratio (0.5–1 × absmax) for the least squared
     weight error, instead of plain absmax / qmax."""
@@ -183,11 +194,19 @@ class QuantConfig:
         quant_format(self.format)  # an unknown name raises, listing the registered ones
         if self.group is not None and self.group not in (16, 64, 256):
             raise ConfigError(f"quant.group must be 16, 64 or 256 (a power of 4), not {self.group}")
+        if self.scale_group is not None and self.scale_group not in (32, 64, 128, 256):
+            raise ConfigError(
+                f"quant.scale_group must be 32, 64, 128 or 256 (or None), not {self.scale_group}"
+            )
+        if self.rank < 0:
+            raise ConfigError(f"quant.rank must be >= 0 (0: no low-rank branch), not {self.rank}")
 
     @property
     def label(self) -> str:
         """``w4a4-regular``: bits and rotation, as tables and reports show them."""
-        return f"w{self.weight_bits}a{self.act_bits}-{self.rotation}"
+        extras = f"-g{self.scale_group}" if self.scale_group else ""
+        extras += f"-r{self.rank}" if self.rank else ""
+        return f"w{self.weight_bits}a{self.act_bits}-{self.rotation}{extras}"
 
     @classmethod
     def preset(cls, name: str) -> QuantConfig:

@@ -32,7 +32,7 @@ from diffopt.config import ConfigError
 
 from . import ops  # noqa: F401  (registers diffopt::quant_linear, which "int" emits)
 from .hadamard import default_group, hadamard
-from .reference import quantize_weight
+from .reference import low_rank_split, quantize_weight
 
 if TYPE_CHECKING:
     from diffopt.config import QuantConfig
@@ -137,9 +137,10 @@ def quant_format(name: str) -> QuantFormat:
 
 def _prepare_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
     """The ``int`` format: the weight rotated along K with the group Hadamard and quantized per
-    output channel (4-bit values packed two a byte); `diffopt::quant_linear` rotates and
-    quantizes the activation per token, multiplies in integers and dequantizes."""
-    k = weight.shape[1]
+    output channel (or per `scale_group` along K; 4-bit values packed two a byte), after its
+    top-`rank` SVD part is split off into a 16-bit branch; `diffopt::quant_linear` rotates and
+    quantizes the activation per token (and group), multiplies in integers and dequantizes."""
+    n, k = weight.shape
     group = config.group or default_group(k)
     if config.rotation != "none" and (group is None or k % group):
         raise Unsupported(
@@ -148,21 +149,44 @@ def _prepare_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
         )
     if config.weight_bits == 4 and k % 2:
         raise Unsupported(f"K={k} is odd; 4-bit packing needs an even K (exclude it)")
+    if config.scale_group and k % config.scale_group:
+        raise Unsupported(f"K={k} is not a multiple of quant.scale_group={config.scale_group}")
+    if 2 * config.rank > min(n, k):
+        raise Unsupported(
+            f"quant.rank={config.rank} is over half of min(N, K)={min(n, k)}: the branch would "
+            "hold most of the layer (lower the rank or exclude it)"
+        )
     group = group if config.rotation != "none" else None
     rotation = hadamard(config.rotation, group) if group else None
-    stored, scale = quantize_weight(weight, config.weight_bits, rotation, config.weight_clip)
+    down = up = None
+    if config.rank:
+        down, up, weight = low_rank_split(weight, config.rank)
+    stored, scale = quantize_weight(
+        weight, config.weight_bits, rotation, config.weight_clip, config.scale_group
+    )
+    args = (
+        X,
+        Constant("qweight", stored),
+        Constant("qscale", scale),
+        BIAS,
+        Constant(f"rotation_{config.rotation}_{group}", rotation, shared=True),
+        config.act_bits,
+        config.weight_bits,
+    )
+    if config.rank:
+        args += (Constant("lowrank_down", down), Constant("lowrank_up", up))
+    scales = f"scales per {config.scale_group} along K" if config.scale_group else ""
+    branch = (
+        f"rank {config.rank} (+{(down.nbytes + up.nbytes) / 2**10:.1f} KiB)"
+        if down is not None
+        else ""
+    )
+    extras = ", ".join(e for e in (scales, branch) if e)
     return QuantizedLinear(
         torch.ops.diffopt.quant_linear.default,
-        (
-            X,
-            Constant("qweight", stored),
-            Constant("qscale", scale),
-            BIAS,
-            Constant(f"rotation_{config.rotation}_{group}", rotation, shared=True),
-            config.act_bits,
-            config.weight_bits,
-        ),
-        f"{config.label} linear {tuple(weight.shape)}, group {group or '-'}",
+        args,
+        f"{config.label} linear {tuple(weight.shape)}, group {group or '-'}"
+        + (f", {extras}" if extras else ""),
     )
 
 

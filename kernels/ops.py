@@ -25,14 +25,24 @@ def quant_linear(
     rotation: torch.Tensor | None,
     act_bits: int,
     weight_bits: int,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W rotated and quantized offline by
-    `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside."""
-    if x.is_cuda:
+    `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside.
+
+    A 2-D `weight_scale` [N, K/g] holds group scales (x is then quantized per token and group);
+    `lowrank_down` [K, r] and `lowrank_up` [r, N] add SVDQuant's 16-bit branch ``(x down) up``
+    to the low-bit GEMM of the residual."""
+    grouped = weight_scale.dim() == 2
+    if x.is_cuda and not grouped:
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
-    else:
+    else:  # group scales have no Triton kernel yet: on GPU too they run the PyTorch reference
         rotated_linear = reference.rotated_linear
-    return rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
+    out = rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
+    if lowrank_down is not None and lowrank_up is not None:
+        out = out + reference.low_rank_branch(x, lowrank_down, lowrank_up).to(out.dtype)
+    return out
 
 
 def _linear_output(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
@@ -65,7 +75,11 @@ quant_linear_static.register_fake(_linear_output)
 
 
 @register_flop_formula(torch.ops.diffopt.quant_linear)
-def _flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    """Integer multiply-adds count like float ones: FLOP ratios stay comparable."""
-    tokens = math.prod(x_shape[:-1])
-    return 2 * tokens * x_shape[-1] * weight_shape[0]
+def _flops(x_shape, weight_shape, *args, lowrank_down_shape=None, out_shape=None, **kwargs) -> int:
+    """Integer multiply-adds count like float ones: FLOP ratios stay comparable. The low-rank
+    branch adds its two thin matmuls."""
+    if len(args) > 5:  # the branch passed positionally
+        lowrank_down_shape = args[5]
+    tokens, k, n = math.prod(x_shape[:-1]), x_shape[-1], weight_shape[0]
+    rank = lowrank_down_shape[1] if lowrank_down_shape is not None else 0
+    return 2 * tokens * (k * n + rank * (k + n))

@@ -73,29 +73,64 @@ CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, rotation: torch.Tensor | None, clip: bool = False
+    weight: torch.Tensor,
+    bits: int,
+    rotation: torch.Tensor | None,
+    clip: bool = False,
+    scale_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offline: rotate [N, K] along K in float32, quantize per output channel, pack if 4-bit.
+    """Offline: rotate [N, K] along K in float32, quantize per output channel (or per group of
+    `scale_group` along K), pack if 4-bit.
 
-    With `clip`, each channel's scale is the `CLIP_RATIOS` multiple of absmax / qmax with the
-    least squared error (clipping a few large weights buys resolution for all the others).
-    Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales [N] (float16).
+    With `clip`, each channel's (group's) scale is the `CLIP_RATIOS` multiple of absmax / qmax
+    with the least squared error (clipping a few large weights buys resolution for the others).
+    Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales (float16, [N], or
+    [N, K / scale_group] with group scales).
     """
     rotated = rotate(weight.detach(), rotation)
-    absmax = rotated.abs().amax(dim=-1)
+    rows = _groups(rotated, scale_group)
+    absmax = rows.abs().amax(dim=-1)
     best_scale, best_error = None, None
     for ratio in CLIP_RATIOS if clip else [1.0]:
         scale = (absmax * ratio / qmax(bits)).to(SCALE_DTYPE)
-        values, _ = quantize_rows(rotated, bits, scale=scale)
-        error = (values * scale.float()[:, None] - rotated).pow(2).sum(dim=-1)
+        values, _ = quantize_rows(rows, bits, scale=scale)
+        error = (values * scale.float()[:, None] - rows).pow(2).sum(dim=-1)
         if best_scale is None:
             best_scale, best_error = scale, error
         else:
             better = error < best_error
             best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
-    values, _ = quantize_rows(rotated, bits, scale=best_scale)
+    values, _ = quantize_rows(rows, bits, scale=best_scale)
+    values = values.reshape(rotated.shape)
+    if scale_group:
+        best_scale = best_scale.reshape(rotated.shape[0], -1)
     return (pack_int4(values) if bits == 4 else values), best_scale
+
+
+def _groups(rows: torch.Tensor, scale_group: int | None) -> torch.Tensor:
+    """[R, K] as one row per scale: itself, or [R · K/g, g] with a scale per group of g."""
+    return rows.reshape(-1, scale_group) if scale_group else rows
+
+
+def low_rank_split(
+    weight: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVDQuant's split of [N, K]: the top-`rank` SVD part as ``down`` [K, r] and ``up`` [r, N]
+    in float16 (each carries the square root of the singular values), and the residual [N, K]
+    the low-bit weight stores: ``x Wᵀ = (x down) up + x residualᵀ``."""
+    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    down = (vh[:rank].T * root).to(torch.float16)
+    up = (u[:, :rank] * root).T.to(torch.float16)
+    residual = weight.float() - (down.float() @ up.float()).T
+    return down.contiguous(), up.contiguous(), residual
+
+
+def low_rank_branch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``(x down) up`` in float32: the 16-bit branch beside the integer GEMM."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    return ((rows @ down.float()) @ up.float()).reshape(*x.shape[:-1], up.shape[1])
 
 
 def stored_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -104,10 +139,15 @@ def stored_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_activation(
-    x: torch.Tensor, bits: int, rotation: torch.Tensor | None
+    x: torch.Tensor, bits: int, rotation: torch.Tensor | None, scale_group: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Online: rotate rows of [M, K] in float32, quantize per token. int8 [M, K], scales [M]."""
-    return quantize_rows(rotate(x, rotation), bits)
+    """Online: rotate rows of [M, K] in float32, quantize per token (or per token and group of
+    `scale_group` along K). int8 [M, K], scales [M] (or [M, K / scale_group])."""
+    rows = rotate(x, rotation)
+    values, scale = quantize_rows(_groups(rows, scale_group), bits)
+    if scale_group:
+        scale = scale.reshape(rows.shape[0], -1)
+    return values.reshape(rows.shape), scale
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -133,6 +173,27 @@ def dequantize(
     return out.to(dtype)
 
 
+def dequantize_groups(
+    values: torch.Tensor,
+    act_scale: torch.Tensor,
+    weight_values: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Group scales: int8 [M, K] with scales [M, G] times int8 [N, K] with scales [N, G] →
+    ``Σ_g acc_g · s_act[:, g] · s_weight[:, g] (+ bias)`` in `dtype`, written as one float32
+    matmul of the dequantized operands (each group's integer products are exact in float32:
+    at most 127² · 256 < 2²⁴)."""
+    group = values.shape[1] // act_scale.shape[1]
+    a = values.float() * act_scale.repeat_interleave(group, dim=1)
+    w = weight_values.float() * weight_scale.float().repeat_interleave(group, dim=1)
+    out = a @ w.T
+    if bias is not None:
+        out.add_(bias.float())
+    return out.to(dtype)
+
+
 def rotated_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -147,8 +208,18 @@ def rotated_linear(
 
     The activation is quantized per token (absmax / qmax), or with one static `act_scale` for
     every token (calibrated offline; values beyond it clip), as TensorRT's INT8 layers need.
+    A 2-D `weight_scale` [N, G] means group scales: the activation is quantized per token and
+    group too, and each group's products are scaled on their own (`dequantize_groups`).
     """
     rows = x.reshape(-1, x.shape[-1])
+    groups = weight_scale.shape[1] if weight_scale.dim() == 2 else None
+    if groups is not None:
+        if act_scale is not None:
+            raise ValueError("a static activation scale has no group form; export per token")
+        values, scale = quantize_activation(rows, act_bits, rotation, rows.shape[1] // groups)
+        stored = stored_values(weight, weight_bits)
+        out = dequantize_groups(values, scale, stored, weight_scale, bias, x.dtype)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     if act_scale is None:
         values, act_scale = quantize_activation(rows, act_bits, rotation)
     else:
