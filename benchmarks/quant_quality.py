@@ -2,10 +2,11 @@
 
 Samples the same images (same labels and seeds) with the unquantized model, diffopt's w4a4
 pass in each setting (regular / Sylvester / no rotation at W4A4, group scales and the low-rank
-branch, W4A8, W8A8) and the peer quantizers that run on CPU (torchao, optimum-quanto, comfy-kitchen ConvRot), all applied to
-the same linears. Quality: PSNR and SSIM against the unquantized images, ref-FID and class
-accuracy from the digits classifier. Memory: the quantized layers' bytes against fp16, on
-the reference and on a 2-block model of DiT-XL/2 width (K = 1152 and 4608), scales included.
+branch, W4A8, W8A8) and the peer quantizers that run on CPU (torchao, optimum-quanto,
+comfy-kitchen ConvRot), all applied to the same linears. Quality: PSNR and SSIM against the
+unquantized images, ref-FID and class accuracy from the digits classifier. Memory: the
+quantized layers' bytes against fp16, on the reference and on a 2-block model of DiT-XL/2 width
+(K = 1152 and 4608), scales included.
 Writes ``quant-quality.*`` for ref-dit, ``quant-quality-MODEL.*`` for the others.
 
 Wall time is printed, but on CPU the op runs its PyTorch reference (unpack + integer matmul),
