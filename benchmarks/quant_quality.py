@@ -66,7 +66,7 @@ def memory_rows(name: str, reference: zoo.Reference) -> list[list[str]]:
     rows = []
     for model_name, (model, inputs) in models.items():
         fp16_model = sum(p.numel() for p in model.parameters()) * 2
-        for preset in ("w4a4", "w8a8"):
+        for preset in ("w4a4", "w4a4-g64-r32", "w8a8"):
             stats = quantized_layers(model, inputs, preset).stats
             whole = fp16_model - stats["fp16_weight_bytes"] + stats["weight_bytes"]
             rows.append(
