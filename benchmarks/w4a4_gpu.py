@@ -1,11 +1,12 @@
 """The fused W4A4 linear against bf16 ``F.linear`` at FLUX shapes, on a CUDA GPU.
 
 Times the whole op (rotation and activation quantization included: two kernel launches) and
-each kernel alone against cuBLAS bf16, after checking the op against the PyTorch reference and
-against a float64 linear (each kernel alone is checked by the sweep and by tests/kernels), and
-reports achieved int8 TOPS against the card's dense int8 peak (H100 / H200 SXM: 1979 TOPS;
-pass --peak for another card). Inputs rotate among several buffers so that repeated runs do
-not just measure the L2 cache.
+each kernel alone against cuBLAS bf16, and the op with SVDQuant's layout (scales per 64 along K
+and a rank-32 branch: the group-scaled GEMM kernel, the rest PyTorch ops for now), after
+checking the op against the PyTorch reference and against a float64 linear (each kernel alone
+is checked by the sweep and by tests/kernels), and reports achieved int8 TOPS against the
+card's dense int8 peak (H100 / H200 SXM: 1979 TOPS; pass --peak for another card). Inputs
+rotate among several buffers so that repeated runs do not just measure the L2 cache.
 
 ``--sweep`` also times a grid of tile sizes for each kernel (`kernels.triton_quant.Tiles`),
 checks each against the reference's output, and prints the fastest: one run on a lent GPU
@@ -40,8 +41,11 @@ from diffopt.kernels import triton_quant as tk
 from diffopt.kernels.reference import (
     dequantize,
     int_matmul,
+    low_rank_branch,
+    low_rank_split,
     pack_int4,
     quantize_activation,
+    rotated_linear,
     unpack_int4,
 )
 
@@ -134,15 +138,39 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     packed = pack_int4(codes)
     product = dequantize(int_matmul(codes, unpack_int4(stored)), act_scale, scale, bias, dtype)
     per_input = [(xi,) for xi in xs]
+    # SVDQuant's layout: scales per 64 along K and a rank-32 branch (the GEMM kernel scales
+    # group by group; the activation's group quantization is PyTorch ops, not fused yet)
+    down, up, residual = low_rank_split(w, 32)
+    g_stored, g_scale = quantize_weight(residual, 4, h, scale_group=64)
+    down, up = down.to(dtype), up.to(dtype)
+
+    def check_group_op() -> None:
+        got = op(x, g_stored, g_scale, bias, h, 4, 4, down, up)
+        want = rotated_linear(x, g_stored, g_scale, bias, h, 4, 4) + low_rank_branch(
+            x, down, up
+        ).to(dtype)
+        result["checks"]["g64 r32 vs reference"] = relative_error(got, want)
+        result["checks"]["g64 r32 vs float64 linear"] = relative_error(
+            got, F.linear(x.double(), w.double(), bias.double())
+        )
+        if result["checks"]["g64 r32 vs reference"] > 1e-2:
+            raise RuntimeError(f"the group-scale op disagrees with the reference: {result}")
+
     timed = {
         "bf16 F.linear": cycling(lambda xi: F.linear(xi, w, bias), per_input),
         "W4A4 op": cycling(lambda xi: op(xi, stored, scale, bias, h, 4, 4), per_input),
+        "W4A4 g64 r32 op": cycling(
+            lambda xi: op(xi, g_stored, g_scale, bias, h, 4, 4, down, up), per_input
+        ),
         "rotate+quantize": cycling(lambda xi: tk.rotate_quantize(xi, 4, h), per_input),
         "int4 GEMM": lambda: tk.int_gemm(packed, 4, act_scale, stored, 4, scale, bias, k, dtype),
     }
     attempt("op check", check_op)
+    attempt("g64 r32 op check", check_group_op)
     for name, fn in timed.items():
         if name == "W4A4 op" and "op check" in result["errors"]:
+            continue
+        if name == "W4A4 g64 r32 op" and "g64 r32 op check" in result["errors"]:
             continue
         attempt(name, lambda name=name, fn=fn: result["ms"].__setitem__(name, timer(fn)))
     if grids:
@@ -251,6 +279,9 @@ HEADERS = [
     "GEMM of peak",
     "err vs ref",
     "err vs fp64",
+    "g64 r32 µs",
+    "g64 r32 speedup",
+    "g64 r32 err vs fp64",
 ]
 
 
@@ -260,7 +291,7 @@ def table_row(result: dict, peak: float) -> list[str]:
     m, k, n = result["shape"]
     ms = {
         name: result["ms"].get(name, nan)
-        for name in ("bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM")
+        for name in ("bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM", "W4A4 g64 r32 op")
     }
     tera_ops = 2 * m * n * k / 1e12
     checks = result["checks"]
@@ -275,6 +306,9 @@ def table_row(result: dict, peak: float) -> list[str]:
         f"{tera_ops / (ms['int4 GEMM'] * 1e-3) / peak:.1%}",
         f"{checks.get('vs reference', nan):.1e}",
         f"{checks.get('vs float64 linear', nan):.1e}",
+        f"{ms['W4A4 g64 r32 op'] * 1e3:.1f}",
+        f"{ms['bf16 F.linear'] / ms['W4A4 g64 r32 op']:.2f}×",
+        f"{checks.get('g64 r32 vs float64 linear', nan):.1e}",
     ]
     if "sweep" in result:
         best = {kernel: entries[0] for kernel, entries in result["sweep"].items()}

@@ -109,9 +109,14 @@ def _translations(quant_form: str) -> dict[Any, Any]:
     """diffopt's own ops, written in ONNX ops."""
     import diffopt.kernels.ops  # noqa: F401  (registers torch.ops.diffopt)
 
-    from .quant_onnx import quant_linear, quant_linear_qdq, quant_linear_qdq_static
+    from .quant_onnx import (
+        quant_linear,
+        quant_linear_custom,
+        quant_linear_qdq,
+        quant_linear_qdq_static,
+    )
 
-    linear = quant_linear_qdq if quant_form == "qdq" else quant_linear
+    linear = {"qdq": quant_linear_qdq, "custom": quant_linear_custom}.get(quant_form, quant_linear)
     return {
         torch.ops.diffopt.quant_linear.default: linear,
         torch.ops.diffopt.quant_linear_static.default: quant_linear_qdq_static,

@@ -30,10 +30,33 @@ def quant_linear(
     rotation: Any,
     act_bits: int,
     weight_bits: int,
+    lowrank_down: Any = None,
+    lowrank_up: Any = None,
 ) -> Any:
-    """Translation of ``torch.ops.diffopt.quant_linear`` for ``torch.onnx.export``."""
+    """Translation of ``torch.ops.diffopt.quant_linear`` for ``torch.onnx.export``: per token
+    and channel, or with group scales (a 2-D `weight_scale`) one MatMulInteger per group, plus
+    the low-rank branch as two float MatMuls."""
     q = float(2 ** (act_bits - 1) - 1)
     rows = _rotated_rows(x, rotation)
+    stored = _unpack_int4(weight) if weight_bits == 4 else weight
+    if len(weight_scale.shape) == 2:
+        out = _group_gemm(rows, stored, weight_scale, q)
+    else:
+        values, act_scale = _quantize_rows(rows, q)
+        acc = op.MatMulInteger(values, op.Transpose(stored, perm=[1, 0]))
+        out = op.Mul(
+            op.Mul(op.Cast(acc, to=FLOAT.dtype), act_scale),
+            op.Cast(weight_scale, to=FLOAT.dtype),
+        )
+    if lowrank_down is not None:
+        branch = op.MatMul(_rotated_rows(x, None), op.Cast(lowrank_down, to=FLOAT.dtype))
+        out = op.Add(out, op.MatMul(branch, op.Cast(lowrank_up, to=FLOAT.dtype)))
+    return _finish(out, x, weight, bias)
+
+
+def _quantize_rows(rows: Any, q: float) -> tuple[Any, Any]:
+    """Symmetric quantization along the last axis (absmax / q, rounded half away from zero):
+    int8 values and the scales, keeping the last axis as 1."""
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=1)
     positive = op.Greater(absmax, op.Constant(value_float=0.0))
     safe = op.Where(positive, absmax, op.Constant(value_float=1.0))
@@ -47,13 +70,26 @@ def quant_linear(
     values = op.Cast(
         op.Clip(rounded, op.Constant(value_float=-q), op.Constant(value_float=q)), to=INT8.dtype
     )
-    stored = _unpack_int4(weight) if weight_bits == 4 else weight
-    acc = op.MatMulInteger(values, op.Transpose(stored, perm=[1, 0]))
-    out = op.Mul(
-        op.Mul(op.Cast(acc, to=FLOAT.dtype), op.Div(absmax, op.Constant(value_float=q))),
-        op.Cast(weight_scale, to=FLOAT.dtype),
+    return values, op.Div(absmax, op.Constant(value_float=q))
+
+
+def _group_gemm(rows: Any, stored: Any, weight_scale: Any, q: float) -> Any:
+    """Group scales: rows [M, K] quantized per token and group of g = K / G, one exact
+    MatMulInteger per group ([G, M, g] × [G, g, N]), each scaled by its two scales, summed."""
+    n, groups = weight_scale.shape  # static: the scales are a constant
+    grouped = op.Reshape(rows, op.Constant(value_ints=[0, groups, -1]))  # [M, G, g]
+    values, act_scale = _quantize_rows(op.Transpose(grouped, perm=[1, 0, 2]), q)  # [G, M, g]
+    weights = op.Transpose(
+        op.Reshape(stored, op.Constant(value_ints=[n, groups, -1])), perm=[1, 2, 0]
+    )  # [G, g, N]
+    acc = op.Cast(op.MatMulInteger(values, weights), to=FLOAT.dtype)  # [G, M, N]
+    w_scale = op.Unsqueeze(
+        op.Transpose(op.Cast(weight_scale, to=FLOAT.dtype), perm=[1, 0]),
+        op.Constant(value_ints=[1]),
+    )  # [G, 1, N]
+    return op.ReduceSum(
+        op.Mul(op.Mul(acc, act_scale), w_scale), op.Constant(value_ints=[0]), keepdims=0
     )
-    return _finish(out, x, weight, bias)
 
 
 def _rotated_rows(x: Any, rotation: Any) -> Any:
@@ -105,6 +141,33 @@ def _uint8(value: int) -> Any:
     return onnx.numpy_helper.from_array(np.array(value, dtype=np.uint8))
 
 
+def quant_linear_custom(
+    x: Any,
+    weight: Any,
+    weight_scale: Any,
+    bias: Any,
+    rotation: Any,
+    act_bits: int,
+    weight_bits: int,
+    lowrank_down: Any = None,
+    lowrank_up: Any = None,
+) -> Any:
+    """`quant_linear` for the *custom* form, which wraps per-token layers only."""
+    integer_form_only("custom", weight_scale, lowrank_down)
+    return quant_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
+
+
+def integer_form_only(form: str, weight_scale: Any, lowrank_down: Any) -> None:
+    """Refuse a layer with group scales (a 2-D `weight_scale`) or a branch in another form."""
+    from .formats import ExportError
+
+    if len(weight_scale.shape) == 2 or lowrank_down is not None:
+        raise ExportError(
+            "quantized linears with group scales or a low-rank branch have only the integer "
+            f"ONNX form, not quant_form={form!r}; export with quant_form='integer'"
+        )
+
+
 def quant_linear_qdq(
     x: Any,
     weight: Any,
@@ -113,6 +176,8 @@ def quant_linear_qdq(
     rotation: Any,
     act_bits: int,
     weight_bits: int,
+    lowrank_down: Any = None,
+    lowrank_up: Any = None,
 ) -> Any:
     """The *Q/DQ* form (opset 21), for runtimes that fuse QuantizeLinear / DequantizeLinear
     around a float MatMul into integer kernels.
@@ -123,6 +188,7 @@ def quant_linear_qdq(
     except QuantizeLinear's rounding (ties to even, not away from zero): a value exactly halfway
     between two levels can land one level apart.
     """
+    integer_form_only("qdq", weight_scale, lowrank_down)
     q = float(2 ** (act_bits - 1) - 1)
     rows = _rotated_rows(x, rotation)
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)

@@ -23,6 +23,8 @@ def with_static_scales(module: nn.Module, examples: list[Any]) -> nn.Module:
     from diffopt.kernels import rotate
     from diffopt.kernels.reference import qmax
 
+    from .quant_onnx import integer_form_only
+
     linear = torch.ops.diffopt.quant_linear.default
     if not any(n.target is linear for n in graph_module(module).graph.nodes):
         return module  # nothing quantized in this region: no calibration run
@@ -33,6 +35,8 @@ def with_static_scales(module: nn.Module, examples: list[Any]) -> nn.Module:
     class Calibrate(torch.fx.Interpreter):
         def run_node(self, node: torch.fx.Node) -> Any:
             if node.target is linear:
+                branch = node.args[7] if len(node.args) > 7 else None
+                integer_form_only("qdq_static", self.env[node.args[2]], branch)
                 x, rotation = self.env[node.args[0]], node.args[4] and self.env[node.args[4]]
                 rows = x.detach().reshape(-1, x.shape[-1]).float()
                 absmax[node.name] = float(rotate(rows, rotation).abs().max())

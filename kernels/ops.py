@@ -34,10 +34,9 @@ def quant_linear(
     A 2-D `weight_scale` [N, K/g] holds group scales (x is then quantized per token and group);
     `lowrank_down` [K, r] and `lowrank_up` [r, N] add SVDQuant's 16-bit branch ``(x down) up``
     to the low-bit GEMM of the residual."""
-    grouped = weight_scale.dim() == 2
-    if x.is_cuda and not grouped:
+    if x.is_cuda:
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
-    else:  # group scales have no Triton kernel yet: on GPU too they run the PyTorch reference
+    else:
         rotated_linear = reference.rotated_linear
     out = rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
     if lowrank_down is not None and lowrank_up is not None:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .reference import qmax
+from .reference import qmax, quantize_activation
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -218,11 +218,16 @@ def _int_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     JOIN_K: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
+    """``(A Bᵀ) · s_a · s_b``; with GROUPS > 0 the scales are [M, GROUPS] and [N, GROUPS], one
+    group per K tile (BLOCK_KH = half a group): each tile's int32 sum is scaled and added in
+    float32 before the next tile starts."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    grouped = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, KH, BLOCK_KH):
         kh = k0 + tl.arange(0, BLOCK_KH)
         a_even, a_odd = _load_pair(
@@ -238,10 +243,23 @@ def _int_gemm_kernel(
         else:  # two dots, no shuffle
             acc += tl.dot(a_even, b_even, out_dtype=tl.int32)
             acc += tl.dot(a_odd, b_odd, out_dtype=tl.int32)
+        if GROUPS > 0:  # the tile is one scale group: scale its sum now, start the next
+            g = k0 // BLOCK_KH
+            a_scale = tl.load(a_scale_ptr + rm * GROUPS + g, mask=m_mask, other=0.0)
+            b_scale = tl.load(b_scale_ptr + rn * GROUPS + g, mask=n_mask, other=0.0)
+            grouped += (
+                acc.to(tl.float32)
+                * a_scale.to(tl.float32)[:, None]
+                * b_scale.to(tl.float32)[None, :]
+            )
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
 
-    a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0).to(tl.float32)
-    b_scale = tl.load(b_scale_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if GROUPS > 0:
+        out = grouped
+    else:
+        a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0).to(tl.float32)
+        b_scale = tl.load(b_scale_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -373,16 +391,25 @@ def rotate_quantize_settings(
     )
 
 
-def int_gemm_settings(a_bits: int, b_bits: int, has_bias: bool, tiles: Tiles) -> dict[str, object]:
-    """The GEMM kernel's compile-time constants and launch options."""
+def int_gemm_settings(
+    a_bits: int,
+    b_bits: int,
+    has_bias: bool,
+    tiles: Tiles,
+    groups: int = 0,
+    scale_group: int | None = None,
+) -> dict[str, object]:
+    """The GEMM kernel's compile-time constants and launch options; with `groups` scale groups
+    of `scale_group` values, the K tile is one group."""
     return dict(
         A_PACKED=a_bits == 4,
         B_PACKED=b_bits == 4,
         HAS_BIAS=has_bias,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
-        BLOCK_KH=tiles.block_kh,
+        BLOCK_KH=scale_group // 2 if groups else tiles.block_kh,
         JOIN_K=tiles.join_k,
+        GROUPS=groups,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
@@ -401,8 +428,10 @@ def int_gemm(
     out_dtype: torch.dtype,
     tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """``(A Bᵀ) · s_a · s_b (+ bias)`` for int4-packed or int8 A [M, K] and B [N, K]."""
+    """``(A Bᵀ) · s_a · s_b (+ bias)`` for int4-packed or int8 A [M, K] and B [N, K]; scales
+    [M] and [N], or group scales [M, G] and [N, G] (G groups of K / G values)."""
     m, n = a.shape[0], b.shape[0]
+    groups = b_scale.shape[1] if b_scale.dim() == 2 else 0
     a, b = a.contiguous().view(torch.int8), b.contiguous().view(torch.int8)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     tiles = _tiles(a.device, tiles)
@@ -421,7 +450,9 @@ def int_gemm(
         a.stride(0),
         b.stride(0),
         out.stride(0),
-        **int_gemm_settings(a_bits, b_bits, bias is not None, tiles),
+        **int_gemm_settings(
+            a_bits, b_bits, bias is not None, tiles, groups, k // groups if groups else None
+        ),
     )
     return out
 
@@ -436,9 +467,16 @@ def rotated_linear(
     weight_bits: int,
     tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """The fused path of `reference.rotated_linear`: two kernel launches, same result."""
+    """The fused path of `reference.rotated_linear`: two kernel launches, same result. With
+    group scales (a 2-D `weight_scale`) the activation is rotated and quantized per group by
+    the reference's PyTorch ops (not fused yet), then the GEMM kernel scales group by group."""
     rows = x.reshape(-1, x.shape[-1])
-    values, act_scale = rotate_quantize(rows, act_bits, rotation, tiles)
+    if weight_scale.dim() == 2:
+        scale_group = rows.shape[1] // weight_scale.shape[1]
+        values, act_scale = quantize_activation(rows, act_bits, rotation, scale_group)
+        act_bits = 8  # the values come unpacked: the GEMM reads them as int8
+    else:
+        values, act_scale = rotate_quantize(rows, act_bits, rotation, tiles)
     out = int_gemm(
         values,
         act_bits,

@@ -363,6 +363,27 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
         assert "MatMulInteger" not in ops and types.count(weight_type) == 12
 
 
+def test_group_scales_and_the_low_rank_branch_export_in_the_integer_form(tmp_path):
+    import onnx
+
+    model, inputs = zoo.build("tiny-sd3")  # K = 32 in its blocks
+    quant = {"scale_group": 32, "rank": 4, "min_sqnr": 0}
+    with torch.no_grad():
+        compiled = torch.compile(
+            model, backend="diffopt", options={"inner": "eager", "quant": quant}
+        )
+        expected = first_output(compiled(**inputs))
+    out = export(model, inputs, {"quant": quant}, out=tmp_path / "integer")
+    torch.testing.assert_close(
+        first_output(load_engine(out)(**inputs)), expected, atol=1e-4, rtol=0
+    )
+    ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
+    assert "MatMulInteger" in ops and "ReduceSum" in ops  # one integer GEMM per group, summed
+    for form in ("qdq", "qdq_static", "custom"):
+        with pytest.raises(ExportError, match="only the integer ONNX form"):
+            export(model, inputs, {"quant": quant}, out=tmp_path / form, quant_form=form)
+
+
 def test_pixart_loads_only_with_the_noop_cleanup(tmp_path):
     model, inputs = zoo.build("tiny-pixart")
     out = export(model, inputs, {"inner": "eager", "cleanup": None}, out=tmp_path)

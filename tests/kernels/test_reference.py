@@ -10,6 +10,8 @@ import diffopt.kernels  # noqa: F401  (registers the op)
 from diffopt.kernels import hadamard, pack_int4, quantize_weight, rotate, unpack_int4
 from diffopt.kernels.reference import (
     int_matmul,
+    low_rank_branch,
+    low_rank_split,
     quantize_activation,
     rotated_linear,
     round_half_away,
@@ -46,10 +48,13 @@ def test_activation_quantization_is_symmetric_per_token(bits):
     assert torch.allclose(scale, rotate(x, h).abs().amax(dim=1) / limit)  # absmax / qmax
 
 
-def test_int_matmul_is_exact():
-    a = torch.randint(-128, 128, (33, 70), dtype=torch.int8)
-    b = torch.randint(-128, 128, (17, 70), dtype=torch.int8)
+@pytest.mark.parametrize("k", [70, 1024, 3072])  # float32 sums below 2^24, float64 above
+def test_int_matmul_is_exact(k):
+    a = torch.randint(-128, 128, (33, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (17, k), dtype=torch.int8)
+    a[0], b[0] = -128, -128  # the largest sum: K · 2^14
     assert torch.equal(int_matmul(a, b), a.int() @ b.int().T)
+    assert torch.equal(int_matmul(a, b), torch._int_mm(a, b.T.contiguous()))
 
 
 @pytest.mark.parametrize(
@@ -132,3 +137,45 @@ def test_weight_clip_search_never_increases_the_error():
         restored = unpack_int4(stored).float() * scale.float()[:, None]
         errors.append((restored - w).pow(2).sum(dim=1))
     assert (errors[1] <= errors[0] + 1e-6).all() and errors[1].sum() < errors[0].sum()
+
+
+def test_group_scales_quantize_each_group_against_its_own_absmax():
+    torch.manual_seed(0)
+    x = torch.randn(5, 256)
+    x[:, :64] *= 30  # one loud group: with a scale per token it would flatten the others
+    values, scale = quantize_activation(x, 4, None, scale_group=64)
+    assert values.shape == (5, 256) and scale.shape == (5, 4)
+    groups = values.reshape(5, 4, 64)
+    assert (groups.abs().amax(dim=-1) == 7).all()  # every group uses the full int4 range
+    torch.testing.assert_close(scale, x.reshape(5, 4, 64).abs().amax(dim=-1) / 7)
+    w = torch.randn(32, 256) / 16
+    w[:, :64] /= 30  # every group adds as much to the output
+    stored, w_scale = quantize_weight(w, 4, None, scale_group=64)
+    assert stored.shape == (32, 128) and w_scale.shape == (32, 4)
+    restored = unpack_int4(stored).float() * w_scale.float().repeat_interleave(64, dim=1)
+    y = rotated_linear(x, stored, w_scale, None, None, 4, 4)
+    expected = (values.float() * scale.repeat_interleave(64, dim=1)) @ restored.T
+    torch.testing.assert_close(y, expected)
+    per_channel = rotated_linear(x, *quantize_weight(w, 4, None), None, None, 4, 4)
+    assert sqnr(F.linear(x, w), y) > sqnr(F.linear(x, w), per_channel) + 3
+
+
+def test_the_low_rank_branch_keeps_the_top_singular_part_and_quantizes_the_rest():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) / 16 + torch.randn(64, 1) @ torch.randn(1, 256)  # one strong direction
+    down, up, residual = low_rank_split(w, 8)
+    assert down.shape == (256, 8) and up.shape == (8, 64) and down.dtype == torch.float16
+    torch.testing.assert_close((down.float() @ up.float()).T + residual, w)
+    singular = torch.linalg.svdvals(w)
+    assert torch.linalg.matrix_norm(residual, ord=2) < 1.01 * singular[8]  # what SVD leaves
+    x, h = torch.randn(3, 7, 256), hadamard("regular", 256)
+    stored, scale = quantize_weight(residual, 4, h)
+    op = torch.ops.diffopt.quant_linear.default
+    y = op(x, stored, scale, None, h, 4, 4, down, up)
+    without = op(x, stored, scale, None, h, 4, 4)
+    torch.testing.assert_close(y, without + low_rank_branch(x, down, up))
+    plain = op(x, *quantize_weight(w, 4, h), None, h, 4, 4)
+    assert sqnr(F.linear(x, w), y) > sqnr(F.linear(x, w), plain) + 3
+    torch.library.opcheck(op, (x, stored, scale, torch.randn(64), h, 4, 4, down, up))
+    grouped = quantize_weight(residual, 4, h, scale_group=64)
+    torch.library.opcheck(op, (x, *grouped, None, h, 4, 4, down, up))

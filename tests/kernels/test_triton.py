@@ -122,6 +122,24 @@ def test_fused_linear_matches_the_reference(m, k, n, act_bits, weight_bits, kind
     assert_matches(got, want)
 
 
+@pytest.mark.parametrize(("m", "k", "n", "scale_group"), [(33, 64, 24, 32), (70, 320, 40, 64)])
+@pytest.mark.parametrize(("act_bits", "weight_bits"), [(4, 4), (8, 4)])
+def test_group_scales_are_applied_group_by_group_in_the_gemm(
+    m, k, n, scale_group, act_bits, weight_bits
+):
+    """Per-group dequantization inside the K loop: each tile's int32 sum scaled by its two
+    group scales, in the reference's order."""
+    torch.manual_seed(m + k)
+    x, w, b = torch.randn(m, k) + 0.3, torch.randn(n, k) / k**0.5, torch.randn(n)
+    x[:, : k // 4] *= 20  # a loud group
+    h = rotation_for("regular", k)
+    stored, scale = quantize_weight(w, weight_bits, h, scale_group=scale_group)
+    assert scale.shape == (n, k // scale_group)
+    got = tk.rotated_linear(*on(x, stored, scale, b, h), act_bits, weight_bits).cpu()
+    want = ref.rotated_linear(x, stored, scale, b, h, act_bits, weight_bits)
+    assert_matches(got, want)
+
+
 @pytest.mark.parametrize(
     "tiles",
     [

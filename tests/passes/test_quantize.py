@@ -104,6 +104,28 @@ def test_presets_and_bad_settings():
         QuantConfig(group=32)
     with pytest.raises(ConfigError, match=r"quant\.rotation"):
         QuantConfig(rotation="walsh")
+    assert Config(quant="w4a4-g64-r32").quant.label == "w4a4-regular-g64-r32"
+    with pytest.raises(ConfigError, match=r"quant\.scale_group must be 32, 64, 128 or 256"):
+        QuantConfig(scale_group=48)
+    with pytest.raises(ConfigError, match=r"quant\.rank must be >= 0"):
+        QuantConfig(rank=-1)
+
+
+def test_group_scales_and_the_low_rank_branch_in_the_graph():
+    """The branch and the group scales are constants of the rewritten graph, the report says
+    the rank and the bytes it adds, and a rank over half the layer is a reported skip."""
+    model, inputs = zoo.build("tiny-sd3")  # K = 32 in its blocks
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    quant = QuantConfig(scale_group=32, rank=4)
+    report, inspected = quantize_report(model, inputs, quant)
+    assert report.rewritten and "scales per 32 along K, rank 4 (+" in report.rewritten[0].what
+    after = "\n".join(inspected.code_after.values())
+    assert "lowrank_down" in after and "lowrank_up" in after
+    plain = sqnr(expected, quantized_output(model, inputs, "w4a4"))
+    assert sqnr(expected, quantized_output(model, inputs, quant)) > plain
+    report, _ = quantize_report(model, inputs, QuantConfig(rank=24))
+    assert any("quant.rank=24 is over half of" in e.what for e in report.skipped)
 
 
 @pytest.mark.inductor
