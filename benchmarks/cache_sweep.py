@@ -36,8 +36,14 @@ PEER_KNOBS = {
 
 
 def variants_for(
-    reference: zoo.Reference, steps: int, targets: list[float], peer_names: list[str]
+    reference: zoo.Reference,
+    steps: int,
+    targets: list[float],
+    peer_names: list[str],
+    calibration_table: Path | None = None,
 ) -> list:
+    """The rows of one sweep; `calibration_table`: where to write every setting the calibration
+    tried, with its estimate and work (the evidence behind diffopt's rows)."""
     labels, seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
 
     def calibration_run(denoiser):
@@ -56,6 +62,8 @@ def variants_for(
     except diffopt.ConfigError as e:  # a budget no setting meets is a finding, not a crash
         print(f"{steps} steps, {min(targets)} dB: {e}")
         trials, targets = None, []
+    if trials is not None and calibration_table is not None:
+        calibration_table.write_text(trials.table() + "\n")
     for target in targets:
         try:
             found = trials.retarget(target)
@@ -145,7 +153,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for steps in args.steps:
-        variants = variants_for(reference, steps, args.targets, args.peers)
+        stem = result_stem(args.model, steps)
+        variants = variants_for(
+            reference, steps, args.targets, args.peers, out / f"{stem}-calibration.md"
+        )
         result = bench.run(
             reference,
             variants,
@@ -157,7 +168,6 @@ def main() -> None:
         )
         table = result.markdown()
         print(table)
-        stem = result_stem(args.model, steps)
         (out / f"{stem}.md").write_text(table + "\n")
         (out / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print("wrote", plot(result, out / f"{stem}.png"))
