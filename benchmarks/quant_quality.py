@@ -91,6 +91,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--inner", default="eager")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        help="keep the variants whose name contains one of these (and the baseline)",
+    )
     args = parser.parse_args()
 
     reference = zoo.load(args.model)
@@ -111,6 +116,8 @@ def main() -> None:
         peers.quanto_quant("w4a8", select, calibrate),
         peers.quanto_quant("w8a8", select, calibrate),
     ]
+    if args.only:
+        variants = variants[:1] + [v for v in variants[1:] if any(o in v.name for o in args.only)]
     result = bench.run(
         reference,
         variants,
