@@ -169,6 +169,14 @@ class QuantConfig:
     rank: int = 0
     """Rank of SVDQuant's low-rank branch: the weight's top-`rank` SVD part stays in 16 bits
     (``x · down · up`` beside the GEMM) and only the residual is quantized; 0: no branch."""
+    smooth_alpha: float | None = None
+    """SmoothQuant's migration strength α in (0, 1]: each input channel j is divided by
+    s_j = max|x_j|^α / max|W_j|^(1-α) before rotation, the weight's column multiplied by it,
+    so activation outliers move into the weight (SVDQuant uses 0.5). Calibrated on the
+    capture's inputs; ``None``: no smoothing."""
+    gptq: bool = False
+    """Round weights with GPTQ's error feedback on the capture's inputs (the Hessian XᵀX of each
+    layer's rotated input) instead of to nearest; same stored layout, slower to prepare."""
     weight_clip: bool = True
     """Search each output channel's clipping ratio (0.5–1 × absmax) for the least squared
     weight error, instead of plain absmax / qmax."""
@@ -198,6 +206,11 @@ class QuantConfig:
             raise ConfigError(
                 f"quant.scale_group must be 32, 64, 128 or 256 (or None), not {self.scale_group}"
             )
+        if self.smooth_alpha is not None and not 0 < self.smooth_alpha <= 1:
+            raise ConfigError(
+                f"quant.smooth_alpha must be in (0, 1] (or None: no smoothing), not "
+                f"{self.smooth_alpha}"
+            )
         if self.rank < 0:
             raise ConfigError(f"quant.rank must be >= 0 (0: no low-rank branch), not {self.rank}")
 
@@ -206,6 +219,8 @@ class QuantConfig:
         """``w4a4-regular``: bits and rotation, as tables and reports show them."""
         extras = f"-g{self.scale_group}" if self.scale_group else ""
         extras += f"-r{self.rank}" if self.rank else ""
+        extras += f"-s{self.smooth_alpha:g}" if self.smooth_alpha is not None else ""
+        extras += "-gptq" if self.gptq else ""
         return f"w{self.weight_bits}a{self.act_bits}-{self.rotation}{extras}"
 
     @classmethod

@@ -32,12 +32,13 @@ def quant_linear(
     weight_bits: int,
     lowrank_down: Any = None,
     lowrank_up: Any = None,
+    smooth: Any = None,
 ) -> Any:
     """Translation of ``torch.ops.diffopt.quant_linear`` for ``torch.onnx.export``: per token
     and channel, or with group scales (a 2-D `weight_scale`) one MatMulInteger per group, plus
-    the low-rank branch as two float MatMuls."""
+    the low-rank branch as two float MatMuls; smoothing is a Mul by the constant factors."""
     q = float(2 ** (act_bits - 1) - 1)
-    rows = _rotated_rows(x, rotation)
+    rows = _rotated_rows(x, rotation, smooth)
     stored = _unpack_int4(weight) if weight_bits == 4 else weight
     if len(weight_scale.shape) == 2:
         out = _group_gemm(rows, stored, weight_scale, q)
@@ -49,7 +50,7 @@ def quant_linear(
             op.Cast(weight_scale, to=FLOAT.dtype),
         )
     if lowrank_down is not None:
-        branch = op.MatMul(_rotated_rows(x, None), op.Cast(lowrank_down, to=FLOAT.dtype))
+        branch = op.MatMul(_rotated_rows(x, None, smooth), op.Cast(lowrank_down, to=FLOAT.dtype))
         out = op.Add(out, op.MatMul(branch, op.Cast(lowrank_up, to=FLOAT.dtype)))
     return _finish(out, x, weight, bias)
 
@@ -92,12 +93,15 @@ def _group_gemm(rows: Any, stored: Any, weight_scale: Any, q: float) -> Any:
     )
 
 
-def _rotated_rows(x: Any, rotation: Any) -> Any:
-    """x as float32 rows [M, K], rotated in groups by the constant Hadamard block."""
+def _rotated_rows(x: Any, rotation: Any, smooth: Any = None) -> Any:
+    """x as float32 rows [M, K] (times the smoothing factors), rotated in groups by the
+    constant Hadamard block."""
     k = op.Shape(x, start=-1)
     rows = op.Cast(
         op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0)), to=FLOAT.dtype
     )
+    if smooth is not None:
+        rows = op.Mul(rows, op.Cast(smooth, to=FLOAT.dtype))
     if rotation is None:
         return rows
     group = op.Shape(rotation, start=-1)
@@ -151,20 +155,22 @@ def quant_linear_custom(
     weight_bits: int,
     lowrank_down: Any = None,
     lowrank_up: Any = None,
+    smooth: Any = None,
 ) -> Any:
     """`quant_linear` for the *custom* form, which wraps per-token layers only."""
-    integer_form_only("custom", weight_scale, lowrank_down)
+    integer_form_only("custom", weight_scale, lowrank_down, smooth)
     return quant_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
 
 
-def integer_form_only(form: str, weight_scale: Any, lowrank_down: Any) -> None:
-    """Refuse a layer with group scales (a 2-D `weight_scale`) or a branch in another form."""
+def integer_form_only(form: str, weight_scale: Any, lowrank_down: Any, smooth: Any) -> None:
+    """Refuse a layer with group scales (a 2-D `weight_scale`), a branch or smoothing in
+    another form."""
     from .formats import ExportError
 
-    if len(weight_scale.shape) == 2 or lowrank_down is not None:
+    if len(weight_scale.shape) == 2 or lowrank_down is not None or smooth is not None:
         raise ExportError(
-            "quantized linears with group scales or a low-rank branch have only the integer "
-            f"ONNX form, not quant_form={form!r}; export with quant_form='integer'"
+            "quantized linears with group scales, a low-rank branch or smoothing have only the "
+            f"integer ONNX form, not quant_form={form!r}; export with quant_form='integer'"
         )
 
 
@@ -178,6 +184,7 @@ def quant_linear_qdq(
     weight_bits: int,
     lowrank_down: Any = None,
     lowrank_up: Any = None,
+    smooth: Any = None,
 ) -> Any:
     """The *Q/DQ* form (opset 21), for runtimes that fuse QuantizeLinear / DequantizeLinear
     around a float MatMul into integer kernels.
@@ -188,7 +195,7 @@ def quant_linear_qdq(
     except QuantizeLinear's rounding (ties to even, not away from zero): a value exactly halfway
     between two levels can land one level apart.
     """
-    integer_form_only("qdq", weight_scale, lowrank_down)
+    integer_form_only("qdq", weight_scale, lowrank_down, smooth)
     q = float(2 ** (act_bits - 1) - 1)
     rows = _rotated_rows(x, rotation)
     absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)

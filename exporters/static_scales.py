@@ -35,8 +35,8 @@ def with_static_scales(module: nn.Module, examples: list[Any]) -> nn.Module:
     class Calibrate(torch.fx.Interpreter):
         def run_node(self, node: torch.fx.Node) -> Any:
             if node.target is linear:
-                branch = node.args[7] if len(node.args) > 7 else None
-                integer_form_only("qdq_static", self.env[node.args[2]], branch)
+                branch, smooth = (node.args[i] if len(node.args) > i else None for i in (7, 9))
+                integer_form_only("qdq_static", self.env[node.args[2]], branch, smooth)
                 x, rotation = self.env[node.args[0]], node.args[4] and self.env[node.args[4]]
                 rows = x.detach().reshape(-1, x.shape[-1]).float()
                 absmax[node.name] = float(rotate(rows, rotation).abs().max())

@@ -7,7 +7,7 @@ Built in: ``int``, the rotated integer linear (``diffopt::quant_linear``, `kerne
 A new format (group scales, NVFP4, MXFP4, ...) is one file: its op (a ``torch.library``
 custom op with a fake implementation) and one registration::
 
-    def prepare(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
+    def prepare(weight: torch.Tensor, config: QuantConfig, inputs) -> QuantizedLinear:
         packed, scales = my_quantize(weight)  # raise Unsupported(why) to keep a layer as it is
         return QuantizedLinear(
             torch.ops.mylib.fp4_linear.default,
@@ -31,7 +31,8 @@ import torch
 from diffopt.config import ConfigError
 
 from . import ops  # noqa: F401  (registers diffopt::quant_linear, which "int" emits)
-from .hadamard import default_group, hadamard
+from .gptq import smoothing
+from .hadamard import default_group, hadamard, rotate
 from .reference import low_rank_split, quantize_weight
 
 if TYPE_CHECKING:
@@ -105,9 +106,11 @@ class QuantFormat:
     """A quantization format, registered under `name` (`QuantConfig.format`)."""
 
     name: str
-    prepare: Callable[[torch.Tensor, QuantConfig], QuantizedLinear]
+    prepare: Callable[[torch.Tensor, QuantConfig, torch.Tensor | None], QuantizedLinear]
     """Offline, once per linear: store `weight` [N, K] as the config says and name the op call;
-    raise `Unsupported` to keep this linear in high precision."""
+    raise `Unsupported` to keep this linear in high precision. The third argument holds the
+    rows [M, K] (float32) the linear saw on the capture's inputs, for formats that calibrate on
+    them; ``None`` when the capture has no real inputs (fake tensors)."""
 
 
 _FORMATS: dict[str, QuantFormat] = {}
@@ -135,12 +138,24 @@ def quant_format(name: str) -> QuantFormat:
     return _FORMATS[name]
 
 
-def _prepare_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
-    """The ``int`` format: the weight rotated along K with the group Hadamard and quantized per
-    output channel (or per `scale_group` along K; 4-bit values packed two a byte), after its
+def _prepare_int(
+    weight: torch.Tensor, config: QuantConfig, inputs: torch.Tensor | None
+) -> QuantizedLinear:
+    """The ``int`` format: the weight (smoothed against `inputs` with `smooth_alpha`) rotated
+    along K with the group Hadamard and quantized per output channel (or per `scale_group` along
+    K; 4-bit values packed two a byte; GPTQ-rounded on `inputs` with `gptq`), after its
     top-`rank` SVD part is split off into a 16-bit branch; `diffopt::quant_linear` rotates and
     quantizes the activation per token (and group), multiplies in integers and dequantizes."""
     n, k = weight.shape
+    calibrated = [
+        f for f, on in (("smooth_alpha", config.smooth_alpha), ("gptq", config.gptq)) if on
+    ]
+    if calibrated and inputs is None:
+        raise Unsupported(
+            f"quant.{' and quant.'.join(calibrated)} calibrate on the layer's inputs, and this "
+            "capture has no real ones (fake example inputs): capture with real tensors, or turn "
+            "them off"
+        )
     group = config.group or default_group(k)
     if config.rotation != "none" and (group is None or k % group):
         raise Unsupported(
@@ -158,11 +173,16 @@ def _prepare_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
         )
     group = group if config.rotation != "none" else None
     rotation = hadamard(config.rotation, group) if group else None
-    down = up = None
+    smooth = down = up = hessian = None
+    if config.smooth_alpha is not None:
+        smooth, weight = smoothing(inputs, weight, config.smooth_alpha)
     if config.rank:
         down, up, weight = low_rank_split(weight, config.rank)
+    if config.gptq:
+        rows = rotate(inputs if smooth is None else inputs * smooth, rotation).double()
+        hessian = rows.T @ rows
     stored, scale = quantize_weight(
-        weight, config.weight_bits, rotation, config.weight_clip, config.scale_group
+        weight, config.weight_bits, rotation, config.weight_clip, config.scale_group, hessian
     )
     args = (
         X,
@@ -173,15 +193,25 @@ def _prepare_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
         config.act_bits,
         config.weight_bits,
     )
-    if config.rank:
+    if config.rank or smooth is not None:
         args += (Constant("lowrank_down", down), Constant("lowrank_up", up))
+    if smooth is not None:
+        args += (Constant("smooth", smooth),)
     scales = f"scales per {config.scale_group} along K" if config.scale_group else ""
     branch = (
         f"rank {config.rank} (+{(down.nbytes + up.nbytes) / 2**10:.1f} KiB)"
         if down is not None
         else ""
     )
-    extras = ", ".join(e for e in (scales, branch) if e)
+    calibration = ", ".join(
+        e
+        for e in (
+            f"smoothed (α {config.smooth_alpha:g})" if smooth is not None else "",
+            "GPTQ-rounded" if config.gptq else "",
+        )
+        if e
+    )
+    extras = ", ".join(e for e in (scales, branch, calibration) if e)
     return QuantizedLinear(
         torch.ops.diffopt.quant_linear.default,
         args,

@@ -27,13 +27,17 @@ def quant_linear(
     weight_bits: int,
     lowrank_down: torch.Tensor | None = None,
     lowrank_up: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W rotated and quantized offline by
     `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside.
 
     A 2-D `weight_scale` [N, K/g] holds group scales (x is then quantized per token and group);
     `lowrank_down` [K, r] and `lowrank_up` [r, N] add SVDQuant's 16-bit branch ``(x down) up``
-    to the low-bit GEMM of the residual."""
+    to the low-bit GEMM of the residual; `smooth` [K] multiplies x's channels first
+    (SmoothQuant's 1 / s, whose s the stored weight carries)."""
+    if smooth is not None:  # unfused on every device: one elementwise pass over x
+        x = x * smooth.to(x.dtype)
     if x.is_cuda:
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
     else:
@@ -77,7 +81,7 @@ quant_linear_static.register_fake(_linear_output)
 def _flops(x_shape, weight_shape, *args, lowrank_down_shape=None, out_shape=None, **kwargs) -> int:
     """Integer multiply-adds count like float ones: FLOP ratios stay comparable. The low-rank
     branch adds its two thin matmuls."""
-    if len(args) > 5:  # the branch passed positionally
+    if len(args) > 5:  # the branch passed positionally (args[7] is `smooth`: no multiply-adds)
         lowrank_down_shape = args[5]
     tokens, k, n = math.prod(x_shape[:-1]), x_shape[-1], weight_shape[0]
     rank = lowrank_down_shape[1] if lowrank_down_shape is not None else 0

@@ -78,12 +78,15 @@ def quantize_weight(
     rotation: torch.Tensor | None,
     clip: bool = False,
     scale_group: int | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline: rotate [N, K] along K in float32, quantize per output channel (or per group of
     `scale_group` along K), pack if 4-bit.
 
     With `clip`, each channel's (group's) scale is the `CLIP_RATIOS` multiple of absmax / qmax
     with the least squared error (clipping a few large weights buys resolution for the others).
+    With `hessian` (XᵀX [K, K] of the *rotated* inputs), the values are rounded by GPTQ's error
+    feedback against those scales (`gptq.gptq_round`) instead of to nearest.
     Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales (float16, [N], or
     [N, K / scale_group] with group scales).
     """
@@ -101,8 +104,15 @@ def quantize_weight(
             better = error < best_error
             best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
-    values, _ = quantize_rows(rows, bits, scale=best_scale)
-    values = values.reshape(rotated.shape)
+    if hessian is None:
+        values = quantize_rows(rows, bits, scale=best_scale)[0].reshape(rotated.shape)
+    else:
+        from .gptq import gptq_round  # here: gptq builds on this module's rounding
+
+        per_value = best_scale.reshape(rotated.shape[0], -1).repeat_interleave(
+            scale_group or rotated.shape[1], dim=1
+        )
+        values = gptq_round(rotated, per_value, bits, hessian)
     if scale_group:
         best_scale = best_scale.reshape(rotated.shape[0], -1)
     return (pack_int4(values) if bits == 4 else values), best_scale

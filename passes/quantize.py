@@ -9,7 +9,9 @@ dequantizes (`kernels/`).
 
 Which linears: by default those inside the repeated blocks, minus AdaLN modulation and
 time-embedding projections (`QuantConfig.exclude`). A layer whose output SQNR on the
-capture's inputs falls below `min_sqnr` stays in high precision, reported as a skip.
+capture's inputs falls below `min_sqnr` stays in high precision, reported as a skip. The same
+run on the capture's inputs hands each layer's input rows to the format, for the settings that
+calibrate on them (`smooth_alpha`, `gptq`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from diffopt.config import QuantConfig
-from diffopt.kernels import Constant, QuantFormat, QuantizedLinear, Unsupported, quant_format
+from diffopt.kernels import Constant, QuantizedLinear, Unsupported, quant_format
 
 from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph
 from .manager import register_pass
@@ -48,8 +50,8 @@ class _Candidate:
 def quantize(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, PassReport]:
     """Replace each linear the config selects with its format's op (see the module docstring)."""
     report = PassReport("quantize")
-    chosen = _eligible_linears(graph, config, quant_format(config.format), report)
-    sqnr = _measure_sqnr(graph, chosen, report) if config.min_sqnr is not None else {}
+    selected = _eligible_linears(graph, config, report)
+    chosen, sqnr = _prepare(graph, selected, config, report)
     constants = _Constants(graph.gm)
     quantized_bytes = fp16_bytes = 0
     for node, c in chosen.items():
@@ -89,12 +91,12 @@ def _bias(node: fx.Node) -> fx.Node | None:
 
 
 def _eligible_linears(
-    graph: DenoiserGraph, config: QuantConfig, fmt: QuantFormat, report: PassReport
-) -> dict[fx.Node, _Candidate]:
-    """Linears the config selects, their weights stored by `fmt` (once, here)."""
+    graph: DenoiserGraph, config: QuantConfig, report: PassReport
+) -> dict[fx.Node, tuple[str, torch.Tensor]]:
+    """Linears the config selects: their module path and weight."""
     kinds = {r.name: r.kind for r in graph.regions}
     values = _constant_values(graph)
-    chosen = {}
+    selected = {}
     kept: dict[str, list[str]] = {
         "outside the blocks (quant.scope='blocks')": [],
         "by quant.include / quant.exclude": [],
@@ -115,16 +117,62 @@ def _eligible_linears(
         if weight is None:
             report.skip(where, "its weight is computed in the graph, not a parameter")
             continue
-        try:
-            chosen[node] = _Candidate(where, weight, fmt.prepare(weight, config))
-        except Unsupported as why:
-            report.skip(where, str(why))
+        selected[node] = (where, weight)
     for why, places in kept.items():
         if places:
             report.notes.append(
                 f"{len(places)} linears kept in high precision {why}, e.g. {places[0]}"
             )
-    return chosen
+    return selected
+
+
+def _prepare(
+    graph: DenoiserGraph,
+    selected: dict[fx.Node, tuple[str, torch.Tensor]],
+    config: QuantConfig,
+    report: PassReport,
+) -> tuple[dict[fx.Node, _Candidate], dict[fx.Node, float]]:
+    """Each selected weight stored by the format (once, here), and with `min_sqnr` its output
+    SQNR (dB) under quantization. Both need the layer's inputs when the capture has real ones:
+    one run of the graph on them hands each layer its input rows (for calibrated formats) and
+    runs the format's op beside it (on CPU its PyTorch reference)."""
+    fmt = quant_format(config.format)
+    chosen: dict[fx.Node, _Candidate] = {}
+    found: dict[fx.Node, float] = {}
+
+    def prepare(node: fx.Node, inputs: torch.Tensor | None) -> None:
+        where, weight = selected[node]
+        try:
+            chosen[node] = _Candidate(where, weight, fmt.prepare(weight, config, inputs))
+        except Unsupported as why:
+            report.skip(where, str(why))
+
+    calibrated = config.smooth_alpha is not None or config.gptq
+    real = _has_real_inputs(graph)
+    if not real or not (calibrated or config.min_sqnr is not None):
+        if not real and config.min_sqnr is not None:
+            report.skip("graph", "no real example inputs to measure SQNR on; set min_sqnr=None")
+        for node in selected:
+            prepare(node, None)
+        return chosen, found
+
+    class Calibrate(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            out = super().run_node(node)
+            if node in selected:
+                x = self.env[node.args[0]]
+                prepare(node, x.detach().reshape(-1, x.shape[-1]).float())
+                if node in chosen and config.min_sqnr is not None:
+                    q, bias = chosen[node].quantized, _bias(node)
+                    args = q.bind(x, bias and self.env[bias], lambda k: k.value)
+                    found[node] = _sqnr(out, q.op(*args))
+            return out
+
+    # dynamic shapes pass sizes as SymInts: run at the sizes the capture saw
+    inputs = [v.node.hint if isinstance(v, torch.SymInt) else v for v in graph.example_inputs]
+    with torch.no_grad():
+        Calibrate(graph.gm).run(*inputs)
+    return chosen, found
 
 
 def _constant_values(graph: DenoiserGraph) -> dict[fx.Node, torch.Tensor]:
@@ -140,30 +188,9 @@ def _constant_values(graph: DenoiserGraph) -> dict[fx.Node, torch.Tensor]:
     return values
 
 
-def _measure_sqnr(
-    graph: DenoiserGraph, chosen: dict[fx.Node, _Candidate], report: PassReport
-) -> dict[fx.Node, float]:
-    """Each chosen linear's output SQNR (dB) under quantization, on the capture's inputs: the
-    format's op itself runs (on CPU its PyTorch reference)."""
-    if not all(_is_real(v) or not isinstance(v, torch.Tensor) for v in graph.example_inputs):
-        report.skip("graph", "no real example inputs to measure SQNR on; set min_sqnr=None")
-        return {}
-    found: dict[fx.Node, float] = {}
-
-    class Measure(fx.Interpreter):
-        def run_node(self, node: fx.Node):
-            out = super().run_node(node)
-            if node in chosen:
-                q, bias = chosen[node].quantized, _bias(node)
-                args = q.bind(self.env[node.args[0]], bias and self.env[bias], lambda k: k.value)
-                found[node] = _sqnr(out, q.op(*args))
-            return out
-
-    # dynamic shapes pass sizes as SymInts: measure at the sizes the capture saw
-    inputs = [v.node.hint if isinstance(v, torch.SymInt) else v for v in graph.example_inputs]
-    with torch.no_grad():
-        Measure(graph.gm).run(*inputs)
-    return found
+def _has_real_inputs(graph: DenoiserGraph) -> bool:
+    """Whether the capture's example inputs are real tensors (not fake ones) to run on."""
+    return all(_is_real(v) or not isinstance(v, torch.Tensor) for v in graph.example_inputs)
 
 
 def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:

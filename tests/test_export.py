@@ -363,11 +363,18 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
         assert "MatMulInteger" not in ops and types.count(weight_type) == 12
 
 
-def test_group_scales_and_the_low_rank_branch_export_in_the_integer_form(tmp_path):
+@pytest.mark.parametrize(
+    ("quant", "marker"),
+    [
+        ({"scale_group": 32, "rank": 4}, "ReduceSum"),  # one integer GEMM per group, summed
+        ({"smooth_alpha": 0.5, "gptq": True}, "Mul"),  # smoothing: a Mul by constant factors
+    ],
+)
+def test_group_scales_branch_and_smoothing_export_in_the_integer_form(quant, marker, tmp_path):
     import onnx
 
     model, inputs = zoo.build("tiny-sd3")  # K = 32 in its blocks
-    quant = {"scale_group": 32, "rank": 4, "min_sqnr": 0}
+    quant = {**quant, "min_sqnr": 0}
     with torch.no_grad():
         compiled = torch.compile(
             model, backend="diffopt", options={"inner": "eager", "quant": quant}
@@ -378,7 +385,7 @@ def test_group_scales_and_the_low_rank_branch_export_in_the_integer_form(tmp_pat
         first_output(load_engine(out)(**inputs)), expected, atol=1e-4, rtol=0
     )
     ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
-    assert "MatMulInteger" in ops and "ReduceSum" in ops  # one integer GEMM per group, summed
+    assert "MatMulInteger" in ops and marker in ops
     for form in ("qdq", "qdq_static", "custom"):
         with pytest.raises(ExportError, match="only the integer ONNX form"):
             export(model, inputs, {"quant": quant}, out=tmp_path / form, quant_form=form)

@@ -148,7 +148,7 @@ def test_dynamic_batch_measures_at_the_captured_sizes():
         assert got.shape[0] == batch and sqnr(expected, got) > 20
 
 
-def toy_prepare(weight: torch.Tensor, config: QuantConfig) -> QuantizedLinear:
+def toy_prepare(weight: torch.Tensor, config: QuantConfig, inputs) -> QuantizedLinear:
     """A format defined here: per-channel int8 levels kept in float, run by ``aten.linear``."""
     if weight.shape[0] != weight.shape[1]:
         raise Unsupported("the toy format takes square weights only")
@@ -184,3 +184,44 @@ def test_a_new_format_is_one_registration(monkeypatch):
         QuantConfig(format="nvfp4")
     with pytest.raises(ValueError, match="already registered"):
         register_quant_format(QuantFormat("int", toy_prepare))
+
+
+def test_smoothing_and_gptq_calibrate_on_the_capture_and_beat_plain_rounding():
+    """Both read each layer's inputs in the capture's run; on an input the capture never saw
+    each keeps the output closer to float than the same layout without it."""
+    model, inputs = zoo.build("tiny-sd3")
+    fresh = zoo.example_inputs(model, batch=2, seed=7)
+    with torch.no_grad():
+        expected = first_output(model(**fresh))
+    base = {"scale_group": 32, "min_sqnr": None}
+
+    def fresh_sqnr(extra):
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            model, backend="diffopt", options={"inner": "eager", "quant": {**base, **extra}}
+        )
+        with torch.no_grad():
+            compiled(**inputs)  # captured (and calibrated) here
+            return sqnr(expected, first_output(compiled(**fresh)))
+
+    plain = fresh_sqnr({})
+    assert fresh_sqnr({"gptq": True}) > plain + 1
+    assert fresh_sqnr({"smooth_alpha": 0.5}) > plain - 1  # no outliers here to migrate
+    report, inspected = quantize_report(model, inputs, {**base, "smooth_alpha": 0.5, "gptq": True})
+    assert "smoothed (α 0.5), GPTQ-rounded" in report.rewritten[0].what
+    assert "_smooth" in "\n".join(inspected.code_after.values())
+    assert QuantConfig(smooth_alpha=0.5, gptq=True).label == "w4a4-regular-s0.5-gptq"
+    with pytest.raises(ConfigError, match=r"quant\.smooth_alpha must be in \(0, 1\]"):
+        QuantConfig(smooth_alpha=1.5)
+
+
+def test_calibrated_settings_need_real_inputs(monkeypatch):
+    """A capture without real inputs cannot calibrate: each layer is a reported skip (strict
+    refuses), not a silent fallback to plain rounding."""
+    from diffopt.passes import quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "_has_real_inputs", lambda graph: False)
+    model, inputs = zoo.build("tiny-dit")
+    report, _ = quantize_report(model, inputs, {"gptq": True})
+    assert not report.rewritten
+    assert "quant.gptq calibrate on the layer's inputs" in report.skipped[-1].what
