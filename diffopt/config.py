@@ -138,6 +138,9 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a4-r32": {"rank": 32},  # SVDQuant's 16-bit rank-32 branch, the residual in 4 bits
     "w4a4-g64-r32": {"scale_group": 64, "rank": 32},  # both: SVDQuant's layout, rotated
     "w4a8-g64-r32": {"act_bits": 8, "scale_group": 64, "rank": 32},
+    "nvfp4": {"format": "nvfp4"},  # e2m1 in blocks of 16, e4m3 scales (kernels/fp4.py)
+    "mxfp4": {"format": "mxfp4"},  # e2m1 in blocks of 32, power-of-two scales
+    "nvfp4-r32": {"format": "nvfp4", "rank": 32},  # SVDQuant's NVFP4 layout, rotated
 }
 """Named settings accepted as ``quant="w4a4"`` etc. (rotation ``regular`` unless named)."""
 
@@ -216,12 +219,14 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """``w4a4-regular``: bits and rotation, as tables and reports show them."""
+        """``w4a4-regular`` (``nvfp4-regular`` for an FP4 format): bits and rotation, as tables
+        and reports show them."""
         extras = f"-g{self.scale_group}" if self.scale_group else ""
         extras += f"-r{self.rank}" if self.rank else ""
         extras += f"-s{self.smooth_alpha:g}" if self.smooth_alpha is not None else ""
         extras += "-gptq" if self.gptq else ""
-        return f"w{self.weight_bits}a{self.act_bits}-{self.rotation}{extras}"
+        bits = f"w{self.weight_bits}a{self.act_bits}" if self.format == "int" else self.format
+        return f"{bits}-{self.rotation}{extras}"
 
     @classmethod
     def preset(cls, name: str) -> QuantConfig:

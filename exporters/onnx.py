@@ -21,7 +21,8 @@ QUANT_FORMS = {"integer": 18, "qdq": 21, "qdq_static": 21, "custom": 18}
 """How `diffopt::quant_linear` is written, and the ONNX opset each form needs:
 
 - ``integer``: standard ops with exact integer arithmetic (MatMulInteger on the packed int4
-  weight, unpacked in the graph); the same numbers as the torch op, on any ONNX runtime;
+  weight, unpacked in the graph); the same numbers as the torch op, on any ONNX runtime. FP4
+  linears (``diffopt::fp4_linear``) have only this form: table lookups and a float MatMul;
 - ``qdq``: int4 / int8 weight initializers behind blocked DequantizeLinear, per-token
   QuantizeLinear / DequantizeLinear on the rotated activation and a float MatMul (opset 21);
   runtimes may fuse the pattern into integer kernels (onnxruntime CPU kept it as is here);
@@ -56,11 +57,20 @@ def write_region(
     if quant_form == "qdq_static":
         inner = with_static_scales(inner, calibration or examples)
     module = Baked(inner, examples, plan).eval()
-    quantized = any(
-        n.target is torch.ops.diffopt.quant_linear.default
+    targets = {
+        n.target
         for gm in module.modules()
         if isinstance(gm, torch.fx.GraphModule)
         for n in gm.graph.nodes
+    }
+    if torch.ops.diffopt.fp4_linear.default in targets and quant_form != "integer":
+        raise ExportError(
+            f"region {lowered.region.name!r} holds FP4 linears (quant.format nvfp4 / mxfp4): "
+            "they have only the integer ONNX form (decomposed: lookups and a float MatMul), "
+            f"not quant_form={quant_form!r}; export with quant_form='integer'"
+        )
+    quantized = bool(
+        targets & {torch.ops.diffopt.quant_linear.default, torch.ops.diffopt.fp4_linear.default}
     )
     size = sum(b.numel() * b.element_size() for b in module.buffers())
     # one spec for the *activations varargs: a tuple with one entry per activation
@@ -107,9 +117,10 @@ def write_region(
 
 def _translations(quant_form: str) -> dict[Any, Any]:
     """diffopt's own ops, written in ONNX ops."""
-    import diffopt.kernels.ops  # noqa: F401  (registers torch.ops.diffopt)
+    import diffopt.kernels  # noqa: F401  (registers torch.ops.diffopt)
 
     from .quant_onnx import (
+        fp4_linear,
         quant_linear,
         quant_linear_custom,
         quant_linear_qdq,
@@ -120,6 +131,7 @@ def _translations(quant_form: str) -> dict[Any, Any]:
     return {
         torch.ops.diffopt.quant_linear.default: linear,
         torch.ops.diffopt.quant_linear_static.default: quant_linear_qdq_static,
+        torch.ops.diffopt.fp4_linear.default: fp4_linear,
     }
 
 

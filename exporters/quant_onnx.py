@@ -121,6 +121,17 @@ def _finish(out: Any, x: Any, weight: Any, bias: Any) -> Any:
 
 def _unpack_int4(packed: Any) -> Any:
     """uint8 [N, K/2] (low nibble = even k) → int8 [N, K], sign-extended."""
+    nibbles = _nibbles(packed)
+    signed = op.Where(
+        op.GreaterOrEqual(nibbles, op.Constant(value_int=8)),
+        op.Sub(nibbles, op.Constant(value_int=16)),
+        nibbles,
+    )
+    return op.Cast(signed, to=INT8.dtype)
+
+
+def _nibbles(packed: Any) -> Any:
+    """uint8 [N, K/2] (low nibble = even k) → int64 [N, K] in 0–15."""
     low = op.BitwiseAnd(packed, op.Constant(value=_uint8(15)))
     high = op.BitShift(packed, op.Constant(value=_uint8(4)), direction="RIGHT")
     pairs = op.Concat(
@@ -128,14 +139,8 @@ def _unpack_int4(packed: Any) -> Any:
         op.Unsqueeze(high, op.Constant(value_ints=[-1])),
         axis=-1,
     )
-    nibbles = op.Cast(pairs, to=INT64.dtype)
-    signed = op.Where(
-        op.GreaterOrEqual(nibbles, op.Constant(value_int=8)),
-        op.Sub(nibbles, op.Constant(value_int=16)),
-        nibbles,
-    )
     shape = op.Concat(op.Shape(packed, start=0, end=1), op.Constant(value_ints=[-1]), axis=0)
-    return op.Cast(op.Reshape(signed, shape), to=INT8.dtype)
+    return op.Reshape(op.Cast(pairs, to=INT64.dtype), shape)
 
 
 def _uint8(value: int) -> Any:
@@ -363,3 +368,111 @@ def _outputs(body: list[Any], graph: Any, inside: set[int]) -> list[str]:
         name for i, node in enumerate(graph.node) if i not in inside for name in node.input
     }
     return [o for o in produced if o in read]
+
+
+def fp4_linear(
+    x: Any,
+    weight: Any,
+    weight_scale: Any,
+    weight_outer: Any,
+    bias: Any,
+    rotation: Any,
+    kind: str,
+    lowrank_down: Any = None,
+    lowrank_up: Any = None,
+    smooth: Any = None,
+) -> Any:
+    """Translation of ``torch.ops.diffopt.fp4_linear`` (`kernels/fp4.py`, same formulas): the
+    activation's block scales and e2m1 rounding by comparisons, the stored codes and scale bytes
+    decoded by table lookups, a float MatMul."""
+    from diffopt.kernels.fp4 import E2M1_LEVELS, KINDS
+
+    fmt = KINDS[kind]
+    rows = _rotated_rows(x, rotation, smooth)
+    blocks = op.Reshape(rows, op.Constant(value_ints=[0, -1, fmt.block]))  # [M, K/b, b]
+    absmax = op.ReduceMax(op.Abs(blocks), op.Constant(value_ints=[-1]), keepdims=1)
+    zero, two = op.Constant(value_float=0.0), op.Constant(value_float=2.0)
+    if fmt.scale == "e4m3":
+        rowmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=1)
+        outer = op.Where(
+            op.Greater(rowmax, zero),
+            op.Div(rowmax, op.Constant(value_float=6.0 * 448.0)),
+            op.Constant(value_float=1.0),
+        )
+        outer = op.Unsqueeze(outer, op.Constant(value_ints=[-1]))  # [M, 1, 1]
+        scale = op.Mul(
+            _round_e4m3(op.Div(op.Div(absmax, op.Constant(value_float=6.0)), outer)), outer
+        )
+    else:
+        exponent = op.Where(
+            op.Greater(absmax, zero),
+            op.Sub(_floor_log2(absmax), two),
+            op.Constant(value_float=-127.0),
+        )
+        clipped = op.Clip(exponent, op.Constant(value_float=-127.0), op.Constant(value_float=127.0))
+        scale = op.Pow(two, clipped)
+    scaled = op.Where(op.Greater(scale, zero), op.Div(blocks, scale), zero)
+    magnitude = op.Abs(scaled)
+    levels = op.Constant(value_floats=list(E2M1_LEVELS))
+    index = op.Constant(value=_int64(0))
+    for mid, up in zip(*_midpoints(), strict=True):
+        edge = op.Constant(value_float=mid)
+        hit = op.GreaterOrEqual(magnitude, edge) if up else op.Greater(magnitude, edge)
+        index = op.Add(index, op.Cast(hit, to=INT64.dtype))
+    value = op.Gather(levels, index)
+    signed = op.Where(op.Less(scaled, zero), op.Neg(value), value)
+    x_rows = op.Reshape(op.Mul(signed, scale), op.Shape(rows))
+    table = op.Constant(value_floats=fmt.scale_table.tolist())
+    w_scale = op.Gather(table, op.Cast(weight_scale, to=INT64.dtype))  # [N, K/b]
+    if weight_outer is not None:
+        w_scale = op.Mul(w_scale, weight_outer)
+    codes = op.Reshape(
+        _nibbles(weight),
+        op.Concat(op.Shape(weight_scale), op.Constant(value_ints=[fmt.block]), axis=0),
+    )
+    signed_levels = op.Concat(levels, op.Neg(levels), axis=0)
+    w_rows = op.Mul(
+        op.Gather(signed_levels, codes), op.Unsqueeze(w_scale, op.Constant(value_ints=[-1]))
+    )
+    w_rows = op.Reshape(
+        w_rows,
+        op.Concat(op.Shape(weight_scale, start=0, end=1), op.Constant(value_ints=[-1]), axis=0),
+    )
+    out = op.MatMul(x_rows, op.Transpose(w_rows, perm=[1, 0]))
+    if lowrank_down is not None:
+        branch = op.MatMul(_rotated_rows(x, None, smooth), op.Cast(lowrank_down, to=FLOAT.dtype))
+        out = op.Add(out, op.MatMul(branch, op.Cast(lowrank_up, to=FLOAT.dtype)))
+    return _finish(out, x, weight, bias)
+
+
+def _midpoints() -> tuple[tuple[float, ...], tuple[bool, ...]]:
+    from diffopt.kernels.fp4 import _TIES_UP, E2M1_MIDPOINTS
+
+    return E2M1_MIDPOINTS, _TIES_UP
+
+
+def _floor_log2(v: Any) -> Any:
+    """`kernels.fp4.floor_log2`: floor(log2 v), corrected against the power of two itself."""
+    two = op.Constant(value_float=2.0)
+    one = op.Constant(value_float=1.0)
+    e = op.Floor(op.Div(op.Log(v), op.Constant(value_float=0.6931471805599453)))
+    e = op.Where(op.Greater(op.Pow(two, e), v), op.Sub(e, one), e)
+    return op.Where(op.LessOrEqual(op.Pow(two, op.Add(e, one)), v), op.Add(e, one), e)
+
+
+def _round_e4m3(v: Any) -> Any:
+    """`kernels.fp4.round_e4m3`: to the nearest e4m3 value, ties to even, saturating at 448."""
+    v = op.Min(v, op.Constant(value_float=448.0))
+    smallest = op.Constant(value_float=2.0**-6)
+    step = op.Pow(
+        op.Constant(value_float=2.0),
+        op.Sub(_floor_log2(op.Max(v, smallest)), op.Constant(value_float=3.0)),
+    )
+    return op.Mul(op.Round(op.Div(v, step)), step)
+
+
+def _int64(value: int) -> Any:
+    import numpy as np
+    import onnx
+
+    return onnx.numpy_helper.from_array(np.array(value, dtype=np.int64))

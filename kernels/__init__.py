@@ -7,7 +7,10 @@ Importing this package registers the op and the ``int`` format; the Triton modul
 only when a CUDA tensor reaches the op (or when a test imports it directly).
 """
 
-from . import ops  # noqa: F401  (registers diffopt::quant_linear)
+from . import (
+    fp4,  # noqa: F401  (registers diffopt::fp4_linear and the nvfp4 / mxfp4 formats)
+    ops,  # noqa: F401  (registers diffopt::quant_linear)
+)
 from .formats import (
     BIAS,
     Constant,

@@ -138,14 +138,49 @@ def quant_format(name: str) -> QuantFormat:
     return _FORMATS[name]
 
 
-def _prepare_int(
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A weight after what every format may do before storing it (`prepare_weight`)."""
+
+    weight: torch.Tensor
+    """The [N, K] weight left to store: smoothed, minus the branch, not yet rotated."""
+    rotation: torch.Tensor | None
+    """The Hadamard block to rotate it (and the activation) by along K; None: no rotation."""
+    group: int | None
+    smooth: torch.Tensor | None
+    """[K] factors the activation is multiplied by (SmoothQuant's 1 / s), or None."""
+    down: torch.Tensor | None
+    """The low-rank branch [K, r] and [r, N] in float16, or None."""
+    up: torch.Tensor | None
+
+    def rotation_constant(self, config: QuantConfig) -> Constant:
+        """The rotation block, one constant shared by every layer that uses it."""
+        return Constant(f"rotation_{config.rotation}_{self.group}", self.rotation, shared=True)
+
+    def tail(self) -> tuple[Constant, ...]:
+        """The op's trailing (branch, smoothing) arguments, as far as any is set."""
+        if self.smooth is None and self.down is None:
+            return ()
+        branch = (Constant("lowrank_down", self.down), Constant("lowrank_up", self.up))
+        return branch + ((Constant("smooth", self.smooth),) if self.smooth is not None else ())
+
+    def describe(self, config: QuantConfig) -> list[str]:
+        """The report's words for the branch and the smoothing."""
+        said = []
+        if self.down is not None:
+            kib = (self.down.nbytes + self.up.nbytes) / 2**10
+            said.append(f"rank {self.down.shape[1]} (+{kib:.1f} KiB)")
+        if self.smooth is not None:
+            said.append(f"smoothed (α {config.smooth_alpha:g})")
+        return said
+
+
+def prepare_weight(
     weight: torch.Tensor, config: QuantConfig, inputs: torch.Tensor | None
-) -> QuantizedLinear:
-    """The ``int`` format: the weight (smoothed against `inputs` with `smooth_alpha`) rotated
-    along K with the group Hadamard and quantized per output channel (or per `scale_group` along
-    K; 4-bit values packed two a byte; GPTQ-rounded on `inputs` with `gptq`), after its
-    top-`rank` SVD part is split off into a 16-bit branch; `diffopt::quant_linear` rotates and
-    quantizes the activation per token (and group), multiplies in integers and dequantizes."""
+) -> PreparedWeight:
+    """Smooth `weight` [N, K] against `inputs` (``smooth_alpha``), split off its top-`rank` SVD
+    part (``rank``) and pick the rotation block (``rotation``, ``group``); raise `Unsupported`
+    where the layer's shape (or a capture without real inputs) does not allow it."""
     n, k = weight.shape
     calibrated = [
         f for f, on in (("smooth_alpha", config.smooth_alpha), ("gptq", config.gptq)) if on
@@ -162,10 +197,6 @@ def _prepare_int(
             f"K={k} is not a multiple of the rotation group ({group or '16, 64 or 256'}); "
             "use quant.rotation='none' for it or exclude it"
         )
-    if config.weight_bits == 4 and k % 2:
-        raise Unsupported(f"K={k} is odd; 4-bit packing needs an even K (exclude it)")
-    if config.scale_group and k % config.scale_group:
-        raise Unsupported(f"K={k} is not a multiple of quant.scale_group={config.scale_group}")
     if 2 * config.rank > min(n, k):
         raise Unsupported(
             f"quant.rank={config.rank} is over half of min(N, K)={min(n, k)}: the branch would "
@@ -173,50 +204,57 @@ def _prepare_int(
         )
     group = group if config.rotation != "none" else None
     rotation = hadamard(config.rotation, group) if group else None
-    smooth = down = up = hessian = None
+    smooth = down = up = None
     if config.smooth_alpha is not None:
         smooth, weight = smoothing(inputs, weight, config.smooth_alpha)
     if config.rank:
         down, up, weight = low_rank_split(weight, config.rank)
+    return PreparedWeight(weight, rotation, group, smooth, down, up)
+
+
+def _prepare_int(
+    weight: torch.Tensor, config: QuantConfig, inputs: torch.Tensor | None
+) -> QuantizedLinear:
+    """The ``int`` format: the weight (`prepare_weight`) rotated along K with the group Hadamard
+    and quantized per output channel (or per `scale_group` along K; 4-bit values packed two a
+    byte; GPTQ-rounded on `inputs` with `gptq`); `diffopt::quant_linear` rotates and quantizes
+    the activation per token (and group), multiplies in integers and dequantizes."""
+    k = weight.shape[1]
+    if config.weight_bits == 4 and k % 2:
+        raise Unsupported(f"K={k} is odd; 4-bit packing needs an even K (exclude it)")
+    if config.scale_group and k % config.scale_group:
+        raise Unsupported(f"K={k} is not a multiple of quant.scale_group={config.scale_group}")
+    prepared = prepare_weight(weight, config, inputs)
+    hessian = None
     if config.gptq:
-        rows = rotate(inputs if smooth is None else inputs * smooth, rotation).double()
+        smoothed = inputs if prepared.smooth is None else inputs * prepared.smooth
+        rows = rotate(smoothed, prepared.rotation).double()
         hessian = rows.T @ rows
     stored, scale = quantize_weight(
-        weight, config.weight_bits, rotation, config.weight_clip, config.scale_group, hessian
+        prepared.weight,
+        config.weight_bits,
+        prepared.rotation,
+        config.weight_clip,
+        config.scale_group,
+        hessian,
     )
     args = (
         X,
         Constant("qweight", stored),
         Constant("qscale", scale),
         BIAS,
-        Constant(f"rotation_{config.rotation}_{group}", rotation, shared=True),
+        prepared.rotation_constant(config),
         config.act_bits,
         config.weight_bits,
+        *prepared.tail(),
     )
-    if config.rank or smooth is not None:
-        args += (Constant("lowrank_down", down), Constant("lowrank_up", up))
-    if smooth is not None:
-        args += (Constant("smooth", smooth),)
-    scales = f"scales per {config.scale_group} along K" if config.scale_group else ""
-    branch = (
-        f"rank {config.rank} (+{(down.nbytes + up.nbytes) / 2**10:.1f} KiB)"
-        if down is not None
-        else ""
-    )
-    calibration = ", ".join(
-        e
-        for e in (
-            f"smoothed (α {config.smooth_alpha:g})" if smooth is not None else "",
-            "GPTQ-rounded" if config.gptq else "",
-        )
-        if e
-    )
-    extras = ", ".join(e for e in (scales, branch, calibration) if e)
+    extras = [f"scales per {config.scale_group} along K"] if config.scale_group else []
+    extras += prepared.describe(config) + (["GPTQ-rounded"] if config.gptq else [])
     return QuantizedLinear(
         torch.ops.diffopt.quant_linear.default,
         args,
-        f"{config.label} linear {tuple(weight.shape)}, group {group or '-'}"
-        + (f", {extras}" if extras else ""),
+        f"{config.label} linear {tuple(weight.shape)}, group {prepared.group or '-'}"
+        + "".join(f", {e}" for e in extras),
     )
 
 

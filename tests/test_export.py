@@ -368,9 +368,11 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
     [
         ({"scale_group": 32, "rank": 4}, "ReduceSum"),  # one integer GEMM per group, summed
         ({"smooth_alpha": 0.5, "gptq": True}, "Mul"),  # smoothing: a Mul by constant factors
+        ({"format": "nvfp4", "rank": 4, "smooth_alpha": 0.5}, "Gather"),  # FP4: lookups
+        ({"format": "mxfp4"}, "Pow"),  # power-of-two block scales
     ],
 )
-def test_group_scales_branch_and_smoothing_export_in_the_integer_form(quant, marker, tmp_path):
+def test_group_scales_branch_smoothing_and_fp4_export_in_the_integer_form(quant, marker, tmp_path):
     import onnx
 
     model, inputs = zoo.build("tiny-sd3")  # K = 32 in its blocks
@@ -385,7 +387,7 @@ def test_group_scales_branch_and_smoothing_export_in_the_integer_form(quant, mar
         first_output(load_engine(out)(**inputs)), expected, atol=1e-4, rtol=0
     )
     ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
-    assert "MatMulInteger" in ops and marker in ops
+    assert marker in ops and ("MatMulInteger" in ops) == ("format" not in quant)
     for form in ("qdq", "qdq_static", "custom"):
         with pytest.raises(ExportError, match="only the integer ONNX form"):
             export(model, inputs, {"quant": quant}, out=tmp_path / form, quant_form=form)

@@ -51,11 +51,24 @@ def baseline() -> Variant:
     return Variant("baseline", lambda model, inner: model, family="baseline")
 
 
-def diffopt_variant(name: str, options: dict[str, Any] | None = None) -> Variant:
-    """`torch.compile(model, backend="diffopt", options=...)`; inner backend from the harness."""
+def diffopt_variant(
+    name: str,
+    options: dict[str, Any] | None = None,
+    warmup: Callable[[Callable[..., Any]], Any] | None = None,
+) -> Variant:
+    """`torch.compile(model, backend="diffopt", options=...)`; inner backend from the harness.
+
+    `warmup(compiled)` runs right after compiling, so that the capture, and whatever calibrates
+    on its inputs (``quant.smooth_alpha``, ``quant.gptq``, ``min_sqnr``), sees calibration
+    inputs rather than the benchmark's; give them the benchmark's shapes, or it recompiles."""
 
     def build(model: torch.nn.Module, inner: str) -> Callable[..., Any]:
-        return torch.compile(model, backend="diffopt", options={**(options or {}), "inner": inner})
+        compiled = torch.compile(
+            model, backend="diffopt", options={**(options or {}), "inner": inner}
+        )
+        if warmup is not None:
+            warmup(compiled)
+        return compiled
 
     return Variant(name, build)
 
