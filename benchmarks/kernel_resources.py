@@ -64,8 +64,11 @@ def shared_bytes(kernel, signature: dict, settings: dict) -> int:
     return metadata["shared"]
 
 
-def rotate_quantize_bytes(tiles: tk.Tiles, group: int, dtype: torch.dtype) -> int:
-    """The 4-bit rotate-quantize launch with `group`-sized rotations."""
+def rotate_quantize_bytes(
+    tiles: tk.Tiles, group: int, dtype: torch.dtype, scale_group: int | None = None, rank: int = 0
+) -> int:
+    """The 4-bit rotate-quantize launch with `group`-sized rotations (and SVDQuant's layout:
+    `scale_group` values a scale, a rank-`rank` branch)."""
     pointer = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     signature = dict(
         x_ptr=pointer,
@@ -73,34 +76,44 @@ def rotate_quantize_bytes(tiles: tk.Tiles, group: int, dtype: torch.dtype) -> in
         h_odd_ptr=pointer,
         out_ptr="*i8",
         scale_ptr="*fp32",
+        down_ptr=pointer,
+        branch_ptr="*fp32",
         M="i32",
         K="i32",
         KH="i32",
+        R="i32",
         stride_xm="i32",
         stride_om="i32",
     )
-    settings = tk.rotate_quantize_settings(4, group, dtype, tiles)
+    settings = tk.rotate_quantize_settings(4, group, dtype, tiles, scale_group, rank)
     return shared_bytes(tk._rotate_quantize_kernel, signature, settings)
 
 
-def gemm_bytes(tiles: tk.Tiles) -> int:
-    """The W4A4 GEMM launch with a bias and bf16 output."""
+def gemm_bytes(
+    tiles: tk.Tiles, groups: int = 0, scale_group: int | None = None, rank: int = 0
+) -> int:
+    """The W4A4 GEMM launch with a bias and bf16 output (and `groups` scale groups of
+    `scale_group`, a rank-`rank` branch)."""
     signature = dict(
         a_ptr="*i8",
         b_ptr="*i8",
         a_scale_ptr="*fp32",
         b_scale_ptr="*fp16",
         bias_ptr="*bf16",
+        branch_ptr="*fp32",
+        up_ptr="*bf16",
         out_ptr="*bf16",
         M="i32",
         N="i32",
         K="i32",
         KH="i32",
+        R="i32",
         stride_am="i32",
         stride_bn="i32",
         stride_om="i32",
     )
-    return shared_bytes(tk._int_gemm_kernel, signature, tk.int_gemm_settings(4, 4, True, tiles))
+    settings = tk.int_gemm_settings(4, 4, True, tiles, groups, scale_group, rank)
+    return shared_bytes(tk._int_gemm_kernel, signature, settings)
 
 
 def main() -> None:
@@ -112,6 +125,9 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32)
     ]
     cases.append(("default", "int4 GEMM", tk.Tiles(), torch.bfloat16))
+    # SVDQuant's layout at K = 3072: scales per 64 along K, a rank-32 branch fused in
+    cases.append(("default", "rotate+quantize g64 r32", tk.Tiles(), torch.bfloat16))
+    cases.append(("default", "int4 GEMM g64 r32", tk.Tiles(), torch.bfloat16))
     if args.grids:
         sys.path.insert(0, str(Path(__file__).parent))
         from w4a4_gpu import GEMM_GRID, QUANT_GRID
@@ -120,8 +136,9 @@ def main() -> None:
         cases += [("sweep", "int4 GEMM", t, torch.bfloat16) for t in GEMM_GRID]
     rows, defaults_fit = [], True
     for origin, kernel, tiles, dtype in cases:
-        if kernel == "int4 GEMM":
-            used = gemm_bytes(tiles)
+        svdquant = kernel.endswith("g64 r32")
+        if kernel.startswith("int4 GEMM"):
+            used = gemm_bytes(tiles, 48, 64, 32) if svdquant else gemm_bytes(tiles)
             shown = (
                 tiles.block_m,
                 tiles.block_n,
@@ -129,7 +146,7 @@ def main() -> None:
                 "join" if tiles.join_k else "2 dots",
             )
         else:  # FLUX's K = 3072 takes 256-groups
-            used = rotate_quantize_bytes(tiles, 256, dtype)
+            used = rotate_quantize_bytes(tiles, 256, dtype, *((64, 32) if svdquant else ()))
             shown = (tiles.quant_block_m, tiles.chunk)
         fits = used <= SHARED_LIMIT
         defaults_fit &= fits or origin != "default"

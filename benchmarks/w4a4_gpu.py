@@ -138,8 +138,9 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     packed = pack_int4(codes)
     product = dequantize(int_matmul(codes, unpack_int4(stored)), act_scale, scale, bias, dtype)
     per_input = [(xi,) for xi in xs]
-    # SVDQuant's layout: scales per 64 along K and a rank-32 branch (the GEMM kernel scales
-    # group by group; the activation's group quantization is PyTorch ops, not fused yet)
+    # SVDQuant's layout: scales per 64 along K and a rank-32 branch, fused: the rotate-quantize
+    # kernel quantizes per group and computes x·down, the GEMM scales group by group and adds
+    # the up projection in its epilogue
     down, up, residual = low_rank_split(w, 32)
     g_stored, g_scale = quantize_weight(residual, 4, h, scale_group=64)
     down, up = down.to(dtype), up.to(dtype)

@@ -38,11 +38,13 @@ def quant_linear(
     (SmoothQuant's 1 / s, whose s the stored weight carries)."""
     if smooth is not None:  # unfused on every device: one elementwise pass over x
         x = x * smooth.to(x.dtype)
-    if x.is_cuda:
+    if x.is_cuda:  # the branch fused into both kernels
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
-    else:
-        rotated_linear = reference.rotated_linear
-    out = rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
+
+        return rotated_linear(
+            x, weight, weight_scale, bias, rotation, act_bits, weight_bits, lowrank_down, lowrank_up
+        )
+    out = reference.rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
     if lowrank_down is not None and lowrank_up is not None:
         out = out + reference.low_rank_branch(x, lowrank_down, lowrank_up).to(out.dtype)
     return out

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .reference import qmax, quantize_activation
+from .reference import qmax
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -85,34 +85,99 @@ def _rotated_chunk(
 
 
 @triton.jit
+def _store_codes(
+    even,
+    odd,
+    inv,
+    out_ptr,
+    rows,
+    row_mask,
+    k0,
+    c0,
+    K,
+    KH,
+    stride_om,
+    QMAX: tl.constexpr,
+    PACK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Quantize a chunk's even and odd values by `inv` (per row) and store them; at 4 bits two
+    a byte, the even k in the low nibble (byte kh holds k = 2·kh and 2·kh + 1)."""
+    q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
+    q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
+    if PACK:
+        kh = k0 // 2 + c0 + tl.arange(0, CHUNK)
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + kh[None, :],
+            (q_even & 0xF) | (q_odd << 4),
+            mask=row_mask[:, None] & (kh[None, :] < KH),
+        )
+    else:
+        ks = k0 + 2 * (c0 + tl.arange(0, CHUNK))
+        base = out_ptr + rows[:, None] * stride_om + ks[None, :]
+        tl.store(base, q_even, mask=row_mask[:, None] & (ks[None, :] < K))
+        tl.store(base + 1, q_odd, mask=row_mask[:, None] & (ks[None, :] + 1 < K))
+
+
+@triton.jit
+def _inverse_scale(absmax, scale_ptr, offsets, mask, QMAX: tl.constexpr):
+    """Store absmax / QMAX at `offsets`; return QMAX / absmax (0 for an all-zero span).
+    Correctly rounded divisions, as torch's: the compiled default is approximate."""
+    q = tl.full(absmax.shape, QMAX, tl.float32)
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    tl.store(scale_ptr + offsets, tl.div_rn(absmax, q), mask=mask)
+    return tl.where(absmax > 0, tl.div_rn(q, safe), 0.0)
+
+
+@triton.jit
 def _rotate_quantize_kernel(
     x_ptr,
     h_even_ptr,
     h_odd_ptr,
     out_ptr,
     scale_ptr,
+    down_ptr,
+    branch_ptr,
     M,
     K,
     KH,
+    R,
     stride_xm,
     stride_om,
     QMAX: tl.constexpr,
     PACK: tl.constexpr,
     ROTATE: tl.constexpr,
+    LOAD_X: tl.constexpr,
+    GROUPED: tl.constexpr,
+    RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Rotate, quantize and pack rows of x: per token (two passes over K), or with GROUPED per
+    token and group of 2·CHUNK values (one pass: a chunk is a group). With RANK > 0 the first
+    pass also computes the low-rank branch's down projection ``x · down`` [M, R] (R ≤ RANK)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    ranks = tl.arange(0, RANK if RANK > 0 else 16)
+    branch = tl.zeros([BLOCK_M, RANK if RANK > 0 else 16], dtype=tl.float32)
 
     # Pass 1: the per-token absmax of the rotated row (recomputing the rotation in pass 2 is
-    # cheaper than holding a whole row of K values in registers). The chunk loops are real
-    # loops, not unrolled, so every chunk reuses one set of shared-memory operand buffers.
+    # cheaper than holding a whole row of K values in registers); grouped, the whole job. The
+    # chunk loops are real loops, not unrolled, so every chunk reuses one set of shared-memory
+    # operand buffers.
     absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
+        x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if LOAD_X else k0
+        if RANK > 0:  # SVDQuant's down projection rides the pass over x
+            ks = k0 + tl.arange(0, BLOCK_K)
+            down = tl.load(
+                down_ptr + ks[:, None] * R + ranks[None, :],
+                mask=(ks[:, None] < K) & (ranks[None, :] < R),
+                other=0.0,
+            )
+            branch += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision=PRECISION)
         for c0 in range(0, BLOCK_K // 2, CHUNK):
             even, odd = _rotated_chunk(
                 x,
@@ -130,49 +195,55 @@ def _rotate_quantize_kernel(
                 CHUNK,
                 PRECISION,
             )
-            tile_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
-            absmax = tl.maximum(absmax, tile_max)
-    # Correctly rounded divisions, as torch's: the compiled default is approximate.
-    safe = tl.where(absmax > 0, absmax, 1.0)
-    inv = tl.where(absmax > 0, tl.div_rn(tl.full([BLOCK_M], QMAX, tl.float32), safe), 0.0)
-    tl.store(
-        scale_ptr + rows, tl.div_rn(absmax, tl.full([BLOCK_M], QMAX, tl.float32)), mask=row_mask
-    )
-
-    # Pass 2: quantize, and pack two 4-bit values per byte (the even k in the low nibble).
-    for k0 in range(0, K, BLOCK_K):
-        x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
-        for c0 in range(0, BLOCK_K // 2, CHUNK):
-            even, odd = _rotated_chunk(
-                x,
-                x_ptr,
-                rows,
-                row_mask,
-                k0,
-                c0,
-                K,
-                stride_xm,
-                h_even_ptr,
-                h_odd_ptr,
-                ROTATE,
-                BLOCK_K,
-                CHUNK,
-                PRECISION,
-            )
-            q_even = tl.clamp(_round_half_away(even * inv[:, None]), -QMAX, QMAX).to(tl.int8)
-            q_odd = tl.clamp(_round_half_away(odd * inv[:, None]), -QMAX, QMAX).to(tl.int8)
-            if PACK:  # byte kh holds k = 2·kh and 2·kh + 1; KH = ceil(K / 2) bytes a row
-                kh = k0 // 2 + c0 + tl.arange(0, CHUNK)
-                tl.store(
-                    out_ptr + rows[:, None] * stride_om + kh[None, :],
-                    (q_even & 0xF) | (q_odd << 4),
-                    mask=row_mask[:, None] & (kh[None, :] < KH),
+            chunk_max = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+            if GROUPED:  # this chunk is one scale group: quantize it now
+                groups = K // (2 * CHUNK)
+                g = (k0 // 2 + c0) // CHUNK
+                inv = _inverse_scale(
+                    chunk_max,
+                    scale_ptr,
+                    rows * groups + g,
+                    row_mask & (rows * 0 + g < groups),
+                    QMAX,
                 )
+                _store_codes(
+                    even, odd, inv, out_ptr, rows, row_mask, k0, c0, K, KH, stride_om,
+                    QMAX, PACK, CHUNK,
+                )  # fmt: skip
             else:
-                ks = k0 + 2 * (c0 + tl.arange(0, CHUNK))
-                base = out_ptr + rows[:, None] * stride_om + ks[None, :]
-                tl.store(base, q_even, mask=row_mask[:, None] & (ks[None, :] < K))
-                tl.store(base + 1, q_odd, mask=row_mask[:, None] & (ks[None, :] + 1 < K))
+                absmax = tl.maximum(absmax, chunk_max)
+    if RANK > 0:
+        tl.store(
+            branch_ptr + rows[:, None] * R + ranks[None, :],
+            branch,
+            mask=row_mask[:, None] & (ranks[None, :] < R),
+        )
+    if not GROUPED:
+        inv = _inverse_scale(absmax, scale_ptr, rows, row_mask, QMAX)
+        # Pass 2: quantize and pack.
+        for k0 in range(0, K, BLOCK_K):
+            x = _activation_tile(x_ptr, rows, row_mask, k0, K, stride_xm, BLOCK_K) if ROTATE else k0
+            for c0 in range(0, BLOCK_K // 2, CHUNK):
+                even, odd = _rotated_chunk(
+                    x,
+                    x_ptr,
+                    rows,
+                    row_mask,
+                    k0,
+                    c0,
+                    K,
+                    stride_xm,
+                    h_even_ptr,
+                    h_odd_ptr,
+                    ROTATE,
+                    BLOCK_K,
+                    CHUNK,
+                    PRECISION,
+                )
+                _store_codes(
+                    even, odd, inv, out_ptr, rows, row_mask, k0, c0, K, KH, stride_om,
+                    QMAX, PACK, CHUNK,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -203,26 +274,31 @@ def _int_gemm_kernel(
     a_scale_ptr,
     b_scale_ptr,
     bias_ptr,
+    branch_ptr,
+    up_ptr,
     out_ptr,
     M,
     N,
     K,
     KH,
+    R,
     stride_am,
     stride_bn,
     stride_om,
     A_PACKED: tl.constexpr,
     B_PACKED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     JOIN_K: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    """``(A Bᵀ) · s_a · s_b``; with GROUPS > 0 the scales are [M, GROUPS] and [N, GROUPS], one
-    group per K tile (BLOCK_KH = half a group): each tile's int32 sum is scaled and added in
-    float32 before the next tile starts."""
+    """``(A Bᵀ) · s_a · s_b (+ bias)``; with GROUPS > 0 the scales are [M, GROUPS] and
+    [N, GROUPS], one group per K tile (BLOCK_KH = half a group): each tile's int32 sum is
+    scaled and added in float32 before the next tile starts. With RANK > 0 the epilogue adds
+    the low-rank branch's up projection ``branch · up`` ([M, R] · [R, N], R ≤ RANK)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
@@ -262,6 +338,19 @@ def _int_gemm_kernel(
         out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if RANK > 0:
+        ranks = tl.arange(0, RANK)
+        branch = tl.load(
+            branch_ptr + rm[:, None] * R + ranks[None, :],
+            mask=m_mask[:, None] & (ranks[None, :] < R),
+            other=0.0,
+        )
+        up = tl.load(
+            up_ptr + ranks[:, None] * N + rn[None, :],
+            mask=(ranks[:, None] < R) & n_mask[None, :],
+            other=0.0,
+        )
+        out += tl.dot(branch, up.to(tl.float32), input_precision="ieee")
     tl.store(
         out_ptr + rm[:, None] * stride_om + rn[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -338,52 +427,79 @@ def hadamard_columns(
 
 
 def rotate_quantize(
-    x: torch.Tensor, bits: int, rotation: torch.Tensor | None, tiles: Tiles | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate each row of [M, K] in groups, quantize per row; pack two values a byte at 4 bits.
+    x: torch.Tensor,
+    bits: int,
+    rotation: torch.Tensor | None,
+    tiles: Tiles | None = None,
+    scale_group: int | None = None,
+    down: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rotate each row of [M, K] in groups, quantize per row (or per row and `scale_group`
+    values along K); pack two values a byte at 4 bits. With `down` [K, r], also ``x · down``.
 
-    Returns uint8 [M, ceil(K/2)] (4-bit) or int8 [M, K] (8-bit), and float32 scales [M].
+    Returns uint8 [M, ceil(K/2)] (4-bit) or int8 [M, K] (8-bit), float32 scales [M] (or
+    [M, K / scale_group]), and the float32 [M, r] down projection (None without `down`).
     """
     m, k = x.shape
     x = x.contiguous()
     tiles = _tiles(x.device, tiles)
     group = None if rotation is None else rotation.shape[0]
-    settings = rotate_quantize_settings(bits, group, x.dtype, tiles)
+    rank = 0 if down is None else down.shape[1]
+    settings = rotate_quantize_settings(bits, group, x.dtype, tiles, scale_group, rank)
     if rotation is not None:
         h_even, h_odd = hadamard_columns(rotation, settings["BLOCK_K"], x.dtype, x.device)
     else:
         h_even = h_odd = x  # unused
     out = torch.empty(m, (k + 1) // 2 if bits == 4 else k, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    scale_shape = (m, k // scale_group) if scale_group else (m,)
+    scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+    branch = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
     _rotate_quantize_kernel[(triton.cdiv(m, tiles.quant_block_m),)](
         x,
         h_even,
         h_odd,
         out,
         scale,
+        x if down is None else down.contiguous(),
+        scale if branch is None else branch,
         m,
         k,
         (k + 1) // 2,
+        rank,
         x.stride(0),
         out.stride(0),
         **settings,
     )
-    return (out.view(torch.uint8) if bits == 4 else out), scale
+    return (out.view(torch.uint8) if bits == 4 else out), scale, branch
+
+
+def _rank_tile(rank: int) -> int:
+    """The branch's tile width: a power of two of at least 16 (a dot's least side); 0: none."""
+    return 0 if rank == 0 else max(16, triton.next_power_of_2(rank))
 
 
 def rotate_quantize_settings(
-    bits: int, group: int | None, dtype: torch.dtype, tiles: Tiles
+    bits: int,
+    group: int | None,
+    dtype: torch.dtype,
+    tiles: Tiles,
+    scale_group: int | None = None,
+    rank: int = 0,
 ) -> dict[str, object]:
     """The rotate-quantize kernel's compile-time constants and launch options (shared with
-    benchmarks/kernel_resources.py, which compiles the same launch for sm_90)."""
-    block_k = tiles.block_k if group is None else max(tiles.block_k, group)  # whole groups a tile
+    benchmarks/kernel_resources.py, which compiles the same launch for sm_90). With
+    `scale_group` a chunk of column pairs is one scale group."""
+    block_k = max(tiles.block_k, group or 0, scale_group or 0)  # whole groups a tile
     return dict(
         QMAX=qmax(bits),
         PACK=bits == 4,
         ROTATE=group is not None,
+        LOAD_X=group is not None or rank > 0,  # pass 1 reads x tiles (else chunks read x)
+        GROUPED=scale_group is not None,
+        RANK=_rank_tile(rank),
         BLOCK_M=tiles.quant_block_m,
         BLOCK_K=block_k,
-        CHUNK=min(tiles.chunk, block_k // 2),
+        CHUNK=scale_group // 2 if scale_group else min(tiles.chunk, block_k // 2),
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
@@ -398,6 +514,7 @@ def int_gemm_settings(
     tiles: Tiles,
     groups: int = 0,
     scale_group: int | None = None,
+    rank: int = 0,
 ) -> dict[str, object]:
     """The GEMM kernel's compile-time constants and launch options; with `groups` scale groups
     of `scale_group` values, the K tile is one group."""
@@ -405,6 +522,7 @@ def int_gemm_settings(
         A_PACKED=a_bits == 4,
         B_PACKED=b_bits == 4,
         HAS_BIAS=has_bias,
+        RANK=_rank_tile(rank),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_KH=scale_group // 2 if groups else tiles.block_kh,
@@ -427,11 +545,15 @@ def int_gemm(
     k: int,
     out_dtype: torch.dtype,
     tiles: Tiles | None = None,
+    branch: torch.Tensor | None = None,
+    up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(A Bᵀ) · s_a · s_b (+ bias)`` for int4-packed or int8 A [M, K] and B [N, K]; scales
-    [M] and [N], or group scales [M, G] and [N, G] (G groups of K / G values)."""
+    """``(A Bᵀ) · s_a · s_b (+ bias) (+ branch · up)`` for int4-packed or int8 A [M, K] and
+    B [N, K]; scales [M] and [N], or group scales [M, G] and [N, G] (G groups of K / G values);
+    `branch` [M, r] and `up` [r, N]: the low-rank branch, added in the epilogue."""
     m, n = a.shape[0], b.shape[0]
     groups = b_scale.shape[1] if b_scale.dim() == 2 else 0
+    rank = 0 if branch is None else branch.shape[1]
     a, b = a.contiguous().view(torch.int8), b.contiguous().view(torch.int8)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     tiles = _tiles(a.device, tiles)
@@ -442,16 +564,19 @@ def int_gemm(
         a_scale,
         b_scale,
         b_scale if bias is None else bias,
+        a_scale if branch is None else branch.contiguous(),
+        a_scale if up is None else up.contiguous(),
         out,
         m,
         n,
         k,
         (k + 1) // 2,
+        rank,
         a.stride(0),
         b.stride(0),
         out.stride(0),
         **int_gemm_settings(
-            a_bits, b_bits, bias is not None, tiles, groups, k // groups if groups else None
+            a_bits, b_bits, bias is not None, tiles, groups, k // groups if groups else None, rank
         ),
     )
     return out
@@ -465,18 +590,20 @@ def rotated_linear(
     rotation: torch.Tensor | None,
     act_bits: int,
     weight_bits: int,
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_up: torch.Tensor | None = None,
     tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """The fused path of `reference.rotated_linear`: two kernel launches, same result. With
-    group scales (a 2-D `weight_scale`) the activation is rotated and quantized per group by
-    the reference's PyTorch ops (not fused yet), then the GEMM kernel scales group by group."""
+    """The fused path of `reference.rotated_linear` (plus `reference.low_rank_branch`): two
+    kernel launches. The rotate-quantize kernel quantizes per token, or per token and group
+    for group scales (a 2-D `weight_scale`), and computes the branch's down projection in its
+    pass over x; the GEMM scales (group by group) and adds the bias and the up projection in
+    its epilogue."""
     rows = x.reshape(-1, x.shape[-1])
-    if weight_scale.dim() == 2:
-        scale_group = rows.shape[1] // weight_scale.shape[1]
-        values, act_scale = quantize_activation(rows, act_bits, rotation, scale_group)
-        act_bits = 8  # the values come unpacked: the GEMM reads them as int8
-    else:
-        values, act_scale = rotate_quantize(rows, act_bits, rotation, tiles)
+    scale_group = rows.shape[1] // weight_scale.shape[1] if weight_scale.dim() == 2 else None
+    values, act_scale, branch = rotate_quantize(
+        rows, act_bits, rotation, tiles, scale_group, lowrank_down
+    )
     out = int_gemm(
         values,
         act_bits,
@@ -488,5 +615,7 @@ def rotated_linear(
         rows.shape[1],
         x.dtype,
         tiles,
+        branch,
+        lowrank_up,
     )
     return out.reshape(*x.shape[:-1], weight.shape[0])

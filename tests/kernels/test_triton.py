@@ -70,7 +70,7 @@ def test_rotate_quantize_matches_the_reference_exactly(m, k, n, act_bits, weight
     # whatever order the dot sums in (and exact ties exercise the rounding rule).
     x = torch.randint(-3, 4, (m, k)).float()
     h = rotation_for(kind, k)
-    values, scale = (t.cpu() for t in tk.rotate_quantize(on(x), act_bits, on(h)))
+    values, scale = (t.cpu() for t in tk.rotate_quantize(on(x), act_bits, on(h))[:2])
     expected, expected_scale = ref.quantize_activation(x, act_bits, h)
     if act_bits == 4:
         expected = pack_int4(expected)
@@ -140,6 +140,39 @@ def test_group_scales_are_applied_group_by_group_in_the_gemm(
     assert_matches(got, want)
 
 
+@pytest.mark.parametrize(("k", "scale_group"), [(64, 32), (320, 64), (768, 128)])
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_group_quantization_in_the_kernel_matches_the_reference_exactly(k, scale_group, act_bits):
+    """With group scales the kernel quantizes each chunk of column pairs as one group, in its
+    single pass over K: codes and scales as `reference.quantize_activation`'s, bit for bit."""
+    torch.manual_seed(k)
+    x = torch.randint(-3, 4, (37, k)).float()
+    x[:, :scale_group] *= 8  # a loud group
+    h = rotation_for("regular", k)
+    values, scale, _ = tk.rotate_quantize(on(x), act_bits, on(h), scale_group=scale_group)
+    expected, expected_scale = ref.quantize_activation(x, act_bits, h, scale_group)
+    assert torch.equal(values.cpu(), pack_int4(expected) if act_bits == 4 else expected)
+    assert torch.equal(scale.cpu(), expected_scale)
+
+
+@pytest.mark.parametrize(("rank", "scale_group"), [(32, 64), (5, None), (20, 32)])
+def test_the_low_rank_branch_is_fused_into_both_kernels(rank, scale_group):
+    """The down projection comes out of the rotate-quantize pass, the up projection goes into
+    the GEMM epilogue: the op equals the reference's linear plus its branch (ranks that are
+    not a dot's size are padded and masked)."""
+    torch.manual_seed(rank)
+    m, k, n = 45, 320, 40
+    x, w, b = torch.randn(m, k) + 0.3, torch.randn(n, k) / k**0.5, torch.randn(n)
+    h = rotation_for("regular", k)
+    down, up, residual = ref.low_rank_split(w, rank)
+    stored, scale = quantize_weight(residual, 4, h, scale_group=scale_group)
+    _, _, branch = tk.rotate_quantize(on(x), 4, on(h), scale_group=scale_group, down=on(down))
+    torch.testing.assert_close(branch.cpu(), x @ down.float(), rtol=1e-5, atol=1e-4)
+    got = tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, *on(down, up))
+    want = ref.rotated_linear(x, stored, scale, b, h, 4, 4) + ref.low_rank_branch(x, down, up)
+    assert_matches(got, want)
+
+
 @pytest.mark.parametrize(
     "tiles",
     [
@@ -164,7 +197,7 @@ def test_other_tiles_give_the_same_result(tiles):
     h = hadamard("regular", 64)
     stored, scale = quantize_weight(w, 4, h)
     assert_matches(
-        tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, tiles),
+        tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, tiles=tiles),
         ref.rotated_linear(x, stored, scale, b, h, 4, 4),
     )
 
@@ -179,7 +212,7 @@ def test_256_groups_rotate_in_column_chunks_exactly(kind, act_bits, chunk):
     torch.manual_seed(chunk + act_bits)
     x, h = torch.randint(-3, 4, (37, 768)).float(), hadamard(kind, 256)
     tiles = tk.Tiles(quant_block_m=16, block_k=64, chunk=chunk)
-    values, scale = (t.cpu() for t in tk.rotate_quantize(on(x), act_bits, on(h), tiles))
+    values, scale = (t.cpu() for t in tk.rotate_quantize(on(x), act_bits, on(h), tiles)[:2])
     expected, expected_scale = ref.quantize_activation(x, act_bits, h)
     assert torch.equal(values, pack_int4(expected) if act_bits == 4 else expected)
     assert torch.equal(scale, expected_scale)
