@@ -16,7 +16,7 @@ import torch.fx as fx
 from diffopt.config import Config, ConfigError
 from diffopt.guards import Guard
 from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
-from diffopt.passes.graph import INPUT_KEY, collective_groups
+from diffopt.passes.graph import INPUT_KEY, collective_groups, sequence_group
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
 
@@ -301,19 +301,6 @@ def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
         param_slots=weight_slots,
         group=sequence_group(optimized.graph),
     )
-
-
-def sequence_group(graph: DenoiserGraph) -> str | None:
-    """The process group whose ranks hold shards of the sequence (context parallelism), by
-    name; None for a graph that does not communicate. Of several groups (a ring × Ulysses mesh
-    communicates over each axis), the largest: the output's all-gather spans them all."""
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    groups = collective_groups(graph.gm)
-    if not groups:
-        return None
-    return max(groups, key=lambda name: dist.get_world_size(_resolve_process_group(name)))
 
 
 def input_slots(graph: DenoiserGraph) -> tuple[int | None, set[int]]:

@@ -14,6 +14,7 @@ from . import (
 from .formats import (
     BIAS,
     Constant,
+    LinearInputs,
     QuantFormat,
     QuantizedLinear,
     Unsupported,
@@ -28,6 +29,7 @@ from .reference import pack_int4, quantize_weight, unpack_int4
 __all__ = [
     "BIAS",
     "Constant",
+    "LinearInputs",
     "QuantFormat",
     "QuantizedLinear",
     "Rotation",

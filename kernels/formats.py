@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,8 +32,8 @@ import torch
 from diffopt.config import ConfigError
 
 from . import ops  # noqa: F401  (registers diffopt::quant_linear, which "int" emits)
-from .gptq import smoothing
-from .hadamard import default_group, hadamard, rotate
+from .gptq import rotated_hessian, smoothing
+from .hadamard import default_group, hadamard
 from .reference import low_rank_split, quantize_weight
 
 if TYPE_CHECKING:
@@ -72,6 +73,57 @@ class Unsupported(ValueError):
     (the pass reports it as a skip)."""
 
 
+class LinearInputs:
+    """What one linear saw on the capture's inputs, for formats that calibrate on it.
+
+    Under context parallelism each rank holds a shard of the sequence: the statistics are
+    reduced over the sequence's process group (`group`), so every rank prepares the same
+    weight, the one a single process would. Rows every rank holds alike (tokens the plan does
+    not shard, such as Flux's text tokens in its single-stream blocks) count once, not once
+    per rank."""
+
+    def __init__(self, rows: torch.Tensor, group: Any = None) -> None:
+        self.rows = rows
+        """float32 [M, K]: this rank's rows."""
+        self.group = group
+
+    @cached_property
+    def absmax(self) -> torch.Tensor:
+        """float32 [K]: each input channel's largest magnitude."""
+        return self._reduced(self.rows.abs().amax(dim=0), "max")
+
+    @cached_property
+    def gram(self) -> torch.Tensor:
+        """float64 [K, K]: XᵀX of the rows (GPTQ's Hessian, up to a factor)."""
+        rows = self.rows.double()
+        if self.group is not None:
+            rows = rows * self._row_weights().sqrt()[:, None]
+        return self._reduced(rows.T @ rows, "sum")
+
+    def _row_weights(self) -> torch.Tensor:
+        """1 / ranks for a row equal on every rank (same place, same values), else 1."""
+        import torch.distributed as dist
+
+        ranks = dist.get_world_size(self.group)
+        sizes = torch.tensor([self.rows.shape[0], -self.rows.shape[0]])
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self.group)
+        if sizes[0] != -sizes[1]:  # shards of different lengths: nothing lines up
+            return torch.ones(self.rows.shape[0], dtype=torch.float64)
+        high, low = self.rows.clone(), self.rows.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
+        alike = (high == low).all(dim=1)
+        return torch.where(alike, 1.0 / ranks, 1.0).double()
+
+    def _reduced(self, value: torch.Tensor, how: str) -> torch.Tensor:
+        if self.group is not None:
+            import torch.distributed as dist
+
+            op = dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(value, op=op, group=self.group)
+        return value
+
+
 @dataclass(frozen=True)
 class QuantizedLinear:
     """One linear as a format stores it: the op call that replaces it."""
@@ -106,11 +158,11 @@ class QuantFormat:
     """A quantization format, registered under `name` (`QuantConfig.format`)."""
 
     name: str
-    prepare: Callable[[torch.Tensor, QuantConfig, torch.Tensor | None], QuantizedLinear]
+    prepare: Callable[[torch.Tensor, QuantConfig, LinearInputs | None], QuantizedLinear]
     """Offline, once per linear: store `weight` [N, K] as the config says and name the op call;
-    raise `Unsupported` to keep this linear in high precision. The third argument holds the
-    rows [M, K] (float32) the linear saw on the capture's inputs, for formats that calibrate on
-    them; ``None`` when the capture has no real inputs (fake tensors)."""
+    raise `Unsupported` to keep this linear in high precision. The third argument is what the
+    linear saw on the capture's inputs (`LinearInputs`), for formats that calibrate on it;
+    ``None`` when the capture has no real inputs (fake tensors)."""
 
 
 _FORMATS: dict[str, QuantFormat] = {}
@@ -176,7 +228,7 @@ class PreparedWeight:
 
 
 def prepare_weight(
-    weight: torch.Tensor, config: QuantConfig, inputs: torch.Tensor | None
+    weight: torch.Tensor, config: QuantConfig, inputs: LinearInputs | None
 ) -> PreparedWeight:
     """Smooth `weight` [N, K] against `inputs` (``smooth_alpha``), split off its top-`rank` SVD
     part (``rank``) and pick the rotation block (``rotation``, ``group``); raise `Unsupported`
@@ -206,14 +258,14 @@ def prepare_weight(
     rotation = hadamard(config.rotation, group) if group else None
     smooth = down = up = None
     if config.smooth_alpha is not None:
-        smooth, weight = smoothing(inputs, weight, config.smooth_alpha)
+        smooth, weight = smoothing(inputs.absmax, weight, config.smooth_alpha)
     if config.rank:
         down, up, weight = low_rank_split(weight, config.rank)
     return PreparedWeight(weight, rotation, group, smooth, down, up)
 
 
 def _prepare_int(
-    weight: torch.Tensor, config: QuantConfig, inputs: torch.Tensor | None
+    weight: torch.Tensor, config: QuantConfig, inputs: LinearInputs | None
 ) -> QuantizedLinear:
     """The ``int`` format: the weight (`prepare_weight`) rotated along K with the group Hadamard
     and quantized per output channel (or per `scale_group` along K; 4-bit values packed two a
@@ -227,9 +279,7 @@ def _prepare_int(
     prepared = prepare_weight(weight, config, inputs)
     hessian = None
     if config.gptq:
-        smoothed = inputs if prepared.smooth is None else inputs * prepared.smooth
-        rows = rotate(smoothed, prepared.rotation).double()
-        hessian = rows.T @ rows
+        hessian = rotated_hessian(inputs.gram, prepared.smooth, prepared.rotation)
     stored, scale = quantize_weight(
         prepared.weight,
         config.weight_bits,

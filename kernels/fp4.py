@@ -201,7 +201,7 @@ def _flops(x_shape, weight_shape, *args, lowrank_down_shape=None, out_shape=None
 
 
 def _prepare(kind: Fp4Kind):
-    def prepare(weight: torch.Tensor, config, inputs: torch.Tensor | None) -> QuantizedLinear:
+    def prepare(weight: torch.Tensor, config, inputs) -> QuantizedLinear:
         """An FP4 format: the weight (`prepare_weight`) rotated along K, stored as packed e2m1
         codes in blocks with their scale bytes (and NVFP4's per-tensor scale)."""
         k = weight.shape[1]

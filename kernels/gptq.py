@@ -1,6 +1,6 @@
 """Calibrated weight preparation: SmoothQuant's migration and GPTQ's error-feedback rounding.
 
-Both read the activations a linear saw on calibration inputs (rows [M, K]):
+Both read what a linear saw on calibration inputs (`formats.LinearInputs`):
 
 - `smoothing` divides each input channel by s_j = max|x_j|^α / max|W_j|^(1-α) and multiplies
   the weight's column by it, so activation outliers move into the weight (SmoothQuant);
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .hadamard import rotate
 from .reference import qmax, round_half_away
 
 GPTQ_BLOCK = 128
@@ -23,15 +24,30 @@ GPTQ_DAMP = 0.01
 
 
 def smoothing(
-    inputs: torch.Tensor, weight: torch.Tensor, alpha: float
+    absmax: torch.Tensor, weight: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SmoothQuant for rows `inputs` [M, K] and `weight` [N, K]: the per-channel factor the
-    activation is multiplied by (1 / s, float32 [K]) and the weight with its columns times s.
-    ``x Wᵀ = (x / s)(W s)ᵀ`` exactly; only what quantization does to each side changes."""
-    act = inputs.abs().amax(dim=0).float().clamp(min=1e-5)
+    """SmoothQuant for inputs whose channels reach `absmax` [K] and `weight` [N, K]: the
+    per-channel factor the activation is multiplied by (1 / s, float32 [K]) and the weight with
+    its columns times s. ``x Wᵀ = (x / s)(W s)ᵀ`` exactly; only what quantization does to each
+    side changes."""
+    act = absmax.float().clamp(min=1e-5)
     wmax = weight.abs().amax(dim=0).float().clamp(min=1e-5)
     s = (act.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-4, 1e4)
     return s.reciprocal(), weight.float() * s[None, :]
+
+
+def rotated_hessian(
+    gram: torch.Tensor, smooth: torch.Tensor | None, rotation: torch.Tensor | None
+) -> torch.Tensor:
+    """XᵀX [K, K] of the inputs as the quantized weight meets them: smoothed (x · smooth) and
+    rotated in groups (x · R): ``Rᵀ S XᵀX S R``."""
+    h = gram.double()
+    if smooth is not None:
+        s = smooth.double()
+        h = h * s[:, None] * s[None, :]
+    if rotation is not None:  # R is block-diagonal, H symmetric: rotate its rows, twice
+        h = rotate(rotate(h, rotation, torch.float64).T, rotation, torch.float64)
+    return h
 
 
 def gptq_round(

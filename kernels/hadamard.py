@@ -52,12 +52,14 @@ def hadamard(kind: Rotation, group: int) -> torch.Tensor | None:
     return (h / group**0.5).to(torch.float32)  # ±1 entries, scaled to be orthonormal
 
 
-def rotate(x: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
-    """Multiply every `block`-sized group along the last dimension by `block` (in float32)."""
+def rotate(
+    x: torch.Tensor, block: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Multiply every `block`-sized group along the last dimension by `block` (in `dtype`)."""
     if block is None:
-        return x.float()
+        return x.to(dtype)
     g = block.shape[0]
-    return (x.float().unflatten(-1, (-1, g)) @ block).flatten(-2)
+    return (x.to(dtype).unflatten(-1, (-1, g)) @ block.to(dtype)).flatten(-2)
 
 
 def _power_of_2(n: int) -> bool:

@@ -7,7 +7,7 @@ rewrites nodes keeps it by construction; the region list only records names and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -105,3 +105,25 @@ def shape_of(node: fx.Node) -> tuple[int | str, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
     return None
+
+
+def sequence_group(graph: DenoiserGraph) -> str | None:
+    """The process group whose ranks hold shards of the sequence (context parallelism), by
+    name; None for a graph that does not communicate. Of several groups (a ring × Ulysses mesh
+    communicates over each axis), the largest: the output's all-gather spans them all."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    groups = collective_groups(graph.gm)
+    if not groups:
+        return None
+    return max(groups, key=lambda name: dist.get_world_size(_resolve_process_group(name)))
+
+
+def process_group(name: str | None) -> Any:
+    """The process group dynamo recorded by `name` on a graph's collectives (None: no group)."""
+    if name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import partial
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from diffopt.config import QuantConfig
-from diffopt.kernels import Constant, QuantizedLinear, Unsupported, quant_format
+from diffopt.kernels import Constant, LinearInputs, QuantizedLinear, Unsupported, quant_format
 
-from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph
+from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, process_group, sequence_group
 from .manager import register_pass
 from .regions import owning_module
 from .report import PassReport
@@ -140,7 +141,7 @@ def _prepare(
     chosen: dict[fx.Node, _Candidate] = {}
     found: dict[fx.Node, float] = {}
 
-    def prepare(node: fx.Node, inputs: torch.Tensor | None) -> None:
+    def prepare(node: fx.Node, inputs: LinearInputs | None) -> None:
         where, weight = selected[node]
         try:
             chosen[node] = _Candidate(where, weight, fmt.prepare(weight, config, inputs))
@@ -156,16 +157,20 @@ def _prepare(
             prepare(node, None)
         return chosen, found
 
+    # under context parallelism each rank sees a shard of the sequence: statistics and SQNRs
+    # are reduced over its group, so every rank prepares and keeps the same layers
+    group = process_group(sequence_group(graph))
+
     class Calibrate(fx.Interpreter):
         def run_node(self, node: fx.Node):
             out = super().run_node(node)
             if node in selected:
                 x = self.env[node.args[0]]
-                prepare(node, x.detach().reshape(-1, x.shape[-1]).float())
+                prepare(node, LinearInputs(x.detach().reshape(-1, x.shape[-1]).float(), group))
                 if node in chosen and config.min_sqnr is not None:
                     q, bias = chosen[node].quantized, _bias(node)
                     args = q.bind(x, bias and self.env[bias], lambda k: k.value)
-                    found[node] = _sqnr(out, q.op(*args))
+                    found[node] = _sqnr(out, q.op(*args), group)
             return out
 
     # dynamic shapes pass sizes as SymInts: run at the sizes the capture saw
@@ -193,9 +198,15 @@ def _has_real_inputs(graph: DenoiserGraph) -> bool:
     return all(_is_real(v) or not isinstance(v, torch.Tensor) for v in graph.example_inputs)
 
 
-def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    signal = reference.double().pow(2).sum().item()
-    noise = (reference.double() - approx.double()).pow(2).sum().item()
+def _sqnr(reference: torch.Tensor, approx: torch.Tensor, group: Any = None) -> float:
+    """10·log10(signal / noise) in dB, both summed over the group's ranks when given."""
+    signal = reference.double().pow(2).sum()
+    noise = (reference.double() - approx.double()).pow(2).sum()
+    if group is not None:
+        both = torch.stack((signal, noise))
+        torch.distributed.all_reduce(both, group=group)
+        signal, noise = both
+    signal, noise = signal.item(), noise.item()
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 

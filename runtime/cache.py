@@ -43,6 +43,7 @@ from diffopt.guards import (
     residual_bases,
     token_axes,
 )
+from diffopt.passes.graph import process_group
 
 from . import profiles
 from .controller import Controller, resample_profile
@@ -370,7 +371,7 @@ class CachingExecutor(RegionExecutor):
     ) -> None:
         super().__init__(program)
         self.variants = variants
-        self.group = _process_group(group)
+        self.group = process_group(group)
         self._refuse_tokens(config)  # at compile time already, for the compiled settings
         self.config = config
         self.inner = inner
@@ -1044,15 +1045,6 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 def _block_change(trends: dict[int, Trend], group: Any = None) -> float:
     return max(t.change(group) for t in trends.values())
-
-
-def _process_group(name: str | None) -> Any:
-    """The process group dynamo recorded by `name` on a graph's collectives (None: no group)."""
-    if name is None:
-        return None
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(name)
 
 
 def _take(

@@ -22,7 +22,7 @@ def test_smoothing_is_exact_in_float_and_flattens_activation_outliers():
     x = torch.randn(64, 32, generator=g)
     x[:, 3] *= 50  # an outlier channel
     w = torch.randn(16, 32, generator=g)
-    factor, smoothed = smoothing(x, w, alpha=0.5)
+    factor, smoothed = smoothing(x.abs().amax(0), w, alpha=0.5)
     torch.testing.assert_close((x * factor) @ smoothed.T, x @ w.T, rtol=1e-5, atol=1e-4)
     spread = (x * factor).abs().amax(0)
     assert spread.max() / spread.min() < x.abs().amax(0).max() / x.abs().amax(0).min() / 5
@@ -50,3 +50,16 @@ def test_gptq_lowers_the_output_error_on_fresh_inputs_of_the_same_statistics():
         approx = rotate(fresh, rotation) @ dequantized.T
         errors[name] = (approx - fresh @ w.T).pow(2).mean().item()
     assert errors["gptq"] < 0.7 * errors["nearest"], errors
+
+
+def test_the_hessian_as_the_weight_meets_its_inputs():
+    """From XᵀX alone: smoothing and the group rotation applied on both sides equal XᵀX of the
+    smoothed, rotated rows (so ranks can sum XᵀX and transform it afterwards)."""
+    from diffopt.kernels import LinearInputs
+    from diffopt.kernels.gptq import rotated_hessian
+
+    x = correlated_inputs(100, 64, seed=1)
+    smooth, rotation = torch.rand(64) + 0.5, hadamard("regular", 16)
+    rows = rotate(x * smooth, rotation, torch.float64)
+    got = rotated_hessian(LinearInputs(x).gram, smooth, rotation)
+    torch.testing.assert_close(got, rows.T @ rows, rtol=1e-5, atol=1e-5)

@@ -179,9 +179,10 @@ def test_a_new_format_is_one_registration(monkeypatch):
     config = Config(quant={"format": "toy"})
     assert Config.from_dict(config.to_dict()) == config
     with pytest.raises(
-        ConfigError, match=r"'nvfp4' is not a registered format; .*\['int', 'toy'\]"
+        ConfigError,
+        match=r"'int2' is not a registered format; .*\['int', 'nvfp4', 'mxfp4', 'toy'\]",
     ):
-        QuantConfig(format="nvfp4")
+        QuantConfig(format="int2")
     with pytest.raises(ValueError, match="already registered"):
         register_quant_format(QuantFormat("int", toy_prepare))
 
