@@ -37,8 +37,10 @@ SETTINGS = {  # variant name -> quant preset
     "diffopt W4A4 g64": "w4a4-g64",
     "diffopt W4A4 rank 32": "w4a4-r32",
     "diffopt W4A4 g64 rank 32": "w4a4-g64-r32",
+    "diffopt W4A4 g64 rank 32 GPTQ": "w4a4-g64-r32-gptq",
     "diffopt W4A8 regular": "w4a8",
     "diffopt W4A8 g64 rank 32": "w4a8-g64-r32",
+    "diffopt W4A8 g64 rank 32 GPTQ": "w4a8-g64-r32-gptq",
     "diffopt W8A8 regular": "w8a8",
 }
 RESULTS = Path(__file__).parent / "results"

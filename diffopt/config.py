@@ -138,6 +138,10 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a4-r32": {"rank": 32},  # SVDQuant's 16-bit rank-32 branch, the residual in 4 bits
     "w4a4-g64-r32": {"scale_group": 64, "rank": 32},  # both: SVDQuant's layout, rotated
     "w4a8-g64-r32": {"act_bits": 8, "scale_group": 64, "rank": 32},
+    # the best measured recipe (benchmarks/quant_ablation.py): GPTQ rounding on the capture's
+    # inputs on top of the branch and group scales
+    "w4a4-g64-r32-gptq": {"scale_group": 64, "rank": 32, "gptq": True},
+    "w4a8-g64-r32-gptq": {"act_bits": 8, "scale_group": 64, "rank": 32, "gptq": True},
     "nvfp4": {"format": "nvfp4"},  # e2m1 in blocks of 16, e4m3 scales (kernels/fp4.py)
     "mxfp4": {"format": "mxfp4"},  # e2m1 in blocks of 32, power-of-two scales
     "nvfp4-r32": {"format": "nvfp4", "rank": 32},  # SVDQuant's NVFP4 layout, rotated
