@@ -58,7 +58,14 @@ from .config import (  # noqa: E402
     ConfigError,
     QuantConfig,
 )
-from .fewstep import UnrolledSampler, fit_compensation, full, partial, unroll  # noqa: E402
+from .fewstep import (  # noqa: E402
+    UnrolledSampler,
+    fit_compensation,
+    full,
+    partial,
+    train_schedule,
+    unroll,
+)
 from .inspection import InspectReport, inspect  # noqa: E402
 from .runtime import request  # noqa: E402
 
@@ -108,6 +115,7 @@ __all__ = [
     "metrics",
     "partial",
     "request",
+    "train_schedule",
     "unroll",
     "zoo",
 ]

@@ -3,6 +3,7 @@
 what those partial steps skip."""
 
 from .compensation import Compensation, CompensationFit, fit_compensation
+from .joint import train_schedule
 from .sampler import initial_noise, sample
 from .unroll import Full, Partial, UnrolledSampler, full, partial, scheduler_steps, unroll
 
@@ -18,5 +19,6 @@ __all__ = [
     "partial",
     "sample",
     "scheduler_steps",
+    "train_schedule",
     "unroll",
 ]

@@ -546,3 +546,37 @@ def test_flux_with_guidance_shares_the_ids_that_have_no_batch_axis():
     shifted = {**uncond, "img_ids": cond["img_ids"] + 1}
     with pytest.raises(ConfigError, match=r"cond\['img_ids'\] and uncond\['img_ids'\] differ"):
         sampler(x, cond, shifted)
+
+
+def test_train_schedule_moves_a_fractional_schedule_toward_its_targets():
+    """End to end through the partial step: the student's weights and the compensation both
+    get gradients, the loss on the training pairs falls below where the closed-form fit left
+    it, and afterwards nothing requires grad."""
+    import copy
+
+    student = zoo.load("ref-dit-2step")
+    model = copy.deepcopy(student.model)
+    labels = torch.arange(16) % 10
+    latents = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond = {"class_labels": labels}
+    with torch.no_grad():  # targets the schedule can reach: the 2-step student's own output
+        targets = diffopt.unroll(model, student.scheduler, 2, sigmas=[1.0, 0.5])(latents, cond)
+    sampler = diffopt.unroll(model, student.scheduler, "1.5", sigmas=[1.0, 0.5])
+    diffopt.fit_compensation(sampler, latents, cond)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    scale = sampler.compensation["1"].scale.clone()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return (sampler(latents, cond) - targets).pow(2).mean().item()
+
+    fitted = loss()
+    losses = diffopt.train_schedule(
+        sampler, latents, cond, targets, steps=30, lr=1e-4, batch=8, progress=False, ema=0.5
+    )
+    assert len(losses) == 30 and loss() < 0.5 * fitted
+    assert not torch.equal(sampler.compensation["1"].scale, scale)
+    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert not any(p.requires_grad for p in sampler.parameters())
+    with pytest.raises(ConfigError, match="must be the final latents"):
+        diffopt.train_schedule(sampler, latents, cond, targets[:3], steps=1)
