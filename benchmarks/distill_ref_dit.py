@@ -11,7 +11,15 @@
 Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` and
 ``ref-dit-2step/``, which ``zoo.load("ref-dit-1step")`` and ``("ref-dit-2step")`` load.
 
+4. ``--joint``: 1.x-Distill's joint training of a fractional schedule. From the 2-step student,
+   the 1.5-step schedule (step 2 runs 4 of 8 blocks and reuses the rest's residual through a
+   compensation) is fit in closed form, then trained end to end on the teacher pairs
+   (`diffopt.train_schedule`: the student's weights and the compensation together, through the
+   partial step). Writes ``ref-dit-1.5step-COMPENSATION/`` (the student and
+   ``compensation.safetensors``) for each ``--compensation``.
+
     python benchmarks/distill_ref_dit.py
+    python benchmarks/distill_ref_dit.py --joint --compensation affine lowrank
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm, trange
 
+import diffopt
 from diffopt.evaluation import zoo
+from diffopt.fewstep.compensation import save_compensation
 from diffopt.fewstep.sampler import initial_noise
 
 ASSETS = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets"
@@ -103,8 +113,52 @@ def train(
     return ema
 
 
+JOINT_FRACTION = "1.5"
+JOINT_SIGMAS = [1.0, 0.5]
+
+
+def joint_sampler(
+    student: torch.nn.Module, scheduler, compensation: str
+) -> diffopt.UnrolledSampler:
+    """The 1.5-step schedule of the 2-step student that ``--joint`` trains (and few_step.py
+    rebuilds to load what it wrote)."""
+    return diffopt.unroll(
+        student, scheduler, JOINT_FRACTION, sigmas=JOINT_SIGMAS, compensation=compensation, rank=8
+    )
+
+
+def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> None:
+    """Step 4: closed-form fit, then end-to-end training, per compensation form."""
+    noise, labels, images = pairs
+    cond = {"class_labels": labels}
+    fit_on = slice(0, 200)
+    for seed, kind in enumerate(args.compensation, start=10):
+        two = zoo.load("ref-dit-2step")
+        sampler = joint_sampler(two.model, two.scheduler, kind)
+        diffopt.fit_compensation(sampler, noise[fit_on], {"class_labels": labels[fit_on]})
+        losses = diffopt.train_schedule(
+            sampler,
+            noise,
+            cond,
+            images,
+            steps=args.joint_steps,
+            lr=args.joint_lr,
+            batch=args.batch,
+            seed=seed,
+        )
+        out = args.out / f"ref-dit-{JOINT_FRACTION}step-{kind}"
+        two.model.save_pretrained(out, safe_serialization=True)
+        save_compensation(sampler, out / "compensation.safetensors")
+        first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+        print(f"{kind}: loss {first:.5f} -> {last:.5f}; wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--joint", action="store_true", help="step 4 only (see the docstring)")
+    parser.add_argument("--compensation", nargs="+", default=["affine", "lowrank"])
+    parser.add_argument("--joint-steps", type=int, default=600)
+    parser.add_argument("--joint-lr", type=float, default=1e-4)
     parser.add_argument("--pairs", type=int, default=6000)
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--reflow-steps", type=int, default=1500)
@@ -117,6 +171,10 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.time()
     pairs = teacher_pairs(args.pairs, args.teacher_steps, batch=500)
+    if args.joint:
+        train_joint(args, pairs)
+        print(f"trained in {(time.time() - start) / 60:.1f} min")
+        return
     common = {"lr": args.lr, "batch": args.batch}
     reflow = train(
         zoo.load("ref-dit").model,
