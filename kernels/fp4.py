@@ -36,6 +36,7 @@ from .formats import (
     register_quant_format,
 )
 from .hadamard import rotate
+from .ops import linear_flops, linear_output
 from .reference import low_rank_branch, pack_int4
 
 E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -185,19 +186,8 @@ def fp4_linear(
     return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-@fp4_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, *_: object, **__: object) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@register_flop_formula(torch.ops.diffopt.fp4_linear)
-def _flops(x_shape, weight_shape, *args, lowrank_down_shape=None, out_shape=None, **kwargs) -> int:
-    """As ``quant_linear``'s: the GEMM's multiply-adds plus the branch's."""
-    if len(args) > 5:
-        lowrank_down_shape = args[5]
-    tokens, k, n = math.prod(x_shape[:-1]), x_shape[-1], weight_shape[0]
-    rank = lowrank_down_shape[1] if lowrank_down_shape is not None else 0
-    return 2 * tokens * (k * n + rank * (k + n))
+fp4_linear.register_fake(linear_output)
+register_flop_formula(torch.ops.diffopt.fp4_linear)(linear_flops)
 
 
 def _prepare(kind: Fp4Kind):

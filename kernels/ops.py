@@ -50,12 +50,13 @@ def quant_linear(
     return out
 
 
-def _linear_output(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
-    """Both ops' fake: x's leading dims, one column per output channel."""
+def linear_output(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
+    """The quantized linear ops' fake (here and `fp4.py`): x's leading dims, one column per
+    output channel."""
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-quant_linear.register_fake(_linear_output)
+quant_linear.register_fake(linear_output)
 
 
 @torch.library.custom_op("diffopt::quant_linear_static", mutates_args=())
@@ -76,15 +77,21 @@ def quant_linear_static(
     )
 
 
-quant_linear_static.register_fake(_linear_output)
+quant_linear_static.register_fake(linear_output)
 
 
-@register_flop_formula(torch.ops.diffopt.quant_linear)
-def _flops(x_shape, weight_shape, *args, lowrank_down_shape=None, out_shape=None, **kwargs) -> int:
+def linear_flops(
+    x_shape, weight_shape, *args, lowrank_down_shape=None, out_shape=None, **kwargs
+) -> int:
     """Integer multiply-adds count like float ones: FLOP ratios stay comparable. The low-rank
-    branch adds its two thin matmuls."""
-    if len(args) > 5:  # the branch passed positionally (args[7] is `smooth`: no multiply-adds)
+    branch adds its two thin matmuls. Shared with ``diffopt::fp4_linear`` (`fp4.py`): in both
+    schemas the branch's down projection is the eighth argument."""
+    if len(args) > 5:  # the branch passed positionally (smoothing adds no multiply-adds)
         lowrank_down_shape = args[5]
     tokens, k, n = math.prod(x_shape[:-1]), x_shape[-1], weight_shape[0]
     rank = lowrank_down_shape[1] if lowrank_down_shape is not None else 0
     return 2 * tokens * (k * n + rank * (k + n))
+
+
+# registered without decorating: the registration wraps the function, and fp4.py registers it too
+register_flop_formula(torch.ops.diffopt.quant_linear)(linear_flops)

@@ -93,3 +93,21 @@ def test_fp4_settings_that_do_not_apply_are_reported():
     report = next(p for p in diffopt.inspect(model, inputs, config).passes if p.name == "quantize")
     assert not report.rewritten
     assert "unset quant.scale_group and quant.gptq" in report.skipped[0].what
+
+
+def test_fp4_linear_counts_its_gemm_and_branch_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffopt.kernels.reference import pack_int4
+
+    x, codes = torch.randn(4, 32), torch.zeros(8, 32, dtype=torch.uint8)
+    scales, down, up = (
+        torch.full((8, 2), 56, dtype=torch.uint8),
+        torch.zeros(32, 2),
+        torch.zeros(2, 8),
+    )
+    with FlopCounterMode(display=False) as counted:
+        torch.ops.diffopt.fp4_linear(
+            x, pack_int4(codes), scales, torch.ones(1), None, None, "nvfp4", down, up
+        )
+    assert counted.get_total_flops() == 2 * 4 * (32 * 8 + 2 * (32 + 8))
