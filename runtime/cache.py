@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -52,9 +53,14 @@ from .lowering import RegionProgram, compile_region
 from .profiles import Condition, ModelProfile
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One sampling run: its step count, its controller settings, and what the guards did."""
+    """One sampling run: its step count, its controller settings, and what the guards did.
+
+    Each request holds its own cache state (`runs`), so requests in flight at the same time
+    (threads, or asyncio tasks between denoiser calls) through one compiled model never share
+    a cache: each scope (`diffopt.request`) is its own request.
+    """
 
     steps: int | None = None
     cache: CacheConfig | None = None
@@ -82,6 +88,15 @@ class Request:
     calibrated, and what it ran under: the ``"timestep"`` and the stream's change
     (``"stream"``) at each step, its ``"batch"`` and ``"tokens"``
     (`diffopt.runtime.profiles.Condition.from_recorded`)."""
+    runs: dict[Any, Run] = field(default_factory=dict, repr=False)
+    """Each caching executor's state for this request (`Run`), dropped when it ends."""
+
+    def close(self, failed: bool = False) -> None:
+        """End the request: each executor keeps what it calibrated and warns about guards that
+        never fired, unless the request `failed` half-way; then its cache state is freed."""
+        for executor, run in list(self.runs.items()):
+            executor.finish(run, failed)
+        self.runs.clear()
 
     def hit_rates(self) -> dict[CacheAction, float]:
         """The share of steps (over all branches) that took each action."""
@@ -112,11 +127,15 @@ def request(
     ``calibrate=True`` runs the request in full and records the change profile; ``trial=True``
     marks a setting tried by a search (no warning about guards that never fired).
     """
-    token = _REQUEST.set(Request(steps, cache, calibrate, trial))
+    req = Request(steps, cache, calibrate, trial)
+    token = _REQUEST.set(req)
+    failed = True
     try:
-        yield _REQUEST.get()
+        yield req
+        failed = False
     finally:
         _REQUEST.reset(token)
+        req.close(failed)
 
 
 class Trend:
@@ -243,6 +262,26 @@ class Branch:
     """Its mean relative change at each step so far (the first third is enough; None after a
     step that did not run in full)."""
     timesteps: list[float] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Run:
+    """What one caching executor holds for one request: its guidance branches, where the
+    current call is, and whose model runs it (models of one class share a compiled graph)."""
+
+    request: Request
+    branches: dict[int, Branch] = field(default_factory=dict)
+    branch: int = 0
+    """The guidance branch of the call running now."""
+    last_t: float | None = None
+    weights: list[torch.Tensor] = field(default_factory=list)
+    """The parameters of the model this request runs: whose calibrated profile applies."""
+    key_slots: list[int] = field(default_factory=list)
+    """Where the first of those weights comes in: a different tensor there is another model."""
+    calibrated: ModelProfile | None = None
+    """That model's calibrated profile (`runtime.profiles`), if it has one."""
+    seen: tuple[int, int | None] = (0, None)
+    """The request's batch and token count (the condition a calibration records)."""
 
 
 @dataclass
@@ -394,23 +433,15 @@ class CachingExecutor(RegionExecutor):
         }
         self.probe = self._boundary(span[0] - 1, span[0]) if config.indicator == "block0" else None
         self._variants: dict[tuple[int, int], Any] = {}
-        self._request: Request | None = None
-        self._branches: dict[int, Branch] = {}
-        self._branch = 0
-        self._last_t: float | None = None
-        self._weights: list[torch.Tensor] = []
-        """The parameters of the model the current request runs (models of one class share a
-        compiled graph, hence this executor): whose calibrated profile applies."""
-        self._calibrated: ModelProfile | None = None
-        """The current model's calibrated profile (`runtime.profiles`), if it has one."""
+        self._compiling = threading.Lock()
+        """Held while a token variant compiles (concurrent requests may ask for it at once)."""
+        self._implicit: Run | None = None
+        """The state of calls outside any `diffopt.request` scope: one request at a time, ended
+        when the timestep rises again or after `steps` calls."""
         self._own_profile: ModelProfile | None = None
         """Where a model without parameter inputs (an engine) keeps its profile."""
         self._warned: set[tuple[Condition, str]] = set()
         """Transfer warnings given (once per calibration and kind of difference)."""
-        self._key_slots: list[int] = []
-        """Where the first of those weights comes in: a different tensor there is another model."""
-        self._seen: tuple[int, int | None] = (0, None)
-        """The current request's batch and token count (the condition a calibration records)."""
 
     # ---- structure -------------------------------------------------------------------------
 
@@ -448,78 +479,94 @@ class CachingExecutor(RegionExecutor):
 
     # ---- requests and branches -------------------------------------------------------------
 
+    @property
+    def _run(self) -> Run:
+        """The state of the request the current call belongs to (set by `_current_branch`)."""
+        ctx = _REQUEST.get(None)
+        return ctx.runs[self] if ctx is not None else self._implicit
+
     def _current_branch(self, values: list[Any]) -> Branch:
         ctx = _REQUEST.get(None)
+        run = ctx.runs.get(self) if ctx is not None else self._implicit
         t = None
         if self.timestep_slot is not None:
             t = float(values[self.timestep_slot].reshape(-1)[0])
         elif ctx is not None:  # read by a graph before a graph break (`TimestepRecorder`)
             t = ctx.timestep
-        same_step = t is not None and t == self._last_t
-        new = ctx is not self._request and ctx is not None
+        new = run is None
+        same_step = not new and t is not None and t == run.last_t
         # another instance of the class (another model's weights): its own request and profile
-        switched = bool(self._key_slots) and not self._same_model(values)
-        if not same_step:
+        switched = not new and bool(run.key_slots) and not self._same_model(run, values)
+        if not (new or same_step):
             steps = self._steps(ctx)
-            first = self._branches.get(0)
+            first = run.branches.get(0)
             # without a request scope, a request ends after `steps` calls; inside one, more
             # calls than `steps` are an error (raised in `run`)
             finished = ctx is None and first is not None and steps is not None
             finished = finished and first.step >= steps
-            restarted = t is not None and self._last_t is not None and t > self._last_t
-            new = new or finished or restarted or not self._branches
+            restarted = t is not None and run.last_t is not None and t > run.last_t
+            new = finished or restarted or not run.branches
         if new or switched:
-            self._finish_request()
-            self._start_request(ctx, values)
-        self._branch = self._branch + 1 if same_step and not (new or switched) else 0
-        self._last_t = t
-        if self._branch not in self._branches:
-            self._branches[self._branch] = self._new_branch()
-        return self._branches[self._branch]
+            if run is not None:
+                self.finish(run)
+            run = self._start_request(ctx, values)
+        run.branch = run.branch + 1 if same_step and not (new or switched) else 0
+        run.last_t = t
+        if run.branch not in run.branches:
+            run.branches[run.branch] = self._new_branch(run)
+        return run.branches[run.branch]
 
-    def _same_model(self, values: list[Any]) -> bool:
-        """Whether this call's weights are the current request's (one identity check)."""
-        return all(values[s] is self._weights[0] for s in self._key_slots)
+    def _same_model(self, run: Run, values: list[Any]) -> bool:
+        """Whether this call's weights are the request's (one identity check)."""
+        return all(values[s] is run.weights[0] for s in run.key_slots)
 
-    def _start_request(self, ctx: Request | None, values: list[Any]) -> None:
+    def _start_request(self, ctx: Request | None, values: list[Any]) -> Run:
         """A new request: find whose weights run it, and that model's calibrated profile."""
-        self._request = ctx if ctx is not None else Request()
-        self._branches = {}
         slots = sorted(self.param_slots)
-        self._weights = profiles.model_weights(values[s] for s in slots)
-        self._key_slots = [s for s in slots if self._weights and values[s] is self._weights[0]]
-        self._calibrated = profiles.lookup(self._weights) if self._weights else self._own_profile
+        weights = profiles.model_weights(values[s] for s in slots)
+        run = Run(
+            ctx if ctx is not None else Request(),
+            weights=weights,
+            key_slots=[s for s in slots if weights and values[s] is weights[0]],
+            calibrated=profiles.lookup(weights) if weights else self._own_profile,
+        )
+        if ctx is not None:
+            ctx.runs[self] = run
+        else:
+            self._implicit = run
+        return run
 
     def _observe(self, branch: Branch, values: list[Any], step: int, steps: int | None) -> None:
         """The condition this request runs under (first guidance branch, once the regions before
         the span ran): recorded when it calibrates, else compared with the calibration's."""
+        run = self._run
         stream = self._stream(values)
         if step == 0:
-            self._seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
-        if self._last_t is not None:
-            branch.timesteps.append(self._last_t)
+            run.seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
+        if run.last_t is not None:
+            branch.timesteps.append(run.last_t)
         early = steps is not None and step <= max(steps // 3, 2)
         if early:  # a host read per step, in the first third only
             last = branch.last_stream
             # the stream moved by the velocity of the last step: exact only if that ran in full
-            exact = last is not None and self._request.actions.get(0, [])[-1:] == ["full"]
+            exact = last is not None and run.request.actions.get(0, [])[-1:] == ["full"]
             branch.stream.append(float(relative_change(stream, last).mean()) if exact else None)
             branch.last_stream = stream
         else:
             branch.last_stream = None
         if branch.calibrating:
-            recorded = self._request.recorded
+            recorded = run.request.recorded
             recorded["timestep"] = branch.timesteps
             recorded["stream"] = branch.stream
-            recorded["batch"], recorded["tokens"] = [self._seen[0]], [self._seen[1] or 0]
+            recorded["batch"], recorded["tokens"] = [run.seen[0]], [run.seen[1] or 0]
             return
         calibrated = self._calibration_condition()
         if calibrated is None or steps is None:
             return
         now = Condition(
             steps,
-            self._seen[0],
-            self._seen[1],
+            run.seen[0],
+            run.seen[1],
             tuple(branch.timesteps),
             profiles.early_speed(branch.stream, steps),
         )
@@ -533,7 +580,8 @@ class CachingExecutor(RegionExecutor):
         if settings.profile is not None:
             known = settings.calibrated_on
             return Condition.from_dict(known) if known else None
-        return self._calibrated.condition if self._calibrated is not None else None
+        calibrated = self._run.calibrated
+        return calibrated.condition if calibrated is not None else None
 
     def _warn_transfer(self, calibrated: Condition, kind: str, difference: str, steps: int) -> None:
         """Once per executor, calibration and kind of difference: the calibrated quality may not
@@ -587,14 +635,11 @@ class CachingExecutor(RegionExecutor):
         if self.group is not None and config.mode == "online" and config.polish == "token":
             raise ConfigError(TOKENS_UNDER_CONTEXT_PARALLELISM)
 
-    def _new_branch(self) -> Branch:
+    def _new_branch(self, run: Run) -> Branch:
         config = self._settings()
         self._refuse_tokens(config)
-        ctx = _REQUEST.get(None)
-        uncalibrated = (
-            config.profile is None and self._calibrated is None and config.mode == "online"
-        )
-        if uncalibrated or (ctx is not None and ctx.calibrate):
+        uncalibrated = config.profile is None and run.calibrated is None and config.mode == "online"
+        if uncalibrated or run.request.calibrate:
             return Branch(None, calibrating=True)  # this request runs in full and calibrates
         steps = self._steps()
         if steps is None:
@@ -630,16 +675,18 @@ class CachingExecutor(RegionExecutor):
 
     def _recorded(self, key: str) -> list[float] | None:
         """The current model's calibrated `key` indicator (None before it calibrated)."""
-        return self._calibrated.recorded.get(key) if self._calibrated is not None else None
+        calibrated = self._run.calibrated
+        return calibrated.recorded.get(key) if calibrated is not None else None
 
-    def _keep_profile(self, req: Request, first: Branch) -> None:
-        """After a calibrating request (at its last step, or when the next request starts): its
-        profile now belongs to the model that ran it, whichever graph runs that model next."""
+    def _keep_profile(self, run: Run, first: Branch) -> None:
+        """After a calibrating request (at its last step, or when it ends): its profile now
+        belongs to the model that ran it, whichever graph runs that model next."""
+        req = run.request
         if first.kept or not req.recorded.get(self._indicator_key):
             return
         first.kept = True
         condition = Condition.from_recorded(req.recorded, first.step)
-        weights = self._weights
+        weights = run.weights
         owner = (
             f"the model with {len(weights)} parameter tensors "
             f"({sum(w.numel() for w in weights):,} weights)"
@@ -653,17 +700,19 @@ class CachingExecutor(RegionExecutor):
             profiles.store(weights, found)
         else:
             self._own_profile = found
-        self._calibrated = found
+        run.calibrated = found
 
-    def _finish_request(self) -> None:
-        """Close the previous request: keep a calibrated profile, warn about idle guards."""
-        req, branches = self._request, self._branches
-        if req is None or not branches:
+    def finish(self, run: Run, failed: bool = False) -> None:
+        """End `run`'s request: keep a calibrated profile, warn about idle guards (neither for a
+        request that `failed` half-way: its partial record is no calibration)."""
+        req, first = run.request, run.branches.get(0)
+        if run is self._implicit:
+            self._implicit = None
+        if first is None or failed:
             return
-        first = branches.get(0)
         steps = self._steps(req)  # the closed request's own settings, not the next one's
         if first.calibrating:
-            self._keep_profile(req, first)
+            self._keep_profile(run, first)
             return
         if steps is not None and first.step < steps:
             warnings.warn(
@@ -692,6 +741,7 @@ class CachingExecutor(RegionExecutor):
         program = self.program
         values: list[Any] = list(args) + [None] * (program.num_slots - len(args))
         branch = self._current_branch(values)
+        run = self._run
         step = branch.step
         steps = self._steps()
         if steps is not None and step >= steps and not branch.calibrating:
@@ -704,7 +754,7 @@ class CachingExecutor(RegionExecutor):
             if self.probe is not None and index == self.probe.start:
                 probe_inputs = {s: values[s] for s in self.probe.entries}
             self.step(index, values)
-        if self._branch == 0:
+        if run.branch == 0:
             self._observe(branch, values, step, steps)
         change = self._indicator(branch, values, step, probe_inputs)
         if branch.calibrating:
@@ -713,7 +763,7 @@ class CachingExecutor(RegionExecutor):
             curvature = self._curvature(branch, step, change)
             action = branch.controller.decide(step, change, curvature, branch.drifting)
             if branch.drifting is not None:
-                vetoes = self._request.vetoes.setdefault(self._branch, [])
+                vetoes = run.request.vetoes.setdefault(run.branch, [])
                 vetoes.append(int(branch.drifting.sum()))
         chosen = STRATEGIES[action]
         if not chosen.can(self, branch):
@@ -724,12 +774,12 @@ class CachingExecutor(RegionExecutor):
         for index in range(span.stop, len(program.regions)):
             self.step(index, values)
 
-        self._request.actions.setdefault(self._branch, []).append(chosen.action)
-        self._request.work.setdefault(self._branch, []).append(work)
+        run.request.actions.setdefault(run.branch, []).append(chosen.action)
+        run.request.work.setdefault(run.branch, []).append(work)
         branch.step += 1
-        if branch.calibrating and self._branch == 0 and branch.step == steps:
+        if branch.calibrating and run.branch == 0 and branch.step == steps:
             # stored now: a new batch size's request next runs in another graph's executor
-            self._keep_profile(self._request, branch)
+            self._keep_profile(run, branch)
         return self.outputs(values)
 
     def _indicator(
@@ -797,8 +847,8 @@ class CachingExecutor(RegionExecutor):
         return trend.change_per_sample(self.group) / max(expected, 1e-12)
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
-        if self._branch == 0:
-            recorded = self._request.recorded.setdefault(key, [])
+        if self._run.branch == 0:
+            recorded = self._run.request.recorded.setdefault(key, [])
             recorded.append(float(change.mean()) if step > 0 else 0.0)
 
     # ---- what the action strategies share ----------------------------------------------------
@@ -898,20 +948,23 @@ class CachingExecutor(RegionExecutor):
         if self.variants is not None:
             return self.variants(index, count, examples)
         key = (index, count)
-        if key not in self._variants:
-            lowered = self.program.regions[index]
-            exported = getattr(lowered, "token_variants", None)
-            if exported is None:
-                self._variants[key] = compile_region(lowered, examples, self.inner)
-            elif count in exported:
-                self._variants[key] = exported[count]
-            else:
-                raise ConfigError(
-                    f"this engine's region {lowered.region.name!r} was exported for token "
-                    f"refreshes of {sorted(exported) or 'no'} tokens, not {count}: export again "
-                    "with cache.polish='token' and the cache.token_ratio and resolution you serve"
-                )
+        with self._compiling:
+            if key not in self._variants:
+                self._variants[key] = self._token_variant(index, count, examples)
         return self._variants[key]
+
+    def _token_variant(self, index: int, count: int, examples: list[Any]) -> Any:
+        lowered = self.program.regions[index]
+        exported = getattr(lowered, "token_variants", None)
+        if exported is None:
+            return compile_region(lowered, examples, self.inner)
+        if count in exported:
+            return exported[count]
+        raise ConfigError(
+            f"this engine's region {lowered.region.name!r} was exported for token "
+            f"refreshes of {sorted(exported) or 'no'} tokens, not {count}: export again "
+            "with cache.polish='token' and the cache.token_ratio and resolution you serve"
+        )
 
 
 # ---- the actions, each a strategy registered by name --------------------------------------------
@@ -957,8 +1010,9 @@ def _full(executor: CachingExecutor, call: SpanCall) -> float:
     if ratio is not None:
         if call.config.check == "stack":
             branch.drifting = ratio > call.config.check_tolerance
-        if executor._branch == 0:
-            executor._request.fit.append(float(ratio.mean()))
+        run = executor._run
+        if run.branch == 0:
+            run.request.fit.append(float(ratio.mean()))
     return 1.0
 
 

@@ -15,15 +15,22 @@ def latent_key(inputs: dict) -> str:
 
 def denoise(denoiser, inputs: dict, steps: int, start: float | None = None) -> torch.Tensor:
     """`steps` Euler-like steps with a decreasing timestep; returns the final latents."""
+    *_, x = stepping(denoiser, inputs, steps, start)
+    return x
+
+
+def stepping(denoiser, inputs: dict, steps: int, start: float | None = None):
+    """`denoise` one step at a time: yields the latents after each step (a caller can pause
+    between denoiser calls, as an asyncio server does, or stop half-way)."""
     key = latent_key(inputs)
     x = inputs[key].clone()
     top = float(inputs["timestep"].max()) if start is None else start
-    with torch.no_grad():
-        for t in torch.linspace(top, top / steps, steps):
-            call = {**inputs, key: x, "timestep": t.expand(x.shape[0]).to(x.dtype)}
+    for t in torch.linspace(top, top / steps, steps):
+        call = {**inputs, key: x, "timestep": t.expand(x.shape[0]).to(x.dtype)}
+        with torch.no_grad():
             v = first_output(denoiser(**call))
-            x = x - v[:, : x.shape[1]] / steps
-    return x
+        x = x - v[:, : x.shape[1]] / steps
+        yield x
 
 
 def build(name: str = "tiny-dit", batch: int = 2):

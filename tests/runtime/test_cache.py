@@ -372,17 +372,16 @@ def test_idle_guards_warn_for_a_users_request_but_not_for_a_search_trial():
     model, inputs = build()
     compiled = calibrated(model, inputs)
     never = CacheConfig(**ALWAYS_FULL)  # thresholds 0: neither reuse nor a refresh fires
-    with diffopt.request(steps=12, cache=never, trial=True):
-        denoise(compiled, inputs, 12)
-    with warnings.catch_warnings(record=True) as caught, diffopt.request(steps=12, cache=never):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        denoise(compiled, inputs, 12)  # its first call closes the trial: no warning
+        with diffopt.request(steps=12, cache=never, trial=True):
+            denoise(compiled, inputs, 12)  # the trial ends with its scope: no warning
     assert not [w for w in caught if "never fired" in str(w.message)]
     with (
         pytest.warns(UserWarning, match=r"\['reuse', 'token'\] never fired"),
-        diffopt.request(steps=12),
+        diffopt.request(steps=12, cache=never),
     ):
-        denoise(compiled, inputs, 1)  # closes the user's request: warned
+        denoise(compiled, inputs, 12)  # the user's request ends with its scope: warned
 
 
 def test_actions_dispatch_through_the_strategy_registry(monkeypatch):
