@@ -612,7 +612,7 @@ class CachingExecutor(RegionExecutor):
         it, their batch of 1 broke the per-sample check and the block-0 indicator on Wan)."""
         tensors = [values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor)]
         candidates = [t for t in tensors if t.dtype != torch.bool]
-        return max(candidates, key=lambda t: (_sample(t), t.dim()))
+        return max(candidates, key=lambda t: (_sample(t), t.dim(), t.numel()))
 
     def _steps(self, req: Request | None = None) -> int | None:
         """The step count of `req` (by default the request in scope), else the compiled one."""

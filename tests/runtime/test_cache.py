@@ -301,6 +301,16 @@ def test_a_calibrated_config_knows_what_it_was_measured_on():
     assert "speed" in measured.differences(dataclasses.replace(alone, speed=0.74 * 1.25))
 
 
+@pytest.mark.parametrize(("family", "tokens"), [("tiny-wan", 32), ("tiny-flux", 16)])
+def test_the_calibration_records_the_image_streams_tokens(family, tokens):
+    # Wan's blocks also read the text [B, 6, D] and the timestep projection [B, 6, D]: taken
+    # for the stream, the condition and its early speed described the text tokens
+    model, inputs = build(family)
+    calibrated(model, inputs, steps=6)
+    found = profiles.lookup(profiles.model_weights(model.parameters()))
+    assert (found.condition.batch, found.condition.tokens) == (2, tokens)
+
+
 def test_weights_loaded_in_place_calibrate_again():
     model, inputs = build()
     compiled = calibrated(model, inputs, early=0.05, critical=0.15, polish="none")
