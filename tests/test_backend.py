@@ -116,3 +116,28 @@ def test_inductor_matches_eager_and_does_not_recompile(name):
                 inputs["timestep"] = torch.full_like(inputs["timestep"], 45.0 * i)
                 actual, expected = compiled(**inputs), model(**inputs)
                 assert (first_output(actual) - first_output(expected)).abs().max() <= 1e-4
+
+
+def test_a_graph_handed_over_again_gets_the_same_executor():
+    """Dynamo compiles a frame once more per thread that reached it before the first compile
+    finished; each such graph must run on the one executor, or a request's calls split their
+    cache state between executors."""
+    from diffopt.backend import diffopt_backend
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    model, inputs = zoo.build("tiny-dit")
+    with torch.no_grad():
+        torch.compile(model, backend=keep, fullgraph=True)(**inputs)
+        torch._dynamo.reset()
+        torch.compile(model, backend=keep, fullgraph=True)(**inputs)
+    (first, first_inputs), (again, again_inputs) = graphs
+    assert first is not again
+    cached = {"inner": "eager", "cache": {"steps": 4}}
+    built = diffopt_backend(first, first_inputs, cached)
+    assert diffopt_backend(again, again_inputs, cached) is built
+    assert diffopt_backend(again, again_inputs, {**cached, "cache": {"steps": 5}}) is not built
