@@ -128,6 +128,37 @@ def _quantized(single, model, inputs: dict) -> dict:
     return {"one": one, "cp": cp, "digests": digests}
 
 
+def _unrolled(single, model, inputs: dict, timestep_scale: float) -> dict:
+    """Two whole steps unrolled on one process and on the context-parallel model (eager and
+    compiled), and what a fractional schedule on the context-parallel model says."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import diffopt
+
+    x = inputs["hidden_states"]
+    skip = ("hidden_states", "timestep", "return_dict")
+    cond = {k: v for k, v in inputs.items() if k not in skip}
+    uncond = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+    found = {}
+    for name, denoiser in (("one", single), ("cp", model)):
+        sampler = diffopt.unroll(
+            denoiser,
+            FlowMatchEulerDiscreteScheduler(),
+            2,
+            sigmas=[1.0, 0.5],
+            guidance=2.0,
+            timestep_scale=timestep_scale,
+        )
+        with torch.no_grad():
+            found[name] = sampler(x, cond, uncond)
+            compiled = torch.compile(sampler, backend="diffopt", options={"inner": "eager"})
+            found[f"{name}_compiled"] = compiled(x, cond, uncond)
+    found["partial"] = _error(
+        lambda: diffopt.unroll(model, FlowMatchEulerDiscreteScheduler(), "1.5", sigmas=[1.0, 0.5])
+    )
+    return found
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -170,6 +201,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                     model, backend="diffopt", options={"inner": "eager"}
                 )(**inputs)[0]
             found["quant"] = _quantized(single, model, inputs)
+            scale = 1e-3 if family == "tiny-flux" else 1.0  # Flux takes sigmas
+            found["unroll"] = _unrolled(single, model, inputs, scale)
             cached = torch.compile(model, backend="diffopt", options=options)
             found["cp"] = _requests(cached, inputs, top)
             token = diffopt.CacheConfig(steps=STEPS)  # polish="token", the default
@@ -294,6 +327,20 @@ def test_calibrated_w4a4_prepares_the_same_weights_on_every_rank(ranks, family):
         found = result[family]
         error = _gap(found["quant"]["one"], found["eager"])
         assert _gap(found["quant"]["cp"], found["quant"]["one"]) <= 0.5 * error
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_unrolled_sampler_matches_one_process(ranks, family):
+    """Two whole steps with guidance (cond and uncond as one batch), unrolled into one module,
+    on the context-parallel model: one process's output, eager and compiled by diffopt."""
+    (rank0, rank1), _ = ranks
+    for result in (rank0, rank1):
+        found = result[family]["unroll"]
+        assert _gap(found["cp"], found["one"]) <= 1e-4
+        assert _gap(found["cp_compiled"], found["one"]) <= 1e-4
+        assert _gap(found["one_compiled"], found["one"]) <= 1e-5
+        said = found["partial"]
+        assert "ConfigError" in said and "context-parallel" in said and "steps=N" in said
 
 
 @pytest.mark.parametrize("family", FAMILIES)

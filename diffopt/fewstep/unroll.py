@@ -522,6 +522,17 @@ def _hidden_width(stack: nn.ModuleList) -> int:
     return linears[-1].out_features
 
 
+PARTIAL_UNDER_CONTEXT_PARALLELISM = (
+    "partial steps (a fractional schedule) cannot run on a context-parallel model yet: "
+    "diffusers' context-parallel hooks wrap the model's own forward, bound to the model, so a "
+    "partial step's view of it with fewer blocks would still run every block; and each rank "
+    "would fit its compensation on its own shard of the tokens. Under context parallelism, "
+    "unroll whole steps (steps=N: tested to match one process), or run the 1.x schedule "
+    "without enable_parallelism (one GPU per request)"
+)
+"""Why `unroll` refuses partial steps on a model diffusers parallelized, and what to use."""
+
+
 def unroll(
     denoiser: nn.Module,
     scheduler: Any,
@@ -555,6 +566,8 @@ def unroll(
         needs_blocks = any(isinstance(s, Partial) for s in steps)
     else:
         needs_blocks = not float(steps).is_integer()
+    if needs_blocks and getattr(denoiser, "_parallel_config", None) is not None:
+        raise ConfigError(PARTIAL_UNDER_CONTEXT_PARALLELISM)
     stack = find_block_stack(denoiser, blocks) if needs_blocks else None
     schedule = parse_schedule(steps, len(getattr(denoiser, stack)) if stack else None)
     if sigmas is not None:
