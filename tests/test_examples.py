@@ -21,9 +21,12 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("quantize_reference.py", ["--images", "6", "--steps", "8"]),
         ("few_step_reference.py", ["--images", "10"]),
         ("export_reference.py", ["--images", "4", "--steps", "20"]),
+        ("serve_ray.py", ["--requests", "4", "--steps", "6"]),
     ],
 )
 def test_example_runs(script, args, tmp_path):
+    if script == "serve_ray.py":
+        pytest.importorskip("ray.serve")
     command = [sys.executable, str(EXAMPLES / script), *args]
     out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -44,6 +47,8 @@ def test_example_runs(script, args, tmp_path):
         nfe = float(out.stdout.split("effective NFE ")[1].split(";")[0])
         assert 1.5 < nfe <= 1.7
         assert float(out.stdout.split("accuracy ")[1].split()[0]) >= 0.8
+    elif script == "serve_ray.py":
+        assert "4 requests in" in out.stdout and "gives the same image: True" in out.stdout
     elif script == "export_reference.py":
         assert "same decisions as torch: True" in out.stdout
         assert float(out.stdout.split("max |diff| ")[1].split()[0].rstrip(";")) <= 1e-4
