@@ -103,6 +103,30 @@ def test_inspect_runs_across_a_graph_break_and_export_names_it(tmp_path):
         diffopt.export(model, (x, t, torch.zeros(2, 3)), out=tmp_path / "engine")
 
 
+class _SizeFromData(torch.nn.Module):
+    """Lumina2's and HiDream's shape: a size taken from data (one graph would need a guard on
+    it: dynamo's UserError under fullgraph), the blocks after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, _ = user_model()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kept = mask.nonzero()[:, 0]  # as many rows as the mask holds: known only at run time
+        if kept.shape[0] > 1:
+            x = x * 1.0
+        return self.inner(x, t)["sample"]
+
+
+def test_inspect_runs_across_a_size_taken_from_data_and_export_names_it(tmp_path):
+    model = _SizeFromData().eval()
+    x, t = user_model()[1]
+    report = diffopt.inspect(model, (x, t, torch.ones(3)))
+    assert [b.name for b in report.blocks] == [f"inner.blocks.{i}" for i in range(3)]
+    with pytest.raises(ValueError, match=r"size taken from data: .*torch\._check"):
+        diffopt.export(model, (x, t, torch.ones(3)), out=tmp_path / "engine")
+
+
 def test_cli_inspect_builtin(capsys, tmp_path):
     assert (
         main(["inspect", "tiny-pixart", "--inner", "eager", "--html", str(tmp_path / "p.html")])
