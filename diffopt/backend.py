@@ -313,7 +313,19 @@ def _graph_key(gm: fx.GraphModule, example_inputs: list[Any], config: Config) ->
         for node in gm.graph.nodes
         if node.op == "get_attr" and isinstance(held := getattr(gm, node.target), torch.Tensor)
     )
-    return (gm.code, tuple(layout(x) for x in example_inputs), attributes, repr(config))
+    inputs = tuple(layout(x) for x in example_inputs)
+    return (gm.code, inputs, attributes, repr(config), _global_state())
+
+
+def _global_state() -> str:
+    """What dynamo compiles a frame anew for besides the graph: grad and inference mode,
+    autocast, the default dtype... (a region inductor built without grad drops it)."""
+    inference = f"inference_mode={torch.is_inference_mode_enabled()}"
+    try:
+        return torch._C._dynamo.guards.GlobalStateGuard().__getstate__() + inference
+    except AttributeError:  # a torch without the serialized form
+        autocast = [torch.is_autocast_enabled(d) for d in ("cpu", "cuda")]
+        return f"grad={torch.is_grad_enabled()} autocast={autocast} {inference}"
 
 
 def _build(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> RegionExecutor:

@@ -472,10 +472,10 @@ class CachingExecutor(RegionExecutor):
         # residual streams first: exits[0] is the token stream (sizes may exit too, dynamic=True)
         pairs.sort(key=lambda pair: pair[1] is None)
         boundary.exits = [out for out, _ in pairs]
-        boundary.bases = [base for _, base in pairs]
         boundary.strides = {
             s: values[s].stride() for s in boundary.exits if isinstance(values[s], torch.Tensor)
         }
+        boundary.bases = [base for _, base in pairs]  # last: a concurrent call checks it
 
     # ---- requests and branches -------------------------------------------------------------
 
@@ -536,9 +536,11 @@ class CachingExecutor(RegionExecutor):
             self._implicit = run
         return run
 
-    def _observe(self, branch: Branch, values: list[Any], step: int, steps: int | None) -> None:
-        """The condition this request runs under (first guidance branch, once the regions before
-        the span ran): recorded when it calibrates, else compared with the calibration's."""
+    def _observe(
+        self, branch: Branch, values: dict[int, Any], step: int, steps: int | None
+    ) -> None:
+        """The condition this request runs under (first guidance branch; `values`: the span's
+        inputs): recorded when it calibrates, else compared with the calibration's."""
         run = self._run
         stream = self._stream(values)
         if step == 0:
@@ -604,13 +606,17 @@ class CachingExecutor(RegionExecutor):
             stacklevel=4,
         )
 
-    def _stream(self, values: list[Any]) -> torch.Tensor:
-        """The token stream entering the guarded span, once the regions before it ran: its input
+    def _stream(self, values: list[Any] | dict[int, Any]) -> torch.Tensor:
+        """The token stream entering the guarded span, once the regions before it ran: the input
+        its first exit is a residual of (known after the span first ran); before that, its input
         with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D]; a
         boolean attention mask [B, 1, 1, N] is no stream), tables broadcast over the batch and
         another axis last (Wan's rotary cos/sin, [1, N, 1, d], are no stream either: taken for
         it, their batch of 1 broke the per-sample check and the block-0 indicator on Wan)."""
-        tensors = [values[s] for s in self.span.entries if isinstance(values[s], torch.Tensor)]
+        span = self.span
+        if span.bases and span.bases[0] is not None:  # the stream the blocks add residuals to
+            return values[span.bases[0]]
+        tensors = [values[s] for s in span.entries if isinstance(values[s], torch.Tensor)]
         candidates = [t for t in tensors if t.dtype != torch.bool]
         return max(candidates, key=lambda t: (_sample(t), t.dim(), t.numel()))
 
@@ -754,8 +760,6 @@ class CachingExecutor(RegionExecutor):
             if self.probe is not None and index == self.probe.start:
                 probe_inputs = {s: values[s] for s in self.probe.entries}
             self.step(index, values)
-        if run.branch == 0:
-            self._observe(branch, values, step, steps)
         change = self._indicator(branch, values, step, probe_inputs)
         if branch.calibrating:
             action: CacheAction = "full"
@@ -771,6 +775,8 @@ class CachingExecutor(RegionExecutor):
             chosen = STRATEGIES["full"]
         entries = {s: values[s] for s in span.entries}
         work = chosen.run(self, SpanCall(branch, values, entries, step, config))
+        if run.branch == 0:  # after the span: its first run told which input is the stream
+            self._observe(branch, entries, step, steps)
         for index in range(span.stop, len(program.regions)):
             self.step(index, values)
 

@@ -138,6 +138,11 @@ def test_a_graph_handed_over_again_gets_the_same_executor():
     (first, first_inputs), (again, again_inputs) = graphs
     assert first is not again
     cached = {"inner": "eager", "cache": {"steps": 4}}
-    built = diffopt_backend(first, first_inputs, cached)
+    built = diffopt_backend(first, first_inputs, cached)  # grad mode on
     assert diffopt_backend(again, again_inputs, cached) is built
     assert diffopt_backend(again, again_inputs, {**cached, "cache": {"steps": 5}}) is not built
+    # another grad mode or autocast is another program (inductor regions keep no grad otherwise)
+    with torch.no_grad():
+        assert diffopt_backend(again, again_inputs, cached) is not built
+    with torch.autocast("cpu", torch.bfloat16):
+        assert diffopt_backend(again, again_inputs, cached) is not built

@@ -97,6 +97,27 @@ def test_requests_that_arrive_before_the_first_compile_wait_for_it(one_by_one):
     assert len(differ) <= 1, differ  # the calibrating request, uncached
 
 
+def test_a_requests_view_shares_the_components_and_settings_with_its_own_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from diffopt.evaluation import zoo
+
+    model, _ = zoo.build("tiny-wan")
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=model,
+        boundary_ratio=0.875,  # Wan 2.2's switch to transformer_2
+        expand_timesteps=True,
+    )
+    view = PipelineService(pipe).view()
+    assert view.transformer is pipe.transformer and view.scheduler is not pipe.scheduler
+    assert view.scheduler.config.shift == 3.0
+    assert (view.config.boundary_ratio, view.config.expand_timesteps) == (0.875, True)
+
+
 def test_a_bad_request_is_refused_with_the_reason(service):
     with pytest.raises(ValueError, match="label 12 is not a class of ref-flux"):
         service.generate({"label": 12, "seed": 0})

@@ -566,7 +566,8 @@ def unroll(
         needs_blocks = any(isinstance(s, Partial) for s in steps)
     else:
         needs_blocks = not float(steps).is_integer()
-    if needs_blocks and getattr(denoiser, "_parallel_config", None) is not None:
+    parallel = getattr(denoiser, "_parallel_config", None)  # diffusers' enable_parallelism
+    if needs_blocks and getattr(parallel, "context_parallel_config", None) is not None:
         raise ConfigError(PARTIAL_UNDER_CONTEXT_PARALLELISM)
     stack = find_block_stack(denoiser, blocks) if needs_blocks else None
     schedule = parse_schedule(steps, len(getattr(denoiser, stack)) if stack else None)

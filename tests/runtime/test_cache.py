@@ -301,11 +301,20 @@ def test_a_calibrated_config_knows_what_it_was_measured_on():
     assert "speed" in measured.differences(dataclasses.replace(alone, speed=0.74 * 1.25))
 
 
-@pytest.mark.parametrize(("family", "tokens"), [("tiny-wan", 32), ("tiny-flux", 16)])
-def test_the_calibration_records_the_image_streams_tokens(family, tokens):
-    # Wan's blocks also read the text [B, 6, D] and the timestep projection [B, 6, D]: taken
-    # for the stream, the condition and its early speed described the text tokens
+@pytest.mark.parametrize(
+    ("family", "text", "tokens"),
+    [("tiny-wan", None, 32), ("tiny-flux", None, 16), ("tiny-flux", 24, 16)],
+)
+def test_the_calibration_records_the_image_streams_tokens(family, text, tokens):
+    # Wan's blocks also read the text [B, 6, D] and the timestep projection [B, 6, D], Flux's the
+    # text, which can be longer than the image (FLUX.1's 512 tokens at 352 px): taken for the
+    # stream, the condition and its early speed described the text tokens
     model, inputs = build(family)
+    if text:
+        inputs["encoder_hidden_states"] = torch.randn(
+            2, text, inputs["encoder_hidden_states"].shape[2]
+        )
+        inputs["txt_ids"] = torch.zeros(text, 3)
     calibrated(model, inputs, steps=6)
     found = profiles.lookup(profiles.model_weights(model.parameters()))
     assert (found.condition.batch, found.condition.tokens) == (2, tokens)
