@@ -63,7 +63,8 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
             "use cache.polish='block' or 'none'",
         )
         return graph, report
-    stream = max(graph.roles.token_streams, key=lambda s: s.shape[1]).shape
+    # a symbolic length (dynamic shapes: the stream whose size changed, the image's) ranks first
+    stream = max(graph.roles.token_streams, key=lambda s: _longest(s.shape[1])).shape
     batch, tokens = stream[:2]
     if not isinstance(tokens, int):
         report.skip(where, f"the token count is symbolic ({tokens}, dynamic shapes)")
@@ -387,3 +388,8 @@ def _fake(value: object, axes: list[int], fewer: int) -> object:
     for axis in axes:
         shape[axis] -= fewer
     return torch.empty(shape, dtype=value.dtype, device=value.device)
+
+
+def _longest(length: int | str) -> tuple[bool, int]:
+    """Sort key of a stream's token count: symbolic (a name) above any fixed count."""
+    return (isinstance(length, str), length if isinstance(length, int) else 0)

@@ -320,6 +320,22 @@ def test_the_calibration_records_the_image_streams_tokens(family, text, tokens):
     assert (found.condition.batch, found.condition.tokens) == (2, tokens)
 
 
+def test_another_resolution_recompiles_dynamic_with_the_token_guard_skipped():
+    """Flux at a second image size: dynamo recompiles with a symbolic image length, beside the
+    text's fixed one (the token guard compared the two and crashed: '>' between int and str)."""
+    model, inputs = build("tiny-flux")
+    compiled = calibrated(model, inputs, steps=6)
+    larger = {**inputs, "hidden_states": torch.randn(2, 36, inputs["hidden_states"].shape[2])}
+    larger["img_ids"] = torch.zeros(36, 3)
+    with warnings.catch_warnings(record=True) as caught, diffopt.request(steps=6) as req:
+        warnings.simplefilter("always")
+        out = denoise(compiled, larger, 6)
+    assert out.shape == larger["hidden_states"].shape and out.isfinite().all()
+    said = [str(w.message) for w in caught]
+    assert "reuse" in req.actions[0]  # the model's profile carries over, with a warning
+    assert any("36 tokens" in m for m in said), said
+
+
 def test_weights_loaded_in_place_calibrate_again():
     model, inputs = build()
     compiled = calibrated(model, inputs, early=0.05, critical=0.15, polish="none")
