@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,32 +45,51 @@ class Compensation(nn.Module):
         return out + (residual @ self.down) @ self.up if self.down.shape[1] else out
 
     @torch.no_grad()
-    def fit(self, reused: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> None:
+    def fit(
+        self, reused: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3, group: Any = None
+    ) -> None:
         """Least squares from `reused` to `target` residuals ([..., width] each).
 
         `ridge` is relative to the mean variance of `reused`: an absolute one shrinks the map
         toward zero on a model whose residuals are small (tiny-flux's: variance 4e-4 against
-        1e-3), to an error above the identity's it starts from.
+        1e-3), to an error above the identity's it starts from. With `group` (context
+        parallelism: each rank holds a shard of the tokens) the sums are taken over every
+        rank's rows, so all ranks fit the map one process fits.
         """
         x = reused.reshape(-1, reused.shape[-1]).double()
         y = target.reshape(-1, target.shape[-1]).double()
-        x_mean, y_mean = x.mean(0), y.mean(0)
-        xc, yc = x - x_mean, y - y_mean
-        penalty = ridge * len(x) * xc.pow(2).mean()
-        if self.down.shape[1]:
+        width, low_rank = x.shape[1], self.down.shape[1] > 0
+        sums = [torch.tensor([float(len(x))], dtype=x.dtype), x.sum(0), y.sum(0)]
+        sums += [x.T @ x, x.T @ y] if low_rank else [x.pow(2).sum(0), (x * y).sum(0)]
+        if group is not None:
+            flat = torch.cat([t.reshape(-1) for t in sums])
+            torch.distributed.all_reduce(flat, group=group)
+            sums = list(flat.split([t.numel() for t in sums]))  # reshaped below
+        n, x_sum, y_sum, xx, xy = sums
+        n = n.reshape(())
+        x_mean, y_mean = x_sum.reshape(width) / n, y_sum.reshape(width) / n
+        if low_rank:
+            xx, xy = xx.reshape(width, width), xy.reshape(width, width)
+            gram = xx - n * torch.outer(x_mean, x_mean)  # centered XᵀX and XᵀY
+            cross = xy - n * torch.outer(x_mean, y_mean)
+            variance = torch.diagonal(gram)
+        else:
+            variance = xx.reshape(width) - n * x_mean.pow(2)
+            cross = xy.reshape(width) - n * x_mean * y_mean
+        penalty = ridge * variance.mean()
+        if low_rank:
             # the least-squares linear map, split as diagonal + rank r by alternating the two
-            gram = xc.T @ xc + penalty * torch.eye(x.shape[1], dtype=x.dtype)
-            linear = torch.linalg.solve(gram, xc.T @ yc)
-            low_rank = torch.zeros_like(linear)
+            linear = torch.linalg.solve(gram + penalty * torch.eye(width, dtype=x.dtype), cross)
+            low = torch.zeros_like(linear)
             rank = self.down.shape[1]
             for _ in range(50):
-                scale = torch.diagonal(linear - low_rank)
+                scale = torch.diagonal(linear - low)
                 u, s, vh = torch.linalg.svd(linear - torch.diag(scale))
-                low_rank = (u[:, :rank] * s[:rank]) @ vh[:rank]
+                low = (u[:, :rank] * s[:rank]) @ vh[:rank]
             self.down.copy_(u[:, :rank] * s[:rank])
             self.up.copy_(vh[:rank])
         else:
-            scale = (xc * yc).sum(0) / (xc.pow(2).sum(0) + penalty)
+            scale = cross / (variance + penalty)
         low_rank_of_mean = x_mean @ self.down.double() @ self.up.double()
         self.scale.copy_(scale)
         self.shift.copy_(y_mean - x_mean * scale - low_rank_of_mean)
@@ -111,7 +130,7 @@ def fit_compensation(
             _, (reused, target) = sampler._run(latents, cond, uncond, noise, collect=i)
         compensation = sampler.compensation[str(i)]
         before = _relative_error(compensation(reused), target)
-        compensation.fit(reused, target)
+        compensation.fit(reused, target, group=sampler.group)
         errors[i] = (before, _relative_error(compensation(reused), target))
     return CompensationFit(errors)
 

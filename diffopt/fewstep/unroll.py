@@ -311,7 +311,33 @@ def _with_blocks(denoiser: nn.Module, attribute: str, blocks: list[nn.Module]) -
     view = copy.copy(denoiser)
     view._modules = dict(denoiser._modules)
     view._modules[attribute] = nn.ModuleList(blocks)
+    if "forward" in denoiser.__dict__:  # a hook wrapped the model's own forward, bound to it
+        view.forward = _hooked_forward(view, denoiser)
     return view
+
+
+def _hooked_forward(view: nn.Module, model: nn.Module) -> Callable[..., Any]:
+    """`view`'s own forward through the hooks diffusers put on `model`'s (context parallelism
+    splits the inputs there): the copied wrapper would run `model`'s forward, every block."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hooks = [registry.hooks[name] for name in registry._hook_order] if registry else []
+    if registry is None or any(hasattr(hook, "new_forward") for hook in hooks):
+        raise ConfigError(
+            f"partial steps cannot run {type(model).__name__}: its forward is wrapped (by "
+            f"{'a hook that replaces it' if registry else 'something other than diffusers hooks'}"
+            "), so a view of it with fewer blocks would still run them all; unroll whole steps"
+        )
+    own = type(view).forward.__get__(view)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        for hook in reversed(hooks):  # the last one registered wraps the others
+            args, kwargs = hook.pre_forward(view, *args, **kwargs)
+        out = own(*args, **kwargs)
+        for hook in hooks:
+            out = hook.post_forward(view, out)
+        return out
+
+    return forward
 
 
 def find_block_stack(denoiser: nn.Module, attribute: str | None = None) -> str:
@@ -351,6 +377,11 @@ class UnrolledSampler(nn.Module):
         self.guidance, self.guidance_input = guidance, guidance_input
         partial_steps = [i for i, s in enumerate(schedule) if isinstance(s, Partial)]
         self.compensation = nn.ModuleDict()
+        parallel = getattr(denoiser, "_parallel_config", None)  # diffusers' enable_parallelism
+        context = getattr(parallel, "context_parallel_config", None)
+        self.group = context._flattened_mesh.get_group() if context is not None else None
+        """The ranks holding shards of the tokens (context parallelism): a compensation fit
+        sums over all of them."""
         # Built once: the views share the denoiser's weights and are not registered as children,
         # so parameters and state_dict list every weight once.
         self._views: dict[int, nn.Module] = {}
@@ -522,17 +553,6 @@ def _hidden_width(stack: nn.ModuleList) -> int:
     return linears[-1].out_features
 
 
-PARTIAL_UNDER_CONTEXT_PARALLELISM = (
-    "partial steps (a fractional schedule) cannot run on a context-parallel model yet: "
-    "diffusers' context-parallel hooks wrap the model's own forward, bound to the model, so a "
-    "partial step's view of it with fewer blocks would still run every block; and each rank "
-    "would fit its compensation on its own shard of the tokens. Under context parallelism, "
-    "unroll whole steps (steps=N: tested to match one process), or run the 1.x schedule "
-    "without enable_parallelism (one GPU per request)"
-)
-"""Why `unroll` refuses partial steps on a model diffusers parallelized, and what to use."""
-
-
 def unroll(
     denoiser: nn.Module,
     scheduler: Any,
@@ -566,9 +586,6 @@ def unroll(
         needs_blocks = any(isinstance(s, Partial) for s in steps)
     else:
         needs_blocks = not float(steps).is_integer()
-    parallel = getattr(denoiser, "_parallel_config", None)  # diffusers' enable_parallelism
-    if needs_blocks and getattr(parallel, "context_parallel_config", None) is not None:
-        raise ConfigError(PARTIAL_UNDER_CONTEXT_PARALLELISM)
     stack = find_block_stack(denoiser, blocks) if needs_blocks else None
     schedule = parse_schedule(steps, len(getattr(denoiser, stack)) if stack else None)
     if sigmas is not None:
