@@ -8,11 +8,13 @@ workload, so that 2 replicas on 2 cores can at best double it. With `--workers` 
 replica runs that many requests at once on its threads, whose ops then spread over both cores
 already (16 workers: 1 replica 0.93 requests/s, 2 replicas 1.13, 1.2×). Replicas reserve half
 a CPU each in Ray's accounting, only so that both applications fit on 2 cores at once; the one
-not being timed is idle. A replica takes at most `--workers` requests at a time
-(`max_ongoing_requests`); Ray Serve holds the rest and hands each to the first replica free.
-With 16 requests let in at once the router split them unevenly (1 worker: 2 replicas 1.41×).
+not being timed is idle. A replica takes at most `--max-ongoing` requests at a time (default
+`--workers`); Ray Serve holds the rest and hands each to the first replica free. With 16 let
+in at once (`--max-ongoing 16`) the router split them unevenly (1 worker: 1.41×).
 
-    python benchmarks/serve_throughput.py --requests 16 --rounds 3 --steps 28
+    python benchmarks/serve_throughput.py --requests 16 --rounds 3 --steps 28 --workers 1
+    python benchmarks/serve_throughput.py --rounds 3 --steps 28 --workers 1 --max-ongoing 16
+    python benchmarks/serve_throughput.py --requests 16 --rounds 3 --steps 28 --workers 16
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="requests a replica runs at once (its threads)"
     )
+    parser.add_argument(
+        "--max-ongoing", type=int, help="requests let into a replica at once (default: --workers)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "serve-throughput")
     args = parser.parse_args()
 
@@ -52,9 +57,10 @@ def main() -> None:
     build = functools.partial(
         reference_service, "ref-flux", options, steps=args.steps, workers=args.workers
     )
+    ongoing = args.max_ongoing or args.workers
     handles = {
         n: serve.run(
-            ray_app(build, replicas=n, cpus=0.5, max_ongoing_requests=args.workers),
+            ray_app(build, replicas=n, cpus=0.5, max_ongoing_requests=ongoing),
             name=f"r{n}",
             route_prefix=None,
         )
@@ -88,8 +94,8 @@ def main() -> None:
     ]
     caption = (
         f"ref-flux FluxPipeline, {args.steps} steps, cache guards, {args.requests} requests in "
-        f"flight per round, {args.workers} at a time per replica, median of {args.rounds} "
-        "interleaved rounds, torch on 1 thread per replica, Ray on 2 CPUs"
+        f"flight per round, {args.workers} at a time per replica ({ongoing} let in), median of "
+        f"{args.rounds} interleaved rounds, torch on 1 thread per replica, Ray on 2 CPUs"
     )
     print(caption + "\n")
     print(tabulate(table, headers="keys", tablefmt="github"))
