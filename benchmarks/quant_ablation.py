@@ -30,6 +30,8 @@ from diffopt.quality import STATS_HEADERS, psnr_stats
 
 SETTINGS = {  # row name -> quant settings (QuantConfig fields)
     "rotation only (w4a4)": {},
+    "rotation only, clipping on the weight error": {"weight_clip": "weight"},
+    "rotation only, no clipping": {"weight_clip": "none"},
     "low-rank only (rtn, rank 32)": {"rotation": "none", "rank": 32},
     "rotation + low-rank": {"rank": 32},
     "+ group scales 64": {"scale_group": 64, "rank": 32},

@@ -79,12 +79,15 @@ def quantize_weight(
     clip: bool = False,
     scale_group: int | None = None,
     hessian: torch.Tensor | None = None,
+    clip_hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline: rotate [N, K] along K in float32, quantize per output channel (or per group of
     `scale_group` along K), pack if 4-bit.
 
     With `clip`, each channel's (group's) scale is the `CLIP_RATIOS` multiple of absmax / qmax
-    with the least squared error (clipping a few large weights buys resolution for the others).
+    with the least squared error (clipping a few large weights buys resolution for the others):
+    of the weight, or with `clip_hessian` (XᵀX [K, K] of the rotated inputs) of the layer's
+    output on those inputs, δᵀ H δ for the error δ (per group: H's diagonal block).
     With `hessian` (XᵀX [K, K] of the *rotated* inputs), the values are rounded by GPTQ's error
     feedback against those scales (`gptq.gptq_round`) instead of to nearest.
     Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales (float16, [N], or
@@ -93,15 +96,23 @@ def quantize_weight(
     rotated = rotate(weight.detach(), rotation)
     rows = _groups(rotated, scale_group)
     absmax = rows.abs().amax(dim=-1)
+    blocks = None if clip_hessian is None else _diagonal_blocks(clip_hessian, rows.shape[1])
     best_scale, best_error = None, None
     for ratio in CLIP_RATIOS if clip else [1.0]:
         scale = (absmax * ratio / qmax(bits)).to(SCALE_DTYPE)
         values, _ = quantize_rows(rows, bits, scale=scale)
-        error = (values * scale.float()[:, None] - rows).pow(2).sum(dim=-1)
+        delta = values * scale.float()[:, None] - rows
+        if blocks is None:
+            error = delta.pow(2).sum(dim=-1)
+        else:  # δᵀ H δ group by group: [N, G, g] against [G, g, g]
+            d = delta.reshape(-1, *blocks.shape[:2])
+            error = (torch.einsum("ngi,gij->ngj", d, blocks) * d).sum(dim=-1).reshape(-1)
         if best_scale is None:
             best_scale, best_error = scale, error
         else:
-            better = error < best_error
+            # by a margin: activations that differ in the last bits (another capture of the
+            # same model, as export makes) must not flip a near tie between two ratios
+            better = error < best_error * (1 - 1e-4)
             best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
     if hessian is None:
@@ -116,6 +127,14 @@ def quantize_weight(
     if scale_group:
         best_scale = best_scale.reshape(rotated.shape[0], -1)
     return (pack_int4(values) if bits == 4 else values), best_scale
+
+
+def _diagonal_blocks(hessian: torch.Tensor, g: int) -> torch.Tensor:
+    """The [G, g, g] diagonal blocks of a [K, K] matrix (G = K / g): the part of XᵀX each
+    scale group's values meet."""
+    k = hessian.shape[0]
+    blocks = hessian.float().reshape(k // g, g, k // g, g).diagonal(dim1=0, dim2=2)
+    return blocks.permute(2, 0, 1)
 
 
 def _groups(rows: torch.Tensor, scale_group: int | None) -> torch.Tensor:

@@ -231,7 +231,8 @@ def _sequence_split_to_prologue(gm: fx.GraphModule, first: str) -> list[str]:
     inside that block's call, so dynamo records the ``chunk(world)[rank]`` as block 0's. Left
     there, the stream enters the blocks whole and leaves them split: no block-stack residual, no
     token stream. Only graphs that communicate (`collective_groups`) are touched, and only the
-    block's leading chunks of values from before it, along a non-batch axis, and their items:
+    block's leading chunks of values from before it (Qwen-Image's plan also splits its token
+    mask and modulation index there), along a non-batch axis, and their items:
     views, so moving them changes no value. Returns the names of the values split."""
     if not collective_groups(gm):
         return []
@@ -251,7 +252,7 @@ def _sequence_split_to_prologue(gm: fx.GraphModule, first: str) -> list[str]:
             node.target in chunks
             and before
             and isinstance(value, torch.Tensor)
-            and value.dim() >= 3
+            and value.dim() >= 2  # a token mask [B, N] too (Qwen-Image splits it per block)
             and dim not in (0, -value.dim())
             and all(user.target is operator.getitem for user in node.users)
         ):

@@ -19,6 +19,14 @@ import torch
 import torch.distributed as dist
 
 FAMILIES = ("tiny-flux", "tiny-wan")
+"""Checked in depth: every request kind, W4A4, the unrolled sampler, the refusals."""
+BREADTH = ("tiny-qwenimage", "tiny-flux2", "tiny-ltx")
+"""Checked for parity: compiled, cached requests and calibrated W4A4 under Ulysses 2.
+
+Not here, because diffusers 0.42's own context-parallel forward fails on them before diffopt
+runs: LTX-2 (its rotary table is not split with the tokens), Helios (its plan names blocks 0–39
+one by one, and the toy has 2). LTX-Video runs without its text mask: with one, diffusers' Ulysses
+attention hands SDPA a mask over half the text tokens."""
 STEPS = 6
 BASE = {"steps": STEPS, "polish": "none"}
 REQUESTS = {
@@ -36,6 +44,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _toy_for_ulysses(family: str, inputs: dict) -> dict:
+    """The family's example call as its pipeline makes it for context parallelism."""
+    if family == "tiny-flux2":  # Flux2Pipeline passes batched ids, which the plan splits
+        for key in ("img_ids", "txt_ids"):
+            inputs[key] = inputs[key].unsqueeze(0).expand(2, -1, -1)
+    if family == "tiny-ltx":
+        inputs["encoder_attention_mask"] = None  # see BREADTH
+    inputs["return_dict"] = False
+    return inputs
 
 
 def _denoise(model, inputs: dict, top: float) -> torch.Tensor:
@@ -178,7 +197,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from diffusers import ContextParallelConfig
 
     import diffopt
-    from diffopt.evaluation import zoo
+    from diffopt.evaluation import families, zoo
 
     results: dict = {}
     try:
@@ -225,6 +244,36 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             )
             found["token_compile"] = _error(
                 lambda compiled=compiled, inputs=inputs, top=top: _denoise(compiled, inputs, top)
+            )
+            results[family] = found
+        for family in BREADTH:
+            # diffusers wraps these forwards in one decorator (`apply_lora_scale`): dynamo counts
+            # every model's compile against that one code object, and past its recompile limit
+            # (8) it runs the forward uncompiled, with only a log line
+            torch._dynamo.reset()
+            found = {}
+            single, inputs = zoo.build(family)
+            model, _ = zoo.build(family)
+            inputs = _toy_for_ulysses(family, inputs)
+            top = families.FAMILIES[family].timestep_scale
+            options = {"inner": "eager", "cache": BASE}
+            with torch.no_grad():
+                found["eager"] = single(**inputs)[0]
+                found["plain"] = torch.compile(
+                    single, backend="diffopt", options={"inner": "eager"}
+                )(**inputs)[0]
+            found["one"] = _requests(
+                torch.compile(single, backend="diffopt", options=options), inputs, top
+            )
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+            with torch.no_grad():
+                found["cp_eager"] = model(**inputs)[0]
+                found["cp_plain"] = torch.compile(
+                    model, backend="diffopt", options={"inner": "eager"}
+                )(**inputs)[0]
+            found["quant"] = _quantized(single, model, inputs)
+            found["cp"] = _requests(
+                torch.compile(model, backend="diffopt", options=options), inputs, top
             )
             results[family] = found
         results["cold"] = _compiled_cold()
@@ -274,7 +323,7 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BREADTH)
 def test_ulysses_matches_one_process_eager_and_compiled(ranks, family):
     (rank0, rank1), _ = ranks
     for result in (rank0, rank1):
@@ -284,7 +333,7 @@ def test_ulysses_matches_one_process_eager_and_compiled(ranks, family):
         assert _gap(found["cp_plain"], found["eager"]) <= 1e-4  # diffopt on top of it
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BREADTH)
 def test_cache_decisions_are_the_same_on_every_rank_and_as_one_process(ranks, family):
     (rank0, rank1), _ = ranks
     one, cp0, cp1 = rank0[family]["one"], rank0[family]["cp"], rank1[family]["cp"]
@@ -294,10 +343,11 @@ def test_cache_decisions_are_the_same_on_every_rank_and_as_one_process(ranks, fa
         assert cp0[name]["vetoes"] == cp1[name]["vetoes"], name
     assert set(one["calibrate"]["actions"][0]) == {"full"}
     assert "reuse" in one["reuse"]["actions"][0]  # the cache does something to compare
-    assert "block" in one["block"]["actions"][0]
+    if family in FAMILIES:  # the breadth toys' residuals stay under the block polish's bar
+        assert "block" in one["block"]["actions"][0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BREADTH)
 def test_the_calibrated_profile_is_the_whole_sequences_on_every_rank(ranks, family):
     """The profile is reduced over the ranks: bit-identical on both, and one process's value
     (each rank's own shard measured up to 12 % apart, enough to split decisions)."""
@@ -311,7 +361,7 @@ def test_the_calibrated_profile_is_the_whole_sequences_on_every_rank(ranks, fami
         torch.testing.assert_close(measured, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BREADTH)
 def test_cached_requests_match_one_process(ranks, family):
     (rank0, rank1), _ = ranks
     for result in (rank0, rank1):
@@ -320,7 +370,7 @@ def test_cached_requests_match_one_process(ranks, family):
             assert _gap(cp[name]["x"], one[name]["x"]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BREADTH)
 def test_calibrated_w4a4_prepares_the_same_weights_on_every_rank(ranks, family):
     """Smoothing, GPTQ and the SQNR fallback read each layer's inputs, of which a rank holds a
     shard: their statistics are reduced over the group, so both ranks store the same weights

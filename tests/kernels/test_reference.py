@@ -139,6 +139,33 @@ def test_weight_clip_search_never_increases_the_error():
     assert (errors[1] <= errors[0] + 1e-6).all() and errors[1].sum() < errors[0].sum()
 
 
+def test_clipping_scored_on_the_output_has_the_least_output_error_per_channel():
+    """δᵀ XᵀX δ is each output channel's squared error on X: the search keeps, channel by
+    channel, the candidate with the least of it, so it beats clipping on the weight error and
+    no clipping on those inputs (strictly, where a few input channels carry most of the signal);
+    with scale groups each group is scored on its diagonal block of XᵀX."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    x[:, :8] *= 10  # loud input channels: their weights' errors cost the output most
+    w = torch.randn(32, 256)
+    w[:, 100] *= 8  # a heavy weight column, where clipping on the weight error pays off
+    gram = x.double().T @ x.double()
+    for group in (None, 64):
+
+        def output_error(group=group, **kw):
+            stored, scale = quantize_weight(w, 4, None, scale_group=group, **kw)
+            per_value = scale.float().reshape(32, -1).repeat_interleave(group or 256, dim=1)
+            restored = unpack_int4(stored).float() * per_value
+            return (x @ (restored - w).T).pow(2).sum(dim=0)  # per output channel
+
+        by_output = output_error(clip=True, clip_hessian=gram)
+        by_weight, plain = output_error(clip=True), output_error(clip=False)
+        if group is None:  # exact per channel
+            assert (by_output <= by_weight * (1 + 1e-5)).all()
+            assert (by_output <= plain * (1 + 1e-5)).all()
+        assert by_output.sum() < 0.9 * min(by_weight.sum(), plain.sum()), group
+
+
 def test_group_scales_quantize_each_group_against_its_own_absmax():
     torch.manual_seed(0)
     x = torch.randn(5, 256)

@@ -109,6 +109,11 @@ def test_presets_and_bad_settings():
         QuantConfig(scale_group=48)
     with pytest.raises(ConfigError, match=r"quant\.rank must be >= 0"):
         QuantConfig(rank=-1)
+    assert QuantConfig().weight_clip == "output"
+    assert QuantConfig(weight_clip=True).weight_clip == "weight"  # the field's earlier form
+    assert QuantConfig(weight_clip=False).weight_clip == "none"
+    with pytest.raises(ConfigError, match=r"quant\.weight_clip='mse' is not a known choice"):
+        QuantConfig(weight_clip="mse")
 
 
 def test_group_scales_and_the_low_rank_branch_in_the_graph():
@@ -206,7 +211,9 @@ def test_smoothing_and_gptq_calibrate_on_the_capture_and_beat_plain_rounding():
             return sqnr(expected, first_output(compiled(**fresh)))
 
     plain = fresh_sqnr({})
-    assert fresh_sqnr({"gptq": True}) > plain + 1
+    clipped_on_weight = fresh_sqnr({"weight_clip": "weight"})  # as under GPTQ
+    assert plain > clipped_on_weight + 0.2  # clipping scored on the output
+    assert fresh_sqnr({"gptq": True}) > clipped_on_weight + 1
     assert fresh_sqnr({"smooth_alpha": 0.5}) > plain - 1  # no outliers here to migrate
     report, inspected = quantize_report(model, inputs, {**base, "smooth_alpha": 0.5, "gptq": True})
     assert "smoothed (α 0.5), GPTQ-rounded" in report.rewritten[0].what
@@ -226,3 +233,8 @@ def test_calibrated_settings_need_real_inputs(monkeypatch):
     report, _ = quantize_report(model, inputs, {"gptq": True})
     assert not report.rewritten
     assert "quant.gptq calibrate on the layer's inputs" in report.skipped[-1].what
+    report, _ = quantize_report(model, inputs, "w4a4")  # clipping falls back, and says so
+    assert report.rewritten and all(
+        "clipping scored on the weight (the capture has no real inputs)" in e.what
+        for e in report.rewritten
+    )
