@@ -9,7 +9,13 @@ Quality only: no timing (on CPU the ops run their PyTorch references).
 
     python benchmarks/quant_ablation.py --model ref-flux --images 10
 
-Writes ``quant-ablation-MODEL.md`` / ``.json`` to benchmarks/results.
+Writes ``quant-ablation-MODEL.md`` / ``.json`` (``-TAG`` with ``--tag``) to benchmarks/results.
+The clipping rows (``-clip`` files):
+
+    python benchmarks/quant_ablation.py --model ref-flux --images 10 --only "rotation only" ConvRot \
+        --tag clip
+    python benchmarks/quant_ablation.py --model ref-dit --images 24 --schedules 28:1.5 20:3 \
+        --only "rotation only" "+ GPTQ" W4A8 --tag clip
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def main() -> None:
         help="STEPS:GUIDANCE pairs (default: the shipped schedule and 12 steps at guidance 3)",
     )
     parser.add_argument("--only", nargs="+", help="keep the rows whose name contains one of these")
+    parser.add_argument("--tag", default="", help="results file suffix: quant-ablation-MODEL-TAG")
     args = parser.parse_args()
 
     reference = zoo.load(args.model)
@@ -120,8 +127,9 @@ def main() -> None:
     )
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"quant-ablation-{args.model}.md").write_text(text)
-    (RESULTS / f"quant-ablation-{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    stem = f"quant-ablation-{args.model}" + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
