@@ -12,7 +12,8 @@ Quality only: no timing (on CPU the ops run their PyTorch references).
 Writes ``quant-ablation-MODEL.md`` / ``.json`` (``-TAG`` with ``--tag``) to benchmarks/results.
 The clipping rows (``-clip`` files):
 
-    python benchmarks/quant_ablation.py --model ref-flux --images 10 --only "rotation only" ConvRot \
+    python benchmarks/quant_ablation.py --model ref-flux --images 10 \
+        --only "rotation only" ConvRot \
         --tag clip
     python benchmarks/quant_ablation.py --model ref-dit --images 24 --schedules 28:1.5 20:3 \
         --only "rotation only" "+ GPTQ" W4A8 --tag clip
