@@ -20,6 +20,10 @@ Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` an
 
     python benchmarks/distill_ref_dit.py
     python benchmarks/distill_ref_dit.py --joint --compensation affine lowrank
+
+The shipped ``ref-dit-1.5step-affine`` (50.0 min on the 2-core sandbox, beside CI):
+``--joint --compensation affine --pairs 6000 --joint-steps 3000 --batch 64``; the shipped
+``-lowrank`` is the earlier, shorter run (``--pairs 2000 --joint-steps 500 --batch 64``).
 """
 
 from __future__ import annotations
