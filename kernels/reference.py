@@ -110,9 +110,7 @@ def quantize_weight(
         if best_scale is None:
             best_scale, best_error = scale, error
         else:
-            # by a margin: activations that differ in the last bits (another capture of the
-            # same model, as export makes) must not flip a near tie between two ratios
-            better = error < best_error * (1 - 1e-4)
+            better = error < best_error
             best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
     if hessian is None:
