@@ -184,15 +184,15 @@ class QuantConfig:
     gptq: bool = False
     """Round weights with GPTQ's error feedback on the capture's inputs (the Hessian XᵀX of each
     layer's rotated input) instead of to nearest; same stored layout, slower to prepare."""
-    weight_clip: Literal["output", "weight", "none"] = "output"
-    """Each output channel's (scale group's) clipping ratio, searched in 0.5–1 × absmax:
-    ``output``: the least squared error of the layer's output on the capture's inputs
-    (δᵀ XᵀX δ; on the weight where the capture has no real inputs, and the report says so;
-    on the weight under `gptq`, which measured better there: GPTQ's rounding answers the inputs);
-    ``weight``: the least squared weight error; ``none``: plain absmax / qmax. Measured on
-    fresh seeds (`benchmarks/quant_ablation.py`): ``output`` is the best of the three on ref-flux
-    and ref-dit at two schedules each, in the mean and the worst sample. ``True`` / ``False``
-    mean ``weight`` / ``none``."""
+    weight_clip: Literal["auto", "output", "weight", "none"] = "auto"
+    """Each output channel's (scale group's) clipping ratio, searched in 0.5–1 × absmax.
+    ``output``: for the least squared error of the layer's output on the capture's inputs
+    (δᵀ XᵀX δ; per scale group its diagonal block of XᵀX); ``weight``: for the least squared
+    weight error; ``none``: plain absmax / qmax. ``auto``: ``output`` for per-channel scales of
+    rotated weights without `gptq`, where it measured best (plain ``w4a4`` and ``w4a8``, with
+    or without the branch, on ref-flux and ref-dit, fresh seeds,
+    `benchmarks/quant_ablation.py`), else ``weight``. Without real capture inputs both score
+    on the weight, and the report says so. ``True`` / ``False`` mean ``weight`` / ``none``."""
     scope: Literal["blocks", "all"] = "blocks"
     """``blocks``: only linears inside the repeated blocks, so embedders and the final norm and
     projection (which live outside them) stay in high precision; ``all``: every linear."""
@@ -212,7 +212,7 @@ class QuantConfig:
         _check_choice("quant.scope", self.scope, ("blocks", "all"))
         if isinstance(self.weight_clip, bool):  # the field's earlier form
             self.weight_clip = "weight" if self.weight_clip else "none"
-        _check_choice("quant.weight_clip", self.weight_clip, ("output", "weight", "none"))
+        _check_choice("quant.weight_clip", self.weight_clip, ("auto", "output", "weight", "none"))
         from diffopt.kernels.formats import quant_format  # here: the formats import torch
 
         quant_format(self.format)  # an unknown name raises, listing the registered ones

@@ -279,9 +279,15 @@ def _prepare_int(
     prepared = prepare_weight(weight, config, inputs)
     hessian = None
     # clipping scored on the output needs the layer's inputs (without them: on the weight);
-    # GPTQ then rounds against the inputs itself, and measured, its scales do better chosen on
-    # the weight (ref-dit: worst sample 38.1 against 35.7 dB)
-    by_output = config.weight_clip == "output" and inputs is not None and not config.gptq
+    # "auto" scores there only where it measured better (results page, "Clipping scored on the
+    # output"): per output channel, on rotated weights, without GPTQ. GPTQ rounds against the
+    # inputs itself (ref-dit: worst sample 35.7 dB scored on the output, 38.1 on the weight);
+    # with group scales it was mixed (ref-flux g64 r32, 12 steps: worst 31.3 against 35.8, but
+    # +4 dB with smoothing); unrotated, the tail lost (ref-flux rank 32: worst 33.3 against 36.7)
+    measured_better = not (config.gptq or config.scale_group or config.rotation == "none")
+    by_output = inputs is not None and (
+        config.weight_clip == "output" or (config.weight_clip == "auto" and measured_better)
+    )
     if config.gptq or by_output:
         hessian = rotated_hessian(inputs.gram, prepared.smooth, prepared.rotation)
     stored, scale = quantize_weight(
@@ -305,7 +311,7 @@ def _prepare_int(
     )
     extras = [f"scales per {config.scale_group} along K"] if config.scale_group else []
     extras += prepared.describe(config) + (["GPTQ-rounded"] if config.gptq else [])
-    if config.weight_clip == "output" and inputs is None:
+    if config.weight_clip in ("auto", "output") and inputs is None:
         extras.append("clipping scored on the weight (the capture has no real inputs)")
     return QuantizedLinear(
         torch.ops.diffopt.quant_linear.default,

@@ -148,7 +148,9 @@ def _prepare(
         except Unsupported as why:
             report.skip(where, str(why))
 
-    calibrated = config.smooth_alpha is not None or config.gptq or config.weight_clip == "output"
+    calibrated = (
+        config.smooth_alpha is not None or config.gptq or config.weight_clip in ("auto", "output")
+    )
     real = _has_real_inputs(graph)
     if not real or not (calibrated or config.min_sqnr is not None):
         if not real and config.min_sqnr is not None:

@@ -109,7 +109,7 @@ def test_presets_and_bad_settings():
         QuantConfig(scale_group=48)
     with pytest.raises(ConfigError, match=r"quant\.rank must be >= 0"):
         QuantConfig(rank=-1)
-    assert QuantConfig().weight_clip == "output"
+    assert QuantConfig().weight_clip == "auto"
     assert QuantConfig(weight_clip=True).weight_clip == "weight"  # the field's earlier form
     assert QuantConfig(weight_clip=False).weight_clip == "none"
     with pytest.raises(ConfigError, match=r"quant\.weight_clip='mse' is not a known choice"):
@@ -210,10 +210,12 @@ def test_smoothing_and_gptq_calibrate_on_the_capture_and_beat_plain_rounding():
             compiled(**inputs)  # captured (and calibrated) here
             return sqnr(expected, first_output(compiled(**fresh)))
 
-    plain = fresh_sqnr({})
-    clipped_on_weight = fresh_sqnr({"weight_clip": "weight"})  # as under GPTQ
-    assert plain > clipped_on_weight + 0.2  # clipping scored on the output
-    assert fresh_sqnr({"gptq": True}) > clipped_on_weight + 1
+    plain = fresh_sqnr({})  # "auto" with group scales: clipping scored on the weight
+    assert plain == fresh_sqnr({"weight_clip": "weight"})
+    assert fresh_sqnr({"weight_clip": "output"}) > plain + 0.2  # asked for, here it helps
+    assert fresh_sqnr({"gptq": True}) > plain + 1
+    per_channel = fresh_sqnr({"scale_group": None})  # "auto": scored on the output
+    assert per_channel > fresh_sqnr({"scale_group": None, "weight_clip": "weight"}) + 0.2
     assert fresh_sqnr({"smooth_alpha": 0.5}) > plain - 1  # no outliers here to migrate
     report, inspected = quantize_report(model, inputs, {**base, "smooth_alpha": 0.5, "gptq": True})
     assert "smoothed (α 0.5), GPTQ-rounded" in report.rewritten[0].what
