@@ -13,6 +13,7 @@ import socket
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,6 +186,62 @@ def _unrolled(single, model, inputs: dict, timestep_scale: float, blocks: str | 
     return found
 
 
+def _parity(family: str, parallel: Any) -> tuple:
+    """One process and Ulysses 2 side by side: eager, compiled, cached requests, calibrated W4A4.
+    Returns the one-process model, the context-parallel one, the call, the top noise level and
+    what was measured."""
+    from diffopt.evaluation import families, zoo
+
+    found: dict = {}
+    single, inputs = zoo.build(family)
+    model, _ = zoo.build(family)  # the same weights (seeded), its own tensors
+    inputs = _toy_for_ulysses(family, inputs)
+    # tiny-flux is the zoo's own model, with sigmas for timesteps
+    top = families.FAMILIES[family].timestep_scale if family in families.FAMILIES else 1.0
+    options = {"inner": "eager", "cache": BASE}
+    with torch.no_grad():
+        found["eager"] = single(**inputs)[0]
+        found["plain"] = torch.compile(single, backend="diffopt", options={"inner": "eager"})(
+            **inputs
+        )[0]
+    found["one"] = _requests(torch.compile(single, backend="diffopt", options=options), inputs, top)
+    model.enable_parallelism(config=parallel(ulysses_degree=2))
+    with torch.no_grad():
+        # diffusers' context-parallel hook on Wan's blocks.0 looks its forward's signature up on
+        # its first call, which dynamo cannot trace: compiled first, the whole forward would
+        # fall back to per-block frames for good, uncached
+        found["cp_eager"] = model(**inputs)[0]
+        found["cp_plain"] = torch.compile(model, backend="diffopt", options={"inner": "eager"})(
+            **inputs
+        )[0]
+    found["quant"] = _quantized(single, model, inputs)
+    found["cp"] = _requests(torch.compile(model, backend="diffopt", options=options), inputs, top)
+    return single, model, inputs, top, found
+
+
+def _in_depth(family: str, single, model, inputs: dict, top: float) -> dict:
+    """`FAMILIES` only: the unrolled sampler, and the refusals of token refresh."""
+    import diffopt
+
+    found: dict = {}
+    scale = 1e-3 if family == "tiny-flux" else 1.0  # Flux takes sigmas
+    stack = "single_transformer_blocks" if family == "tiny-flux" else None
+    found["unroll"] = _unrolled(single, model, inputs, scale, stack)
+    token = diffopt.CacheConfig(steps=STEPS)  # polish="token", the default
+    cached = torch.compile(model, backend="diffopt", options={"inner": "eager", "cache": BASE})
+
+    def refresh_tokens():
+        with diffopt.request(steps=STEPS, cache=token):
+            _denoise(cached, inputs, top)
+
+    found["token_request"] = _error(refresh_tokens)
+    compiled = torch.compile(
+        model, backend="diffopt", options={"inner": "eager", "cache": {"steps": STEPS}}
+    )
+    found["token_compile"] = _error(lambda: _denoise(compiled, inputs, top))
+    return found
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -196,85 +253,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.accelerator.device_count = lambda: 1
     from diffusers import ContextParallelConfig
 
-    import diffopt
-    from diffopt.evaluation import families, zoo
-
     results: dict = {}
     try:
-        for family in FAMILIES:
-            found: dict = {}
-            single, inputs = zoo.build(family)
-            model, _ = zoo.build(family)  # the same weights (seeded), its own tensors
-            inputs["return_dict"] = False
-            top = 1.0 if family == "tiny-flux" else 999.0  # Flux's timesteps are sigmas
-            options = {"inner": "eager", "cache": BASE}
-            with torch.no_grad():
-                found["eager"] = single(**inputs)[0]
-                found["plain"] = torch.compile(
-                    single, backend="diffopt", options={"inner": "eager"}
-                )(**inputs)[0]
-            found["one"] = _requests(
-                torch.compile(single, backend="diffopt", options=options), inputs, top
-            )
-
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-            with torch.no_grad():
-                # diffusers' context-parallel hook on Wan's blocks.0 looks its forward's signature
-                # up on its first call, which dynamo cannot trace: compiled first, the whole
-                # forward would fall back to per-block frames for good, uncached
-                found["cp_eager"] = model(**inputs)[0]
-                found["cp_plain"] = torch.compile(
-                    model, backend="diffopt", options={"inner": "eager"}
-                )(**inputs)[0]
-            found["quant"] = _quantized(single, model, inputs)
-            scale = 1e-3 if family == "tiny-flux" else 1.0  # Flux takes sigmas
-            stack = "single_transformer_blocks" if family == "tiny-flux" else None
-            found["unroll"] = _unrolled(single, model, inputs, scale, stack)
-            cached = torch.compile(model, backend="diffopt", options=options)
-            found["cp"] = _requests(cached, inputs, top)
-            token = diffopt.CacheConfig(steps=STEPS)  # polish="token", the default
-
-            def refresh_tokens(cached=cached, inputs=inputs, top=top, token=token):
-                with diffopt.request(steps=STEPS, cache=token):
-                    _denoise(cached, inputs, top)
-
-            found["token_request"] = _error(refresh_tokens)
-            compiled = torch.compile(
-                model, backend="diffopt", options={"inner": "eager", "cache": {"steps": STEPS}}
-            )
-            found["token_compile"] = _error(
-                lambda compiled=compiled, inputs=inputs, top=top: _denoise(compiled, inputs, top)
-            )
-            results[family] = found
-        for family in BREADTH:
-            # diffusers wraps these forwards in one decorator (`apply_lora_scale`): dynamo counts
+        for family in FAMILIES + BREADTH:
+            # diffusers wraps most forwards in one decorator (`apply_lora_scale`): dynamo counts
             # every model's compile against that one code object, and past its recompile limit
             # (8) it runs the forward uncompiled, with only a log line
             torch._dynamo.reset()
-            found = {}
-            single, inputs = zoo.build(family)
-            model, _ = zoo.build(family)
-            inputs = _toy_for_ulysses(family, inputs)
-            top = families.FAMILIES[family].timestep_scale
-            options = {"inner": "eager", "cache": BASE}
-            with torch.no_grad():
-                found["eager"] = single(**inputs)[0]
-                found["plain"] = torch.compile(
-                    single, backend="diffopt", options={"inner": "eager"}
-                )(**inputs)[0]
-            found["one"] = _requests(
-                torch.compile(single, backend="diffopt", options=options), inputs, top
-            )
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-            with torch.no_grad():
-                found["cp_eager"] = model(**inputs)[0]
-                found["cp_plain"] = torch.compile(
-                    model, backend="diffopt", options={"inner": "eager"}
-                )(**inputs)[0]
-            found["quant"] = _quantized(single, model, inputs)
-            found["cp"] = _requests(
-                torch.compile(model, backend="diffopt", options=options), inputs, top
-            )
+            single, model, inputs, top, found = _parity(family, ContextParallelConfig)
+            if family in FAMILIES:
+                found.update(_in_depth(family, single, model, inputs, top))
             results[family] = found
         results["cold"] = _compiled_cold()
     except Exception:
