@@ -38,6 +38,16 @@ class CleanupConfig:
 
 
 @dataclass
+class RealRotaryConfig:
+    """Options of the `real_rotary` pass: complex rotary embeddings (Qwen-Image, Z-Image) written
+    in real arithmetic, since ONNX has no complex tensors. `diffopt.export` turns it on; a model
+    compiled with the backend keeps its complex ops."""
+
+    max_table_bytes: int = 256 * 2**20
+    """The largest complex table the pass folds into constants of the graph (and the engine)."""
+
+
+@dataclass
 class CacheConfig:
     """Cache-reuse guards and the dual-threshold "push then polish" controller.
 
@@ -319,6 +329,8 @@ class Config:
     """Turn every skipped rewrite (a pass that could not apply somewhere) into an error."""
     cleanup: CleanupConfig | None = field(default_factory=CleanupConfig)
     """The `remove_noops` pass; ``None`` disables it."""
+    rotary: RealRotaryConfig | None = None
+    """The `real_rotary` pass (complex rotary products in real pairs); `diffopt.export` sets it."""
     cache: CacheConfig | None = None
     """Cache-reuse guards (step, block and token granularity); ``None`` disables them."""
     quant: QuantConfig | None = None

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from diffopt.backend import capture, input_slots
-from diffopt.config import Config, ConfigError
+from diffopt.config import Config, ConfigError, RealRotaryConfig
 from diffopt.passes.graph import example_value
 
-from .formats import get_format
+from .formats import ExportError, get_format
 from .manifest import (
     describe_input,
     engine_manifest,
@@ -58,7 +58,9 @@ def export(
     engine_format = get_format(format)
     if quant_form not in QUANT_FORMS:
         raise ConfigError(f"quant_form must be one of {sorted(QUANT_FORMS)}, not {quant_form!r}")
-    config = dataclasses.replace(Config.coerce(config), inner="eager")
+    config = Config.coerce(config)
+    # ONNX has no complex tensors: complex rotary products are written in real pairs
+    config = dataclasses.replace(config, inner="eager", rotary=config.rotary or RealRotaryConfig())
     engine_format.check(config, quant_form)  # before the export work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,12 @@ def export(
         dynamic_resolution=dynamic_resolution,
     )
     result, flat = captured.result, captured.inputs
+    for report in result.reports:
+        if report.name == "real_rotary" and report.skipped:  # else the exporter fails unclearly
+            first = report.skipped[0]
+            raise ExportError(
+                f"ONNX has no complex tensors, and {first.where} keeps one: {first.what}"
+            )
     graph = result.graph
     placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
     timestep_slot, weights = input_slots(graph)

@@ -28,10 +28,18 @@ from .report import PassReport
 PassFn = Callable[[DenoiserGraph, Any], tuple[DenoiserGraph, PassReport]]
 
 
-PIPELINE: tuple[str, ...] = ("step_guard", "block_guard", "token_guard", "quantize", "remove_noops")
-"""diffopt's passes in the order they run: the cache guards (whole block stack, single blocks,
-tokens), quantization, then the cleanup. A pass from outside takes its place relative to these
-(`register_pass`); `pipeline()` gives the order with such passes in it."""
+PIPELINE: tuple[str, ...] = (
+    "real_rotary",
+    "step_guard",
+    "block_guard",
+    "token_guard",
+    "quantize",
+    "remove_noops",
+)
+"""diffopt's passes in the order they run: complex rotary products in real pairs (for export),
+the cache guards (whole block stack, single blocks, tokens), quantization, then the cleanup. A
+pass from outside takes its place relative to these (`register_pass`); `pipeline()` gives the
+order with such passes in it."""
 
 
 @dataclass(frozen=True)

@@ -137,12 +137,25 @@ def analyze(gm: fx.GraphModule, example_inputs: list[object]) -> tuple[DenoiserG
     return graph, report
 
 
+def _held_by_an_object(node: fx.Node) -> bool:
+    """Whether dynamo reached the tensor through an attribute (a plain tensor the model keeps,
+    such as Qwen-Image's rotary table), not through the call's arguments: a constant."""
+    from torch._dynamo.source import AttrSource
+
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    while source is not None:
+        if isinstance(source, AttrSource):
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
 def _tag_inputs(gm: fx.GraphModule, example_inputs: list[object]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs, strict=False):
         if isinstance(value, torch.nn.Parameter):
             node.meta[INPUT_KEY] = "param"
-        elif "_buffers_" in node.name:
+        elif "_buffers_" in node.name or _held_by_an_object(node):
             node.meta[INPUT_KEY] = "buffer"
         else:
             node.meta[INPUT_KEY] = "user"

@@ -70,6 +70,7 @@ def test_registered_sections_work_like_the_built_in_ones(monkeypatch, tmp_path):
     register_section("extra", ExtraConfig)  # the same kind again: nothing happens
     assert config_sections() == {
         "cleanup": CleanupConfig,
+        "rotary": diffopt.config.RealRotaryConfig,
         "cache": diffopt.config.CacheConfig,
         "quant": diffopt.config.QuantConfig,
         "extra": ExtraConfig,

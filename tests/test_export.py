@@ -224,6 +224,39 @@ def test_a_cached_fifty_step_run_decides_and_samples_like_torch(cached_engine, i
     torch.testing.assert_close(onnx_images, torch_images, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-qwenimage", "tiny-z-image"])
+def test_complex_rotary_families_export_with_a_cache_and_run_like_torch(name, tmp_path):
+    """Their rotary tables are complex (ONNX has none): `real_rotary` writes them in real pairs,
+    in every region of a cached engine."""
+    from diffopt.evaluation import families
+    from tests.test_families import tensors
+
+    model, inputs = zoo.build(name)
+    key = families.FAMILIES[name].timestep
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": len(plan)}}
+    with torch.no_grad():
+        model(**inputs)  # Z-Image builds its rotary table on the first call
+    export(model, dict(inputs), options, out=tmp_path)
+    assert len(list(tmp_path.glob("*.onnx"))) > 1  # one file per region
+    torch._dynamo.reset()
+    runs = {}
+    for kind, denoiser in (
+        ("torch", torch.compile(model, backend="diffopt", options=options)),
+        ("onnx", load_engine(tmp_path)),
+    ):
+        outs = []
+        with torch.no_grad(), diffopt.request(steps=len(plan)) as req:
+            for step in range(len(plan)):
+                t = torch.full_like(inputs[key], 0.9 - 0.2 * step)
+                outs.append(tensors(denoiser(**{**inputs, key: t})))
+        runs[kind] = (outs, [a for branch in req.actions.values() for a in branch])
+    assert runs["onnx"][1] == runs["torch"][1] == plan
+    for got, want in zip(runs["onnx"][0], runs["torch"][0], strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
     from tests.caching import build, denoise
 

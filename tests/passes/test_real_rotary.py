@@ -1,0 +1,100 @@
+"""real_rotary: complex rotary products rewritten in real pairs, so ONNX can hold them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffopt.backend import capture
+from diffopt.config import Config, RealRotaryConfig
+from diffopt.evaluation import families
+from diffopt.passes.graph import example_value
+from diffopt.runtime.executor import RegionExecutor
+from tests.test_families import tensors
+
+
+def _complex_nodes(gm: torch.fx.GraphModule) -> list[str]:
+    return [
+        n.name
+        for n in gm.graph.nodes
+        if isinstance(v := example_value(n), torch.Tensor)
+        and v.is_complex()
+        and (n.op != "placeholder" or n.users)  # a complex weight may stay, unread
+    ]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwenimage", "tiny-z-image", "tiny-anyflow"])
+def test_a_complex_rotary_family_runs_without_complex_ops(name):
+    model, inputs = families.build(name)
+    with torch.no_grad():
+        expected = tensors(model(**copy.deepcopy(inputs)))  # Z-Image builds its table here
+    torch._dynamo.reset()
+    captured = capture(
+        model, copy.deepcopy(inputs), Config(inner="eager", rotary=RealRotaryConfig())
+    )
+    gm = captured.result.graph.gm
+    assert _complex_nodes(gm) == []
+    assert not any(
+        n.target in (torch.view_as_complex, torch.view_as_real, torch.polar) for n in gm.graph.nodes
+    )
+    report = next(r for r in captured.result.reports if r.name == "real_rotary")
+    assert report.rewritten and not report.skipped
+    assert report.stats["table_bytes"] > 0
+    with torch.no_grad():
+        out = tensors(RegionExecutor(captured.result.program)(*captured.inputs))
+    for got, want in zip(out, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_backend_keeps_complex_ops_unless_asked():
+    model, inputs = families.build("tiny-qwenimage")
+    torch._dynamo.reset()
+    captured = capture(model, copy.deepcopy(inputs), Config(inner="eager"))
+    assert _complex_nodes(captured.result.graph.gm)
+    assert all(r.name != "real_rotary" for r in captured.result.reports)
+
+
+class Rotate(torch.nn.Module):
+    def forward(self, hidden_states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        pairs = hidden_states.float().reshape(*hidden_states.shape[:-1], -1, 2)
+        return torch.view_as_real(torch.view_as_complex(pairs) * table).flatten(-2)
+
+
+class RotaryFromInput(torch.nn.Module):
+    """A rotary table computed from the call's positions: not a constant, so not foldable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Rotate(), Rotate()])
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        table = torch.polar(torch.ones_like(positions), positions)  # [S, D/2] complex
+        for block in self.blocks:
+            hidden_states = block(hidden_states, table)
+        return hidden_states
+
+
+def test_a_table_from_the_inputs_is_reported_and_strict_refuses_it():
+    inputs = {"hidden_states": torch.randn(2, 6, 8), "positions": torch.randn(6, 4)}
+    torch._dynamo.reset()
+    captured = capture(RotaryFromInput(), inputs, Config(inner="eager", rotary={}))
+    report = next(r for r in captured.result.reports if r.name == "real_rotary")
+    assert not report.rewritten
+    assert any("polar" in e.what for e in report.skipped)
+    assert all("export that axis static" in e.what for e in report.skipped)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pass 'real_rotary' could not apply"):
+        capture(RotaryFromInput(), inputs, Config(inner="eager", strict=True, rotary={}))
+
+
+def test_a_table_over_the_size_limit_is_a_skip_naming_the_setting():
+    model, inputs = families.build("tiny-qwenimage")
+    torch._dynamo.reset()
+    config = Config(inner="eager", rotary=RealRotaryConfig(max_table_bytes=16))
+    captured = capture(model, copy.deepcopy(inputs), config)
+    report = next(r for r in captured.result.reports if r.name == "real_rotary")
+    assert not report.rewritten
+    assert "rotary.max_table_bytes=16" in report.skipped[0].what
+    assert _complex_nodes(captured.result.graph.gm)  # untouched
