@@ -48,7 +48,7 @@ from diffopt.passes.graph import process_group
 
 from . import profiles
 from .controller import Controller, resample_profile
-from .executor import RegionExecutor
+from .executor import RegionExecutor, counting_graph_calls
 from .lowering import RegionProgram, compile_region
 from .profiles import Condition, ModelProfile
 
@@ -131,11 +131,23 @@ def request(
     token = _REQUEST.set(req)
     failed = True
     try:
-        yield req
+        with counting_graph_calls() as calls:
+            yield req
         failed = False
     finally:
         _REQUEST.reset(token)
         req.close(failed)
+    if not calls[0]:
+        warnings.warn(
+            "no diffopt graph ran inside this diffopt.request(): the denoiser ran without "
+            "diffopt (no cache, no quantization). Either it was not compiled with "
+            "backend='diffopt', or dynamo stopped compiling it: after "
+            "torch._dynamo.config.recompile_limit compiles of one code object (8 by default; "
+            "diffusers' forward wrapper is one code object for most model classes, so each "
+            "compiled model, shape and config counts) dynamo runs it eagerly. Raise "
+            "torch._dynamo.config.recompile_limit or compile fewer variants in one process",
+            stacklevel=3,
+        )
 
 
 class Trend:

@@ -9,6 +9,7 @@ run (the caching executor), with `step` and `outputs` as its building blocks.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,25 @@ def counting_flops() -> Iterator[FlopTally]:
         _TALLIES.remove(tally)
 
 
+_GRAPH_CALLS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "diffopt_graph_calls", default=None
+)
+
+
+@contextlib.contextmanager
+def counting_graph_calls() -> Iterator[list[int]]:
+    """Count the calls of diffopt graphs (any executor) in this context: ``[count]``.
+
+    A request that counts none ran its denoiser outside diffopt: dynamo compiles a frame with
+    the backend only until that code's recompile limit, then runs it eagerly with no error."""
+    calls = [0]
+    token = _GRAPH_CALLS.set(calls)
+    try:
+        yield calls
+    finally:
+        _GRAPH_CALLS.reset(token)
+
+
 class RegionExecutor:
     """A callable that behaves like the captured graph: flat inputs in, its outputs out."""
 
@@ -55,6 +75,8 @@ class RegionExecutor:
         return region(*inputs)
 
     def __call__(self, *args: Any) -> Any:
+        if (calls := _GRAPH_CALLS.get()) is not None:
+            calls[0] += 1
         if not _TALLIES:
             return self.run(args)
         with FlopCounterMode(display=False) as counter:  # around `run`: any override is counted

@@ -108,6 +108,30 @@ def test_a_new_request_never_sees_the_previous_cache():
     )
 
 
+def test_a_request_in_which_no_diffopt_graph_ran_says_so_and_why():
+    """Dynamo stops compiling a code object after its recompile limit and runs it eagerly, with
+    no error: the request is the place where that shows (no cache, no quantization)."""
+    model, inputs = build()
+    compiled = calibrated(model, inputs, **ALWAYS_REUSE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a request that ran diffopt's graphs is quiet
+        with diffopt.request(steps=12):
+            denoise(compiled, inputs, 12)
+    with (
+        pytest.warns(UserWarning, match="no diffopt graph ran inside this diffopt.request"),
+        diffopt.request(steps=12),
+    ):
+        denoise(model, inputs, 12)  # the model itself, not the compiled one
+    loose = torch.compile(model, backend="diffopt", options={"inner": "eager"})
+    other = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        pytest.warns(UserWarning, match="recompile_limit"),
+        diffopt.request(steps=12),
+    ):
+        denoise(loose, other, 12)  # a new batch size would recompile: past the limit
+
+
 def test_separate_guidance_calls_keep_separate_state():
     """A pipeline that calls cond and uncond one after the other at each timestep."""
     model, inputs = build(batch=1)
