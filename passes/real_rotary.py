@@ -59,7 +59,12 @@ def real_rotary(graph: DenoiserGraph, config: RealRotaryConfig) -> tuple[Denoise
         report.notes.append("no product rewritten: the graph keeps complex ops either way")
         return graph, report
     tables = {table for _, _, table in products}
-    values = _evaluate(gm, tables, graph.example_inputs)
+    built = _ancestors(tables)
+    mutated = [u for n in built for u in n.users if u not in built and _mutates(u)]
+    if mutated:  # the fold would read the table before the write: leave it to the runtime
+        report.skip(_where(mutated[0]), "an in-place op writes into a rotary table's inputs")
+        return graph, report
+    values = _evaluate(gm, built, tables, graph.example_inputs)
     if values is None:
         report.skip("graph", "the capture holds fake inputs, so the complex tables cannot be built")
         return graph, report
@@ -168,17 +173,30 @@ def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor, user: fx.Node)
     return node
 
 
-def _evaluate(
-    gm: fx.GraphModule, wanted: set[fx.Node], inputs: list[object]
-) -> dict[fx.Node, torch.Tensor] | None:
-    """The values of constant nodes `wanted`, run on the capture's own constants."""
-    needed: set[fx.Node] = set()
-    stack = list(wanted)
+def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
+    """`nodes` and every node they are computed from."""
+    found: set[fx.Node] = set()
+    stack = list(nodes)
     while stack:
         node = stack.pop()
-        if node not in needed:
-            needed.add(node)
+        if node not in found:
+            found.add(node)
             stack.extend(node.all_input_nodes)
+    return found
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An in-place write (``x[i] = v``, ``x.add_(…)``, ``out=``) or another side effect."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__")
+    return in_place or node.target is operator.setitem or "out" in node.kwargs or node.is_impure()
+
+
+def _evaluate(
+    gm: fx.GraphModule, needed: set[fx.Node], wanted: set[fx.Node], inputs: list[object]
+) -> dict[fx.Node, torch.Tensor] | None:
+    """The values of constant nodes `wanted`, run on the capture's own constants (`needed`:
+    the nodes they are computed from)."""
     interpreter = fx.Interpreter(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, inputs, strict=False):
@@ -194,9 +212,15 @@ def _evaluate(
 
 
 def _erase_dead(gm: fx.GraphModule, candidates: set[fx.Node]) -> None:
-    """Erase the nodes of `candidates` nothing reads any more (the tables' complex ops)."""
+    """Erase the nodes of `candidates` nothing reads any more (the tables' complex ops); never
+    a write (Bria-Fibo2 builds its attention mask with ``mask[...] = True``, used by nobody)."""
     for node in reversed(list(gm.graph.nodes)):
-        if node in candidates and node.op != "placeholder" and not node.users:
+        if (
+            node in candidates
+            and node.op != "placeholder"
+            and not node.users
+            and not _mutates(node)
+        ):
             gm.graph.erase_node(node)
 
 

@@ -25,7 +25,15 @@ def _complex_nodes(gm: torch.fx.GraphModule) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("name", ["tiny-qwenimage", "tiny-z-image", "tiny-anyflow"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-qwenimage",
+        "tiny-z-image",
+        "tiny-anyflow",
+        "tiny-bria-fibo2",  # its mask is written in place: a dead-code sweep must keep the write
+    ],
+)
 def test_a_complex_rotary_family_runs_without_complex_ops(name):
     model, inputs = families.build(name)
     with torch.no_grad():
@@ -87,6 +95,34 @@ def test_a_table_from_the_inputs_is_reported_and_strict_refuses_it():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="pass 'real_rotary' could not apply"):
         capture(RotaryFromInput(), inputs, Config(inner="eager", strict=True, rotary={}))
+
+
+class RotaryWrittenInPlace(RotaryFromInput):
+    """A constant table with an in-place write: folding it would miss the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("angles", torch.randn(6, 4))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        angles = self.angles.clone()
+        angles[0] = 0.0
+        table = torch.polar(torch.ones_like(angles), angles)
+        for block in self.blocks:
+            hidden_states = block(hidden_states, table)
+        return hidden_states
+
+
+def test_a_table_written_in_place_is_left_alone_and_reported():
+    model, inputs = RotaryWrittenInPlace(), {"hidden_states": torch.randn(2, 6, 8)}
+    torch._dynamo.reset()
+    captured = capture(model, inputs, Config(inner="eager", rotary={}))
+    report = next(r for r in captured.result.reports if r.name == "real_rotary")
+    assert not report.rewritten
+    assert "in-place op" in report.skipped[0].what
+    with torch.no_grad():
+        out = RegionExecutor(captured.result.program)(*captured.inputs)
+        torch.testing.assert_close(tensors(out)[0], model(**inputs))
 
 
 def test_a_table_over_the_size_limit_is_a_skip_naming_the_setting():
