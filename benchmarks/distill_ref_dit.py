@@ -147,6 +147,7 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
             images,
             steps=args.joint_steps,
             lr=args.joint_lr,
+            lr_schedule=args.joint_lr_schedule,
             batch=args.batch,
             seed=seed,
         )
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--compensation", nargs="+", default=["affine", "lowrank"])
     parser.add_argument("--joint-steps", type=int, default=600)
     parser.add_argument("--joint-lr", type=float, default=1e-4)
+    parser.add_argument("--joint-lr-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--pairs", type=int, default=6000)
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--reflow-steps", type=int, default=1500)

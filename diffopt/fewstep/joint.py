@@ -33,6 +33,7 @@ def train_schedule(
     *,
     steps: int,
     lr: float = 1e-4,
+    lr_schedule: str = "constant",
     batch: int = 64,
     seed: int = 0,
     train_denoiser: bool = True,
@@ -44,8 +45,9 @@ def train_schedule(
     `latents` [N, ...] are the starting noises, `cond` the denoiser's conditioning with the
     same N first (nested as `UnrolledSampler.forward` takes it), `targets` the teacher's final
     latents from the same noises. The compensation of every partial step trains, and with
-    `train_denoiser` the student's weights too (AdamW, gradients clipped to norm 1); at the end
-    both hold the exponential moving average (`ema`) of the trained values. Guidance-distilled
+    `train_denoiser` the student's weights too (AdamW, gradients clipped to norm 1; `lr_schedule`
+    ``"constant"`` or ``"cosine"``, annealed to zero over `steps`); at the end both hold the
+    exponential moving average (`ema`) of the trained values. Guidance-distilled
     students only: no unconditional batch. Returns the loss of each step.
     """
     count = latents.shape[0]
@@ -54,6 +56,8 @@ def train_schedule(
             f"targets {tuple(targets.shape)} must be the final latents of each starting noise "
             f"{tuple(latents.shape)}"
         )
+    if lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', not {lr_schedule!r}")
     if not sampler.compensation and not train_denoiser:
         raise ConfigError("nothing to train: no partial step and train_denoiser=False")
     trained = list(sampler.compensation.parameters())
@@ -63,6 +67,11 @@ def train_schedule(
         p.requires_grad_(True)
     average = [p.detach().clone() for p in trained]
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    annealing = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        if lr_schedule == "cosine"
+        else None
+    )
     gen = torch.Generator().manual_seed(seed)
     losses = []
     # eval mode on purpose: no dropout (a DiT's class embedder would drop labels in train mode)
@@ -76,6 +85,8 @@ def train_schedule(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
+            if annealing is not None:
+                annealing.step()
             decay = min(ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for a, p in zip(average, trained, strict=True):
