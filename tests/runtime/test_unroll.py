@@ -580,3 +580,37 @@ def test_train_schedule_moves_a_fractional_schedule_toward_its_targets():
     assert not any(p.requires_grad for p in sampler.parameters())
     with pytest.raises(ConfigError, match="must be the final latents"):
         diffopt.train_schedule(sampler, latents, cond, targets[:3], steps=1)
+
+
+def test_a_cosine_learning_rate_moves_the_weights_less_than_a_constant_one():
+    """Adam moves each weight by about the learning rate per step: over 2 steps, the cosine
+    schedule (lr, then lr / 2) moves them about 3/4 as far as the constant one."""
+    import copy
+
+    student = zoo.load("ref-dit-2step")
+    latents = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    cond = {"class_labels": torch.arange(8) % 10}
+    targets = torch.randn_like(latents)
+    moved = {}
+    for schedule in ("constant", "cosine"):
+        model = copy.deepcopy(student.model)
+        before = [p.clone() for p in model.parameters()]
+        sampler = diffopt.unroll(model, student.scheduler, 2, sigmas=[1.0, 0.5])
+        diffopt.train_schedule(
+            sampler,
+            latents,
+            cond,
+            targets,
+            steps=2,
+            lr=1e-3,
+            lr_schedule=schedule,
+            batch=8,
+            ema=0.0,
+            progress=False,
+        )
+        moved[schedule] = sum(
+            (p - b).abs().sum().item() for p, b in zip(model.parameters(), before, strict=True)
+        )
+    assert 0.6 < moved["cosine"] / moved["constant"] < 0.9
+    with pytest.raises(ConfigError, match="lr_schedule must be"):
+        diffopt.train_schedule(sampler, latents, cond, targets, steps=1, lr_schedule="linear")
