@@ -7,6 +7,7 @@ engine makes the same compute / reuse decisions as the torch runtime.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,30 @@ class Engine:
                 )
 
 
+def missing_kernel(file: Path, provider: str, error: str) -> str:
+    """onnxruntime's "Could not find an implementation for Where(16) node with name 'X'" with
+    the node's input types and the line of the exported graph it was written from."""
+    import onnx
+
+    found = re.search(r"node with name '([^']+)'", error)
+    model = onnx.load(str(file), load_external_data=False)
+    node = next((n for n in model.graph.node if found and n.name == found.group(1)), None)
+    if node is None:
+        return error
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    kinds = sorted({onnx.TensorProto.DataType.Name(types[i]) for i in node.input if i in types})
+    trace = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.stack_trace", "")
+    code = trace.strip().splitlines()[-1].strip() if trace.strip() else "?"
+    return (
+        f"onnxruntime's {provider} provider has no {node.op_type} kernel for "
+        f"{' / '.join(kinds) or 'these'} inputs (node {node.name!r} of {file.name}, written from "
+        f"`{code}`): run the engine with a provider that has one, or change the model's code "
+        f"there to another dtype ({error.strip().splitlines()[0][:200]})"
+    )
+
+
 def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
     """An engine directory written by `export`, ready to call like the denoiser.
 
@@ -199,7 +224,12 @@ def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
         )
 
     def session(file: str) -> Any:
-        return ort.InferenceSession(str(path / file), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(path / file), options, providers=providers)
+        except Exception as e:  # onnxruntime names only the ONNX node: say what it holds
+            if "NOT_IMPLEMENTED" not in str(e):
+                raise
+            raise RuntimeError(missing_kernel(path / file, provider, str(e))) from e
 
     regions = []
     for r in manifest["regions"]:

@@ -333,6 +333,31 @@ def _(x):
     return torch.empty_like(x)
 
 
+def test_a_kernel_onnxruntime_lacks_is_named_with_its_types_and_code(tmp_path):
+    """onnxruntime names only the ONNX node; the error adds its input types and the line of the
+    exported graph (found on HunyuanVideo: Where on booleans; Sana-WM: Mul in bfloat16)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from diffopt.exporters.engine import missing_kernel
+
+    node = helper.make_node("Where", ["m", "a", "b"], ["y"], name="node_masked_fill")
+    node.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="x = mask.masked_fill(m, 0)")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.BOOL, [2]) for n in "mab"]
+    output = helper.make_tensor_value_info("y", TensorProto.BOOL, [2])
+    onnx.save(
+        helper.make_model(helper.make_graph([node], "g", inputs, [output])), tmp_path / "r.onnx"
+    )
+    said = missing_kernel(
+        tmp_path / "r.onnx",
+        "cpu",
+        "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "
+        "Where(16) node with name 'node_masked_fill'",
+    )
+    assert "no Where kernel for BOOL inputs" in said
+    assert "x = mask.masked_fill(m, 0)" in said and "cpu provider" in said
+
+
 def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
     class Odd(torch.nn.Module):
         def forward(self, hidden_states):
