@@ -47,12 +47,20 @@ def real_rotary(graph: DenoiserGraph, config: RealRotaryConfig) -> tuple[Denoise
         n for n in gm.graph.nodes if _is_complex(n) and n not in constant and n not in covered
     ]
     for node in leftover:
-        report.skip(
-            _where(node),
-            f"complex op {node.target!r} on values computed from the call's inputs, which is "
-            "not the rotary pattern view_as_real(view_as_complex(x) * table) with a constant "
-            "table (a table sized by a dynamic resolution is one: export that axis static)",
-        )
+        if node.op == "placeholder":  # Lumina-Next: the pipeline computes the table
+            why = (
+                "the call passes this complex tensor, and an engine binds real tensors only: "
+                "compute the rotary table inside the model (from its sizes), or export a wrapper "
+                "that takes torch.view_as_real of it"
+            )
+        else:
+            why = (
+                f"complex op {node.target!r} on values computed from the call's inputs, which "
+                "is not the rotary pattern view_as_real(view_as_complex(x) * table) with a "
+                "constant table (a table sized by a dynamic resolution is one: export that "
+                "axis static)"
+            )
+        report.skip(_where(node), why)
     if not products:
         return graph, report
     if leftover:
