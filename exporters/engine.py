@@ -229,7 +229,9 @@ def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
         except Exception as e:  # onnxruntime names only the ONNX node: say what it holds
             if "NOT_IMPLEMENTED" not in str(e):
                 raise
-            raise RuntimeError(missing_kernel(path / file, provider, str(e))) from e
+            # from None: the message carries onnxruntime's own line, and tools that report an
+            # error's innermost cause would otherwise show only that line
+            raise RuntimeError(missing_kernel(path / file, provider, str(e))) from None
 
     regions = []
     for r in manifest["regions"]:
