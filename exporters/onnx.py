@@ -132,7 +132,20 @@ def _translations(quant_form: str) -> dict[Any, Any]:
         torch.ops.diffopt.quant_linear.default: linear,
         torch.ops.diffopt.quant_linear_static.default: quant_linear_qdq_static,
         torch.ops.diffopt.fp4_linear.default: fp4_linear,
+        torch.ops.aten.masked_fill.Scalar: masked_fill,
     }
+
+
+def masked_fill(x: Any, mask: Any, value: Any) -> Any:
+    """``aten.masked_fill`` with a scalar: Where(mask, value, x), except on booleans, for which
+    onnxruntime's CPU provider has no Where kernel (HunyuanVideo's attention mask): there the
+    logical form, x OR mask to fill True, x AND NOT mask to fill False."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    if x.dtype == ir.DataType.BOOL:
+        return op.Or(x, mask) if value else op.And(x, op.Not(mask))
+    return op.Where(mask, op.CastLike(value, x), x)
 
 
 @register_format("onnx")

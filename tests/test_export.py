@@ -358,6 +358,23 @@ def test_a_kernel_onnxruntime_lacks_is_named_with_its_types_and_code(tmp_path):
     assert "x = mask.masked_fill(m, 0)" in said and "cpu provider" in said
 
 
+class MaskedFills(torch.nn.Module):
+    """masked_fill on floats and on booleans (onnxruntime's CPU provider has no boolean Where:
+    found on HunyuanVideo's attention mask)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = hidden_states > 0
+        keep = torch.ones_like(mask).masked_fill(hidden_states < -0.5, False)
+        keep = keep.masked_fill(hidden_states > 1.0, True)
+        return hidden_states.masked_fill(mask, -1.5) * keep
+
+
+def test_masked_fill_on_floats_and_booleans_runs_in_onnxruntime(tmp_path):
+    model, inputs = MaskedFills(), {"hidden_states": torch.randn(2, 64)}
+    engine = load_engine(export(model, inputs, out=tmp_path))
+    torch.testing.assert_close(engine(**inputs), model(**inputs), atol=0, rtol=0)
+
+
 def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
     class Odd(torch.nn.Module):
         def forward(self, hidden_states):
