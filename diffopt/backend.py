@@ -246,6 +246,15 @@ def mark_dynamic_axes(
     if not tensors:
         return
     latents = tensors[0]
+    first = next(
+        v for v in (*args, *kwargs.values()) if torch.utils._pytree.tree_any(torch.is_tensor, v)
+    )
+    if batch and isinstance(first, list | tuple):  # dim 0 of each item is not the batch
+        raise ValueError(
+            "the latents come as a list of per-sample tensors (Z-Image's x), so the batch is "
+            "the list's length, which an engine's inputs cannot vary; export with a static "
+            "batch (dynamic_batch=False)"
+        )
     if batch:
         for value in tensors:
             if value.shape[0] == latents.shape[0]:

@@ -147,6 +147,19 @@ def test_a_model_that_fixes_its_batch_says_so(tmp_path):
         export(Fixed(), {"hidden_states": torch.randn(2, 4)}, out=tmp_path, dynamic_batch=True)
 
 
+def test_latents_as_a_list_of_samples_refuse_a_dynamic_batch_saying_why(tmp_path):
+    """Z-Image takes x as one tensor per sample: its batch is the list's length, and dim 0 of
+    each item is channels (the error used to say the model fixed that size)."""
+
+    class PerSample(torch.nn.Module):
+        def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [item * 2 for item in x]
+
+    with pytest.raises(ValueError, match="list of per-sample tensors"):
+        export(PerSample(), {"x": [torch.randn(4, 3)] * 2}, out=tmp_path, dynamic_batch=True)
+    assert export(PerSample(), {"x": [torch.randn(4, 3)] * 2}, out=tmp_path).exists()
+
+
 FIXED_POSITIONS = {"tiny-dit", "tiny-pixart"}  # a position embedding built for one size
 
 
