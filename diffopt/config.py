@@ -38,6 +38,24 @@ class CleanupConfig:
 
 
 @dataclass
+class FoldConfig:
+    """Options of the `fold_constants` pass: values computed from the weights with ops an engine
+    cannot run are evaluated once (WanAnimate's QR of a weight). `diffopt.export` turns it on."""
+
+    ops: tuple[str, ...] = (
+        "linalg_qr",
+        "linalg_svd",
+        "linalg_eigh",
+        "linalg_eig",
+        "linalg_inv",
+        "linalg_pinv",
+        "linalg_solve",
+        "linalg_cholesky",
+    )
+    """Ops (by their torch name) whose constant results are folded: none has an ONNX function."""
+
+
+@dataclass
 class RealRotaryConfig:
     """Options of the `real_rotary` pass: complex rotary embeddings (Qwen-Image, Z-Image) written
     in real arithmetic, since ONNX has no complex tensors. `diffopt.export` turns it on; a model
@@ -329,6 +347,8 @@ class Config:
     """Turn every skipped rewrite (a pass that could not apply somewhere) into an error."""
     cleanup: CleanupConfig | None = field(default_factory=CleanupConfig)
     """The `remove_noops` pass; ``None`` disables it."""
+    fold: FoldConfig | None = None
+    """The `fold_constants` pass (weights' QR and kin evaluated once); `diffopt.export` sets it."""
     rotary: RealRotaryConfig | None = None
     """The `real_rotary` pass (complex rotary products in real pairs); `diffopt.export` sets it."""
     cache: CacheConfig | None = None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from diffopt.backend import capture, input_slots
-from diffopt.config import Config, ConfigError, RealRotaryConfig
+from diffopt.config import Config, ConfigError, FoldConfig, RealRotaryConfig
 from diffopt.passes.graph import example_value
 
 from .formats import ExportError, get_format
@@ -59,8 +59,13 @@ def export(
     if quant_form not in QUANT_FORMS:
         raise ConfigError(f"quant_form must be one of {sorted(QUANT_FORMS)}, not {quant_form!r}")
     config = Config.coerce(config)
-    # ONNX has no complex tensors: complex rotary products are written in real pairs
-    config = dataclasses.replace(config, inner="eager", rotary=config.rotary or RealRotaryConfig())
+    # ONNX has no QR or complex tensors: a weight's QR is folded, complex rotary is real pairs
+    config = dataclasses.replace(
+        config,
+        inner="eager",
+        fold=config.fold or FoldConfig(),
+        rotary=config.rotary or RealRotaryConfig(),
+    )
     engine_format.check(config, quant_form)  # before the export work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ PassFn = Callable[[DenoiserGraph, Any], tuple[DenoiserGraph, PassReport]]
 
 
 PIPELINE: tuple[str, ...] = (
+    "fold_constants",
     "real_rotary",
     "step_guard",
     "block_guard",
@@ -36,10 +37,10 @@ PIPELINE: tuple[str, ...] = (
     "quantize",
     "remove_noops",
 )
-"""diffopt's passes in the order they run: complex rotary products in real pairs (for export),
-the cache guards (whole block stack, single blocks, tokens), quantization, then the cleanup. A
-pass from outside takes its place relative to these (`register_pass`); `pipeline()` gives the
-order with such passes in it."""
+"""diffopt's passes in the order they run: for export, the constant values an engine cannot
+compute folded and complex rotary products in real pairs; the cache guards (whole block stack,
+single blocks, tokens), quantization, then the cleanup. A pass from outside takes its place
+relative to these (`register_pass`); `pipeline()` gives the order with such passes in it."""
 
 
 @dataclass(frozen=True)

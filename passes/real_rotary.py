@@ -19,13 +19,19 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
 
 from diffopt.config import RealRotaryConfig
 
-from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, example_value
+from .constants import (
+    NotFoldable,
+    add_constant,
+    constant_nodes,
+    erase_unread,
+    fold_values,
+    location,
+)
+from .graph import REGION_KEY, DenoiserGraph, example_value
 from .manager import register_pass
-from .regions import owning_module
 from .report import PassReport
 
 _MULS = (operator.mul, torch.mul)
@@ -36,7 +42,7 @@ def real_rotary(graph: DenoiserGraph, config: RealRotaryConfig) -> tuple[Denoise
     """Rewrite each complex rotary product into real pairs (see the module docstring)."""
     report = PassReport("real_rotary")
     gm = graph.gm
-    constant = _constant_nodes(gm)
+    constant = constant_nodes(gm)
     products, covered = [], set()
     for node in gm.graph.nodes:
         match = _rotary_product(node, constant)
@@ -60,28 +66,24 @@ def real_rotary(graph: DenoiserGraph, config: RealRotaryConfig) -> tuple[Denoise
                 "constant table (a table sized by a dynamic resolution is one: export that "
                 "axis static)"
             )
-        report.skip(_where(node), why)
+        report.skip(location(node), why)
     if not products:
         return graph, report
     if leftover:
         report.notes.append("no product rewritten: the graph keeps complex ops either way")
         return graph, report
     tables = {table for _, _, table in products}
-    built = _ancestors(tables)
-    mutated = [u for n in built for u in n.users if u not in built and _mutates(u)]
-    if mutated:  # the fold would read the table before the write: leave it to the runtime
-        report.skip(_where(mutated[0]), "an in-place op writes into a rotary table's inputs")
-        return graph, report
-    values = _evaluate(gm, built, tables, graph.example_inputs)
-    if values is None:
-        report.skip("graph", "the capture holds fake inputs, so the complex tables cannot be built")
+    try:
+        values = fold_values(gm, tables, graph.example_inputs)
+    except NotFoldable as e:  # the runtime keeps computing them
+        report.skip(e.where, f"its rotary tables cannot be folded: {e.why}")
         return graph, report
     folded = {}
     for table in tables:
         size = values[table].numel() * values[table].element_size()
         if size > config.max_table_bytes:
             report.skip(
-                _where(table),
+                location(table),
                 f"its complex table holds {size} bytes, over rotary.max_table_bytes="
                 f"{config.max_table_bytes}; raise the limit to fold it into the engine",
             )
@@ -89,7 +91,7 @@ def real_rotary(graph: DenoiserGraph, config: RealRotaryConfig) -> tuple[Denoise
         folded[table] = values[table]
     for product, rotated, table in products:
         real, imag = (
-            _constant(gm, f"{table.name}_{part}", getattr(folded[table], part), product)
+            add_constant(gm, f"rotary_{table.name}_{part}", getattr(folded[table], part), product)
             for part in ("real", "imag")
         )
         pairs = _real_product(gm, product, rotated.args[0], real, imag)
@@ -97,27 +99,12 @@ def real_rotary(graph: DenoiserGraph, config: RealRotaryConfig) -> tuple[Denoise
             user.replace_all_uses_with(pairs)
             gm.graph.erase_node(user)
         gm.graph.erase_node(product)
-        report.rewrite(_where(product), f"complex product by a {tuple(folded[table].shape)} table")
-    _erase_dead(gm, constant | {rotated for _, rotated, _ in products})
+        shape = tuple(folded[table].shape)
+        report.rewrite(location(product), f"complex product by a {shape} table")
+    erase_unread(gm, constant | {rotated for _, rotated, _ in products})
     report.stats["tables"] = len(folded)
     report.stats["table_bytes"] = sum(v.numel() * v.element_size() for v in folded.values())
     return graph, report
-
-
-def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value depends only on the model's constants (and static sizes)."""
-    constant: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if node.meta.get(INPUT_KEY) in ("param", "buffer"):
-                constant.add(node)
-        elif node.op == "get_attr" or (
-            node.op.startswith("call")
-            and all(n in constant for n in node.all_input_nodes)
-            and not _is_random(node)
-        ):
-            constant.add(node)
-    return constant
 
 
 def _rotary_product(node: fx.Node, constant: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
@@ -170,78 +157,7 @@ def _real_product(
     return out
 
 
-def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor, user: fx.Node) -> fx.Node:
-    attr = "diffopt_rotary_" + name
-    if not hasattr(gm, attr):
-        gm.register_buffer(attr, value.contiguous())
-    with gm.graph.inserting_before(user):
-        node = gm.graph.get_attr(attr)
-    node.meta[REGION_KEY] = user.meta.get(REGION_KEY)
-    node.meta["example_value"] = getattr(gm, attr)
-    return node
-
-
-def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
-    """`nodes` and every node they are computed from."""
-    found: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in found:
-            found.add(node)
-            stack.extend(node.all_input_nodes)
-    return found
-
-
-def _mutates(node: fx.Node) -> bool:
-    """An in-place write (``x[i] = v``, ``x.add_(…)``, ``out=``) or another side effect."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    in_place = name.endswith("_") and not name.endswith("__")
-    return in_place or node.target is operator.setitem or "out" in node.kwargs or node.is_impure()
-
-
-def _evaluate(
-    gm: fx.GraphModule, needed: set[fx.Node], wanted: set[fx.Node], inputs: list[object]
-) -> dict[fx.Node, torch.Tensor] | None:
-    """The values of constant nodes `wanted`, run on the capture's own constants (`needed`:
-    the nodes they are computed from)."""
-    interpreter = fx.Interpreter(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, inputs, strict=False):
-        if node in needed:
-            if isinstance(value, FakeTensor):
-                return None
-            interpreter.env[node] = value
-    with torch.no_grad():
-        for node in gm.graph.nodes:
-            if node in needed and node.op != "placeholder":
-                interpreter.env[node] = interpreter.run_node(node)
-    return {node: interpreter.env[node] for node in wanted}
-
-
-def _erase_dead(gm: fx.GraphModule, candidates: set[fx.Node]) -> None:
-    """Erase the nodes of `candidates` nothing reads any more (the tables' complex ops); never
-    a write (Bria-Fibo2 builds its attention mask with ``mask[...] = True``, used by nobody)."""
-    for node in reversed(list(gm.graph.nodes)):
-        if (
-            node in candidates
-            and node.op != "placeholder"
-            and not node.users
-            and not _mutates(node)
-        ):
-            gm.graph.erase_node(node)
-
-
 def _is_complex(node: object) -> bool:
     value = example_value(node) if isinstance(node, fx.Node) else None
     values = value if isinstance(value, (list, tuple)) else (value,)
     return any(isinstance(v, torch.Tensor) and v.is_complex() for v in values)
-
-
-def _is_random(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", str(node.target))
-    return any(word in name for word in ("rand", "normal", "bernoulli", "dropout"))
-
-
-def _where(node: fx.Node) -> str:
-    return f"{owning_module(node) or node.meta.get(REGION_KEY, 'graph')} / {node.name}"

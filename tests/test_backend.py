@@ -84,7 +84,7 @@ def test_options_accepts_config_and_rejects_unknown_keys():
     model, inputs = zoo.build("tiny-sd3")
     compile_and_compare(model, inputs, diffopt.Config(inner="eager", cleanup=None), tol=1e-5)
 
-    valid = r"valid keys are: \['cache', 'cleanup', 'inner', 'quant', 'rotary', 'strict'"
+    valid = r"valid keys are: \['cache', 'cleanup', 'fold', 'inner', 'quant', 'rotary', 'strict'"
     with pytest.raises(Exception, match=valid):
         torch.compile(model, backend="diffopt", options={"innr": "eager"})(**inputs)
 

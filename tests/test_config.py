@@ -26,7 +26,7 @@ def test_nested_dicts_and_none_disable():
 
 def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(
-        ConfigError, match=r"\['innr'\].*valid keys are: \['cache', 'cleanup', 'inner'"
+        ConfigError, match=r"\['innr'\].*valid keys are: \['cache', 'cleanup', 'fold', 'inner'"
     ):
         Config.from_dict({"innr": "eager"})
     with pytest.raises(ConfigError, match=r"options\.cleanup.*'dropout'"):
@@ -70,6 +70,7 @@ def test_registered_sections_work_like_the_built_in_ones(monkeypatch, tmp_path):
     register_section("extra", ExtraConfig)  # the same kind again: nothing happens
     assert config_sections() == {
         "cleanup": CleanupConfig,
+        "fold": diffopt.config.FoldConfig,
         "rotary": diffopt.config.RealRotaryConfig,
         "cache": diffopt.config.CacheConfig,
         "quant": diffopt.config.QuantConfig,
