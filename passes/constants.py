@@ -59,9 +59,14 @@ def ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
     return found
 
 
+def op_name(node: fx.Node) -> str:
+    """A node's op by name: a method's, or a function's (``torch.linalg.qr`` → ``linalg_qr``)."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 def writes(node: fx.Node) -> bool:
     """An in-place write (``x[i] = v``, ``x.add_(…)``, ``out=``) or another side effect."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = op_name(node)
     in_place = name.endswith("_") and not name.endswith("__")
     return in_place or node.target is operator.setitem or "out" in node.kwargs or node.is_impure()
 
@@ -94,8 +99,7 @@ def erase_unread(gm: fx.GraphModule, candidates: set[fx.Node]) -> None:
 
 
 def _is_random(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", str(node.target))
-    return any(word in name for word in ("rand", "normal", "bernoulli", "dropout"))
+    return any(word in op_name(node) for word in ("rand", "normal", "bernoulli", "dropout"))
 
 
 def location(node: fx.Node) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
 
 from diffopt.config import FoldConfig
 
@@ -25,6 +24,7 @@ from .constants import (
     erase_unread,
     fold_values,
     location,
+    op_name,
 )
 from .graph import DenoiserGraph, example_value
 from .manager import register_pass
@@ -41,7 +41,7 @@ def fold_constants(graph: DenoiserGraph, config: FoldConfig) -> tuple[DenoiserGr
     # (a transpose, a cast) stays in the graph, on the constant
     wanted = set()
     for node in constant:
-        if node.op.startswith("call") and _named(node) in config.ops:
+        if node.op.startswith("call") and op_name(node) in config.ops:
             if isinstance(example_value(node), torch.Tensor):
                 wanted.add(node)
             else:
@@ -58,7 +58,7 @@ def fold_constants(graph: DenoiserGraph, config: FoldConfig) -> tuple[DenoiserGr
         if not isinstance(value, torch.Tensor):
             report.skip(location(node), f"it is a {type(value).__name__}, not a tensor")
             continue
-        op = next(_named(a) for a in ancestors({node}) if _named(a) in config.ops)
+        op = next(op_name(a) for a in ancestors({node}) if op_name(a) in config.ops)
         for reader in list(node.users):
             reader.replace_input_with(node, add_constant(gm, f"folded_{node.name}", value, reader))
         report.rewrite(location(node), f"{op} of weights, folded: {tuple(value.shape)}")
@@ -67,8 +67,3 @@ def fold_constants(graph: DenoiserGraph, config: FoldConfig) -> tuple[DenoiserGr
         v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor)
     )
     return graph, report
-
-
-def _named(node: fx.Node) -> str:
-    """The op's name as `FoldConfig.ops` lists it (``torch.linalg.qr`` → ``linalg_qr``)."""
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")

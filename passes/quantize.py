@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from diffopt.config import QuantConfig
 from diffopt.kernels import Constant, LinearInputs, QuantizedLinear, Unsupported, quant_format
 
+from .constants import add_constant
 from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, process_group, sequence_group
 from .manager import register_pass
 from .regions import owning_module
@@ -53,7 +54,6 @@ def quantize(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, 
     report = PassReport("quantize")
     selected = _eligible_linears(graph, config, report)
     chosen, sqnr = _prepare(graph, selected, config, report)
-    constants = _Constants(graph.gm)
     quantized_bytes = fp16_bytes = 0
     for node, c in chosen.items():
         quality = sqnr.get(node)
@@ -66,7 +66,7 @@ def quantize(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, 
             continue
         q = c.quantized
         with graph.gm.graph.inserting_before(node):
-            add = partial(constants.add, where=c.where, user=node)
+            add = partial(_add_constant, graph.gm, where=c.where, user=node)
             args = q.bind(node.args[0], _bias(node), add)
             op = graph.gm.graph.call_function(q.op, args)
         op.meta = dict(node.meta)  # same region, module stack and output value
@@ -212,23 +212,14 @@ def _sqnr(reference: torch.Tensor, approx: torch.Tensor, group: Any = None) -> f
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-class _Constants:
-    """Tensors the pass adds to the graph module, one get_attr node per use site's region."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-
-    def add(self, constant: Constant, where: str, user: fx.Node) -> fx.Node | None:
-        """A get_attr node of `constant`, a buffer named after it (and `where` unless shared)."""
-        if constant.value is None:
-            return None
-        name = constant.name if constant.shared else f"{where}.{constant.name}"
-        attr = "diffopt_" + name.replace(".", "_")
-        if not hasattr(self.gm, attr):
-            self.gm.register_buffer(attr, constant.value)
-        node = self.gm.graph.get_attr(attr)
-        node.meta[REGION_KEY] = user.meta.get(REGION_KEY)
-        return node
+def _add_constant(
+    gm: fx.GraphModule, constant: Constant, where: str, user: fx.Node
+) -> fx.Node | None:
+    """A get_attr node of `constant`, a buffer named after it (and `where` unless shared)."""
+    if constant.value is None:
+        return None
+    name = constant.name if constant.shared else f"{where}.{constant.name}"
+    return add_constant(gm, name.replace(".", "_"), constant.value, user)
 
 
 def _attr(gm: fx.GraphModule, target: str) -> object:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm import trange
@@ -33,7 +33,7 @@ def train_schedule(
     *,
     steps: int,
     lr: float = 1e-4,
-    lr_schedule: str = "constant",
+    lr_schedule: Literal["constant", "cosine"] = "constant",
     batch: int = 64,
     seed: int = 0,
     train_denoiser: bool = True,
