@@ -77,11 +77,12 @@ def export(
         dynamic_resolution=dynamic_resolution,
     )
     result, flat = captured.result, captured.inputs
-    for report in result.reports:
-        if report.name == "real_rotary" and report.skipped:  # else the exporter fails unclearly
+    for report in result.reports:  # else the exporter fails on the op, with no reason
+        if report.name in ("fold_constants", "real_rotary") and report.skipped:
             first = report.skipped[0]
             raise ExportError(
-                f"ONNX has no complex tensors, and {first.where} keeps one: {first.what}"
+                f"pass {report.name!r} could not make the graph exportable at {first.where}: "
+                f"{first.what}"
             )
     graph = result.graph
     placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]

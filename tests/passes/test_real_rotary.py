@@ -113,6 +113,16 @@ class RotaryWrittenInPlace(RotaryFromInput):
         return hidden_states
 
 
+def test_export_refuses_a_table_from_the_inputs_with_the_passs_reason(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from diffopt.exporters import ExportError, export
+
+    inputs = {"hidden_states": torch.randn(2, 6, 8), "positions": torch.randn(6, 4)}
+    torch._dynamo.reset()
+    with pytest.raises(ExportError, match=r"pass 'real_rotary' .*complex op .*polar"):
+        export(RotaryFromInput(), inputs, out=tmp_path)
+
+
 def test_a_table_written_in_place_is_left_alone_and_reported():
     model, inputs = RotaryWrittenInPlace(), {"hidden_states": torch.randn(2, 6, 8)}
     torch._dynamo.reset()
