@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TOLERANCE = 1e-4
 PLAN = ["full", "full", "reuse", "full"]
+STEADY_STEPS = 20  # issue 17: no recompiles over 20 steps of a cached request
 
 COLUMNS = [
     ("builds", "builds"),
@@ -61,6 +62,7 @@ COLUMNS = [
     ("block_guard", "block guard"),
     ("token_guard", "token guard"),
     ("cache_reuse", "cache reuse"),
+    ("steady", "20 steps, no recompile"),
     ("quant", "quant"),
     ("unroll", "unroll"),
     ("unroll_partial", "unroll 1.x"),
@@ -342,6 +344,48 @@ class Family:
             return cell("fail", "", "; ".join(problems), **detail)
         return cell("ok", f"work {work:.2f}", **detail)
 
+    def steady(self, blocks: list[str] | None, fullgraph: bool) -> dict:
+        """A cached 20-step request, then a second one, under dynamo's ``fail_on_recompile``
+        stance after the first call: a recompile from step to step (a guard on a value that
+        changes every step) is an error that names the guard."""
+        import torch
+
+        import diffopt
+
+        key, scale = self.spec.timestep, self.spec.timestep_scale
+        if not blocks:
+            return cell("skip", "", "no block stack: nothing for the cache to skip")
+        if key is None:
+            return cell("skip", "", "no noise-level input: consecutive calls are the same call")
+        torch._dynamo.reset()
+        plan = ["full", "full"] + ["reuse", "full"] * ((STEADY_STEPS - 2) // 2)
+        options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": len(plan)}}
+        compiled = torch.compile(
+            self.model, backend="diffopt", options=options, fullgraph=fullgraph
+        )
+        t0 = self.inputs[key]
+        decisions = []
+        for request_number in range(2):
+            with torch.no_grad(), diffopt.request(steps=len(plan)) as request:
+                for step in range(len(plan)):
+                    value = scale * (0.95 - 0.9 * step / len(plan))  # decreasing timesteps
+                    t = torch.full_like(t0, round(value) if not t0.is_floating_point() else value)
+                    first = request_number == 0 and step == 0  # the one call that compiles
+                    stance = "default" if first else "fail_on_recompile"
+                    with torch.compiler.set_stance(stance):
+                        compiled(**self.fresh(**{key: t}))
+            decisions.append(sum(len(v) for v in request.actions.values()))
+        if min(decisions) < len(plan):
+            return cell(
+                "fail",
+                "",
+                f"the cache took {decisions} decisions over two {len(plan)}-step "
+                "requests: not every step reached the cache",
+                decisions=decisions,
+            )
+        how = " with fullgraph=True" if fullgraph else ""
+        return cell("ok", f"2×{len(plan)}{how}", decisions=decisions)
+
     def quant(self, blocks: list[str] | None) -> dict:
         import diffopt
 
@@ -540,8 +584,10 @@ def run_family(name: str, skip_export: bool, check_timeout: int, save: Callable)
                 return {c: cell("fail", "", f"inspect failed: {why}") for c in columns}
 
         check("guards", guards)
-        check("cache_reuse", f.cache_reuse)
+        cached = check("cache_reuse", f.cache_reuse)
         blocks = row["cells"].get("regions", {}).get("blocks")
+        fullgraph = "fullgraph=True" in cached.get("text", "")  # as the cache check needed
+        check("steady", lambda: f.steady(blocks, fullgraph))
         check("quant", lambda: f.quant(blocks))
         check("unroll", lambda: f.unroll(partial=False))
         check("unroll_partial", lambda: f.unroll(partial=True))
