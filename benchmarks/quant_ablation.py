@@ -44,6 +44,10 @@ SETTINGS = {  # row name -> quant settings (QuantConfig fields)
     "+ group scales 64": {"scale_group": 64, "rank": 32},
     "+ smoothing α 0.5": {"scale_group": 64, "rank": 32, "smooth_alpha": 0.5},
     "+ GPTQ": {"scale_group": 64, "rank": 32, "gptq": True},
+    # the branch in int8: half its bytes, the residual absorbing its rounding
+    "rotation + low-rank, int8 branch": {"rank": 32, "branch_bits": 8},
+    "+ group scales 64, int8 branch": {"scale_group": 64, "rank": 32, "branch_bits": 8},
+    "+ GPTQ, int8 branch": {"scale_group": 64, "rank": 32, "gptq": True, "branch_bits": 8},
     "+ smoothing + GPTQ": {"scale_group": 64, "rank": 32, "smooth_alpha": 0.5, "gptq": True},
     "group scales + GPTQ, no branch": {"scale_group": 64, "gptq": True},
     "NVFP4": {"format": "nvfp4"},

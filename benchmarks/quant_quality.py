@@ -51,6 +51,11 @@ def quantized_layers(model: torch.nn.Module, inputs: dict, preset: str):
     return next(p for p in report.passes if p.name == "quantize")
 
 
+MEMORY_PRESETS = ("w4a4", "w4a4-r32", "w4a4-r32-b8", "w4a4-g64-r32", "w4a4-g64-r32-b8", "w8a8")
+MEMORY_HEADERS = ["model", "setting", "layers", "fp16 KiB", "quantized KiB", "layers ratio"]
+MEMORY_HEADERS += ["whole model ratio"]
+
+
 def memory_rows(name: str, reference: zoo.Reference) -> list[list[str]]:
     torch.manual_seed(0)
     dit_xl = DiTTransformer2DModel(
@@ -68,7 +73,7 @@ def memory_rows(name: str, reference: zoo.Reference) -> list[list[str]]:
     rows = []
     for model_name, (model, inputs) in models.items():
         fp16_model = sum(p.numel() for p in model.parameters()) * 2
-        for preset in ("w4a4", "w4a4-g64-r32", "w8a8"):
+        for preset in MEMORY_PRESETS:
             stats = quantized_layers(model, inputs, preset).stats
             whole = fp16_model - stats["fp16_weight_bytes"] + stats["weight_bytes"]
             rows.append(
@@ -94,6 +99,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--inner", default="eager")
     parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the weight-memory table (quant-memory.md; no sampling)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         help="keep the variants whose name contains one of these (and the baseline)",
@@ -101,6 +111,16 @@ def main() -> None:
     args = parser.parse_args()
 
     reference = zoo.load(args.model)
+    if args.memory_only:
+        memory = tabulate(memory_rows(args.model, reference), MEMORY_HEADERS, tablefmt="github")
+        print(memory)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quant-memory.md").write_text(
+            "Weight memory against fp16 (scales and branch included; "
+            f"`python benchmarks/quant_quality.py --model {args.model} --memory-only`):\n\n"
+            f"{memory}\n"
+        )
+        return
     layers = quantized_layers(reference.model, reference.make_inputs(batch=2), "w4a4")
     chosen = {e.where for e in layers.rewritten}
     select = chosen.__contains__
@@ -135,19 +155,7 @@ def main() -> None:
         inner=args.inner,
         memory=False,
     )
-    memory = tabulate(
-        memory_rows(args.model, reference),
-        [
-            "model",
-            "setting",
-            "layers",
-            "fp16 KiB",
-            "quantized KiB",
-            "layers ratio",
-            "whole model ratio",
-        ],
-        tablefmt="github",
-    )
+    memory = tabulate(memory_rows(args.model, reference), MEMORY_HEADERS, tablefmt="github")
     RESULTS.mkdir(exist_ok=True)
     stem = "quant-quality" if args.model == "ref-dit" else f"quant-quality-{args.model}"
     text = (

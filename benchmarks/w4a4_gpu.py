@@ -141,7 +141,7 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     # SVDQuant's layout: scales per 64 along K and a rank-32 branch, fused: the rotate-quantize
     # kernel quantizes per group and computes x·down, the GEMM scales group by group and adds
     # the up projection in its epilogue
-    down, up, residual = low_rank_split(w, 32)
+    down, up, _, residual = low_rank_split(w, 32)
     g_stored, g_scale = quantize_weight(residual, 4, h, scale_group=64)
     down, up = down.to(dtype), up.to(dtype)
 

@@ -166,6 +166,9 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a4-r32": {"rank": 32},  # SVDQuant's 16-bit rank-32 branch, the residual in 4 bits
     "w4a4-g64-r32": {"scale_group": 64, "rank": 32},  # both: SVDQuant's layout, rotated
     "w4a8-g64-r32": {"act_bits": 8, "scale_group": 64, "rank": 32},
+    # the branch in int8 (one scale per rank): half its bytes (results page, "Weight memory")
+    "w4a4-r32-b8": {"rank": 32, "branch_bits": 8},
+    "w4a4-g64-r32-b8": {"scale_group": 64, "rank": 32, "branch_bits": 8},
     # the best measured recipe (benchmarks/quant_ablation.py): GPTQ rounding on the capture's
     # inputs on top of the branch and group scales
     "w4a4-g64-r32-gptq": {"scale_group": 64, "rank": 32, "gptq": True},
@@ -204,6 +207,10 @@ class QuantConfig:
     rank: int = 0
     """Rank of SVDQuant's low-rank branch: the weight's top-`rank` SVD part stays in 16 bits
     (``x · down · up`` beside the GEMM) and only the residual is quantized; 0: no branch."""
+    branch_bits: Literal[16, 8] = 16
+    """Bits of the branch's factors: 16 (float16), or 8 (int8 with one scale per rank, the
+    residual quantized against the rounded branch, so it absorbs that rounding): half the
+    branch's bytes, which a rank-32 branch needs to stay ≥ 3.5× under fp16 at K = 1152."""
     smooth_alpha: float | None = None
     """SmoothQuant's migration strength α in (0, 1]: each input channel j is divided by
     s_j = max|x_j|^α / max|W_j|^(1-α) before rotation, the weight's column multiplied by it,
@@ -257,6 +264,7 @@ class QuantConfig:
             )
         if self.rank < 0:
             raise ConfigError(f"quant.rank must be >= 0 (0: no low-rank branch), not {self.rank}")
+        _check_choice("quant.branch_bits", self.branch_bits, (16, 8))
 
     @property
     def label(self) -> str:
@@ -264,6 +272,7 @@ class QuantConfig:
         and reports show them."""
         extras = f"-g{self.scale_group}" if self.scale_group else ""
         extras += f"-r{self.rank}" if self.rank else ""
+        extras += "-b8" if self.rank and self.branch_bits == 8 else ""
         extras += f"-s{self.smooth_alpha:g}" if self.smooth_alpha is not None else ""
         extras += "-gptq" if self.gptq else ""
         bits = f"w{self.weight_bits}a{self.act_bits}" if self.format == "int" else self.format

@@ -33,6 +33,7 @@ def quant_linear(
     lowrank_down: Any = None,
     lowrank_up: Any = None,
     smooth: Any = None,
+    lowrank_scale: Any = None,
 ) -> Any:
     """Translation of ``torch.ops.diffopt.quant_linear`` for ``torch.onnx.export``: per token
     and channel, or with group scales (a 2-D `weight_scale`) one MatMulInteger per group, plus
@@ -50,8 +51,7 @@ def quant_linear(
             op.Cast(weight_scale, to=FLOAT.dtype),
         )
     if lowrank_down is not None:
-        branch = op.MatMul(_rotated_rows(x, None, smooth), op.Cast(lowrank_down, to=FLOAT.dtype))
-        out = op.Add(out, op.MatMul(branch, op.Cast(lowrank_up, to=FLOAT.dtype)))
+        out = op.Add(out, _branch(x, smooth, lowrank_down, lowrank_up, lowrank_scale))
     return _finish(out, x, weight, bias)
 
 
@@ -91,6 +91,14 @@ def _group_gemm(rows: Any, stored: Any, weight_scale: Any, q: float) -> Any:
     return op.ReduceSum(
         op.Mul(op.Mul(acc, act_scale), w_scale), op.Constant(value_ints=[0]), keepdims=0
     )
+
+
+def _branch(x: Any, smooth: Any, down: Any, up: Any, scale: Any) -> Any:
+    """The low-rank branch ``((x down) · scale) up`` as float MatMuls (`scale`: int8 factors')."""
+    rows = op.MatMul(_rotated_rows(x, None, smooth), op.Cast(down, to=FLOAT.dtype))
+    if scale is not None:
+        rows = op.Mul(rows, op.Cast(scale, to=FLOAT.dtype))
+    return op.MatMul(rows, op.Cast(up, to=FLOAT.dtype))
 
 
 def _rotated_rows(x: Any, rotation: Any, smooth: Any = None) -> Any:
@@ -161,6 +169,7 @@ def quant_linear_custom(
     lowrank_down: Any = None,
     lowrank_up: Any = None,
     smooth: Any = None,
+    lowrank_scale: Any = None,
 ) -> Any:
     """`quant_linear` for the *custom* form, which wraps per-token layers only."""
     integer_form_only("custom", weight_scale, lowrank_down, smooth)
@@ -190,6 +199,7 @@ def quant_linear_qdq(
     lowrank_down: Any = None,
     lowrank_up: Any = None,
     smooth: Any = None,
+    lowrank_scale: Any = None,
 ) -> Any:
     """The *Q/DQ* form (opset 21), for runtimes that fuse QuantizeLinear / DequantizeLinear
     around a float MatMul into integer kernels.
@@ -381,6 +391,7 @@ def fp4_linear(
     lowrank_down: Any = None,
     lowrank_up: Any = None,
     smooth: Any = None,
+    lowrank_scale: Any = None,
 ) -> Any:
     """Translation of ``torch.ops.diffopt.fp4_linear`` (`kernels/fp4.py`, same formulas): the
     activation's block scales and e2m1 rounding by comparisons, the stored codes and scale bytes
@@ -440,8 +451,7 @@ def fp4_linear(
     )
     out = op.MatMul(x_rows, op.Transpose(w_rows, perm=[1, 0]))
     if lowrank_down is not None:
-        branch = op.MatMul(_rotated_rows(x, None, smooth), op.Cast(lowrank_down, to=FLOAT.dtype))
-        out = op.Add(out, op.MatMul(branch, op.Cast(lowrank_up, to=FLOAT.dtype)))
+        out = op.Add(out, _branch(x, smooth, lowrank_down, lowrank_up, lowrank_scale))
     return _finish(out, x, weight, bias)
 
 

@@ -202,8 +202,10 @@ class PreparedWeight:
     smooth: torch.Tensor | None
     """[K] factors the activation is multiplied by (SmoothQuant's 1 / s), or None."""
     down: torch.Tensor | None
-    """The low-rank branch [K, r] and [r, N] in float16, or None."""
+    """The low-rank branch [K, r] and [r, N] (float16, or int8 with `branch_scale`), or None."""
     up: torch.Tensor | None
+    branch_scale: torch.Tensor | None = None
+    """[r] float32 scales of an int8 branch (``quant.branch_bits=8``), else None."""
 
     def rotation_constant(self, config: QuantConfig) -> Constant:
         """The rotation block, one constant shared by every layer that uses it."""
@@ -214,14 +216,19 @@ class PreparedWeight:
         if self.smooth is None and self.down is None:
             return ()
         branch = (Constant("lowrank_down", self.down), Constant("lowrank_up", self.up))
+        if self.branch_scale is not None:  # after `smooth`, which may be None
+            scale = Constant("lowrank_scale", self.branch_scale)
+            return (*branch, Constant("smooth", self.smooth), scale)
         return branch + ((Constant("smooth", self.smooth),) if self.smooth is not None else ())
 
     def describe(self, config: QuantConfig) -> list[str]:
         """The report's words for the branch and the smoothing."""
         said = []
         if self.down is not None:
-            kib = (self.down.nbytes + self.up.nbytes) / 2**10
-            said.append(f"rank {self.down.shape[1]} (+{kib:.1f} KiB)")
+            scale = self.branch_scale
+            kib = self.down.nbytes + self.up.nbytes + (scale.nbytes if scale is not None else 0)
+            bits = "int8" if scale is not None else "float16"
+            said.append(f"rank {self.down.shape[1]} {bits} (+{kib / 2**10:.1f} KiB)")
         if self.smooth is not None:
             said.append(f"smoothed (α {config.smooth_alpha:g})")
         return said
@@ -256,12 +263,12 @@ def prepare_weight(
         )
     group = group if config.rotation != "none" else None
     rotation = hadamard(config.rotation, group) if group else None
-    smooth = down = up = None
+    smooth = down = up = branch_scale = None
     if config.smooth_alpha is not None:
         smooth, weight = smoothing(inputs.absmax, weight, config.smooth_alpha)
     if config.rank:
-        down, up, weight = low_rank_split(weight, config.rank)
-    return PreparedWeight(weight, rotation, group, smooth, down, up)
+        down, up, branch_scale, weight = low_rank_split(weight, config.rank, config.branch_bits)
+    return PreparedWeight(weight, rotation, group, smooth, down, up, branch_scale)
 
 
 def _prepare_int(

@@ -170,6 +170,7 @@ def fp4_linear(
     lowrank_down: torch.Tensor | None = None,
     lowrank_up: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
+    lowrank_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W stored by the `kind` FP4 format (packed codes [N, K/2],
     scale bytes [N, K / block], NVFP4's per-tensor float32 scale) and x rotated and quantized
@@ -180,7 +181,8 @@ def fp4_linear(
     w = dequantize_fp4(unpack_codes(weight), weight_scale, fmt, weight_outer)
     out = fp4_rows(x, rotation, fmt) @ w.T
     if lowrank_down is not None and lowrank_up is not None:
-        out = out + low_rank_branch(x, lowrank_down, lowrank_up).reshape(out.shape)
+        branch = low_rank_branch(x, lowrank_down, lowrank_up, lowrank_scale)
+        out = out + branch.reshape(out.shape)
     if bias is not None:
         out = out + bias.float()
     return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)

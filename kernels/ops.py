@@ -28,25 +28,32 @@ def quant_linear(
     lowrank_down: torch.Tensor | None = None,
     lowrank_up: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
+    lowrank_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W rotated and quantized offline by
     `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside.
 
     A 2-D `weight_scale` [N, K/g] holds group scales (x is then quantized per token and group);
     `lowrank_down` [K, r] and `lowrank_up` [r, N] add SVDQuant's 16-bit branch ``(x down) up``
-    to the low-bit GEMM of the residual; `smooth` [K] multiplies x's channels first
-    (SmoothQuant's 1 / s, whose s the stored weight carries)."""
+    to the low-bit GEMM of the residual (int8 factors with `lowrank_scale` [r] between them);
+    `smooth` [K] multiplies x's channels first (SmoothQuant's 1 / s, whose s the stored weight
+    carries)."""
     if smooth is not None:  # unfused on every device: one elementwise pass over x
         x = x * smooth.to(x.dtype)
     if x.is_cuda:  # the branch fused into both kernels
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
 
+        if lowrank_down is not None:  # the kernels take float16 factors: int8 ones upcast here
+            lowrank_down, lowrank_up = reference.dequantized_branch(
+                lowrank_down, lowrank_up, lowrank_scale, torch.float16
+            )
         return rotated_linear(
             x, weight, weight_scale, bias, rotation, act_bits, weight_bits, lowrank_down, lowrank_up
         )
     out = reference.rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
     if lowrank_down is not None and lowrank_up is not None:
-        out = out + reference.low_rank_branch(x, lowrank_down, lowrank_up).to(out.dtype)
+        branch = reference.low_rank_branch(x, lowrank_down, lowrank_up, lowrank_scale)
+        out = out + branch.to(out.dtype)
     return out
 
 

@@ -141,23 +141,52 @@ def _groups(rows: torch.Tensor, scale_group: int | None) -> torch.Tensor:
 
 
 def low_rank_split(
-    weight: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight: torch.Tensor, rank: int, bits: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """SVDQuant's split of [N, K]: the top-`rank` SVD part as ``down`` [K, r] and ``up`` [r, N]
-    in float16 (each carries the square root of the singular values), and the residual [N, K]
-    the low-bit weight stores: ``x Wᵀ = (x down) up + x residualᵀ``."""
+    (each carries the square root of the singular values), ``scale`` and the residual [N, K]
+    the low-bit weight stores: ``x Wᵀ = ((x down) · scale) up + x residualᵀ``.
+
+    16 bits: float16 factors, ``scale`` None. 8 bits: int8 factors, each rank's column of
+    ``down`` and row of ``up`` scaled by its absmax, ``scale`` [r] float32 the two scales'
+    product; the residual is taken against the rounded branch, so the low-bit weight absorbs
+    the rounding instead of the output."""
     u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
     root = s[:rank].sqrt()
-    down = (vh[:rank].T * root).to(torch.float16)
-    up = (u[:, :rank] * root).T.to(torch.float16)
-    residual = weight.float() - (down.float() @ up.float()).T
-    return down.contiguous(), up.contiguous(), residual
+    down, up = vh[:rank].T * root, (u[:, :rank] * root).T
+    scale = None
+    if bits == 16:
+        down, up = down.to(torch.float16), up.to(torch.float16)
+    else:
+        down_scale = down.abs().amax(0).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        up_scale = up.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        down = torch.round(down / down_scale).to(torch.int8)
+        up = torch.round(up / up_scale[:, None]).to(torch.int8)
+        scale = down_scale * up_scale
+    folded, _ = dequantized_branch(down, up, scale, torch.float32)
+    residual = weight.float() - (folded.float() @ up.float()).T
+    return down.contiguous(), up.contiguous(), scale, residual
 
 
-def low_rank_branch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``(x down) up`` in float32: the 16-bit branch beside the integer GEMM."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    return ((rows @ down.float()) @ up.float()).reshape(*x.shape[:-1], up.shape[1])
+def low_rank_branch(
+    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``((x down) · scale) up`` in float32: the branch beside the integer GEMM (`scale` [r]
+    for int8 factors, None for float16 ones)."""
+    rows = x.reshape(-1, x.shape[-1]).float() @ down.float()
+    if scale is not None:
+        rows = rows * scale.float()
+    return (rows @ up.float()).reshape(*x.shape[:-1], up.shape[1])
+
+
+def dequantized_branch(
+    down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch's factors as `dtype` ones, ``scale`` folded into ``down``: what the fused
+    Triton kernels take (int8 factors hold at most 127 in magnitude, exact in float16)."""
+    if scale is None:
+        return down, up
+    return (down.float() * scale.float()).to(dtype), up.to(dtype)
 
 
 def stored_values(weight: torch.Tensor, bits: int) -> torch.Tensor:

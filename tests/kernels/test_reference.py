@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import diffopt.kernels  # noqa: F401  (registers the op)
 from diffopt.kernels import hadamard, pack_int4, quantize_weight, rotate, unpack_int4
 from diffopt.kernels.reference import (
+    dequantized_branch,
     int_matmul,
     low_rank_branch,
     low_rank_split,
@@ -190,7 +191,7 @@ def test_group_scales_quantize_each_group_against_its_own_absmax():
 def test_the_low_rank_branch_keeps_the_top_singular_part_and_quantizes_the_rest():
     torch.manual_seed(0)
     w = torch.randn(64, 256) / 16 + torch.randn(64, 1) @ torch.randn(1, 256)  # one strong direction
-    down, up, residual = low_rank_split(w, 8)
+    down, up, _, residual = low_rank_split(w, 8)
     assert down.shape == (256, 8) and up.shape == (8, 64) and down.dtype == torch.float16
     torch.testing.assert_close((down.float() @ up.float()).T + residual, w)
     singular = torch.linalg.svdvals(w)
@@ -206,3 +207,27 @@ def test_the_low_rank_branch_keeps_the_top_singular_part_and_quantizes_the_rest(
     torch.library.opcheck(op, (x, stored, scale, torch.randn(64), h, 4, 4, down, up))
     grouped = quantize_weight(residual, 4, h, scale_group=64)
     torch.library.opcheck(op, (x, *grouped, None, h, 4, 4, down, up))
+
+
+def test_an_int8_branch_halves_the_bytes_and_the_residual_absorbs_its_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) / 16 + torch.randn(64, 4) @ torch.randn(4, 256)
+    down16, up16, none, _ = low_rank_split(w, 8)
+    down, up, scale, residual = low_rank_split(w, 8, bits=8)
+    assert none is None and (down.dtype, up.dtype, scale.shape) == (torch.int8, torch.int8, (8,))
+    assert down.nbytes + up.nbytes + scale.nbytes < 0.6 * (down16.nbytes + up16.nbytes)
+    # the rounded branch plus the residual is the weight again: no error before the 4-bit step
+    torch.testing.assert_close(low_rank_branch(torch.eye(256), down, up, scale).T + residual, w)
+    x, h = torch.randn(3, 7, 256), hadamard("regular", 256)
+    op = torch.ops.diffopt.quant_linear.default
+    y8 = op(x, *quantize_weight(residual, 4, h), None, h, 4, 4, down, up, None, scale)
+    _, _, _, residual16 = low_rank_split(w, 8)
+    y16 = op(x, *quantize_weight(residual16, 4, h), None, h, 4, 4, down16, up16)
+    assert sqnr(F.linear(x, w), y8) > sqnr(F.linear(x, w), y16) - 0.5
+    without = op(x, *quantize_weight(residual, 4, h), None, h, 4, 4)
+    torch.testing.assert_close(y8, without + low_rank_branch(x, down, up, scale))
+    folded = dequantized_branch(down, up, scale, torch.float16)  # what the Triton kernels take
+    assert folded[1].dtype == torch.float16 and folded[1].float().equal(up.float())
+    assert sqnr(low_rank_branch(x, down, up, scale), low_rank_branch(x, *folded)) > 55  # fp16
+    stored8 = quantize_weight(residual, 4, h)
+    torch.library.opcheck(op, (x, *stored8, torch.randn(64), h, 4, 4, down, up, None, scale))
