@@ -13,10 +13,10 @@ Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` an
 
 4. ``--joint``: 1.x-Distill's joint training of a fractional schedule. From the 2-step student,
    the 1.5-step schedule (step 2 runs 4 of 8 blocks and reuses the rest's residual through a
-   compensation) is fit in closed form, then trained end to end on the teacher pairs
-   (`diffopt.train_schedule`: the student's weights and the compensation together, through the
-   partial step). Writes ``ref-dit-1.5step-COMPENSATION/`` (the student and
-   ``compensation.safetensors``) for each ``--compensation``.
+   compensation; ``--joint-fraction 1.67``: 5 of 8) is fit in closed form, then trained end to
+   end on the teacher pairs (`diffopt.train_schedule`: the student's weights and the
+   compensation together, through the partial step). Writes ``ref-dit-FRACTIONstep-COMPENSATION/``
+   (the student and ``compensation.safetensors``) for each ``--compensation``.
 
     python benchmarks/distill_ref_dit.py
     python benchmarks/distill_ref_dit.py --joint --compensation affine lowrank
@@ -117,17 +117,17 @@ def train(
     return ema
 
 
-JOINT_FRACTION = "1.5"
+JOINT_FRACTIONS = ("1.5", "1.67")  # step 2 runs 4 or 5 of the 8 blocks (1.50 or 1.63 NFE)
 JOINT_SIGMAS = [1.0, 0.5]
 
 
 def joint_sampler(
-    student: torch.nn.Module, scheduler, compensation: str
+    student: torch.nn.Module, scheduler, compensation: str, fraction: str = "1.5"
 ) -> diffopt.UnrolledSampler:
-    """The 1.5-step schedule of the 2-step student that ``--joint`` trains (and few_step.py
+    """The fractional schedule of the 2-step student that ``--joint`` trains (and few_step.py
     rebuilds to load what it wrote)."""
     return diffopt.unroll(
-        student, scheduler, JOINT_FRACTION, sigmas=JOINT_SIGMAS, compensation=compensation, rank=8
+        student, scheduler, fraction, sigmas=JOINT_SIGMAS, compensation=compensation, rank=8
     )
 
 
@@ -138,7 +138,7 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
     fit_on = slice(0, 200)
     for seed, kind in enumerate(args.compensation, start=10):
         two = zoo.load("ref-dit-2step")
-        sampler = joint_sampler(two.model, two.scheduler, kind)
+        sampler = joint_sampler(two.model, two.scheduler, kind, args.joint_fraction)
         diffopt.fit_compensation(sampler, noise[fit_on], {"class_labels": labels[fit_on]})
         losses = diffopt.train_schedule(
             sampler,
@@ -151,7 +151,7 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
             batch=args.batch,
             seed=seed,
         )
-        out = args.out / f"ref-dit-{JOINT_FRACTION}step-{kind}"
+        out = args.out / f"ref-dit-{args.joint_fraction}step-{kind}"
         two.model.save_pretrained(out, safe_serialization=True)
         save_compensation(sampler, out / "compensation.safetensors")
         first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
@@ -162,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--joint", action="store_true", help="step 4 only (see the docstring)")
     parser.add_argument("--compensation", nargs="+", default=["affine", "lowrank"])
+    parser.add_argument("--joint-fraction", choices=JOINT_FRACTIONS, default="1.5")
     parser.add_argument("--joint-steps", type=int, default=600)
     parser.add_argument("--joint-lr", type=float, default=1e-4)
     parser.add_argument("--joint-lr-schedule", choices=["constant", "cosine"], default="constant")

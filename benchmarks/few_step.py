@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
-from distill_ref_dit import joint_sampler
+from distill_ref_dit import JOINT_FRACTIONS, joint_sampler
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -112,12 +112,13 @@ def main() -> None:
                 nfe,
             )
 
-    for kind in ("affine", "lowrank"):  # written by distill_ref_dit.py --joint
-        folder = zoo.ASSETS / f"ref-dit-1.5step-{kind}"
+    joint = [(f, kind) for f in JOINT_FRACTIONS for kind in ("affine", "lowrank")]
+    for fraction, kind in joint:  # written by distill_ref_dit.py --joint
+        folder = zoo.ASSETS / f"ref-dit-{fraction}step-{kind}"
         if not folder.exists():
             continue
         student = DiTTransformer2DModel.from_pretrained(folder).eval().requires_grad_(False)
-        sampler = joint_sampler(student, two.scheduler, kind)
+        sampler = joint_sampler(student, two.scheduler, kind, fraction)
         load_compensation(sampler, folder / "compensation.safetensors")
         nfe = sampler.effective_nfe(noise[:10], {"class_labels": labels[:10]})
         k = sampler.schedule[1].blocks
