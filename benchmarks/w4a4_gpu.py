@@ -144,6 +144,9 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     down, up, _, residual = low_rank_split(w, 32)
     g_stored, g_scale = quantize_weight(residual, 4, h, scale_group=64)
     down, up = down.to(dtype), up.to(dtype)
+    # the same with the branch in int8 (quant.branch_bits=8): the op upcasts it per call
+    down8, up8, scale8, residual8 = low_rank_split(w, 32, bits=8)
+    g8_stored, g8_scale = quantize_weight(residual8, 4, h, scale_group=64)
 
     def check_group_op() -> None:
         got = op(x, g_stored, g_scale, bias, h, 4, 4, down, up)
@@ -163,6 +166,10 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
         "W4A4 g64 r32 op": cycling(
             lambda xi: op(xi, g_stored, g_scale, bias, h, 4, 4, down, up), per_input
         ),
+        "W4A4 g64 r32 int8-branch op": cycling(
+            lambda xi: op(xi, g8_stored, g8_scale, bias, h, 4, 4, down8, up8, None, scale8),
+            per_input,
+        ),
         "rotate+quantize": cycling(lambda xi: tk.rotate_quantize(xi, 4, h), per_input),
         "int4 GEMM": lambda: tk.int_gemm(packed, 4, act_scale, stored, 4, scale, bias, k, dtype),
     }
@@ -171,7 +178,7 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     for name, fn in timed.items():
         if name == "W4A4 op" and "op check" in result["errors"]:
             continue
-        if name == "W4A4 g64 r32 op" and "g64 r32 op check" in result["errors"]:
+        if name.startswith("W4A4 g64 r32") and "g64 r32 op check" in result["errors"]:
             continue
         attempt(name, lambda name=name, fn=fn: result["ms"].__setitem__(name, timer(fn)))
     if grids:
@@ -283,6 +290,7 @@ HEADERS = [
     "g64 r32 µs",
     "g64 r32 speedup",
     "g64 r32 err vs fp64",
+    "int8 branch speedup",
 ]
 
 
@@ -290,10 +298,8 @@ def table_row(result: dict, peak: float) -> list[str]:
     """One shape's line of the table (nan where a kernel failed); notes its best tiles."""
     nan = float("nan")
     m, k, n = result["shape"]
-    ms = {
-        name: result["ms"].get(name, nan)
-        for name in ("bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM", "W4A4 g64 r32 op")
-    }
+    names = ["bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM", "W4A4 g64 r32 op"]
+    ms = {name: result["ms"].get(name, nan) for name in [*names, "W4A4 g64 r32 int8-branch op"]}
     tera_ops = 2 * m * n * k / 1e12
     checks = result["checks"]
     row = [
@@ -310,6 +316,7 @@ def table_row(result: dict, peak: float) -> list[str]:
         f"{ms['W4A4 g64 r32 op'] * 1e3:.1f}",
         f"{ms['bf16 F.linear'] / ms['W4A4 g64 r32 op']:.2f}×",
         f"{checks.get('g64 r32 vs float64 linear', nan):.1e}",
+        f"{ms['bf16 F.linear'] / ms['W4A4 g64 r32 int8-branch op']:.2f}×",
     ]
     if "sweep" in result:
         best = {kernel: entries[0] for kernel, entries in result["sweep"].items()}
