@@ -344,19 +344,21 @@ class Family:
             return cell("fail", "", "; ".join(problems), **detail)
         return cell("ok", f"work {work:.2f}", **detail)
 
-    def steady(self, blocks: list[str] | None, fullgraph: bool) -> dict:
+    def steady(self, cached: dict) -> dict:
         """A cached 20-step request, then a second one, under dynamo's ``fail_on_recompile``
         stance after the first call: a recompile from step to step (a guard on a value that
-        changes every step) is an error that names the guard."""
+        changes every step) is an error that names the guard. Run where the cache check ran
+        (`cached`, its cell), with ``fullgraph`` where that needed it."""
         import torch
 
         import diffopt
 
+        if cached["status"] == "skip":
+            return cell("skip", "", cached.get("reason"))
+        if cached["status"] == "fail":
+            return cell("skip", "", "the cache does not run on this family (see cache reuse)")
+        fullgraph = "fullgraph=True" in cached.get("text", "")
         key, scale = self.spec.timestep, self.spec.timestep_scale
-        if not blocks:
-            return cell("skip", "", "no block stack: nothing for the cache to skip")
-        if key is None:
-            return cell("skip", "", "no noise-level input: consecutive calls are the same call")
         torch._dynamo.reset()
         plan = ["full", "full"] + ["reuse", "full"] * ((STEADY_STEPS - 2) // 2)
         options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": len(plan)}}
@@ -585,9 +587,8 @@ def run_family(name: str, skip_export: bool, check_timeout: int, save: Callable)
 
         check("guards", guards)
         cached = check("cache_reuse", f.cache_reuse)
+        check("steady", lambda: f.steady(cached))
         blocks = row["cells"].get("regions", {}).get("blocks")
-        fullgraph = "fullgraph=True" in cached.get("text", "")  # as the cache check needed
-        check("steady", lambda: f.steady(blocks, fullgraph))
         check("quant", lambda: f.quant(blocks))
         check("unroll", lambda: f.unroll(partial=False))
         check("unroll_partial", lambda: f.unroll(partial=True))
