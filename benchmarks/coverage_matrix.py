@@ -94,7 +94,11 @@ def reason_of(error: BaseException) -> str:
         error = inner
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     first = re.sub(r" at 0x[0-9a-f]+", "", lines[0] if lines else "")  # so reasons group
-    text = f"{type(error).__name__}: {first}"[:240] + model_line(str(error))
+    text = f"{type(error).__name__}: {first}"[:240]
+    from diffopt.backend import model_line
+
+    where = model_line(str(error))  # so a reason names the model's line to change
+    text += f"; in the model: {where[0]} ({where[1]})" if where else ""
     frames = traceback.extract_tb(error.__traceback__)
     own = [
         f
@@ -109,22 +113,6 @@ def reason_of(error: BaseException) -> str:
         if anchor in path:
             path = path.split(anchor, 1)[1]
     return f"{text} (at {path}:{frame.lineno} in {frame.name})"
-
-
-def model_line(message: str) -> str:
-    """``; in the model: <code> (<file>:<line>)``: the deepest frame of the user stack that
-    dynamo writes into its errors which is the model's own (not torch's, not diffopt's), so a
-    reason names the line to change; empty when the message has none."""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', message)
-    model = [
-        (path, line, code)
-        for path, line, code in frames
-        if "/torch/" not in path and "/diffopt/" not in path and "peft_utils" not in path
-    ]
-    if not model:
-        return ""
-    path, line, code = model[-1]
-    return f"; in the model: {code.strip()} ({path.split('site-packages/')[-1]}:{line})"
 
 
 class CheckTimeout(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import threading
 import warnings
 import weakref
@@ -157,11 +158,14 @@ def capture(
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             # UserError: a size the one graph would need from data (Lumina2's, HiDream's routing)
             if one_graph:
+                where = model_line(str(e))
                 raise ValueError(
                     f"an engine needs the denoiser as one graph; {type(model).__name__} has a "
-                    f"graph break or a size taken from data: {e}. `diffopt.inspect` and "
-                    "torch.compile(backend='diffopt') run across breaks; to export, remove the "
-                    "break (the message names the line)"
+                    f"graph break or a size taken from data"
+                    + (f" at `{where[0]}` ({where[1]})" if where else "")
+                    + ". `diffopt.inspect` and torch.compile(backend='diffopt') run across "
+                    "breaks; to export, remove the break there, or compute that size from the "
+                    f"inputs' shapes instead of their values. Dynamo's message: {e}"
                 ) from e
             captured.clear()
             reset_code(call.__code__)
@@ -183,6 +187,17 @@ def capture(
         _check_guards_at_double_size(type(model).__name__, captured[0].result.graph.gm, asked)
     main = max(captured, key=lambda c: len(c.result.graph.blocks))  # the first, on a tie
     return dataclasses.replace(main, graphs=len(captured))
+
+
+def model_line(message: str) -> tuple[str, str] | None:
+    """The model's own line in the user stack dynamo writes into its errors: ``(code,
+    file:line)`` of the deepest frame that is neither torch's nor diffopt's, else None."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', message)
+    own = [f for f in frames if not any(p in f[0] for p in ("/torch/", "/diffopt/", "peft_utils"))]
+    if not own:
+        return None
+    path, line, code = own[-1]
+    return code.strip(), f"{path.split('site-packages/')[-1]}:{line}"
 
 
 def _check_guards_at_double_size(model: str, gm: fx.GraphModule, asked: str) -> None:
