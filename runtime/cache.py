@@ -10,10 +10,13 @@ registered by name (`STRATEGIES`), runnable only where its guard applied (`diffo
 - ``token`` (token guard): the most-changed tokens run through the span as a shorter sequence
   and are scattered into the cached output.
 
-State lives here, never in the compiled regions: one `Branch` per request and guidance branch,
-with per-sample accumulators. A request starts when `diffopt.request()` is entered, when the
-timestep stops decreasing, or after `steps` calls; calls that repeat the previous call's
-timestep are further guidance branches of the same step.
+State lives here, never in the compiled regions: one `Branch` per request, model and guidance
+branch, with per-sample accumulators. A request starts when `diffopt.request()` is entered, when
+the timestep turns back (against the direction the schedule moved in: falling for most models,
+rising for Z-Image's ``t = 1 - sigma``), or after `steps` steps; calls that repeat the previous
+call's timestep are further guidance branches of the same step. Steps and branches are counted
+by the request, across the executors and models that run in it: a model that takes over half-way
+(Wan 2.2's second expert) starts its own state at the request's step, not at step 0.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ class Request:
     """A setting diffopt's own search tries (`diffopt.calibrate`): guards that never fire are
     the search's finding, not the user's to fix, so they are not warned about."""
     actions: dict[int, list[CacheAction]] = field(default_factory=dict)
-    """Per guidance branch, the action taken at each step."""
+    """Per guidance branch, the action taken at each step. Branch k is the k-th call of a step,
+    whichever graph or model runs it (LTX-2's three guidance calls are three graphs, and three
+    branches; Wan 2.2's experts take turns in the same branches)."""
     vetoes: dict[int, list[int]] = field(default_factory=dict)
     """Per guidance branch, how many samples the check held to a full step at each step."""
     fit: list[float] = field(default_factory=list)
@@ -88,15 +93,38 @@ class Request:
     calibrated, and what it ran under: the ``"timestep"`` and the stream's change
     (``"stream"``) at each step, its ``"batch"`` and ``"tokens"``
     (`diffopt.runtime.profiles.Condition.from_recorded`)."""
-    runs: dict[Any, Run] = field(default_factory=dict, repr=False)
-    """Each caching executor's state for this request (`Run`), dropped when it ends."""
+    step: int = -1
+    """The index of the step running now, counted over every executor and model in the request
+    (-1 before the first call)."""
+    branch: int = 0
+    """The guidance branch of the call running now: how many calls this step made before it."""
+    step_t: float | None = None
+    """The noise level of the step running now (None where no graph reads one)."""
+    timesteps: list[float] = field(default_factory=list)
+    """The noise level of each step so far."""
+    stream: list[float | None] = field(default_factory=list)
+    """The first branch's stream change at each early step (`_observe`; None where inexact)."""
+    runs: dict[tuple[Any, int | None], Run] = field(default_factory=dict, repr=False)
+    """The state of each (caching executor, model) in this request (`Run`), dropped when it
+    ends: models of one class share an executor (Wan 2.2's two experts), each its own state."""
+    active: dict[Any, Run] = field(default_factory=dict, repr=False)
+    """Each executor's run of the call in progress."""
 
     def close(self, failed: bool = False) -> None:
         """End the request: each executor keeps what it calibrated and warns about guards that
         never fired, unless the request `failed` half-way; then its cache state is freed."""
-        for executor, run in list(self.runs.items()):
+        for (executor, _), run in list(self.runs.items()):
             executor.finish(run, failed)
         self.runs.clear()
+        self.active.clear()
+
+    def start_over(self) -> None:
+        """A new request inside the same scope (the timestep turned back): the runs end and the
+        step count restarts; the actions taken go on accumulating."""
+        self.close()
+        self.recorded = {}
+        self.step, self.branch, self.step_t = -1, 0, None
+        self.timesteps, self.stream = [], []
 
     def hit_rates(self) -> dict[CacheAction, float]:
         """The share of steps (over all branches) that took each action."""
@@ -244,10 +272,9 @@ class Boundary:
 
 @dataclass
 class Branch:
-    """The cache of one guidance branch of one request."""
+    """The cache of one guidance branch of one model in one request."""
 
     controller: Controller | None
-    step: int = 0
     calibrating: bool = False
     stack: dict[int, Trend] = field(default_factory=dict)
     blocks: dict[int, dict[int, Trend]] = field(default_factory=dict)
@@ -264,36 +291,36 @@ class Branch:
     curvature: list[float] | None = None
     earlier_stack: torch.Tensor | None = None
     """The first exit's residual two steps back (calibration of the curvature)."""
-    kept: bool = False
-    """A calibrating branch whose profile is stored already (at its last step)."""
     drifting: torch.Tensor | None = None
     """[B] samples the check found moving more than the profile expects (`cache.check`)."""
     last_stream: torch.Tensor | None = None
     """The stream entering the blocks at the previous step (its early speed, `Condition`)."""
-    stream: list[float | None] = field(default_factory=list)
-    """Its mean relative change at each step so far (the first third is enough; None after a
-    step that did not run in full)."""
-    timesteps: list[float] = field(default_factory=list)
+    last_action: CacheAction | None = None
+    """What this branch ran at its previous step."""
 
 
 @dataclass(eq=False)
 class Run:
-    """What one caching executor holds for one request: its guidance branches, where the
-    current call is, and whose model runs it (models of one class share a compiled graph)."""
+    """What one caching executor holds for one model in one request: its guidance branches
+    (by the request's branch index) and whose model it is (models of one class share a
+    compiled graph)."""
 
     request: Request
     branches: dict[int, Branch] = field(default_factory=dict)
-    branch: int = 0
-    """The guidance branch of the call running now."""
-    last_t: float | None = None
     weights: list[torch.Tensor] = field(default_factory=list)
-    """The parameters of the model this request runs: whose calibrated profile applies."""
-    key_slots: list[int] = field(default_factory=list)
-    """Where the first of those weights comes in: a different tensor there is another model."""
+    """The parameters of the model: whose calibrated profile applies."""
     calibrated: ModelProfile | None = None
     """That model's calibrated profile (`runtime.profiles`), if it has one."""
     seen: tuple[int, int | None] = (0, None)
     """The request's batch and token count (the condition a calibration records)."""
+    last_step: int = -1
+    """The last step of the request this model ran."""
+    kept: bool = False
+    """A calibrating run whose profile is stored already."""
+
+    @property
+    def calibrating(self) -> bool:
+        return any(branch.calibrating for branch in self.branches.values())
 
 
 @dataclass
@@ -447,9 +474,16 @@ class CachingExecutor(RegionExecutor):
         self._variants: dict[tuple[int, int], Any] = {}
         self._compiling = threading.Lock()
         """Held while a token variant compiles (concurrent requests may ask for it at once)."""
-        self._implicit: Run | None = None
-        """The state of calls outside any `diffopt.request` scope: one request at a time, ended
-        when the timestep rises again or after `steps` calls."""
+        self._implicit: Request | None = None
+        """The request of calls outside any `diffopt.request` scope: one at a time, ended when
+        the timestep turns back or after `steps` steps."""
+        self._direction = 0.0
+        """Which way the timestep moves from step to step: -1 falling (sigmas, DDPM timesteps),
+        +1 rising (Z-Image's pipeline passes ``1 - sigma``), 0 until the first move is seen.
+        Assuming it falls made every Z-Image step a new request, so its cache never reused."""
+        self._key_slot: int | None = None
+        """Where the model's first weight comes in (-1: no weights among the inputs, an engine):
+        the tensor there tells the models sharing this graph apart."""
         self._own_profile: ModelProfile | None = None
         """Where a model without parameter inputs (an engine) keeps its profile."""
         self._warned: set[tuple[Condition, str]] = set()
@@ -493,60 +527,71 @@ class CachingExecutor(RegionExecutor):
 
     @property
     def _run(self) -> Run:
-        """The state of the request the current call belongs to (set by `_current_branch`)."""
+        """The state of the model running the current call in its request (set by
+        `_current_branch`)."""
         ctx = _REQUEST.get(None)
-        return ctx.runs[self] if ctx is not None else self._implicit
+        return (ctx if ctx is not None else self._implicit).active[self]
 
     def _current_branch(self, values: list[Any]) -> Branch:
+        """Place the call in its request (which step, which guidance branch) and return the
+        state of the model that runs it there."""
         ctx = _REQUEST.get(None)
-        run = ctx.runs.get(self) if ctx is not None else self._implicit
         t = None
         if self.timestep_slot is not None:
             t = float(values[self.timestep_slot].reshape(-1)[0])
         elif ctx is not None:  # read by a graph before a graph break (`TimestepRecorder`)
             t = ctx.timestep
-        new = run is None
-        same_step = not new and t is not None and t == run.last_t
-        # another instance of the class (another model's weights): its own request and profile
-        switched = not new and bool(run.key_slots) and not self._same_model(run, values)
-        if not (new or same_step):
-            steps = self._steps(ctx)
-            first = run.branches.get(0)
-            # without a request scope, a request ends after `steps` calls; inside one, more
-            # calls than `steps` are an error (raised in `run`)
-            finished = ctx is None and first is not None and steps is not None
-            finished = finished and first.step >= steps
-            restarted = t is not None and run.last_t is not None and t > run.last_t
-            new = finished or restarted or not run.branches
-        if new or switched:
-            if run is not None:
-                self.finish(run)
-            run = self._start_request(ctx, values)
-        run.branch = run.branch + 1 if same_step and not (new or switched) else 0
-        run.last_t = t
-        if run.branch not in run.branches:
-            run.branches[run.branch] = self._new_branch(run)
-        return run.branches[run.branch]
-
-    def _same_model(self, run: Run, values: list[Any]) -> bool:
-        """Whether this call's weights are the request's (one identity check)."""
-        return all(values[s] is run.weights[0] for s in run.key_slots)
-
-    def _start_request(self, ctx: Request | None, values: list[Any]) -> Run:
-        """A new request: find whose weights run it, and that model's calibrated profile."""
-        slots = sorted(self.param_slots)
-        weights = profiles.model_weights(values[s] for s in slots)
-        run = Run(
-            ctx if ctx is not None else Request(),
-            weights=weights,
-            key_slots=[s for s in slots if weights and values[s] is weights[0]],
-            calibrated=profiles.lookup(weights) if weights else self._own_profile,
-        )
-        if ctx is not None:
-            ctx.runs[self] = run
+        req = ctx if ctx is not None else self._implicit
+        if req is None:
+            req = self._implicit = Request()
+        if t is not None and t == req.step_t:
+            req.branch += 1  # another guidance branch of this step
         else:
-            self._implicit = run
-        return run
+            if req.step >= 0 and self._starts_over(req, t, implicit=ctx is None):
+                if ctx is None:
+                    req.close()
+                    req = self._implicit = Request()
+                else:
+                    req.start_over()
+            req.step, req.branch, req.step_t = req.step + 1, 0, t
+            if t is not None:
+                req.timesteps.append(t)
+        key = self._model_key(values)
+        run = req.runs.get((self, key))
+        if run is None:  # this model's first call in the request: its own state from here on
+            run = req.runs[(self, key)] = self._start_run(req, values)
+        req.active[self] = run
+        branch = run.branches.get(req.branch)
+        if branch is None:
+            branch = run.branches[req.branch] = self._new_branch(run, req.step)
+        return branch
+
+    def _starts_over(self, req: Request, t: float | None, implicit: bool) -> bool:
+        """Whether a call at a new timestep `t` begins another request: outside a scope, once
+        `steps` steps ran; anywhere, when the timestep turns back against the schedule."""
+        steps = self._steps(None if implicit else req)
+        if implicit and steps is not None and req.step + 1 >= steps:
+            return True
+        if t is None or req.step_t is None:
+            return False
+        move = t - req.step_t
+        if not self._direction:  # the first move tells which way this model's schedule runs
+            self._direction = math.copysign(1.0, move)
+            return False
+        return move * self._direction < 0
+
+    def _model_key(self, values: list[Any]) -> int | None:
+        """Which model this call runs (the id of its first weight; None for an engine)."""
+        if self._key_slot is None:
+            weights = (s for s in sorted(self.param_slots) if _is_weight(values[s]))
+            self._key_slot = next(weights, -1)
+        return id(values[self._key_slot]) if self._key_slot >= 0 else None
+
+    def _start_run(self, req: Request, values: list[Any]) -> Run:
+        """A model's state in a request: whose weights run it, and that model's profile."""
+        weights = profiles.model_weights(values[s] for s in sorted(self.param_slots))
+        calibrated = profiles.lookup(weights) if weights else self._own_profile
+        return Run(req, weights=weights, calibrated=calibrated)
 
     def _observe(
         self, branch: Branch, values: dict[int, Any], step: int, steps: int | None
@@ -554,24 +599,25 @@ class CachingExecutor(RegionExecutor):
         """The condition this request runs under (first guidance branch; `values`: the span's
         inputs): recorded when it calibrates, else compared with the calibration's."""
         run = self._run
+        req = run.request
         stream = self._stream(values)
-        if step == 0:
+        if not run.seen[0]:
             run.seen = (stream.shape[0], stream.shape[1] if stream.dim() >= 3 else None)
-        if run.last_t is not None:
-            branch.timesteps.append(run.last_t)
         early = steps is not None and step <= max(steps // 3, 2)
         if early:  # a host read per step, in the first third only
             last = branch.last_stream
             # the stream moved by the velocity of the last step: exact only if that ran in full
-            exact = last is not None and run.request.actions.get(0, [])[-1:] == ["full"]
-            branch.stream.append(float(relative_change(stream, last).mean()) if exact else None)
+            # (in this model: a model taking over has no last stream of its own)
+            exact = last is not None and branch.last_action == "full"
+            req.stream.extend([None] * (step - len(req.stream)))
+            req.stream.append(float(relative_change(stream, last).mean()) if exact else None)
             branch.last_stream = stream
         else:
             branch.last_stream = None
         if branch.calibrating:
-            recorded = run.request.recorded
-            recorded["timestep"] = branch.timesteps
-            recorded["stream"] = branch.stream
+            recorded = req.recorded
+            recorded["timestep"] = req.timesteps
+            recorded["stream"] = req.stream
             recorded["batch"], recorded["tokens"] = [run.seen[0]], [run.seen[1] or 0]
             return
         calibrated = self._calibration_condition()
@@ -581,8 +627,8 @@ class CachingExecutor(RegionExecutor):
             steps,
             run.seen[0],
             run.seen[1],
-            tuple(branch.timesteps),
-            profiles.early_speed(branch.stream, steps),
+            tuple(req.timesteps),
+            profiles.early_speed(req.stream, steps),
         )
         for kind, difference in calibrated.differences(now).items():
             self._warn_transfer(calibrated, kind, difference, steps)
@@ -653,7 +699,9 @@ class CachingExecutor(RegionExecutor):
         if self.group is not None and config.mode == "online" and config.polish == "token":
             raise ConfigError(TOKENS_UNDER_CONTEXT_PARALLELISM)
 
-    def _new_branch(self, run: Run) -> Branch:
+    def _new_branch(self, run: Run, step: int) -> Branch:
+        """A guidance branch's state, from `step` of the request on (a model taking over
+        half-way starts with nothing cached: its first `warmup` steps run in full)."""
         config = self._settings()
         self._refuse_tokens(config)
         uncalibrated = config.profile is None and run.calibrated is None and config.mode == "online"
@@ -665,14 +713,15 @@ class CachingExecutor(RegionExecutor):
                 "cache guards need the step count: set options={'cache': {'steps': N}} or run "
                 "sampling inside `with diffopt.request(steps=N):`"
             )
-        controller = Controller(config, steps, self._polish(config))
+        controller = Controller(config, steps, self._polish(config), start=step)
         if self.group is not None and "token" in (controller.plan or ()):
             raise ConfigError(TOKENS_UNDER_CONTEXT_PARALLELISM)
         return Branch(controller)
 
     def _polish(self, config: CacheConfig) -> CacheAction:
         action = polish_action(config.polish)
-        if action == "reuse" or action_applies(action, self.kinds):
+        # a plan names its own actions: the polish setting is not used, nothing to warn about
+        if action == "reuse" or config.mode == "plan" or action_applies(action, self.kinds):
             return action
         warnings.warn(
             f"cache.polish={config.polish!r} but the {ACTION_GUARD[action]}_guard pass did not "
@@ -696,14 +745,16 @@ class CachingExecutor(RegionExecutor):
         calibrated = self._run.calibrated
         return calibrated.recorded.get(key) if calibrated is not None else None
 
-    def _keep_profile(self, run: Run, first: Branch) -> None:
+    def _keep_profile(self, run: Run) -> None:
         """After a calibrating request (at its last step, or when it ends): its profile now
-        belongs to the model that ran it, whichever graph runs that model next."""
+        belongs to the model that ran it, whichever graph runs that model next. Models that take
+        turns in one request (Wan 2.2's experts) each keep the whole request's profile and read
+        it at the steps they run."""
         req = run.request
-        if first.kept or not req.recorded.get(self._indicator_key):
+        if run.kept or not req.recorded.get(self._indicator_key):
             return
-        first.kept = True
-        condition = Condition.from_recorded(req.recorded, first.step)
+        run.kept = True
+        condition = Condition.from_recorded(req.recorded, req.step + 1)
         weights = run.weights
         owner = (
             f"the model with {len(weights)} parameter tensors "
@@ -723,30 +774,32 @@ class CachingExecutor(RegionExecutor):
     def finish(self, run: Run, failed: bool = False) -> None:
         """End `run`'s request: keep a calibrated profile, warn about idle guards (neither for a
         request that `failed` half-way: its partial record is no calibration)."""
-        req, first = run.request, run.branches.get(0)
-        if run is self._implicit:
-            self._implicit = None
-        if first is None or failed:
+        req = run.request
+        if not run.branches or failed:
             return
         steps = self._steps(req)  # the closed request's own settings, not the next one's
-        if first.calibrating:
-            self._keep_profile(run, first)
+        if run.calibrating:
+            self._keep_profile(run)
             return
-        if steps is not None and first.step < steps:
+        if run.last_step < req.step:
+            return  # it handed over to another model (Wan 2.2's first expert): the request went on
+        done = req.step + 1
+        if steps is not None and done < steps:
             warnings.warn(
-                f"a request ended after {first.step} of steps={steps} denoiser calls, so its last "
-                "step was not protected; give the real step count",
+                f"a request ended after {done} of steps={steps} steps, so its last step was not "
+                "protected; give the real step count",
                 stacklevel=3,
             )
         if req.trial:
             return
         rates = req.hit_rates()
         config = self._settings(req)
-        armed = dict.fromkeys(("reuse", first.controller.polish))
+        polish = next(iter(run.branches.values())).controller.polish
+        armed = dict.fromkeys(("reuse", polish))
         idle = [a for a in armed if a != "full" and action_applies(a, self.kinds) and not rates[a]]
         if idle and config.mode == "online":
             warnings.warn(
-                f"cache guard action(s) {idle} never fired in a {first.step}-step request; "
+                f"cache guard action(s) {idle} never fired in a {done}-step request; "
                 "raise cache.early / cache.critical or calibrate (diffopt.calibrate)",
                 stacklevel=3,
             )
@@ -760,7 +813,8 @@ class CachingExecutor(RegionExecutor):
         values: list[Any] = list(args) + [None] * (program.num_slots - len(args))
         branch = self._current_branch(values)
         run = self._run
-        step = branch.step
+        req = run.request
+        step = req.step  # the request's: a model taking over goes on from where the last left
         steps = self._steps()
         if steps is not None and step >= steps and not branch.calibrating:
             raise ConfigError(f"more than steps={steps} denoiser calls in one request")
@@ -779,7 +833,7 @@ class CachingExecutor(RegionExecutor):
             curvature = self._curvature(branch, step, change)
             action = branch.controller.decide(step, change, curvature, branch.drifting)
             if branch.drifting is not None:
-                vetoes = run.request.vetoes.setdefault(run.branch, [])
+                vetoes = req.vetoes.setdefault(req.branch, [])
                 vetoes.append(int(branch.drifting.sum()))
         chosen = STRATEGIES[action]
         if not chosen.can(self, branch):
@@ -787,17 +841,17 @@ class CachingExecutor(RegionExecutor):
             chosen = STRATEGIES["full"]
         entries = {s: values[s] for s in span.entries}
         work = chosen.run(self, SpanCall(branch, values, entries, step, config))
-        if run.branch == 0:  # after the span: its first run told which input is the stream
+        if req.branch == 0:  # after the span: its first run told which input is the stream
             self._observe(branch, entries, step, steps)
         for index in range(span.stop, len(program.regions)):
             self.step(index, values)
 
-        run.request.actions.setdefault(run.branch, []).append(chosen.action)
-        run.request.work.setdefault(run.branch, []).append(work)
-        branch.step += 1
-        if branch.calibrating and run.branch == 0 and branch.step == steps:
+        req.actions.setdefault(req.branch, []).append(chosen.action)
+        req.work.setdefault(req.branch, []).append(work)
+        branch.last_action, run.last_step = chosen.action, step
+        if branch.calibrating and req.branch == 0 and step + 1 == steps:
             # stored now: a new batch size's request next runs in another graph's executor
-            self._keep_profile(run, branch)
+            self._keep_profile(run)
         return self.outputs(values)
 
     def _indicator(
@@ -865,8 +919,10 @@ class CachingExecutor(RegionExecutor):
         return trend.change_per_sample(self.group) / max(expected, 1e-12)
 
     def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
-        if self._run.branch == 0:
-            recorded = self._run.request.recorded.setdefault(key, [])
+        req = self._run.request
+        if req.branch == 0:  # the request's first branch, whichever model runs it: one entry a step
+            recorded = req.recorded.setdefault(key, [])
+            recorded.extend([0.0] * (step - len(recorded)))
             recorded.append(float(change.mean()) if step > 0 else 0.0)
 
     # ---- what the action strategies share ----------------------------------------------------
@@ -1028,9 +1084,9 @@ def _full(executor: CachingExecutor, call: SpanCall) -> float:
     if ratio is not None:
         if call.config.check == "stack":
             branch.drifting = ratio > call.config.check_tolerance
-        run = executor._run
-        if run.branch == 0:
-            run.request.fit.append(float(ratio.mean()))
+        req = executor._run.request
+        if req.branch == 0:
+            req.fit.append(float(ratio.mean()))
     return 1.0
 
 
@@ -1103,6 +1159,10 @@ def _refresh_tokens(executor: CachingExecutor, call: SpanCall) -> float:
         values[out] = span.laid_out(out, full)
     executor._release(span, values)
     return anchor.chosen.shape[1] / anchor.tokens
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, torch.nn.Parameter)
 
 
 def _sample(value: torch.Tensor) -> bool:

@@ -59,9 +59,14 @@ def load_plan(plan: Sequence[str] | str, steps: int) -> list[CacheAction]:
 class Controller:
     """Decisions for one guidance branch of one request: one call per denoiser step."""
 
-    def __init__(self, config: CacheConfig, steps: int, polish: CacheAction) -> None:
+    def __init__(
+        self, config: CacheConfig, steps: int, polish: CacheAction, start: int = 0
+    ) -> None:
         self.config = config
         self.steps = steps
+        self.start = start
+        """The request's step this branch's first call ran at: a model that takes over half-way
+        (Wan 2.2's second expert) has nothing cached, so its warm-up counts from there."""
         self.polish = polish
         """What the polish band runs: "token" or "block", "reuse" for ``polish="none"``."""
         self.plan = load_plan(config.plan, steps) if config.mode == "plan" else None
@@ -88,7 +93,7 @@ class Controller:
             self.accumulated = torch.zeros_like(change)
             self.since_full = torch.zeros_like(change)
         config = self.config
-        if step < config.warmup or step >= self.steps - 1:
+        if step < self.start + config.warmup or step >= self.steps - 1:
             action: CacheAction = "full"
         elif self.plan is not None:
             action = self.plan[step]

@@ -624,3 +624,29 @@ def test_steps_and_guidance_branches_are_told_apart_across_a_graph_break():
             for _ in ("cond", "uncond"):
                 compiled(x, t, image)
     assert req.actions == {0: plan, 1: plan}
+
+
+def test_a_rising_timestep_schedule_is_one_request_and_turning_back_starts_the_next():
+    """Z-Image's pipeline passes ``1 - sigma``, which rises from step to step. Taken for a new
+    request at every step (the timestep was assumed to fall), its cache never reused; the
+    direction is now learned from the first move, and a request ends where it turns back."""
+    model, inputs = build()
+    plan = ["full", "full", "reuse", "full"]
+    compiled = cached(model, steps=4, mode="plan", plan=plan)
+
+    def rising(denoiser, x):
+        with torch.no_grad():
+            for t in torch.linspace(100, 700, 4):
+                v = denoiser(**inputs | {"hidden_states": x, "timestep": t.expand(2)})[0]
+                x = x - 0.25 * v[:, : x.shape[1]]  # the DiT predicts noise and variance
+        return x
+
+    other = torch.randn_like(inputs["hidden_states"])
+    with diffopt.request(steps=4) as req:
+        first = rising(compiled, inputs["hidden_states"])
+        second = rising(compiled, other)  # back to 100: the next request, in the same scope
+    assert req.actions == {0: plan + plan}
+    torch._dynamo.reset()
+    fresh = cached(model, steps=4, mode="plan", plan=plan)
+    torch.testing.assert_close(rising(fresh, other), second, rtol=0, atol=0)
+    assert not torch.equal(first, rising(model, inputs["hidden_states"]))  # the reuse moved it
