@@ -380,13 +380,14 @@ class Family:
                     stance = "default" if first else "fail_on_recompile"
                     with torch.compiler.set_stance(stance):
                         compiled(**self.fresh(**{key: t}))
-            decisions.append(sum(len(v) for v in request.actions.values()))
-        if min(decisions) < len(plan):
+            # every branch (a graph a break splits off is one) decides once a step
+            decisions.append({str(k): len(v) for k, v in request.actions.items()})
+        if any(not d or set(d.values()) != {len(plan)} for d in decisions):
             return cell(
                 "fail",
                 "",
-                f"the cache took {decisions} decisions over two {len(plan)}-step "
-                "requests: not every step reached the cache",
+                f"decisions per branch over two {len(plan)}-step requests: {decisions} (each "
+                "branch should decide once a step)",
                 decisions=decisions,
             )
         how = " with fullgraph=True" if fullgraph else ""

@@ -265,6 +265,11 @@ class QuantConfig:
         if self.rank < 0:
             raise ConfigError(f"quant.rank must be >= 0 (0: no low-rank branch), not {self.rank}")
         _check_choice("quant.branch_bits", self.branch_bits, (16, 8))
+        if self.branch_bits != 16 and not self.rank:
+            raise ConfigError(
+                f"quant.branch_bits={self.branch_bits} sets the low-rank branch's bits, and "
+                "quant.rank=0 has no branch: set quant.rank (e.g. 32) or leave branch_bits at 16"
+            )
 
     @property
     def label(self) -> str:

@@ -43,9 +43,10 @@ def quant_linear(
     if x.is_cuda:  # the branch fused into both kernels
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
 
-        if lowrank_down is not None:  # the kernels take float16 factors: int8 ones upcast here
+        if lowrank_down is not None:  # int8 factors as float ones (the kernels compute in
+            # float32; the scales folded in float16 would fall into subnormals for small weights)
             lowrank_down, lowrank_up = reference.dequantized_branch(
-                lowrank_down, lowrank_up, lowrank_scale, torch.float16
+                lowrank_down, lowrank_up, lowrank_scale, torch.float32
             )
         return rotated_linear(
             x, weight, weight_scale, bias, rotation, act_bits, weight_bits, lowrank_down, lowrank_up

@@ -158,11 +158,9 @@ def low_rank_split(
     if bits == 16:
         down, up = down.to(torch.float16), up.to(torch.float16)
     else:
-        down_scale = down.abs().amax(0).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        up_scale = up.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        down = torch.round(down / down_scale).to(torch.int8)
-        up = torch.round(up / up_scale[:, None]).to(torch.int8)
-        scale = down_scale * up_scale
+        down_t, down_scale = quantize_rows(down.T.contiguous(), 8)  # a scale per rank
+        up, up_scale = quantize_rows(up, 8)
+        down, scale = down_t.T, down_scale * up_scale
     folded, _ = dequantized_branch(down, up, scale, torch.float32)
     residual = weight.float() - (folded.float() @ up.float()).T
     return down.contiguous(), up.contiguous(), scale, residual
@@ -183,7 +181,7 @@ def dequantized_branch(
     down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's factors as `dtype` ones, ``scale`` folded into ``down``: what the fused
-    Triton kernels take (int8 factors hold at most 127 in magnitude, exact in float16)."""
+    Triton kernels take."""
     if scale is None:
         return down, up
     return (down.float() * scale.float()).to(dtype), up.to(dtype)

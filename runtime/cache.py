@@ -14,9 +14,10 @@ State lives here, never in the compiled regions: one `Branch` per request, model
 branch, with per-sample accumulators. A request starts when `diffopt.request()` is entered, when
 the timestep turns back (against the direction the schedule moved in: falling for most models,
 rising for Z-Image's ``t = 1 - sigma``), or after `steps` steps; calls that repeat the previous
-call's timestep are further guidance branches of the same step. Steps and branches are counted
-by the request, across the executors and models that run in it: a model that takes over half-way
-(Wan 2.2's second expert) starts its own state at the request's step, not at step 0.
+call's timestep are further guidance branches of the same step. Inside a `diffopt.request()`
+scope, steps are counted by the request, across the executors and models that run in it: a model
+that takes over half-way (Wan 2.2's second expert) starts its own state at the request's step, not
+at step 0. Outside a scope each compiled graph counts its own requests.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ class Request:
     """The index of the step running now, counted over every executor and model in the request
     (-1 before the first call)."""
     branch: int = 0
-    """The guidance branch of the call running now: how many calls this step made before it."""
+    """The call running now: how many calls this step made before it (the key of `actions`)."""
+    calls: dict[Any, int] = field(default_factory=dict, repr=False)
+    """This step's calls so far per caching executor. A graph's guidance branch is its own
+    count: the graphs a break splits the blocks into each see every guidance branch."""
     step_t: float | None = None
     """The noise level of the step running now (None where no graph reads one)."""
     timesteps: list[float] = field(default_factory=list)
@@ -553,17 +557,21 @@ class CachingExecutor(RegionExecutor):
                     req = self._implicit = Request()
                 else:
                     req.start_over()
-            req.step, req.branch, req.step_t = req.step + 1, 0, t
+            req.step, req.branch, req.step_t, req.calls = req.step + 1, 0, t, {}
             if t is not None:
                 req.timesteps.append(t)
+        if ctx is not None and self.timestep_slot is not None:
+            ctx.timestep = t  # a guarded graph after a graph break places its call by it
+        guidance = req.calls.get(self, 0)
+        req.calls[self] = guidance + 1
         key = self._model_key(values)
         run = req.runs.get((self, key))
         if run is None:  # this model's first call in the request: its own state from here on
             run = req.runs[(self, key)] = self._start_run(req, values)
         req.active[self] = run
-        branch = run.branches.get(req.branch)
+        branch = run.branches.get(guidance)
         if branch is None:
-            branch = run.branches[req.branch] = self._new_branch(run, req.step)
+            branch = run.branches[guidance] = self._new_branch(run, req.step)
         return branch
 
     def _starts_over(self, req: Request, t: float | None, implicit: bool) -> bool:
@@ -583,8 +591,9 @@ class CachingExecutor(RegionExecutor):
     def _model_key(self, values: list[Any]) -> int | None:
         """Which model this call runs (the id of its first weight; None for an engine)."""
         if self._key_slot is None:
-            weights = (s for s in sorted(self.param_slots) if _is_weight(values[s]))
-            self._key_slot = next(weights, -1)
+            weights = profiles.model_weights(values[s] for s in sorted(self.param_slots))
+            slots = (s for s in sorted(self.param_slots) if weights and values[s] is weights[0])
+            self._key_slot = next(slots, -1)
         return id(values[self._key_slot]) if self._key_slot >= 0 else None
 
     def _start_run(self, req: Request, values: list[Any]) -> Run:
@@ -1159,10 +1168,6 @@ def _refresh_tokens(executor: CachingExecutor, call: SpanCall) -> float:
         values[out] = span.laid_out(out, full)
     executor._release(span, values)
     return anchor.chosen.shape[1] / anchor.tokens
-
-
-def _is_weight(value: Any) -> bool:
-    return isinstance(value, torch.nn.Parameter)
 
 
 def _sample(value: torch.Tensor) -> bool:

@@ -463,7 +463,7 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
         ({"scale_group": 32, "rank": 4}, "ReduceSum"),  # one integer GEMM per group, summed
         ({"smooth_alpha": 0.5, "gptq": True}, "Mul"),  # smoothing: a Mul by constant factors
         ({"format": "nvfp4", "rank": 4, "smooth_alpha": 0.5}, "Gather"),  # FP4: lookups
-        ({"rank": 4, "branch_bits": 8}, "MatMulInteger"),  # the int8 branch's scales: a Mul
+        ({"rank": 4, "branch_bits": 8}, "MatMulInteger"),  # int8 branch: checked within 1e-4
         ({"format": "nvfp4", "rank": 4, "smooth_alpha": 0.5, "branch_bits": 8}, "Gather"),
         ({"format": "mxfp4"}, "Pow"),  # power-of-two block scales
     ],

@@ -171,6 +171,13 @@ def test_the_low_rank_branch_is_fused_into_both_kernels(rank, scale_group):
     got = tk.rotated_linear(*on(x, stored, scale, b, h), 4, 4, *on(down, up))
     want = ref.rotated_linear(x, stored, scale, b, h, 4, 4) + ref.low_rank_branch(x, down, up)
     assert_matches(got, want)
+    # the int8 branch (quant.branch_bits=8) reaches the kernels as the op passes it: folded
+    down8, up8, scale8, residual8 = ref.low_rank_split(w, rank, bits=8)
+    stored8, wscale8 = quantize_weight(residual8, 4, h, scale_group=scale_group)
+    folded = ref.dequantized_branch(down8, up8, scale8, torch.float32)
+    got = tk.rotated_linear(*on(x, stored8, wscale8, b, h), 4, 4, *on(*folded))
+    want = ref.rotated_linear(x, stored8, wscale8, b, h, 4, 4)
+    assert_matches(got, want + ref.low_rank_branch(x, down8, up8, scale8))
 
 
 @pytest.mark.parametrize(

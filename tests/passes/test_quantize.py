@@ -148,6 +148,8 @@ def test_an_int8_branch_keeps_rank_32_at_3_5x_under_fp16_from_k_1152():
     assert ratio(rank=32, scale_group=128, branch_bits=8) >= 3.5
     with pytest.raises(ConfigError, match=r"quant\.branch_bits"):
         QuantConfig(rank=32, branch_bits=4)
+    with pytest.raises(ConfigError, match=r"quant\.rank=0 has no branch"):
+        QuantConfig(branch_bits=8)
 
 
 @pytest.mark.inductor

@@ -626,6 +626,54 @@ def test_steps_and_guidance_branches_are_told_apart_across_a_graph_break():
     assert req.actions == {0: plan, 1: plan}
 
 
+class _BlocksAroundABreak(torch.nn.Module):
+    """Blocks on both sides of a graph break: two guarded graphs in one denoiser call, the
+    second without a timestep input of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ..models import Block
+
+        self.time, self.embed = torch.nn.Linear(16, 16), torch.nn.Linear(4, 16)
+        self.before = torch.nn.ModuleList(Block(16) for _ in range(3))
+        self.after = torch.nn.ModuleList(Block(16) for _ in range(3))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from ..models import timestep_embedding
+
+        temb = self.time(timestep_embedding(t, 16))
+        h = self.embed(x)
+        for block in self.before:
+            h = block(h, temb)
+        torch._dynamo.graph_break()
+        for block in self.after:
+            h = block(h, temb)
+        return self.head(h)
+
+
+def test_blocks_on_both_sides_of_a_graph_break_share_the_step_of_their_call():
+    """The graph after the break places its call by the noise level the graph before it read:
+    both take each step's guidance branches (calls 0–3 of a step: before, after, before,
+    after), instead of the second counting every call as a new step and overrunning `steps`."""
+    torch.manual_seed(0)
+    model = _BlocksAroundABreak().eval()
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": 4}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    x = torch.randn(2, 10, 4)
+    with torch.no_grad(), diffopt.request(steps=4) as req:
+        for step in range(4):
+            t = torch.full((2,), 900.0 - 200 * step)
+            for _ in ("cond", "uncond"):
+                out = compiled(x, t)
+    assert req.actions == {call: plan for call in range(4)}
+    assert req.compute() == 0.75
+    with torch.no_grad():
+        assert not torch.equal(out, model(x, t))  # reused, not only recorded
+        torch.testing.assert_close(out, model(x, t), rtol=0, atol=0.2)
+
+
 def test_a_rising_timestep_schedule_is_one_request_and_turning_back_starts_the_next():
     """Z-Image's pipeline passes ``1 - sigma``, which rises from step to step. Taken for a new
     request at every step (the timestep was assumed to fall), its cache never reused; the
