@@ -58,6 +58,19 @@ def _scheduler(**config: Any) -> Any:
 # --- Flux: true CFG, cond and uncond one after the other ---------------------------------------
 
 
+def _without_encoders(pipeline: str) -> Callable[[Any], Any]:
+    """A builder of a pipeline whose components are a scheduler, a VAE, one text encoder and
+    its tokenizer: the transformer and a scheduler, the rest None (latents out)."""
+
+    def build(transformer):
+        import diffusers
+
+        none = dict.fromkeys(("vae", "text_encoder", "tokenizer"))
+        return getattr(diffusers, pipeline)(scheduler=_scheduler(), transformer=transformer, **none)
+
+    return build
+
+
 def _flux(transformer):
     from diffusers import FluxPipeline
 
@@ -80,11 +93,7 @@ def _flux_inputs(seed):
 # --- Flux2: guidance-distilled (guidance embedded, one call per step) ---------------------------
 
 
-def _flux2(transformer):
-    from diffusers import Flux2Pipeline
-
-    none = dict.fromkeys(("vae", "text_encoder", "tokenizer"))
-    return Flux2Pipeline(scheduler=_scheduler(), transformer=transformer, **none)
+_flux2 = _without_encoders("Flux2Pipeline")
 
 
 def _flux2_inputs(seed):
@@ -99,11 +108,7 @@ def _flux2_inputs(seed):
 # --- Qwen-Image: true CFG with text masks, one call after the other ----------------------------
 
 
-def _qwenimage(transformer):
-    from diffusers import QwenImagePipeline
-
-    none = dict.fromkeys(("vae", "text_encoder", "tokenizer"))
-    return QwenImagePipeline(scheduler=_scheduler(), transformer=transformer, **none)
+_qwenimage = _without_encoders("QwenImagePipeline")
 
 
 def _qwenimage_inputs(seed):
@@ -122,11 +127,7 @@ def _qwenimage_inputs(seed):
 # --- Z-Image: CFG batched (cond and uncond in one call), lists of per-sample tensors ------------
 
 
-def _z_image(transformer):
-    from diffusers import ZImagePipeline
-
-    none = dict.fromkeys(("vae", "text_encoder", "tokenizer"))
-    return ZImagePipeline(scheduler=_scheduler(), transformer=transformer, **none)
+_z_image = _without_encoders("ZImagePipeline")
 
 
 def _z_image_inputs(seed):
