@@ -927,25 +927,30 @@ class CachingExecutor(RegionExecutor):
         expected = sum(self._profile(branch)[step - trend.gap + 1 : step + 1]) / trend.gap
         return trend.change_per_sample(self.group) / max(expected, 1e-12)
 
-    def _record(self, branch: Branch, key: str, change: torch.Tensor, step: int) -> None:
+    def _record(self, branch: Branch, key: str, change: torch.Tensor | None, step: int) -> None:
+        """One calibration entry a step (`change` None: this model has nothing to compare with
+        yet, e.g. an expert taking over half-way: the last entry carries on, not a false 0)."""
         req = self._run.request
         if req.branch == 0:  # the request's first branch, whichever model runs it: one entry a step
             recorded = req.recorded.setdefault(key, [])
-            recorded.extend([0.0] * (step - len(recorded)))
-            recorded.append(float(change.mean()) if step > 0 else 0.0)
+            last = recorded[-1] if recorded else 0.0
+            recorded.extend([last] * (step - len(recorded)))
+            if step == 0:
+                recorded.append(0.0)
+            else:
+                recorded.append(float(change.mean()) if change is not None else last)
 
     # ---- what the action strategies share ----------------------------------------------------
 
     def _record_stack(self, branch: Branch, value: torch.Tensor, step: int) -> None:
         """Calibration: the residual's change (first difference) and curvature (second)."""
         last, earlier = branch.last_stack, branch.earlier_stack
-        zero = torch.zeros(1)
         group = self.group
         self._record(
-            branch, "stack", relative_change(value, last, group) if last is not None else zero, step
+            branch, "stack", relative_change(value, last, group) if last is not None else None, step
         )
         bent = (value - last) - (last - earlier) if earlier is not None else None
-        curvature = relative_change(bent + last, last, group) if bent is not None else zero
+        curvature = relative_change(bent + last, last, group) if bent is not None else None
         self._record(branch, "curvature", curvature, step)
         branch.earlier_stack, branch.last_stack = last, value
 

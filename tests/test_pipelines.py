@@ -21,6 +21,7 @@ import torch
 
 import diffopt
 from diffopt.evaluation import zoo
+from diffopt.runtime import profiles
 
 REPO = str(Path(__file__).resolve().parents[1])
 STEPS = 4
@@ -480,3 +481,23 @@ def test_wan22_experts_each_keep_their_own_cache_state_in_one_request():
         full = generate(pipe, case, 0, WAN22_STEPS)
     assert request.actions == {0: ["full"] * WAN22_STEPS, 1: ["full"] * WAN22_STEPS}
     assert_same(full, uncached)
+
+
+def test_wan22_online_calibration_has_no_false_zero_where_the_second_expert_takes_over():
+    """Online, the first request calibrates: one entry a step of the request's stream change,
+    kept by both experts. The second expert has no residual of its own at the step it takes
+    over at; it used to record 0 there ("no change"), a dip the controller would read as free
+    reuse. The entry now carries the last measured one."""
+    case = CASES["wan"]
+    high, low, pipe = _wan22()
+    torch._dynamo.reset()
+    options = {"inner": "eager", "cache": {"steps": WAN22_STEPS}}
+    pipe.transformer = torch.compile(high, backend="diffopt", options=options)
+    pipe.transformer_2 = torch.compile(low, backend="diffopt", options=options)
+    with diffopt.request(steps=WAN22_STEPS):  # calibrates; kept when the request ends
+        generate(pipe, case, 0, WAN22_STEPS)
+    for expert in (high, low):
+        found = profiles.profile_of(expert)
+        stack = found.recorded["stack"]
+        assert len(stack) == WAN22_STEPS and stack[0] == 0.0, stack
+        assert all(change > 0 for change in stack[1:]), stack  # step 3: the second expert's first
