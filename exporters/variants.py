@@ -55,7 +55,8 @@ def token_refresh_runs(
     start = flat[timestep_slot]
     fall = (0.1 * start.abs().max()).clamp(min=1).ceil()  # a whole step for int timesteps
     with torch.no_grad(), request(steps=len(plan), cache=settings):
-        for step in range(len(plan) - 1):  # a falling timestep: one request
+        for step in range(len(plan)):  # a falling timestep: one whole request (a shorter one
+            # would warn the user that its last step was not protected)
             inputs = list(flat)
             inputs[timestep_slot] = (start - step * fall).to(start.dtype)
             executor(*inputs)
