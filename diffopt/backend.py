@@ -192,7 +192,7 @@ def capture(
 def model_line(message: str) -> tuple[str, str] | None:
     """The model's own line in the user stack dynamo writes into its errors: ``(code,
     file:line)`` of the deepest frame that is neither torch's nor diffopt's, else None."""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', message)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.+)', message)  # <lambda> too
     own = [f for f in frames if not any(p in f[0] for p in ("/torch/", "/diffopt/", "peft_utils"))]
     if not own:
         return None

@@ -159,3 +159,17 @@ def test_cli_inspect_factory_and_strict_in_a_subprocess():
 def test_cli_rejects_unknown_model(capsys):
     assert main(["inspect", "tiny-nope"]) == 2
     assert "not a built-in model" in capsys.readouterr().err
+
+
+def test_the_model_line_is_the_deepest_frame_that_is_neither_torch_nor_diffopt():
+    from diffopt.backend import model_line
+
+    stack = (
+        '  File "/x/diffopt/backend.py", line 141, in call\n    return model(*args)\n'
+        '  File "/y/site-packages/diffusers/models/m.py", line 7, in forward\n    h = f(x)\n'
+        '  File "/y/site-packages/diffusers/models/m.py", line 3, in <lambda>\n'
+        "    f = lambda x: x[x > 0]\n"
+        '  File "/y/site-packages/torch/_dynamo/polyfills/__init__.py", line 9, in g\n    pass\n'
+    )
+    assert model_line(stack) == ("f = lambda x: x[x > 0]", "diffusers/models/m.py:3")
+    assert model_line("no stack here") is None
