@@ -11,9 +11,11 @@ import it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
+
+_Value = TypeVar("_Value")
 
 GuardKind = Literal["step", "block", "token"]
 """``step``: skip the whole guarded span of blocks; ``block``: skip single blocks; ``token``:
@@ -67,19 +69,60 @@ class Guard:
 
 
 def residual_bases(
-    outputs: Sequence[tuple[int, ...] | None], inputs: Sequence[tuple[int, ...] | None]
+    outputs: Sequence[tuple[int, ...] | None],
+    inputs: Sequence[tuple[int, ...] | None],
+    paths: Sequence[Collection[int]] | None = None,
 ) -> list[int | None]:
-    """For each output shape, the index of the one input of the same shape, if exactly one.
+    """For each output shape, the index of the input it is a residual of, if there is one.
+
+    The base is the one input of the output's shape; where several inputs share that shape (a
+    block fed per-token shift, scale and gate tensors beside its stream: Ernie-Image), the one
+    among them on the output's residual path: ``paths[i]`` holds the indices of the inputs
+    reached from output i by walking back through additions only (`residual_path`), so
+    ``out = x + gate * f(x)`` reaches ``x`` and not ``gate``, which sits behind a product.
 
     A cached region output is stored as a residual against that input (re-added to the fresh
     input on reuse, which tracks the step far better than the stale value); an output with no
-    unique partner is cached as a value.
+    such partner is cached as a value.
     """
     bases: list[int | None] = []
-    for shape in outputs:
-        matches = [i for i, s in enumerate(inputs) if shape is not None and s == shape]
+    for i, shape in enumerate(outputs):
+        matches = [k for k, s in enumerate(inputs) if shape is not None and s == shape]
+        if len(matches) > 1 and paths is not None:
+            matches = [k for k in matches if k in paths[i]]
         bases.append(matches[0] if len(matches) == 1 else None)
     return bases
+
+
+def residual_path(
+    starts: Sequence[_Value],
+    operands: Callable[[_Value], Iterable[_Value]],
+    ends: Collection[_Value],
+) -> list[list[_Value]]:
+    """For each of `starts`, the `ends` reached by walking back through `operands`, in the
+    order found.
+
+    `operands` gives the values a residual passes through at a value (the summands of an
+    addition, the input of a cast) and nothing elsewhere; the walk stops at `ends` (a region's
+    inputs). The passes walk graph nodes, the runtime walks value slots (`RegionProgram
+    .residual_operands`): both pair outputs with inputs through `residual_bases`.
+    """
+    found: list[list[_Value]] = []
+    for start in starts:
+        reached: dict[_Value, None] = {}
+        seen: set[_Value] = set()
+        todo = [start]
+        while todo:
+            value = todo.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            if value in ends:
+                reached[value] = None
+            else:
+                todo.extend(operands(value))
+        found.append(list(reached))
+    return found
 
 
 def refresh_count(token_ratio: float, tokens: int) -> int:

@@ -6,6 +6,7 @@ rewrites nodes keeps it by construction; the region list only records names and 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -78,6 +79,30 @@ class DenoiserGraph:
 def example_value(node: fx.Node) -> object:
     """The value a node held during capture (a fake tensor under dynamo), if recorded."""
     return node.meta.get("example_value", node.meta.get("val"))
+
+
+_ADDITIONS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
+_CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone"}
+_ADDED_TO = {torch.addcmul, torch.addcdiv, "addcmul", "addcmul_", "addcdiv", "addcdiv_"}
+"""``x + v * a * b`` and ``x + v * a / b``: the first operand is the one added to."""
+
+
+def residual_operands(node: fx.Node) -> list[fx.Node]:
+    """The values a residual stream passes through at `node`: both summands of an addition,
+    the input of a cast (``.float()``, ``.to(dtype)``) or of ``addcmul``; none elsewhere.
+
+    Walking back from a block's output through these (`diffopt.guards.residual_path`) reaches
+    the input the block adds its residual to, and not a gate or a shift of the same shape,
+    which enter through a product or a norm (``x + gate * attn(norm(x) * (1 + scale) + shift)``).
+    """
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return []  # a graph input, a parameter, a constant among a region's outputs
+    if node.target in _ADDITIONS:
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if node.target in _CASTS or node.target in _ADDED_TO:
+        first = node.args[0] if node.args else None
+        return [first] if isinstance(first, fx.Node) else []
+    return []
 
 
 def collective_groups(gm: fx.GraphModule) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from collections.abc import Collection
 import torch
 import torch.fx as fx
 
-from diffopt.guards import residual_bases
+from diffopt.guards import residual_bases, residual_path
 
 from .graph import (
     INPUT_KEY,
@@ -36,6 +36,7 @@ from .graph import (
     TensorRole,
     collective_groups,
     example_value,
+    residual_operands,
     shape_of,
 )
 from .report import PassReport
@@ -321,9 +322,22 @@ def guarded_span(graph: DenoiserGraph, *, keep_first_block: bool) -> list[str]:
     return names[names.index(first) : names.index(blocks[-1]) + 1]
 
 
+def residual_pairs(outputs: list[fx.Node], inputs: list[fx.Node]) -> list[int | None]:
+    """For each of a region's `outputs`, the index of the input among `inputs` it is a residual
+    of (`diffopt.guards.residual_bases`: the one input of its shape, or of several, the one its
+    chain of additions starts from); None: none, it is cached as a value."""
+    index = {node: i for i, node in enumerate(inputs)}
+    paths = residual_path(outputs, residual_operands, index)
+    return residual_bases(
+        [shape_of(n) for n in outputs],
+        [shape_of(n) for n in inputs],
+        [{index[n] for n in found} for found in paths],
+    )
+
+
 def describe_residuals(outputs: list[fx.Node], inputs: list[fx.Node]) -> str:
     """How a guard rebuilds `outputs` from `inputs`: residual re-add or cached value."""
-    bases = residual_bases([shape_of(n) for n in outputs], [shape_of(n) for n in inputs])
+    bases = residual_pairs(outputs, inputs)
     return "; ".join(
         f"{out.name} = {inputs[b].name} + cached residual"
         if b is not None

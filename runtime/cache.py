@@ -46,6 +46,7 @@ from diffopt.guards import (
     polish_action,
     refresh_count,
     residual_bases,
+    residual_path,
     token_axes,
 )
 from diffopt.passes.graph import process_group
@@ -509,12 +510,17 @@ class CachingExecutor(RegionExecutor):
         return Boundary(start, stop, user, exits)
 
     def _bind(self, boundary: Boundary, inputs: dict[int, Any], values: list[Any]) -> None:
-        """Pair each exit with its residual base, from the real shapes of a run (once)."""
+        """Pair each exit with its residual base, from the real shapes of a run (once); where
+        several entries have an exit's shape, the one its chain of additions across the span's
+        regions starts from (`RegionProgram.residual_operands`)."""
         if boundary.bases:
             return
         shapes = [_shape(inputs[s]) for s in boundary.entries]
         exits = [_shape(values[s]) for s in boundary.exits]
-        bases = residual_bases(exits, shapes)
+        index = {slot: i for i, slot in enumerate(boundary.entries)}
+        operands = self.program.residual_operands
+        paths = residual_path(boundary.exits, lambda s: operands.get(s, ()), index)
+        bases = residual_bases(exits, shapes, [{index[s] for s in found} for found in paths])
         pairs = [
             (out, None if b is None else boundary.entries[b])
             for out, b in zip(boundary.exits, bases, strict=True)

@@ -18,7 +18,14 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from diffopt.config import InnerBackend
-from diffopt.passes.graph import REGION_KEY, DenoiserGraph, Region, example_value
+from diffopt.guards import residual_path
+from diffopt.passes.graph import (
+    REGION_KEY,
+    DenoiserGraph,
+    Region,
+    example_value,
+    residual_operands,
+)
 
 
 class LoweringError(RuntimeError):
@@ -52,6 +59,12 @@ class RegionProgram:
     """The graph's output structure, with `Slot` where a value comes from a slot."""
     release: list[list[int]] = field(default_factory=list)
     """Slots no longer needed after region i: freed so intermediate activations do not pile up."""
+    residual_operands: dict[int, list[int]] = field(default_factory=dict)
+    """For each slot a region produces, the region's input slots reached from it by walking back
+    through additions inside the region (`diffopt.passes.graph.residual_operands`): what the
+    runtime walks across a span of regions to pair its exits with the entries they are residuals
+    of where shapes alone do not (`diffopt.guards.residual_bases`). Empty (an engine's program):
+    shapes alone."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,22 @@ def split_regions(graph: DenoiserGraph) -> RegionProgram:
             raise LoweringError(f"unexpected node {node.format_node()} between regions")
 
     num_inputs = sum(1 for n in parent.graph.nodes if n.op == "placeholder")
-    return RegionProgram(num_inputs, num_slots, lowered, output, _releases(lowered, output))
+    operands = {k: v for region in lowered for k, v in _residual_operands(region).items()}
+    return RegionProgram(
+        num_inputs, num_slots, lowered, output, _releases(lowered, output), operands
+    )
+
+
+def _residual_operands(lowered: LoweredRegion) -> dict[int, list[int]]:
+    """Each output slot of a region → the input slots its residual path reaches in the region."""
+    graph = lowered.module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    slot = dict(zip(placeholders, lowered.inputs, strict=True))
+    values = next(n for n in graph.nodes if n.op == "output").args[0]
+    paths = residual_path(values, residual_operands, slot)
+    return {
+        out: [slot[n] for n in found] for out, found in zip(lowered.outputs, paths, strict=True)
+    }
 
 
 def _inline_constants(parent: fx.GraphModule) -> None:
