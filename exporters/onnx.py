@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .flex import with_dense_flex_attention
 from .formats import ExportError, Format, register_format
 from .regions import Baked, RegionInputs
 from .static_scales import with_static_scales
@@ -53,7 +54,7 @@ def write_region(
             f"region {lowered.region.name!r} takes non-tensor inputs {bad}, which an engine "
             "cannot feed; export with static shapes (dynamic_batch=False)"
         )
-    inner = lowered.module
+    inner = with_dense_flex_attention(lowered.module)
     if quant_form == "qdq_static":
         inner = with_static_scales(inner, calibration or examples)
     module = Baked(inner, examples, plan).eval()
@@ -133,6 +134,8 @@ def _translations(quant_form: str) -> dict[Any, Any]:
         torch.ops.diffopt.quant_linear_static.default: quant_linear_qdq_static,
         torch.ops.diffopt.fp4_linear.default: fp4_linear,
         torch.ops.aten.masked_fill.Scalar: masked_fill,
+        torch.ops.aten.sort.default: sort,
+        torch.ops.aten.sort.stable: sort,
     }
 
 
@@ -146,6 +149,31 @@ def masked_fill(x: Any, mask: Any, value: Any) -> Any:
     if x.dtype == ir.DataType.BOOL:
         return op.Or(x, mask) if value else op.And(x, op.Not(mask))
     return op.Where(mask, op.CastLike(value, x), x)
+
+
+def sort(x: Any, dim: int = -1, descending: bool = False, stable: bool | None = None) -> Any:
+    """``aten.sort``, both overloads (torch's exporter has none for ``stable``, which
+    ``Tensor.sort`` and ``argsort`` trace to, and its plain one fails on booleans): TopK over the
+    whole axis, which returns the values in order with their indices. TopK breaks ties by the
+    lower index, ascending and descending (the ONNX spec; onnxruntime's CPU kernel does), so this
+    is a stable sort whatever `stable` says: torch's order where ``stable=True``, and a valid one
+    where ``stable=False`` leaves ties in any order (torch's CPU sort may order them otherwise).
+    Booleans, which TopK does not take, are sorted as int32, bfloat16 as float32 and uint32 as
+    int64 (each exact), the values cast back. Kandinsky 6 SR's NABLA mask sorts a softmax map
+    and argsorts a boolean block mask."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    rank = len(x.shape)
+    if rank == 0:
+        return op.Identity(x), op.Constant(value=ir.tensor(0, dtype=ir.DataType.INT64))
+    dim %= rank
+    t = ir.DataType
+    wider = {t.BOOL: t.INT32, t.BFLOAT16: t.FLOAT, t.UINT32: t.INT64}.get(x.dtype)
+    keys = x if wider is None else op.Cast(x, to=wider)
+    size = op.Shape(x, start=dim, end=dim + 1)
+    values, indices = op.TopK(keys, size, axis=dim, largest=int(descending), sorted=1)
+    return (values if wider is None else op.CastLike(values, x)), indices
 
 
 @register_format("onnx")

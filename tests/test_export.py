@@ -392,6 +392,99 @@ def test_masked_fill_on_floats_and_booleans_runs_in_onnxruntime(tmp_path):
     torch.testing.assert_close(engine(**inputs), model(**inputs), atol=0, rtol=0)
 
 
+class Sorts(torch.nn.Module):
+    """``sort`` and ``argsort`` as Kandinsky 6 SR's NABLA mask uses them: a float sort, an argsort
+    of its indices, a descending argsort of booleans (ties everywhere), a stable int sort."""
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values, indices = hidden_states.sort(-1)
+        keep = (values.cumsum(-1) >= 0) | (hidden_states.round() == 0)
+        ints = hidden_states.round().int()
+        return (
+            values,
+            indices.argsort(-1),
+            keep.argsort(dim=-1, descending=True),
+            *ints.sort(dim=0, descending=True, stable=True),
+        )
+
+
+def test_sorts_and_argsorts_run_in_onnxruntime_as_stable_sorts(tmp_path):
+    """TopK over the whole axis; ties keep their order (torch's unstable sort may reorder them,
+    so the boolean argsort is compared with torch's stable one)."""
+    model, inputs = Sorts(), {"hidden_states": torch.randn(2, 40)}
+    got = load_engine(export(model, inputs, out=tmp_path))(**inputs)
+    want = list(model(**inputs))
+    keep = (want[0].cumsum(-1) >= 0) | (inputs["hidden_states"].round() == 0)
+    want[2] = keep.sort(dim=-1, descending=True, stable=True)[1]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+class FlexAttend(torch.nn.Module):
+    """flex_attention with a score_mod and a block mask built in the graph (as Kandinsky 6 SR
+    does): `drop` lists key block 0 only, as full, with no mask_mod; else a causal mask_mod over
+    the blocks it keeps."""
+
+    def __init__(self, drop: bool) -> None:
+        super().__init__()
+        self.drop = drop
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        b, h, s, _ = hidden_states.shape
+        rows = s // 128
+        if self.drop:
+            num = torch.ones(b, h, rows, dtype=torch.int32, device=hidden_states.device)
+            listed = torch.zeros(b, h, rows, rows, dtype=torch.int32, device=hidden_states.device)
+            mask = BlockMask.from_kv_blocks(
+                torch.zeros_like(num), listed, num, listed, BLOCK_SIZE=128, mask_mod=None
+            )
+        else:
+            steps = torch.arange(rows, dtype=torch.int32, device=hidden_states.device)
+            num = (steps + 1).expand(b, h, rows)
+            listed = steps.expand(b, h, rows, rows)
+            mask = BlockMask.from_kv_blocks(
+                num, listed, BLOCK_SIZE=128, mask_mod=lambda b, h, q, kv: q >= kv
+            )
+        return flex_attention(
+            hidden_states,
+            hidden_states.flip(-1),
+            hidden_states * 2,
+            score_mod=lambda score, b, h, q, kv: score + (q - kv) * 0.01,
+            block_mask=mask,
+        )
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_flex_attention_exports_as_dense_attention_under_its_block_mask(drop, tmp_path):
+    """Causal blocks agree with torch's eager flex_attention; blocks the block mask leaves out
+    are left out (as the compiled kernels do; torch's eager fallback reads mask_mod only)."""
+    import torch.nn.functional as F
+
+    model, x = FlexAttend(drop), torch.randn(2, 2, 256, 16)
+    got = load_engine(export(model, {"hidden_states": x}, out=tmp_path))(hidden_states=x)
+    q, kv = torch.arange(256)[:, None], torch.arange(256)
+    allowed = kv < 128 if drop else q >= kv
+    bias = (q - kv) * 0.01
+    want = F.scaled_dot_product_attention(
+        x, x.flip(-1), x * 2, attn_mask=torch.where(allowed, bias, -float("inf"))
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if not drop:
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-kandinsky6-sr"])
+def test_families_the_coverage_matrix_found_failing_export_and_match(name, tmp_path):
+    """Kandinsky 6 SR: its NABLA mask sorts, its attention is flex_attention."""
+    model, inputs = zoo.build(name)
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    engine = load_engine(export(model, dict(inputs), out=tmp_path))
+    torch.testing.assert_close(first_output(engine(**inputs)), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
     class Odd(torch.nn.Module):
         def forward(self, hidden_states):
