@@ -351,10 +351,18 @@ def find_roles(graph: DenoiserGraph) -> InputRoles:
     roles = InputRoles()
     first = graph.blocks[0].name
     entering = user_values(region_inputs(graph, first))
-    leaving = {shape_of(n) for n in region_outputs(graph, first)}
+    outputs = region_outputs(graph, first)
+    leaving = {shape_of(n) for n in outputs}
+    # where several inputs have an output's shape (per-token gates beside the stream) and its
+    # chain of additions picks one, that one is the stream and the others are side inputs
+    bases = residual_pairs(outputs, entering)
+    based = {entering[b] for b in bases if b is not None}
+    resolved = {shape_of(entering[b]) for b in bases if b is not None}
 
     for node in entering:
         shape = shape_of(node)
+        if shape in resolved and node not in based:
+            continue
         if shape is not None and len(shape) == 3 and shape in leaving:
             roles.token_streams.append(
                 TensorRole(node.name, shape, "[B, N, D] in and out of the first block")

@@ -29,9 +29,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from diffopt.config import CacheConfig
 from diffopt.guards import Guard, per_sample, refresh_count, token_axes
 
-from .graph import REGION_KEY, DenoiserGraph, example_value, shape_of
+from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, example_value, shape_of
 from .manager import register_pass
-from .regions import describe_residuals, guarded_span, region_inputs, region_outputs, user_values
+from .regions import (
+    describe_residuals,
+    guarded_span,
+    region_inputs,
+    region_outputs,
+    residual_pairs,
+    user_values,
+)
 from .report import PassReport
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
@@ -64,8 +71,19 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
         )
         return graph, report
     # a symbolic length (dynamic shapes: the stream whose size changed, the image's) ranks first
-    stream = max(graph.roles.token_streams, key=lambda s: _longest(s.shape[1])).shape
+    role = max(graph.roles.token_streams, key=lambda s: _longest(s.shape[1]))
+    stream = role.shape
     batch, tokens = stream[:2]
+    samples = _batch_size(graph)
+    if samples is not None and batch != samples and tokens == samples:
+        report.skip(
+            where,
+            f"the token stream {role.node} {list(stream)} runs tokens first ([N, B, D], its "
+            f"axis 1 the batch of {samples}: Ernie-Image's [S, B, H]); a token refresh gathers, "
+            "scores and scatters a stream's tokens on axis 1 behind its batch axis, so it "
+            "would take samples for tokens",
+        )
+        return graph, report
     if not isinstance(tokens, int):
         report.skip(where, f"the token count is symbolic ({tokens}, dynamic shapes)")
         return graph, report
@@ -105,6 +123,28 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
     graph.guards.append(Guard("token", tuple(span), why, joint))
     report.rewrite(where, f"token guard over {len(span)} regions ({tokens} tokens): {why}")
     return graph, report
+
+
+def _batch_size(graph: DenoiserGraph) -> int | str | None:
+    """How many samples a call holds: the length of a per-sample timestep, else the leading
+    size most of the user's inputs of two or more dimensions share (latents, text embeddings;
+    position ids lead with their tokens); None where neither says."""
+    timestep = graph.roles.timestep
+    if timestep is not None and len(timestep.shape) == 1 and timestep.shape[0] != 1:
+        return timestep.shape[0]
+    leading = [
+        shape[0]
+        for node in graph.gm.graph.nodes
+        if node.op == "placeholder"
+        and node.meta.get(INPUT_KEY) == "user"
+        and (shape := shape_of(node)) is not None
+        and len(shape) >= 2
+    ]
+    counts = {size: leading.count(size) for size in leading}
+    ranked = sorted(counts.values(), reverse=True)
+    if not ranked or (len(ranked) > 1 and ranked[0] == ranked[1]):
+        return None
+    return max(counts, key=counts.__getitem__)
 
 
 def _axes(node: fx.Node, layout: tuple) -> list[int]:
@@ -322,10 +362,10 @@ def _why_not(
                 "streams, but no concatenation of the streams in the blocks says where the "
                 f"refreshed {tokens} tokens sit among them, so it cannot be gathered"
             )
-    gathered_shapes = [shape_of(n) for n in gathered]
     entry_shapes = [shape_of(n) for n in entries]
     joint_length = tokens + sum(layout[2])
-    for node in exits:
+    bases = residual_pairs(exits, gathered)
+    for node, base in zip(exits, bases, strict=True):
         shape = shape_of(node)
         # Flux2, Chroma: the span joins the streams itself and hands on the joint sequence
         joined = (
@@ -334,7 +374,7 @@ def _why_not(
             and _axes(node, layout) == [1]
             and shape not in entry_shapes
         )
-        if gathered_shapes.count(shape) != 1 and not joined:
+        if base is None and not joined:
             return (
                 f"output {node.name} {list(shape or [])} does not map token by token onto one "
                 "gathered input nor onto the joint sequence of the streams (streams "

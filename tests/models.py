@@ -50,6 +50,55 @@ class UserDenoiser(nn.Module):
         return {"sample": self.head(h)}
 
 
+class GatedBlock(nn.Module):
+    """Ernie-Image's block in small: per-token shift, scale and gates, each the stream's shape."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, shift, scale, gate, gate_mlp):
+        h = self.norm(x) * (1 + scale) + shift
+        x = x + gate * self.attn(h, h, h, need_weights=False)[0]
+        return x + gate_mlp * self.mlp(self.norm(x))
+
+
+class GatedDenoiser(nn.Module):
+    """Blocks fed four [B, N, D] modulation tensors beside the [B, N, D] stream (Ernie-Image
+    expands its adaLN outputs over the tokens): shapes alone cannot tell which input a block's
+    output is a residual of."""
+
+    def __init__(self, channels: int = 4, dim: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(channels, dim)
+        self.time = nn.Linear(dim, dim)
+        self.modulation = nn.Linear(dim, 4 * dim)
+        self.blocks = nn.ModuleList(GatedBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, channels)
+
+    def modulations(self, t: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+        temb = self.time(timestep_embedding(t, self.dim))
+        parts = self.modulation(torch.nn.functional.silu(temb)).chunk(4, dim=-1)
+        return [p[:, None].expand_as(like).contiguous() for p in parts]
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor):
+        h = self.embed(hidden_states)
+        modulations = self.modulations(timestep, h)
+        for block in self.blocks:
+            h = block(h, *modulations)
+        return self.head(h)
+
+
+def gated_model():
+    """(model, keyword inputs) of `GatedDenoiser`, seeded."""
+    torch.manual_seed(0)
+    model = GatedDenoiser().eval()
+    return model, {"hidden_states": torch.randn(2, 10, 4), "timestep": torch.tensor([700.0, 3.0])}
+
+
 class NoBlocks(nn.Module):
     """No ModuleList anywhere: region analysis must say so."""
 

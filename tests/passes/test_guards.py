@@ -15,6 +15,7 @@ from diffopt.passes import PassError
 from diffopt.runtime.cache import STRATEGIES
 
 from ..caching import build
+from ..models import gated_model
 
 
 def guard_reports(name: str, **settings):
@@ -135,3 +136,49 @@ def test_token_axes_find_where_an_input_runs_over_tokens():
     # boolean masks: over keys [B, 1, 1, N] (gathered), over token pairs (refused)
     assert guards.token_axes((2, 1, 1, 24), batch, tokens, joint=(0, 8), mask=True) == [3]
     assert guards.token_axes((2, 1, 24, 24), batch, tokens, joint=(0, 8), mask=True) == [2, 3]
+
+
+def test_residual_bases_break_shape_ties_by_the_chain_of_additions():
+    """Of several inputs of an output's shape, the base is the one its additions reach."""
+    stream, gate, vector = (2, 10, 16), (2, 10, 16), (2, 16)
+    # a unique same-shaped input wins alone, reached or not (as before the tie-break)
+    assert guards.residual_bases([stream], [vector, stream]) == [1]
+    assert guards.residual_bases([stream], [vector, stream], [set()]) == [1]
+    # several: shapes alone give none, the path picks one, a path reaching two picks none
+    assert guards.residual_bases([stream], [gate, stream]) == [None]
+    assert guards.residual_bases([stream], [gate, stream], [{1}]) == [1]
+    assert guards.residual_bases([stream], [gate, stream], [{0, 1}]) == [None]
+    # out = x + g * f(x), walked back through additions only: x is reached, g is not
+    operands = {"out": ["x", "mul"], "mul": [], "x": []}
+    assert guards.residual_path(["out"], lambda v: operands[v], {"x", "g"}) == [["x"]]
+
+
+def test_the_block_guard_pairs_a_gated_block_with_its_stream_not_its_gates():
+    """Four [B, N, D] modulation tensors enter each block beside the stream (Ernie-Image's
+    layout): shapes alone left every block without a base, so the block guard skipped them and
+    the step and token guards cached values; the chain of additions names the stream."""
+    model, inputs = gated_model()
+    config = Config(inner="eager", cache=CacheConfig(steps=10))
+    report = diffopt.inspect(model, inputs, config)
+    reports = {r.name: r for r in report.passes if r.name.endswith("_guard")}
+    [stream] = [s.node for s in report.roles.token_streams]  # the gates are side inputs
+    assert len(report.roles.per_token) == 4
+    first, second = [e.what for e in reports["block_guard"].rewritten]
+    assert first.endswith(f"= {stream} + cached residual"), first
+    out = first.removeprefix("block guard: ").split(" = ")[0]  # block 0's output feeds block 1
+    assert second.endswith(f"= {out} + cached residual"), second
+    assert reports["step_guard"].rewritten[0].what.endswith(f"= {stream} + cached residual")
+    token = reports["token_guard"].rewritten[0].what
+    assert f"gather top tokens of {stream}, " in token and token.endswith("+ cached residual")
+
+
+def test_ernie_image_gets_the_block_guard_and_its_tokens_first_stream_no_token_guard():
+    """Ernie-Image's layers read the stream and six shift/scale/gate tensors of its shape; its
+    stream is [S, B, H], which a token refresh (tokens on axis 1) cannot gather."""
+    reports, report = guard_reports("tiny-ernie-image")
+    [stream] = report.roles.token_streams
+    blocks = [e.where for e in reports["block_guard"].rewritten]
+    assert blocks == ["layers.0", "layers.1"] and not reports["block_guard"].skipped
+    assert reports["block_guard"].rewritten[0].what.endswith(f"= {stream.node} + cached residual")
+    assert reports["step_guard"].rewritten[0].what.endswith(f"= {stream.node} + cached residual")
+    assert "runs tokens first" in reports["token_guard"].skipped[0].what

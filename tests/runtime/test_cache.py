@@ -15,7 +15,7 @@ from diffopt.config import CacheConfig, Config, ConfigError
 from diffopt.runtime import cache, counting_flops, profiles
 
 from ..caching import build, cached, denoise
-from ..conftest import FAMILIES
+from ..conftest import FAMILIES, first_output
 
 ALWAYS_FULL = {"early": 0.0, "critical": 0.0}
 ALWAYS_REUSE = {"early": 1e3, "critical": 1e3, "max_reuse": 100, "polish": "none", "warmup": 2}
@@ -698,3 +698,117 @@ def test_a_rising_timestep_schedule_is_one_request_and_turning_back_starts_the_n
     fresh = cached(model, steps=4, mode="plan", plan=plan)
     torch.testing.assert_close(rising(fresh, other), second, rtol=0, atol=0)
     assert not torch.equal(first, rising(model, inputs["hidden_states"]))  # the reuse moved it
+
+
+# ---- residual bases where several inputs share the stream's shape ------------------------------
+
+
+def _gated(name):
+    """(model, its ModuleList of blocks, keyword inputs): blocks fed per-token gates of the
+    stream's shape beside the stream."""
+    if name == "gated":
+        from ..models import gated_model
+
+        model, inputs = gated_model()
+        return model, model.blocks, inputs
+    model, inputs = build(name)
+    return model, model.layers, inputs
+
+
+def _block_ends(model, blocks, call):
+    """Each block's (input stream, output) when `model` runs `call`."""
+    seen = {}
+
+    def keep(i, args, out):
+        seen.setdefault(i, (args[0], out))  # returns None: the output stays
+
+    hooks = [
+        block.register_forward_hook(lambda m, args, out, i=i: keep(i, args, out))
+        for i, block in enumerate(blocks)
+    ]
+    with torch.no_grad():
+        model(**call)
+    for hook in hooks:
+        hook.remove()
+    return [seen[i] for i in range(len(blocks))]
+
+
+def _with_outputs(model, blocks, call, rebuild):
+    """`model` on `call` with the output of each block `i` in `rebuild` replaced by
+    ``rebuild[i](input stream of block 0, input stream of block i)``."""
+    entered = {}
+
+    def enter(args):
+        entered.setdefault(0, args[0])  # returns None: the input stays
+
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, args: enter(args))]
+    for i, fn in rebuild.items():
+        hooks.append(
+            blocks[i].register_forward_hook(lambda m, args, out, f=fn: f(entered[0], args[0]))
+        )
+    with torch.no_grad():
+        out = model(**call)
+    for hook in hooks:
+        hook.remove()
+    return first_output(out)
+
+
+def _steps_of(inputs, count):
+    """`count` calls along a smooth path, as a sampler makes them: the latents and the noise
+    level move a little from call to call."""
+    generator = torch.Generator().manual_seed(1)
+    latents = inputs["hidden_states"]
+    drift = torch.randn(latents.shape, generator=generator) * latents.std()
+    return [
+        {
+            **inputs,
+            "hidden_states": latents + 0.1 * step * drift,
+            "timestep": inputs["timestep"] * (1 - 0.05 * step),
+        }
+        for step in range(count)
+    ]
+
+
+@pytest.mark.parametrize("name", ["gated", "tiny-ernie-image"])
+def test_a_reused_step_re_adds_the_residual_to_the_stream_not_to_a_gate(name):
+    """A reuse step's span output is its fresh input stream plus the stack's residual of the
+    last full step: on blocks whose gates have the stream's shape the runtime pairs the exit
+    with the stream by the chain of additions (shapes alone cached the stale value)."""
+    model, blocks, inputs = _gated(name)
+    plan = ["full", "full", "reuse", "full"]
+    compiled = cached(model, steps=4, mode="plan", plan=plan, extrapolate=False)
+    calls = _steps_of(inputs, len(plan))
+    with diffopt.request(steps=len(plan)) as req, torch.no_grad():
+        outs = [first_output(compiled(**call)) for call in calls]
+    assert req.actions[0] == plan
+    ends = _block_ends(model, blocks, calls[1])
+    residual = ends[-1][1] - ends[0][0]
+    expected = _with_outputs(
+        model, blocks, calls[2], {len(blocks) - 1: lambda x0, x: x0 + residual}
+    )
+    torch.testing.assert_close(outs[2], expected, rtol=1e-5, atol=1e-5)
+    # closer to the step run in full than the stale output a value cache would have given
+    stale = _with_outputs(model, blocks, calls[2], {len(blocks) - 1: lambda x0, x: ends[-1][1]})
+    with torch.no_grad():
+        fresh = first_output(model(**calls[2]))
+    assert (outs[2] - fresh).abs().mean() < 0.75 * (stale - fresh).abs().mean()
+
+
+@pytest.mark.parametrize("name", ["gated", "tiny-ernie-image"])
+def test_a_block_refresh_re_adds_each_reused_blocks_residual_to_its_own_stream(name):
+    """Half the blocks run on a block refresh; each other re-adds its last full step's residual
+    to the stream entering it (not to a gate of the same shape)."""
+    model, blocks, inputs = _gated(name)
+    plan = ["full", "full", "block", "full"]
+    compiled = cached(model, steps=4, mode="plan", plan=plan, extrapolate=False, block_ratio=0.5)
+    calls = _steps_of(inputs, len(plan))
+    with diffopt.request(steps=len(plan)) as req, torch.no_grad():
+        outs = [first_output(compiled(**call)) for call in calls]
+    assert req.actions[0] == plan
+    residuals = [out - x for x, out in _block_ends(model, blocks, calls[1])]
+    candidates = [  # which block reuses depends on how much each changed: either may
+        _with_outputs(model, blocks, calls[2], {i: lambda x0, x, r=residuals[i]: x + r})
+        for i in range(len(blocks))
+    ]
+    errors = [float((outs[2] - c).abs().max()) for c in candidates]
+    assert min(errors) < 1e-5, errors
