@@ -128,6 +128,8 @@ class Engine:
                 self._check(spec, value)
                 caller = caller or value.device
                 value = value.to(self.device)
+                if spec.get("bind") == "view_as_real":  # a complex input: its real pairs
+                    value = torch.view_as_real(value)
             flat[spec["slot"]] = value
         from torch.utils import _pytree as pytree
 

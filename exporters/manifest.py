@@ -6,8 +6,9 @@ An engine directory holds what the torch runtime runs, with the regions swapped 
   between regions), or a single ``model.onnx`` when nothing is cached; a region a token refresh
   recomputes also has ``<file>_tokens<count>.onnx``, the same region on that many tokens;
 - ``manifest.json``: the config (the calibrated cache schedule included), the regions in order with
-  their value slots, the guards, the graph's inputs (names, shapes, dtypes) and output structure,
-  the diffopt and opset versions, and a SHA-256 of every file.
+  their value slots, the guards, the graph's inputs (names, shapes, dtypes; a complex input is
+  bound as its ``view_as_real`` pairs, ``"bind"``) and output structure, the diffopt and opset
+  versions, and a SHA-256 of every file.
 
 A format (`formats`) may add files, with their hashes (TensorRT's ``<file>.plan``).
 """
@@ -64,7 +65,8 @@ def variant_entry(file: str, kept: list[int], examples: list[Any]) -> dict[str, 
 
 
 def _shapes(kept: list[int], examples: list[Any]) -> list[list[int]]:
-    return [list(examples[i].shape) for i in kept]
+    """The shapes an engine binds (a complex input's real pairs end in a 2)."""
+    return [list(examples[i].shape) + [2] * examples[i].is_complex() for i in kept]
 
 
 def engine_manifest(
@@ -168,9 +170,11 @@ def describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict
     if size:
         return {"slot": slot, "path": path, "size": int(re.findall(r"\d+", size)[0])}
     tensor = fake if isinstance(fake, torch.Tensor) else None
+    bind = {"bind": "view_as_real"} if tensor is not None and tensor.is_complex() else {}
     return {
         "slot": slot,
         "path": path,
+        **bind,  # the engine binds a complex input's real pairs (ONNX has no complex tensors)
         "shape": None
         if tensor is None
         else [n if isinstance(n, int) else None for n in tensor.shape],  # None: a dynamic axis

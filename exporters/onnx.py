@@ -15,7 +15,7 @@ import torch
 
 from .flex import with_dense_flex_attention
 from .formats import ExportError, Format, register_format
-from .regions import Baked, RegionInputs
+from .regions import Baked, RegionInputs, as_bound
 from .static_scales import with_static_scales
 
 QUANT_FORMS = {"integer": 18, "qdq": 21, "qdq_static": 21, "custom": 18}
@@ -47,7 +47,7 @@ def write_region(
 ) -> None:
     """Export one region, traced on `examples`; ``qdq_static`` scales come from `calibration`
     (default: the examples), so a token variant keeps its full region's scales."""
-    activations = tuple(examples[i] for i in plan.kept)
+    activations = tuple(as_bound(examples[i]) for i in plan.kept)
     bad = [type(v).__name__ for v in activations if not isinstance(v, torch.Tensor)]
     if bad:
         raise ExportError(

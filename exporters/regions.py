@@ -37,13 +37,17 @@ class RecordingExecutor(RegionExecutor):
 
 class Baked(nn.Module):
     """A region as an engine sees it: its weight inputs become constants, and the sizes dynamo
-    passed it (dynamic shapes) are read off its tensor inputs; only tensors come in."""
+    passed it (dynamic shapes) are read off its tensor inputs; only real tensors come in: a
+    complex input comes as its ``view_as_real`` pairs (`as_bound`)."""
 
     def __init__(self, module: nn.Module, inputs: list[Any], plan: RegionInputs) -> None:
         super().__init__()
         self.module, self.plan = module, plan
         for i in sorted(plan.weights):
             self.register_buffer(f"w{i}", inputs[i].detach())
+        self.complex = {
+            i for i in plan.kept if isinstance(inputs[i], torch.Tensor) and inputs[i].is_complex()
+        }
 
     def forward(self, *activations: torch.Tensor) -> Any:
         by_position = dict(zip(self.plan.kept, activations, strict=True))
@@ -54,9 +58,19 @@ class Baked(nn.Module):
             elif i in self.plan.sizes:
                 tensor, dim = self.plan.sizes[i]
                 args.append(by_position[tensor].shape[dim])
+            elif i in self.complex:
+                args.append(torch.view_as_complex(by_position[i]))
             else:
                 args.append(by_position[i])
         return self.module(*args)
+
+
+def as_bound(value: Any) -> Any:
+    """A value as an engine binds it: a complex tensor as its real pairs, ``view_as_real``
+    (ONNX has no complex tensors; Lumina-Next's call passes its rotary table)."""
+    if isinstance(value, torch.Tensor) and value.is_complex():
+        return torch.view_as_real(value)
+    return value
 
 
 @dataclasses.dataclass

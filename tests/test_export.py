@@ -238,10 +238,11 @@ def test_a_cached_fifty_step_run_decides_and_samples_like_torch(cached_engine, i
     torch.testing.assert_close(onnx_images, torch_images, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwenimage", "tiny-z-image"])
+@pytest.mark.parametrize("name", ["tiny-qwenimage", "tiny-z-image", "tiny-lumina-next"])
 def test_complex_rotary_families_export_with_a_cache_and_run_like_torch(name, tmp_path):
     """Their rotary tables are complex (ONNX has none): `real_rotary` writes them in real pairs,
-    in every region of a cached engine."""
+    in every region of a cached engine. Lumina-Next's call passes its table: the engine binds
+    its real pairs."""
     from diffopt.evaluation import families
     from tests.test_families import tensors
 
@@ -475,9 +476,10 @@ def test_flex_attention_exports_as_dense_attention_under_its_block_mask(drop, tm
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-kandinsky6-sr"])
+@pytest.mark.parametrize("name", ["tiny-kandinsky6-sr", "tiny-lumina-next"])
 def test_families_the_coverage_matrix_found_failing_export_and_match(name, tmp_path):
-    """Kandinsky 6 SR: its NABLA mask sorts, its attention is flex_attention."""
+    """Kandinsky 6 SR: its NABLA mask sorts, its attention is flex_attention. Lumina-Next: the
+    call passes a complex rotary table."""
     model, inputs = zoo.build(name)
     with torch.no_grad():
         expected = first_output(model(**inputs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from diffopt.evaluation import families
 from diffopt.passes.graph import example_value
 from diffopt.runtime.executor import RegionExecutor
 from tests.test_families import tensors
+
+
+def _complex(node: torch.fx.Node) -> bool:
+    return isinstance(v := example_value(node), torch.Tensor) and v.is_complex()
 
 
 def _complex_nodes(gm: torch.fx.GraphModule) -> list[str]:
@@ -95,6 +100,82 @@ def test_a_table_from_the_inputs_is_reported_and_strict_refuses_it():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="pass 'real_rotary' could not apply"):
         capture(RotaryFromInput(), inputs, Config(inner="eager", strict=True, rotary={}))
+
+
+class RotaryFromCall(torch.nn.Module):
+    """A rotary table the call passes as a complex tensor (Lumina-Next's pipeline computes it),
+    cut to the tokens and broadcast over the batch; `misuse` also reads it as magnitudes."""
+
+    def __init__(self, misuse: bool = False) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Rotate(), Rotate()])
+        self.misuse = misuse
+
+    def forward(self, hidden_states: torch.Tensor, rotary_emb: torch.Tensor) -> torch.Tensor:
+        table = rotary_emb.to(hidden_states.device)[: hidden_states.shape[1]].unsqueeze(0)
+        for block in self.blocks:
+            hidden_states = block(hidden_states, table)
+        return hidden_states * table.abs().mean() if self.misuse else hidden_states
+
+
+def _call_inputs() -> dict[str, torch.Tensor]:
+    angles = torch.randn(10, 4)
+    return {"hidden_states": torch.randn(2, 6, 8), "rotary_emb": torch.polar(angles.cos(), angles)}
+
+
+def test_a_table_the_call_passes_is_read_as_real_pairs():
+    """The input stays complex (the call is unchanged); the graph reads view_as_real of it, its
+    slicing and unsqueeze repeated on the real and imaginary parts."""
+    model, inputs = RotaryFromCall(), _call_inputs()
+    torch._dynamo.reset()
+    captured = capture(model, dict(inputs), Config(inner="eager", rotary={}))
+    gm = captured.result.graph.gm
+    report = next(r for r in captured.result.reports if r.name == "real_rotary")
+    assert len(report.rewritten) == 2 and not report.skipped
+    assert report.stats["passed_tables"] == 1
+    (table,) = _complex_nodes(gm)
+    (read,) = next(n for n in gm.graph.nodes if n.name == table).users
+    assert read.target is torch.view_as_real
+    assert not any(
+        n.target in (torch.view_as_complex, operator.mul) and _complex(n) for n in gm.graph.nodes
+    )
+    with torch.no_grad():
+        out = RegionExecutor(captured.result.program)(*captured.inputs)
+        torch.testing.assert_close(tensors(out)[0], model(**inputs), atol=1e-6, rtol=1e-6)
+
+
+def test_a_table_the_call_passes_read_otherwise_is_reported_and_refused(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from diffopt.exporters import ExportError, export
+
+    torch._dynamo.reset()
+    captured = capture(
+        RotaryFromCall(misuse=True), _call_inputs(), Config(inner="eager", rotary={})
+    )
+    report = next(r for r in captured.result.reports if r.name == "real_rotary")
+    assert not report.rewritten
+    assert any("reads the complex tensor the call passes" in e.what for e in report.skipped)
+    torch._dynamo.reset()
+    with pytest.raises(ExportError, match=r"pass 'real_rotary' .*abs.* reads the complex tensor"):
+        export(RotaryFromCall(misuse=True), _call_inputs(), out=tmp_path)
+
+
+def test_an_engine_binds_a_complex_input_as_its_real_pairs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from diffopt.exporters import export, load_engine
+
+    model, inputs = RotaryFromCall(), _call_inputs()
+    torch._dynamo.reset()
+    engine = load_engine(export(model, dict(inputs), out=tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    spec = next(s for s in manifest["inputs"] if s["path"] == ["rotary_emb"])
+    assert spec["dtype"] == "complex64" and spec["shape"] == [10, 4]
+    assert spec["bind"] == "view_as_real"
+    torch.testing.assert_close(engine(**inputs), model(**inputs), atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="complex64"):  # its real pairs are not what it takes
+        engine(**{**inputs, "rotary_emb": torch.view_as_real(inputs["rotary_emb"])})
 
 
 class RotaryWrittenInPlace(RotaryFromInput):
