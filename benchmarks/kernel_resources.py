@@ -90,15 +90,20 @@ def rotate_quantize_bytes(
 
 
 def gemm_bytes(
-    tiles: tk.Tiles, groups: int = 0, scale_group: int | None = None, rank: int = 0
+    tiles: tk.Tiles,
+    groups: int = 0,
+    scale_group: int | None = None,
+    rank: int = 0,
+    row_scaled: bool = False,
 ) -> int:
     """The W4A4 GEMM launch with a bias and bf16 output (and `groups` scale groups of
-    `scale_group`, a rank-`rank` branch)."""
+    `scale_group`, in 8 bits times a scale per row with `row_scaled`, a rank-`rank` branch)."""
     signature = dict(
         a_ptr="*i8",
         b_ptr="*i8",
         a_scale_ptr="*fp32",
-        b_scale_ptr="*fp16",
+        b_scale_ptr="*u8" if row_scaled else "*fp16",
+        b_row_ptr="*fp32",
         bias_ptr="*bf16",
         branch_ptr="*fp32",
         up_ptr="*bf16",
@@ -112,7 +117,7 @@ def gemm_bytes(
         stride_bn="i32",
         stride_om="i32",
     )
-    settings = tk.int_gemm_settings(4, 4, True, tiles, groups, scale_group, rank)
+    settings = tk.int_gemm_settings(4, 4, True, tiles, groups, scale_group, rank, row_scaled)
     return shared_bytes(tk._int_gemm_kernel, signature, settings)
 
 
@@ -128,6 +133,7 @@ def main() -> None:
     # SVDQuant's layout at K = 3072: scales per 64 along K, a rank-32 branch fused in
     cases.append(("default", "rotate+quantize g64 r32", tk.Tiles(), torch.bfloat16))
     cases.append(("default", "int4 GEMM g64 r32", tk.Tiles(), torch.bfloat16))
+    cases.append(("default", "int4 GEMM g64q8 r32", tk.Tiles(), torch.bfloat16))  # 8-bit scales
     if args.grids:
         sys.path.insert(0, str(Path(__file__).parent))
         from w4a4_gpu import GEMM_GRID, QUANT_GRID
@@ -136,9 +142,10 @@ def main() -> None:
         cases += [("sweep", "int4 GEMM", t, torch.bfloat16) for t in GEMM_GRID]
     rows, defaults_fit = [], True
     for origin, kernel, tiles, dtype in cases:
-        svdquant = kernel.endswith("g64 r32")
+        svdquant = kernel.endswith(" r32")
         if kernel.startswith("int4 GEMM"):
-            used = gemm_bytes(tiles, 48, 64, 32) if svdquant else gemm_bytes(tiles)
+            row_scaled = "g64q8" in kernel
+            used = gemm_bytes(tiles, 48, 64, 32, row_scaled) if svdquant else gemm_bytes(tiles)
             shown = (
                 tiles.block_m,
                 tiles.block_n,

@@ -52,7 +52,8 @@ def quantized_layers(model: torch.nn.Module, inputs: dict, preset: str | QuantCo
     return next(p for p in report.passes if p.name == "quantize")
 
 
-MEMORY_PRESETS = ("w4a4", "w4a4-r32", "w4a4-r32-b8", "w4a4-g64-r32", "w4a4-g64-r32-b8", "w8a8")
+MEMORY_PRESETS = ("w4a4", "w4a4-r32", "w4a4-r32-b8", "w4a4-g64-r32", "w4a4-g64-r32-b8")
+MEMORY_PRESETS += ("w4a4-g64q8-r32-b8", "w8a8")
 MEMORY_HEADERS = ["model", "setting", "layers", "fp16 KiB", "quantized KiB", "layers ratio"]
 MEMORY_HEADERS += ["whole model ratio"]
 

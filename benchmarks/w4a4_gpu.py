@@ -40,6 +40,7 @@ from diffopt.kernels import default_group, hadamard, quantize_weight
 from diffopt.kernels import triton_quant as tk
 from diffopt.kernels.reference import (
     dequantize,
+    group_scales,
     int_matmul,
     low_rank_branch,
     low_rank_split,
@@ -147,6 +148,8 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     # the same with the branch in int8 (quant.branch_bits=8): the op upcasts it per call
     down8, up8, scale8, residual8 = low_rank_split(w, 32, bits=8)
     g8_stored, g8_scale = quantize_weight(residual8, 4, h, scale_group=64)
+    # and the group scales in 8 bits (quant.scale_bits=8): the GEMM folds q · s_row at load
+    q8 = quantize_weight(residual8, 4, h, scale_group=64, scale_bits=8)
 
     def check_group_op() -> None:
         got = op(x, g_stored, g_scale, bias, h, 4, 4, down, up)
@@ -157,7 +160,11 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
         result["checks"]["g64 r32 vs float64 linear"] = relative_error(
             got, F.linear(x.double(), w.double(), bias.double())
         )
-        if result["checks"]["g64 r32 vs reference"] > 1e-2:
+        got8 = op(x, *q8[:2], bias, h, 4, 4, down8, up8, None, scale8, q8[2])
+        want8 = rotated_linear(x, q8[0], group_scales(*q8[1:]), bias, h, 4, 4)
+        want8 = want8 + low_rank_branch(x, down8, up8, scale8).to(dtype)
+        result["checks"]["g64q8 r32 b8 vs reference"] = relative_error(got8, want8)
+        if max(result["checks"][f"{c} vs reference"] for c in ("g64 r32", "g64q8 r32 b8")) > 1e-2:
             raise RuntimeError(f"the group-scale op disagrees with the reference: {result}")
 
     timed = {
@@ -170,6 +177,10 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
             lambda xi: op(xi, g8_stored, g8_scale, bias, h, 4, 4, down8, up8, None, scale8),
             per_input,
         ),
+        "W4A4 g64q8 r32 int8-branch op": cycling(
+            lambda xi: op(xi, *q8[:2], bias, h, 4, 4, down8, up8, None, scale8, q8[2]),
+            per_input,
+        ),
         "rotate+quantize": cycling(lambda xi: tk.rotate_quantize(xi, 4, h), per_input),
         "int4 GEMM": lambda: tk.int_gemm(packed, 4, act_scale, stored, 4, scale, bias, k, dtype),
     }
@@ -178,7 +189,7 @@ def measure(m: int, k: int, n: int, device: str, dtype: torch.dtype, grids: dict
     for name, fn in timed.items():
         if name == "W4A4 op" and "op check" in result["errors"]:
             continue
-        if name.startswith("W4A4 g64 r32") and "g64 r32 op check" in result["errors"]:
+        if name.startswith("W4A4 g64") and "g64 r32 op check" in result["errors"]:
             continue
         attempt(name, lambda name=name, fn=fn: result["ms"].__setitem__(name, timer(fn)))
     if grids:
@@ -291,6 +302,7 @@ HEADERS = [
     "g64 r32 speedup",
     "g64 r32 err vs fp64",
     "int8 branch speedup",
+    "+ 8-bit scales speedup",
 ]
 
 
@@ -299,7 +311,8 @@ def table_row(result: dict, peak: float) -> list[str]:
     nan = float("nan")
     m, k, n = result["shape"]
     names = ["bf16 F.linear", "W4A4 op", "rotate+quantize", "int4 GEMM", "W4A4 g64 r32 op"]
-    ms = {name: result["ms"].get(name, nan) for name in [*names, "W4A4 g64 r32 int8-branch op"]}
+    names += ["W4A4 g64 r32 int8-branch op", "W4A4 g64q8 r32 int8-branch op"]
+    ms = {name: result["ms"].get(name, nan) for name in names}
     tera_ops = 2 * m * n * k / 1e12
     checks = result["checks"]
     row = [
@@ -317,6 +330,7 @@ def table_row(result: dict, peak: float) -> list[str]:
         f"{ms['bf16 F.linear'] / ms['W4A4 g64 r32 op']:.2f}×",
         f"{checks.get('g64 r32 vs float64 linear', nan):.1e}",
         f"{ms['bf16 F.linear'] / ms['W4A4 g64 r32 int8-branch op']:.2f}×",
+        f"{ms['bf16 F.linear'] / ms['W4A4 g64q8 r32 int8-branch op']:.2f}×",
     ]
     if "sweep" in result:
         best = {kernel: entries[0] for kernel, entries in result["sweep"].items()}

@@ -34,15 +34,18 @@ def quant_linear(
     lowrank_up: Any = None,
     smooth: Any = None,
     lowrank_scale: Any = None,
+    weight_scale_row: Any = None,
 ) -> Any:
     """Translation of ``torch.ops.diffopt.quant_linear`` for ``torch.onnx.export``: per token
     and channel, or with group scales (a 2-D `weight_scale`) one MatMulInteger per group, plus
-    the low-rank branch as two float MatMuls; smoothing is a Mul by the constant factors."""
+    the low-rank branch as two float MatMuls; smoothing is a Mul by the constant factors.
+    8-bit group scales (`weight_scale_row` given) are dequantized as the kernels do: the uint8
+    multipliers cast to float, times the row's float32 scale."""
     q = float(2 ** (act_bits - 1) - 1)
     rows = _rotated_rows(x, rotation, smooth)
     stored = _unpack_int4(weight) if weight_bits == 4 else weight
     if len(weight_scale.shape) == 2:
-        out = _group_gemm(rows, stored, weight_scale, q)
+        out = _group_gemm(rows, stored, weight_scale, q, weight_scale_row)
     else:
         values, act_scale = _quantize_rows(rows, q)
         acc = op.MatMulInteger(values, op.Transpose(stored, perm=[1, 0]))
@@ -74,10 +77,17 @@ def _quantize_rows(rows: Any, q: float) -> tuple[Any, Any]:
     return values, op.Div(absmax, op.Constant(value_float=q))
 
 
-def _group_gemm(rows: Any, stored: Any, weight_scale: Any, q: float) -> Any:
+def _group_gemm(rows: Any, stored: Any, weight_scale: Any, q: float, row_scale: Any) -> Any:
     """Group scales: rows [M, K] quantized per token and group of g = K / G, one exact
-    MatMulInteger per group ([G, M, g] × [G, g, N]), each scaled by its two scales, summed."""
+    MatMulInteger per group ([G, M, g] × [G, g, N]), each scaled by its two scales, summed
+    (`row_scale` [N]: the weight's are uint8 multipliers of it, ``q · s_row`` in float32)."""
     n, groups = weight_scale.shape  # static: the scales are a constant
+    weight_scale = op.Cast(weight_scale, to=FLOAT.dtype)
+    if row_scale is not None:
+        weight_scale = op.Mul(
+            weight_scale,
+            op.Unsqueeze(op.Cast(row_scale, to=FLOAT.dtype), op.Constant(value_ints=[1])),
+        )
     grouped = op.Reshape(rows, op.Constant(value_ints=[0, groups, -1]))  # [M, G, g]
     values, act_scale = _quantize_rows(op.Transpose(grouped, perm=[1, 0, 2]), q)  # [G, M, g]
     weights = op.Transpose(
@@ -85,8 +95,7 @@ def _group_gemm(rows: Any, stored: Any, weight_scale: Any, q: float) -> Any:
     )  # [G, g, N]
     acc = op.Cast(op.MatMulInteger(values, weights), to=FLOAT.dtype)  # [G, M, N]
     w_scale = op.Unsqueeze(
-        op.Transpose(op.Cast(weight_scale, to=FLOAT.dtype), perm=[1, 0]),
-        op.Constant(value_ints=[1]),
+        op.Transpose(weight_scale, perm=[1, 0]), op.Constant(value_ints=[1])
     )  # [G, 1, N]
     return op.ReduceSum(
         op.Mul(op.Mul(acc, act_scale), w_scale), op.Constant(value_ints=[0]), keepdims=0
@@ -170,6 +179,7 @@ def quant_linear_custom(
     lowrank_up: Any = None,
     smooth: Any = None,
     lowrank_scale: Any = None,
+    weight_scale_row: Any = None,
 ) -> Any:
     """`quant_linear` for the *custom* form, which wraps per-token layers only."""
     integer_form_only("custom", weight_scale, lowrank_down, smooth)
@@ -200,6 +210,7 @@ def quant_linear_qdq(
     lowrank_up: Any = None,
     smooth: Any = None,
     lowrank_scale: Any = None,
+    weight_scale_row: Any = None,
 ) -> Any:
     """The *Q/DQ* form (opset 21), for runtimes that fuse QuantizeLinear / DequantizeLinear
     around a float MatMul into integer kernels.

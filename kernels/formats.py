@@ -211,15 +211,19 @@ class PreparedWeight:
         """The rotation block, one constant shared by every layer that uses it."""
         return Constant(f"rotation_{config.rotation}_{self.group}", self.rotation, shared=True)
 
-    def tail(self) -> tuple[Constant, ...]:
-        """The op's trailing (branch, smoothing) arguments, as far as any is set."""
-        if self.smooth is None and self.down is None:
-            return ()
-        branch = (Constant("lowrank_down", self.down), Constant("lowrank_up", self.up))
-        if self.branch_scale is not None:  # after `smooth`, which may be None
-            scale = Constant("lowrank_scale", self.branch_scale)
-            return (*branch, Constant("smooth", self.smooth), scale)
-        return branch + ((Constant("smooth", self.smooth),) if self.smooth is not None else ())
+    def tail(self, *after: Constant) -> tuple[Constant, ...]:
+        """The op's trailing (branch, smoothing, branch scale) arguments, as far as any is set,
+        then `after` (a format's own, e.g. the ``int`` format's scale per row) if any is set."""
+        tail = (
+            Constant("lowrank_down", self.down),
+            Constant("lowrank_up", self.up),
+            Constant("smooth", self.smooth),
+            Constant("lowrank_scale", self.branch_scale),
+            *after,
+        )
+        while tail and tail[-1].value is None:  # unset trailing arguments: left out
+            tail = tail[:-1]
+        return tail
 
     def describe(self, config: QuantConfig) -> list[str]:
         """The report's words for the branch and the smoothing."""
@@ -297,7 +301,7 @@ def _prepare_int(
     )
     if config.gptq or by_output:
         hessian = rotated_hessian(inputs.gram, prepared.smooth, prepared.rotation)
-    stored, scale = quantize_weight(
+    stored, scale, *row_scale = quantize_weight(
         prepared.weight,
         config.weight_bits,
         prepared.rotation,
@@ -305,7 +309,9 @@ def _prepare_int(
         config.scale_group,
         hessian if config.gptq else None,
         hessian if by_output else None,
+        config.scale_bits if config.scale_group else 16,
     )
+    row_scale = Constant("qscale_row", row_scale[0] if row_scale else None)
     args = (
         X,
         Constant("qweight", stored),
@@ -314,9 +320,15 @@ def _prepare_int(
         prepared.rotation_constant(config),
         config.act_bits,
         config.weight_bits,
-        *prepared.tail(),
+        *prepared.tail(row_scale),
     )
-    extras = [f"scales per {config.scale_group} along K"] if config.scale_group else []
+    extras = []
+    if config.scale_group:  # the scales' bytes (a scale per row: a few bytes a layer)
+        scale_bytes = scale.nbytes + (row_scale.value.nbytes if row_scale.value is not None else 0)
+        bits = "uint8 × row float32" if row_scale.value is not None else "float16"
+        extras.append(
+            f"scales per {config.scale_group} along K {bits} (+{scale_bytes / 2**10:.1f} KiB)"
+        )
     extras += prepared.describe(config) + (["GPTQ-rounded"] if config.gptq else [])
     if config.weight_clip in ("auto", "output") and inputs is None:
         extras.append("clipping scored on the weight (the capture has no real inputs)")

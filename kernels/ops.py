@@ -29,18 +29,20 @@ def quant_linear(
     lowrank_up: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
     lowrank_scale: torch.Tensor | None = None,
+    weight_scale_row: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W rotated and quantized offline by
     `reference.quantize_weight`, x rotated by `rotation` and quantized per token inside.
 
-    A 2-D `weight_scale` [N, K/g] holds group scales (x is then quantized per token and group);
-    `lowrank_down` [K, r] and `lowrank_up` [r, N] add SVDQuant's 16-bit branch ``(x down) up``
-    to the low-bit GEMM of the residual (int8 factors with `lowrank_scale` [r] between them);
-    `smooth` [K] multiplies x's channels first (SmoothQuant's 1 / s, whose s the stored weight
-    carries)."""
+    A 2-D `weight_scale` [N, K/g] holds group scales (x is then quantized per token and group):
+    float16, or with `weight_scale_row` [N] (float32) uint8 multipliers of it, double-quantized
+    scales ``q · s_row``; `lowrank_down` [K, r] and `lowrank_up` [r, N] add SVDQuant's 16-bit
+    branch ``(x down) up`` to the low-bit GEMM of the residual (int8 factors with
+    `lowrank_scale` [r] between them); `smooth` [K] multiplies x's channels first
+    (SmoothQuant's 1 / s, whose s the stored weight carries)."""
     if smooth is not None:  # unfused on every device: one elementwise pass over x
         x = x * smooth.to(x.dtype)
-    if x.is_cuda:  # the branch fused into both kernels
+    if x.is_cuda:  # the branch fused into both kernels, 8-bit group scales folded at load
         from .triton_quant import rotated_linear  # imported on first use: CPU never needs triton
 
         if lowrank_down is not None:  # int8 factors as float ones (the kernels compute in
@@ -49,8 +51,19 @@ def quant_linear(
                 lowrank_down, lowrank_up, lowrank_scale, torch.float32
             )
         return rotated_linear(
-            x, weight, weight_scale, bias, rotation, act_bits, weight_bits, lowrank_down, lowrank_up
+            x,
+            weight,
+            weight_scale,
+            bias,
+            rotation,
+            act_bits,
+            weight_bits,
+            lowrank_down,
+            lowrank_up,
+            weight_scale_row=weight_scale_row,
         )
+    if weight_scale_row is not None:
+        weight_scale = reference.group_scales(weight_scale, weight_scale_row)
     out = reference.rotated_linear(x, weight, weight_scale, bias, rotation, act_bits, weight_bits)
     if lowrank_down is not None and lowrank_up is not None:
         branch = reference.low_rank_branch(x, lowrank_down, lowrank_up, lowrank_scale)

@@ -80,7 +80,8 @@ def quantize_weight(
     scale_group: int | None = None,
     hessian: torch.Tensor | None = None,
     clip_hessian: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale_bits: int = 16,
+) -> tuple[torch.Tensor, ...]:
     """Offline: rotate [N, K] along K in float32, quantize per output channel (or per group of
     `scale_group` along K), pack if 4-bit.
 
@@ -91,15 +92,30 @@ def quantize_weight(
     With `hessian` (XᵀX [K, K] of the *rotated* inputs), the values are rounded by GPTQ's error
     feedback against those scales (`gptq.gptq_round`) instead of to nearest.
     Returns the stored weight (uint8 [N, K/2] or int8 [N, K]) and its scales (float16, [N], or
-    [N, K / scale_group] with group scales).
+    [N, K / scale_group] with group scales). With ``scale_bits=8`` (group scales only) the
+    scales are double-quantized (`double_quantized_scales`): uint8 multipliers [N, G] and a
+    float32 scale per row [N] come back instead, three tensors; every candidate scale of the
+    clipping search is the stored one, ``q_g · s_row``, so the values are quantized (and the
+    error scored) against exactly what the kernels dequantize with.
     """
+    if scale_bits not in (8, 16) or (scale_bits == 8 and not scale_group):
+        raise ValueError(f"scale_bits={scale_bits}: 16, or 8 with group scales")
     rotated = rotate(weight.detach(), rotation)
     rows = _groups(rotated, scale_group)
     absmax = rows.abs().amax(dim=-1)
     blocks = None if clip_hessian is None else _diagonal_blocks(clip_hessian, rows.shape[1])
-    best_scale, best_error = None, None
+    row_scale = None
+    if scale_bits == 8:  # from the unclipped scales: every candidate below fits in 8 bits
+        row_scale = (absmax / qmax(bits)).reshape(rotated.shape[0], -1).amax(1) / GROUP_SCALE_MAX
+    best_scale, best_error, multiplier, best_multiplier = None, None, None, None
     for ratio in CLIP_RATIOS if clip else [1.0]:
-        scale = (absmax * ratio / qmax(bits)).to(SCALE_DTYPE)
+        scale = absmax * ratio / qmax(bits)
+        if row_scale is None:
+            scale = scale.to(SCALE_DTYPE)
+        else:  # the multiplier, rounded up: the candidate never clips more than its ratio says
+            multiplier = double_quantized_scales(scale.reshape(len(row_scale), -1), row_scale)
+            scale = group_scales(multiplier, row_scale).reshape(-1)
+            multiplier = multiplier.reshape(-1)
         values, _ = quantize_rows(rows, bits, scale=scale)
         delta = values * scale.float()[:, None] - rows
         if blocks is None:
@@ -108,11 +124,13 @@ def quantize_weight(
             d = delta.reshape(-1, *blocks.shape[:2])
             error = (torch.einsum("ngi,gij->ngj", d, blocks) * d).sum(dim=-1).reshape(-1)
         if best_scale is None:
-            best_scale, best_error = scale, error
+            best_scale, best_error, best_multiplier = scale, error, multiplier
         else:
             better = error < best_error
             best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
+            if multiplier is not None:
+                best_multiplier = torch.where(better, multiplier, best_multiplier)
     if hessian is None:
         values = quantize_rows(rows, bits, scale=best_scale)[0].reshape(rotated.shape)
     else:
@@ -122,9 +140,31 @@ def quantize_weight(
             scale_group or rotated.shape[1], dim=1
         )
         values = gptq_round(rotated, per_value, bits, hessian)
+    stored = pack_int4(values) if bits == 4 else values
     if scale_group:
         best_scale = best_scale.reshape(rotated.shape[0], -1)
-    return (pack_int4(values) if bits == 4 else values), best_scale
+    if row_scale is not None:
+        return stored, best_multiplier.reshape(best_scale.shape), row_scale
+    return stored, best_scale
+
+
+GROUP_SCALE_MAX = 255
+"""The largest multiplier of a double-quantized group scale (``quant.scale_bits=8``: uint8)."""
+
+
+def double_quantized_scales(scale: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """Group scales [N, G] as uint8 multipliers of `row_scale` [N] (float32): ``ceil(scale /
+    row_scale)`` in [0, 255], so ``q · row_scale >= scale`` up to float32 rounding (a value is
+    never clipped further than its scale says); 0 for an all-zero row or group."""
+    ratio = scale.float() / torch.where(row_scale > 0, row_scale, 1.0)[:, None]
+    return ratio.ceil_().clamp_(0, GROUP_SCALE_MAX).to(torch.uint8)
+
+
+def group_scales(multiplier: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """Double-quantized group scales as float32 [N, G]: ``q · s_row``, one float32 product (as
+    the GEMM kernel folds them at load, so both dequantize with the same scales, bit for bit).
+    """
+    return multiplier.float() * row_scale.float()[:, None]
 
 
 def _diagonal_blocks(hessian: torch.Tensor, g: int) -> torch.Tensor:

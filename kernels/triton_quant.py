@@ -273,6 +273,7 @@ def _int_gemm_kernel(
     b_ptr,
     a_scale_ptr,
     b_scale_ptr,
+    b_row_ptr,
     bias_ptr,
     branch_ptr,
     up_ptr,
@@ -294,14 +295,19 @@ def _int_gemm_kernel(
     BLOCK_KH: tl.constexpr,
     JOIN_K: tl.constexpr,
     GROUPS: tl.constexpr,
+    ROW_SCALED: tl.constexpr,
 ):
     """``(A Bᵀ) · s_a · s_b (+ bias)``; with GROUPS > 0 the scales are [M, GROUPS] and
     [N, GROUPS], one group per K tile (BLOCK_KH = half a group): each tile's int32 sum is
-    scaled and added in float32 before the next tile starts. With RANK > 0 the epilogue adds
-    the low-rank branch's up projection ``branch · up`` ([M, R] · [R, N], R ≤ RANK)."""
+    scaled and added in float32 before the next tile starts. With ROW_SCALED the B group
+    scales are uint8 multipliers of a float32 scale per row ([N] at `b_row_ptr`), folded into
+    ``q · s_row`` at load. With RANK > 0 the epilogue adds the low-rank branch's up projection
+    ``branch · up`` ([M, R] · [R, N], R ≤ RANK)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
+    if ROW_SCALED:  # double-quantized group scales: the rows' own scale, read once
+        b_row = tl.load(b_row_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     grouped = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, KH, BLOCK_KH):
@@ -323,6 +329,8 @@ def _int_gemm_kernel(
             g = k0 // BLOCK_KH
             a_scale = tl.load(a_scale_ptr + rm * GROUPS + g, mask=m_mask, other=0.0)
             b_scale = tl.load(b_scale_ptr + rn * GROUPS + g, mask=n_mask, other=0.0)
+            if ROW_SCALED:
+                b_scale = b_scale.to(tl.float32) * b_row
             grouped += (
                 acc.to(tl.float32)
                 * a_scale.to(tl.float32)[:, None]
@@ -515,9 +523,11 @@ def int_gemm_settings(
     groups: int = 0,
     scale_group: int | None = None,
     rank: int = 0,
+    row_scaled: bool = False,
 ) -> dict[str, object]:
     """The GEMM kernel's compile-time constants and launch options; with `groups` scale groups
-    of `scale_group` values, the K tile is one group."""
+    of `scale_group` values, the K tile is one group (`row_scaled`: 8-bit ones times a scale
+    per row)."""
     return dict(
         A_PACKED=a_bits == 4,
         B_PACKED=b_bits == 4,
@@ -528,6 +538,7 @@ def int_gemm_settings(
         BLOCK_KH=scale_group // 2 if groups else tiles.block_kh,
         JOIN_K=tiles.join_k,
         GROUPS=groups,
+        ROW_SCALED=row_scaled,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         enable_fp_fusion=False,  # the epilogue rounds as the reference: multiply, then add bias
@@ -547,12 +558,16 @@ def int_gemm(
     tiles: Tiles | None = None,
     branch: torch.Tensor | None = None,
     up: torch.Tensor | None = None,
+    b_scale_row: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(A Bᵀ) · s_a · s_b (+ bias) (+ branch · up)`` for int4-packed or int8 A [M, K] and
-    B [N, K]; scales [M] and [N], or group scales [M, G] and [N, G] (G groups of K / G values);
-    `branch` [M, r] and `up` [r, N]: the low-rank branch, added in the epilogue."""
+    B [N, K]; scales [M] and [N], or group scales [M, G] and [N, G] (G groups of K / G values;
+    with `b_scale_row` [N], B's are uint8 multipliers of it); `branch` [M, r] and `up` [r, N]:
+    the low-rank branch, added in the epilogue."""
     m, n = a.shape[0], b.shape[0]
     groups = b_scale.shape[1] if b_scale.dim() == 2 else 0
+    if b_scale_row is not None and not groups:
+        raise ValueError("a scale per row (b_scale_row) goes with 8-bit group scales only")
     rank = 0 if branch is None else branch.shape[1]
     a, b = a.contiguous().view(torch.int8), b.contiguous().view(torch.int8)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -562,7 +577,8 @@ def int_gemm(
         a,
         b,
         a_scale,
-        b_scale,
+        b_scale.contiguous(),
+        b_scale if b_scale_row is None else b_scale_row.contiguous(),
         b_scale if bias is None else bias,
         a_scale if branch is None else branch.contiguous(),
         a_scale if up is None else up.contiguous(),
@@ -576,7 +592,14 @@ def int_gemm(
         b.stride(0),
         out.stride(0),
         **int_gemm_settings(
-            a_bits, b_bits, bias is not None, tiles, groups, k // groups if groups else None, rank
+            a_bits,
+            b_bits,
+            bias is not None,
+            tiles,
+            groups,
+            k // groups if groups else None,
+            rank,
+            b_scale_row is not None,
         ),
     )
     return out
@@ -593,12 +616,14 @@ def rotated_linear(
     lowrank_down: torch.Tensor | None = None,
     lowrank_up: torch.Tensor | None = None,
     tiles: Tiles | None = None,
+    weight_scale_row: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused path of `reference.rotated_linear` (plus `reference.low_rank_branch`): two
     kernel launches. The rotate-quantize kernel quantizes per token, or per token and group
     for group scales (a 2-D `weight_scale`), and computes the branch's down projection in its
     pass over x; the GEMM scales (group by group) and adds the bias and the up projection in
-    its epilogue."""
+    its epilogue. With `weight_scale_row` [N] the group scales are uint8 multipliers of it
+    (``quant.scale_bits=8``), folded in the GEMM as it loads them."""
     rows = x.reshape(-1, x.shape[-1])
     scale_group = rows.shape[1] // weight_scale.shape[1] if weight_scale.dim() == 2 else None
     values, act_scale, branch = rotate_quantize(
@@ -617,5 +642,6 @@ def rotated_linear(
         tiles,
         branch,
         lowrank_up,
+        weight_scale_row,
     )
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -560,6 +560,8 @@ def test_quantized_layers_export_in_each_form(preset, form, quantized_dit, tmp_p
     ("quant", "marker"),
     [
         ({"scale_group": 32, "rank": 4}, "ReduceSum"),  # one integer GEMM per group, summed
+        # 8-bit group scales: uint8 constants times a float32 scale per row, as the op's
+        ({"scale_group": 32, "scale_bits": 8, "rank": 4, "branch_bits": 8}, "ReduceSum"),
         ({"smooth_alpha": 0.5, "gptq": True}, "Mul"),  # smoothing: a Mul by constant factors
         ({"format": "nvfp4", "rank": 4, "smooth_alpha": 0.5}, "Gather"),  # FP4: lookups
         ({"rank": 4, "branch_bits": 8}, "MatMulInteger"),  # int8 branch: checked within 1e-4

@@ -10,10 +10,12 @@ import diffopt.kernels  # noqa: F401  (registers the op)
 from diffopt.kernels import hadamard, pack_int4, quantize_weight, rotate, unpack_int4
 from diffopt.kernels.reference import (
     dequantized_branch,
+    group_scales,
     int_matmul,
     low_rank_branch,
     low_rank_split,
     quantize_activation,
+    quantize_rows,
     rotated_linear,
     round_half_away,
 )
@@ -186,6 +188,50 @@ def test_group_scales_quantize_each_group_against_its_own_absmax():
     torch.testing.assert_close(y, expected)
     per_channel = rotated_linear(x, *quantize_weight(w, 4, None), None, None, 4, 4)
     assert sqnr(F.linear(x, w), y) > sqnr(F.linear(x, w), per_channel) + 3
+
+
+def test_8_bit_group_scales_store_exactly_what_the_op_dequantizes_with():
+    """``scale_bits=8``: each group scale a uint8 multiple of a float32 scale per row, rounded
+    up, and the 4-bit values quantized against that stored scale: re-quantizing the rotated
+    weight against ``q · s_row`` gives the stored values back, the op computes with those same
+    scales, and no value clips (without the clipping search)."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 256) / 16
+    w[:, 64:128] /= 40  # a quiet group: its multiplier is small, rounded up by up to 1 / q
+    w[3] = 0  # an all-zero row and an all-zero group: scale 0, values 0, no NaN
+    w[5, :64] = 0
+    h = hadamard("regular", 64)  # a rotation group per scale group: the quiet one stays so
+    x = torch.randn(3, 7, 256)
+    stored16, scale16 = quantize_weight(w, 4, h, scale_group=64)
+    stored, q, row = quantize_weight(w, 4, h, scale_group=64, scale_bits=8)
+    assert (q.dtype, q.shape, row.dtype, row.shape) == (torch.uint8, (32, 4), torch.float32, (32,))
+    # a byte a group and 4 a row against 2 a group: equal at K = 256 (4 groups of 64), 22
+    # against 36 bytes a row at DiT-XL/2's K = 1152
+    assert (q.nbytes, row.nbytes, scale16.nbytes) == (32 * 4, 32 * 4, 32 * 4 * 2)
+    rotated = rotate(w, h).reshape(-1, 64)
+    scale = group_scales(q, row)
+    assert (scale.reshape(-1) >= rotated.abs().amax(-1) / 7 * (1 - 1e-6)).all()  # rounded up
+    assert (q[row > 0].amax(-1) == 255).all() and row[3] == 0 and q[5, 0] == 0
+    assert q[:, 1].float().mean() < 20  # the quiet group's multiplier
+    again, _ = quantize_rows(rotated, 4, scale=scale.reshape(-1))
+    assert torch.equal(pack_int4(again.reshape(32, 256)), stored)
+    restored = unpack_int4(stored).float() * scale.repeat_interleave(64, dim=1)  # the weight
+    op = torch.ops.diffopt.quant_linear.default
+    y = op(x, stored, q, None, h, 4, 4, None, None, None, None, row)
+    assert torch.equal(y, rotated_linear(x, stored, scale, None, h, 4, 4))
+    values, act_scale = quantize_activation(x.reshape(-1, 256), 4, h, scale_group=64)
+    expected = (values.float() * act_scale.repeat_interleave(64, dim=1)) @ restored.T
+    torch.testing.assert_close(y.reshape(-1, 32), expected)
+    assert not y.isnan().any()
+    y16 = op(x, stored16, scale16, None, h, 4, 4)
+    assert sqnr(F.linear(x, w), y) > sqnr(F.linear(x, w), y16) - 0.3
+    for clip, gram in ((True, None), (True, torch.eye(256) * 3)):  # every clipping candidate
+        stored, q, row = quantize_weight(w, 4, h, clip, 64, None, gram, scale_bits=8)
+        again, _ = quantize_rows(rotated, 4, scale=group_scales(q, row).reshape(-1))
+        assert torch.equal(pack_int4(again.reshape(32, 256)), stored)
+    torch.library.opcheck(op, (x, stored, q, torch.randn(32), h, 4, 4, None, None, None, None, row))
+    with pytest.raises(ValueError, match="8 with group scales"):
+        quantize_weight(w, 4, h, scale_bits=8)
 
 
 def test_the_low_rank_branch_keeps_the_top_singular_part_and_quantizes_the_rest():

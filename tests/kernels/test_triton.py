@@ -138,6 +138,17 @@ def test_group_scales_are_applied_group_by_group_in_the_gemm(
     got = tk.rotated_linear(*on(x, stored, scale, b, h), act_bits, weight_bits).cpu()
     want = ref.rotated_linear(x, stored, scale, b, h, act_bits, weight_bits)
     assert_matches(got, want)
+    # 8-bit group scales (quant.scale_bits=8): uint8 multipliers folded with the row's float32
+    # scale as the kernel loads them, the same product as the reference's
+    w[: n // 3] *= 1e-3  # small rows: their scales stay normal float32
+    stored, q, row = quantize_weight(w, weight_bits, h, True, scale_group, scale_bits=8)
+    assert q.dtype == torch.uint8 and row.shape == (n,)
+    got = tk.rotated_linear(
+        *on(x, stored, q, b, h), act_bits, weight_bits, weight_scale_row=on(row)
+    )
+    want = ref.rotated_linear(x, stored, ref.group_scales(q, row), b, h, act_bits, weight_bits)
+    assert_matches(got, want)
+    assert DEVICE != "cpu" or torch.equal(got.cpu(), want)  # interpreted: bit for bit
 
 
 @pytest.mark.parametrize(("k", "scale_group"), [(64, 32), (320, 64), (768, 128)])
