@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from quant_quality import quantized_layers
 from tabulate import tabulate
 
 from diffopt.evaluation import bench, metrics, peers, zoo
-from diffopt.quality import STATS_HEADERS, psnr_stats
+from diffopt.quality import STATS_HEADERS, psnr_per_sample, psnr_stats
 
 SETTINGS = {  # row name -> quant settings (QuantConfig fields)
     "rotation only (w4a4)": {},
@@ -48,6 +49,20 @@ SETTINGS = {  # row name -> quant settings (QuantConfig fields)
     "rotation + low-rank, int8 branch": {"rank": 32, "branch_bits": 8},
     "+ group scales 64, int8 branch": {"scale_group": 64, "rank": 32, "branch_bits": 8},
     "+ GPTQ, int8 branch": {"scale_group": 64, "rank": 32, "gptq": True, "branch_bits": 8},
+    # and the group scales in 8 bits (a uint8 multiple of a float32 scale per row)
+    "+ group scales 64, int8 branch, 8-bit scales": {
+        "scale_group": 64,
+        "scale_bits": 8,
+        "rank": 32,
+        "branch_bits": 8,
+    },
+    "+ GPTQ, int8 branch, 8-bit scales": {
+        "scale_group": 64,
+        "scale_bits": 8,
+        "rank": 32,
+        "gptq": True,
+        "branch_bits": 8,
+    },
     "+ smoothing + GPTQ": {"scale_group": 64, "rank": 32, "smooth_alpha": 0.5, "gptq": True},
     "group scales + GPTQ, no branch": {"scale_group": 64, "gptq": True},
     "NVFP4": {"format": "nvfp4"},
@@ -63,6 +78,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("ref-dit", "ref-flux", "ref-wan"), default="ref-flux")
     parser.add_argument("--images", type=int, default=10)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the benchmark's seeds are FIRST_SEED on (calibration stays at 20,000 on)",
+    )
     parser.add_argument(
         "--schedules",
         nargs="+",
@@ -82,7 +103,7 @@ def main() -> None:
     layers = quantized_layers(reference.model, reference.make_inputs(batch=2), "w4a4")
     select = {e.where for e in layers.rewritten}.__contains__
     labels = torch.arange(args.images) % 10
-    seeds = list(range(args.images))
+    seeds = list(range(args.first_seed, args.first_seed + args.images))
     calib_seeds = list(range(20_000, 20_000 + args.images))
     quanto_seeds = list(range(10_000, 10_000 + args.images))
 
@@ -114,27 +135,60 @@ def main() -> None:
             start = time.perf_counter()
             images = sample(variant.build(copy.deepcopy(reference.model), "eager"))
             stats = psnr_stats(images, expected, metrics.DATA_RANGE)
+            per_sample = psnr_per_sample(images, expected, metrics.DATA_RANGE).tolist()
             ssim = metrics.ssim(images, expected)
             schedule = f"{steps} steps, guidance {guidance:g}"
-            rows.append([schedule, name, *stats.cells(), f"{ssim:.4f}"])
-            record.setdefault(schedule, {})[name] = {**dataclasses.asdict(stats), "ssim": ssim}
+            sd = statistics.stdev(per_sample) if len(per_sample) > 1 else 0.0
+            rows.append([schedule, name, *stats.cells(), f"{sd:.1f}", f"{ssim:.4f}"])
+            record.setdefault(schedule, {})[name] = {
+                **dataclasses.asdict(stats),
+                "ssim": ssim,
+                "psnr_per_sample": per_sample,
+            }
             print(
                 f"{schedule} | {name}: {stats}, SSIM {ssim:.4f}, "
                 f"{time.perf_counter() - start:.0f} s",
                 flush=True,
             )
 
-    table = tabulate(rows, ["schedule", "setting", *STATS_HEADERS, "SSIM"], tablefmt="github")
+    headers = ["schedule", "setting", *STATS_HEADERS, "sample sd dB", "SSIM"]
+    table = tabulate(rows, headers, tablefmt="github")
+    last = args.first_seed + args.images - 1
     text = (
-        f"W4A4 ablation on {args.model}, {args.images} images (seeds 0–{args.images - 1}), "
+        f"W4A4 ablation on {args.model}, {args.images} images (seeds {args.first_seed}–{last}), "
         f"against the float model on the same seeds; diffopt settings calibrated on one call at "
-        f"seeds 20,000–{20_000 + args.images - 1}.\n\n{table}\n"
+        f"seeds 20,000–{20_000 + args.images - 1}. sample sd: the standard deviation of the "
+        f"per-sample PSNRs.\n\n{table}\n"
     )
+    paired = paired_rows(record)
+    if paired:
+        headers = ["schedule", "setting", "against", "Δ PSNR dB (mean ± sd)", "Δ min", "Δ max"]
+        text += (
+            "\nPaired per-sample PSNR differences (same seeds) of each setting against the row it "
+            f"extends:\n\n{tabulate(paired, headers, tablefmt='github')}\n"
+        )
     print(text)
     RESULTS.mkdir(exist_ok=True)
     stem = f"quant-ablation-{args.model}" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.md").write_text(text)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def paired_rows(record: dict) -> list[list[str]]:
+    """Each row named ``BASE, EXTRA`` whose ``BASE`` ran too: its per-sample PSNR minus
+    BASE's on the same seeds, mean ± standard deviation, least and largest."""
+    rows = []
+    for schedule, settings in record.items():
+        for name, result in settings.items():
+            base = name.rsplit(", ", 1)[0]
+            if base == name or base not in settings:
+                continue
+            pairs = zip(result["psnr_per_sample"], settings[base]["psnr_per_sample"], strict=True)
+            delta = [a - b for a, b in pairs]
+            sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
+            spread = [f"{statistics.fmean(delta):+.2f} ± {sd:.2f}", f"{min(delta):+.2f}"]
+            rows.append([schedule, name, base, *spread, f"{max(delta):+.2f}"])
+    return rows
 
 
 if __name__ == "__main__":
