@@ -15,7 +15,9 @@ this checks, through the public API only:
 - unroll / unroll 1.x: ``diffopt.unroll`` of a 2-step flow-matching schedule matches eagerly and
   compiled (``fullgraph=True``), and a fractional "1.5" schedule runs (skipped with the reason
   where the class's call does not fit unroll's ``denoiser(hidden_states|sample=, timestep=)``);
-- export: ``diffopt.export`` + ``diffopt.load_engine`` match the model (<= 1e-4).
+- export: ``diffopt.export`` + ``diffopt.load_engine`` match the model (<= 1e-4); where torch's
+  own attention kernels disagree on the model by more (its attention runs in bfloat16: the
+  default flash kernel and the math kernel), the engine matches its run on the math kernel.
 
 Families run in child processes, each check under its own alarm; a family that crashes or
 outlives --timeout ends only its child, and the next child resumes after it, so one hang or crash
@@ -508,6 +510,7 @@ class Family:
 
     def export(self) -> dict:
         import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         import diffopt
 
@@ -519,6 +522,14 @@ class Family:
         diff = max_diff(result, self.reference)
         if diff <= TOLERANCE:
             return cell("ok", f"{diff:.0e}", max_diff=diff)
+        # attention in bfloat16 (Sana-WM): torch's own SDPA kernels disagree on the model beyond
+        # the tolerance; the engine computes it as the math kernel does (float32 inside)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            on_math = self.model(**self.fresh())
+        spread, math_diff = max_diff(on_math, self.reference), max_diff(result, on_math)
+        if spread > TOLERANCE and math_diff <= TOLERANCE:
+            text = f"{math_diff:.0e} vs math SDPA"
+            return cell("ok", text, max_diff=diff, math_sdpa_diff=math_diff, kernel_spread=spread)
         return cell("fail", f"{diff:.1e}", f"engine output differs from the model by {diff:.3g}")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .flex import with_dense_flex_attention
+from .attention import attention_for_export
 from .formats import ExportError, Format, register_format
 from .regions import Baked, RegionInputs, as_bound
 from .static_scales import with_static_scales
@@ -54,7 +54,7 @@ def write_region(
             f"region {lowered.region.name!r} takes non-tensor inputs {bad}, which an engine "
             "cannot feed; export with static shapes (dynamic_batch=False)"
         )
-    inner = with_dense_flex_attention(lowered.module)
+    inner = attention_for_export(lowered.module)
     if quant_form == "qdq_static":
         inner = with_static_scales(inner, calibration or examples)
     module = Baked(inner, examples, plan).eval()

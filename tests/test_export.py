@@ -476,15 +476,48 @@ def test_flex_attention_exports_as_dense_attention_under_its_block_mask(drop, tm
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-kandinsky6-sr", "tiny-lumina-next"])
+@pytest.mark.parametrize("name", ["tiny-kandinsky6-sr", "tiny-lumina-next", "tiny-sana-wm"])
 def test_families_the_coverage_matrix_found_failing_export_and_match(name, tmp_path):
     """Kandinsky 6 SR: its NABLA mask sorts, its attention is flex_attention. Lumina-Next: the
-    call passes a complex rotary table."""
+    call passes a complex rotary table. Sana-WM: its attention runs in bfloat16, which the
+    engine computes as torch's math kernel does (torch's default flash kernel rounds otherwise:
+    the two kernels' outputs are 1.5e-4 apart here), so it is compared with that kernel's run."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model, inputs = zoo.build(name)
-    with torch.no_grad():
+    kernel = sdpa_kernel(SDPBackend.MATH) if name == "tiny-sana-wm" else contextlib.nullcontext()
+    with torch.no_grad(), kernel:
         expected = first_output(model(**inputs))
     engine = load_engine(export(model, dict(inputs), out=tmp_path))
     torch.testing.assert_close(first_output(engine(**inputs)), expected, atol=1e-4, rtol=1e-4)
+
+
+class Bfloat16Attention(torch.nn.Module):
+    """Attention in bfloat16 inside a float32 model, as Sana-WM casts for FlashAttention, with
+    an additive bfloat16 mask."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        q, k, v = (t.bfloat16() for t in (hidden_states, hidden_states.flip(-1), hidden_states * 2))
+        s = hidden_states.shape[-2]
+        bias = torch.where(torch.arange(s) < s - 3, 0.0, -1e9).to(torch.bfloat16).expand(s, s)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).float()
+
+
+def test_bfloat16_attention_runs_on_the_cpu_provider_as_torchs_math_kernel(tmp_path):
+    """onnxruntime's CPU provider has no bfloat16 MatMul / Mul / Softmax: the attention runs in
+    float32, its output rounded to bfloat16, as torch's math kernel computes it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x = Bfloat16Attention(), torch.randn(2, 2, 64, 16)
+    got = load_engine(export(model, {"hidden_states": x}, out=tmp_path))(hidden_states=x)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = model(x)
+    assert (got != want).float().mean() < 0.01  # a rounding flip at most, here and there
+    torch.testing.assert_close(got, want, atol=2**-6, rtol=0)
 
 
 def test_an_op_without_an_onnx_form_is_named_with_its_region(tmp_path):
