@@ -685,11 +685,18 @@ class CachingExecutor(RegionExecutor):
         with the most dimensions ([B, N, D]; conditioning vectors beside it are [B, D]; a
         boolean attention mask [B, 1, 1, N] is no stream), tables broadcast over the batch and
         another axis last (Wan's rotary cos/sin, [1, N, 1, d], are no stream either: taken for
-        it, their batch of 1 broke the per-sample check and the block-0 indicator on Wan)."""
+        it, their batch of 1 broke the per-sample check and the block-0 indicator on Wan).
+        Of the inputs the exits' chains of additions reach (`RegionProgram.residual_operands`),
+        where known: those are what the exits will be paired with, so the stream (and the batch
+        the decisions are per sample of) does not change once the span ran (Ernie-Image's
+        [S, B, H] stream beside [B, S, 1, d] rotary tables did)."""
         span = self.span
         if span.bases and span.bases[0] is not None:  # the stream the blocks add residuals to
             return values[span.bases[0]]
-        tensors = [values[s] for s in span.entries if isinstance(values[s], torch.Tensor)]
+        operands = self.program.residual_operands
+        reached = residual_path(span.exits, lambda s: operands.get(s, ()), set(span.entries))
+        slots = [s for found in reached for s in found] or span.entries
+        tensors = [values[s] for s in slots if isinstance(values[s], torch.Tensor)]
         candidates = [t for t in tensors if t.dtype != torch.bool]
         return max(candidates, key=lambda t: (_sample(t), t.dim(), t.numel()))
 

@@ -812,3 +812,19 @@ def test_a_block_refresh_re_adds_each_reused_blocks_residual_to_its_own_stream(n
     ]
     errors = [float((outs[2] - c).abs().max()) for c in candidates]
     assert min(errors) < 1e-5, errors
+
+
+def test_a_tokens_first_stream_is_the_stream_before_and_after_the_span_first_ran():
+    """Ernie-Image's stream is [S, B, H], beside [B, S, 1, d] rotary tables: guessed by shape
+    before the span first ran (the table: 2 rows to decide for) and paired by residual after it
+    (the stream: 24), the controller of a model whose profile was known before its executor's
+    first call (a new executor for other settings, the calibration kept) got vectors of two
+    lengths and failed."""
+    model, inputs = build("tiny-ernie-image")
+    calibrated(model, inputs, 8)
+    torch._dynamo.reset()
+    compiled = cached(model, 8, polish="block")  # other settings: another executor
+    with diffopt.request(steps=8) as req:
+        out = denoise(compiled, inputs, 8)
+    assert "reuse" in req.actions[0]
+    assert out.isfinite().all()
