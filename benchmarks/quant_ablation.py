@@ -25,7 +25,11 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ import torch
 from quant_quality import quantized_layers
 from tabulate import tabulate
 
+from diffopt.config import QuantConfig
 from diffopt.evaluation import bench, metrics, peers, zoo
 from diffopt.quality import STATS_HEADERS, psnr_per_sample, psnr_stats
 
@@ -92,9 +97,21 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", help="keep the rows whose name contains one of these")
     parser.add_argument("--tag", default="", help="results file suffix: quant-ablation-MODEL-TAG")
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="no sampling: each setting's per-layer output SQNR on one call (quant-ablation-"
+        "MODEL-TAG-layers.md), paired against the row it extends",
+    )
     args = parser.parse_args()
 
     reference = zoo.load(args.model)
+    stem = f"quant-ablation-{args.model}" + (f"-{args.tag}" if args.tag else "")
+    if args.layers:
+        text = layer_sqnr_text(reference, args.only)
+        print(text)
+        (RESULTS / f"{stem}-layers.md").write_text(text)
+        return
     guidance, steps = zoo.SHIPPED[args.model]
     schedules = [tuple(map(float, s.split(":"))) for s in args.schedules or []] or [
         (steps, guidance),
@@ -155,6 +172,7 @@ def main() -> None:
     table = tabulate(rows, headers, tablefmt="github")
     last = args.first_seed + args.images - 1
     text = (
+        f"{command_line()}\n\n"
         f"W4A4 ablation on {args.model}, {args.images} images (seeds {args.first_seed}–{last}), "
         f"against the float model on the same seeds; diffopt settings calibrated on one call at "
         f"seeds 20,000–{20_000 + args.images - 1}. sample sd: the standard deviation of the "
@@ -169,9 +187,52 @@ def main() -> None:
         )
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"quant-ablation-{args.model}" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.md").write_text(text)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def command_line() -> str:
+    """How this file was made: the command and the commit it ran at."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"`python benchmarks/quant_ablation.py {shlex.join(sys.argv[1:])}`, at `{commit}`."
+
+
+def layer_sqnr_text(reference: zoo.Reference, only: list[str] | None) -> str:
+    """Each diffopt setting's per-layer output SQNR (the quantize pass's measurement on one
+    denoiser call at batch 2), its mean, and each setting's paired difference against the row
+    it extends, layer by layer: a measurement without the sampling's amplified seed noise."""
+    inputs = reference.make_inputs(batch=2)
+    per_layer = {}
+    for name, settings in SETTINGS.items():
+        if only and not any(o in name for o in only):
+            continue
+        layers = quantized_layers(reference.model, inputs, QuantConfig(**settings))
+        per_layer[name] = {
+            e.where: float(re.search(r"SQNR ([-\d.]+) dB", e.what).group(1))
+            for e in layers.rewritten
+        }
+        torch._dynamo.reset()
+    rows = []
+    for name, sqnr in per_layer.items():
+        base = name.rsplit(", ", 1)[0]
+        row = [name, len(sqnr), f"{statistics.fmean(sqnr.values()):.2f}", "", "", ""]
+        if base != name and base in per_layer:
+            delta = [sqnr[w] - per_layer[base][w] for w in sqnr if w in per_layer[base]]
+            sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
+            spread = f"{statistics.fmean(delta):+.3f} ± {sd:.3f}"
+            row[3:] = [spread, f"{min(delta):+.2f}", f"{max(delta):+.2f}"]
+        rows.append(row)
+    headers = ["setting", "layers", "mean SQNR dB", "Δ vs the row it extends", "Δ min", "Δ max"]
+    return (
+        f"{command_line()}\n\nPer-layer output SQNR of the quantized linears on "
+        f"{reference.name}, one denoiser call (batch 2, the model's example inputs); Δ: paired "
+        f"per layer, mean ± sd.\n\n{tabulate(rows, headers, tablefmt='github')}\n"
+    )
 
 
 def paired_rows(record: dict) -> list[list[str]]:
