@@ -17,6 +17,13 @@ The clipping rows (``-clip`` files):
         --tag clip
     python benchmarks/quant_ablation.py --model ref-dit --images 24 --schedules 28:1.5 20:3 \
         --only "rotation only" "+ GPTQ" W4A8 --tag clip
+
+The 8-bit group scales (``-8bit-scales`` files; ``--layers``: per-layer SQNR, no sampling):
+
+    python benchmarks/quant_ablation.py --model ref-flux --images 10 --first-seed 100 \
+        --only "+ group scales 64, int8 branch" "+ GPTQ, int8 branch" --tag 8bit-scales
+    python benchmarks/quant_ablation.py --model ref-flux \
+        --only "+ group scales 64, int8 branch" "+ GPTQ, int8 branch" --tag 8bit-scales --layers
 """
 
 from __future__ import annotations
