@@ -253,6 +253,8 @@ def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
         regions,
         decode_structure(manifest["output"]),
         manifest["release"],
+        # absent from an engine written before it was recorded: exits pair by shape alone
+        {int(k): v for k, v in manifest.get("residual_operands", {}).items()},
     )
     config = Config.from_dict(manifest["config"])
     guards = [

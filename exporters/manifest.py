@@ -6,9 +6,9 @@ An engine directory holds what the torch runtime runs, with the regions swapped 
   between regions), or a single ``model.onnx`` when nothing is cached; a region a token refresh
   recomputes also has ``<file>_tokens<count>.onnx``, the same region on that many tokens;
 - ``manifest.json``: the config (the calibrated cache schedule included), the regions in order with
-  their value slots, the guards, the graph's inputs (names, shapes, dtypes; a complex input is
-  bound as its ``view_as_real`` pairs, ``"bind"``) and output structure, the diffopt and opset
-  versions, and a SHA-256 of every file.
+  their value slots and chains of additions (``residual_operands``), the guards, the graph's
+  inputs (names, shapes, dtypes; a complex input is bound as its ``view_as_real`` pairs,
+  ``"bind"``) and output structure, the diffopt and opset versions, and a SHA-256 of every file.
 
 A format (`formats`) may add files, with their hashes (TensorRT's ``<file>.plan``).
 """
@@ -31,7 +31,13 @@ from diffopt.runtime.lowering import RegionProgram, Slot
 
 FORMAT = "diffopt-engine"
 FORMAT_VERSION = 2
-"""2: per-region export shapes (TensorRT profiles), per-axis size ranges, token variants."""
+"""2: per-region export shapes (TensorRT profiles), per-axis size ranges, token variants.
+
+``"residual_operands"`` (the regions' chains of additions, `RegionProgram.residual_operands`)
+came later within format 2, as an optional field: an engine without it loads and pairs a span's
+exits with its entries by shape alone, as engines did before (a value is cached where several
+entries share an exit's shape: Ernie-Image), and a diffopt that predates it ignores it the same
+way, so neither needs refusing."""
 MANIFEST = "manifest.json"
 
 
@@ -103,6 +109,9 @@ def engine_manifest(
         "num_slots": program.num_slots,
         "regions": regions,
         "release": program.release,
+        # slot -> the input slots its chain of additions reaches in its region (JSON keys are
+        # strings): where shapes alone cannot pair a cached exit with its stream
+        "residual_operands": {str(k): v for k, v in program.residual_operands.items()},
         "output": encode_structure(program.output),
         "returns": returned,
         "guards": [dataclasses.asdict(g) for g in guards],

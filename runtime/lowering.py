@@ -63,8 +63,8 @@ class RegionProgram:
     """For each slot a region produces, the region's input slots reached from it by walking back
     through additions inside the region (`diffopt.passes.graph.residual_operands`): what the
     runtime walks across a span of regions to pair its exits with the entries they are residuals
-    of where shapes alone do not (`diffopt.guards.residual_bases`). Empty (an engine's program):
-    shapes alone."""
+    of where shapes alone do not (`diffopt.guards.residual_bases`). An engine's manifest carries
+    it; empty (an engine written before it did): shapes alone."""
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,53 @@ def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
         denoise(blocks_only, inputs, 12)
 
 
+def test_an_engine_pairs_a_gated_blocks_exits_with_its_stream_as_torch_does(tmp_path):
+    """Blocks fed per-token gates of the stream's shape (Ernie-Image): the manifest carries the
+    regions' chains of additions, so an engine's reuse step re-adds the residual to the stream
+    as the torch runtime does. An engine without them (written before they were recorded) still
+    loads and pairs by shape alone: it caches the value, which differs."""
+    from tests.models import gated_model
+
+    model, inputs = gated_model()
+    plan = ["full", "full", "reuse", "full"]
+    cache = {"mode": "plan", "plan": plan, "steps": len(plan), "extrapolate": False}
+    options = {"inner": "eager", "cache": cache}
+    export(model, dict(inputs), options, out=tmp_path / "engine")
+    manifest = json.loads((tmp_path / "engine" / "manifest.json").read_text())
+    assert manifest["residual_operands"]
+    old = tmp_path / "old"
+    old.mkdir()
+    for file in (tmp_path / "engine").iterdir():
+        old.joinpath(file.name).write_bytes(file.read_bytes())
+    del manifest["residual_operands"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    generator = torch.Generator().manual_seed(1)
+    drift = torch.randn(inputs["hidden_states"].shape, generator=generator)
+    calls = [
+        {
+            "hidden_states": inputs["hidden_states"] + 0.1 * step * drift,
+            "timestep": inputs["timestep"] * (1 - 0.05 * step),
+        }
+        for step in range(len(plan))
+    ]
+    runs = {}
+    for kind, denoiser in (
+        ("torch", torch.compile(model, backend="diffopt", options=options)),
+        ("onnx", load_engine(tmp_path / "engine")),
+        ("shapes", load_engine(old)),
+    ):
+        with torch.no_grad(), diffopt.request(steps=len(plan)) as req:
+            runs[kind] = [first_output(denoiser(**call)) for call in calls]
+        assert req.actions[0] == plan, kind
+    for got, want in zip(runs["onnx"], runs["torch"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for step, (got, want) in enumerate(zip(runs["shapes"], runs["torch"], strict=True)):
+        if plan[step] == "full":
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        else:  # the stale output of step 1, not its residual on step 2's stream
+            assert (got - want).abs().max() > 1e-2
+
+
 def test_a_cached_engine_keeps_one_file_per_region_and_a_manifest(cached_engine):
     *_, out = cached_engine
     manifest = json.loads((out / "manifest.json").read_text())
