@@ -40,6 +40,8 @@ def quant_linear(
     branch ``(x down) up`` to the low-bit GEMM of the residual (int8 factors with
     `lowrank_scale` [r] between them); `smooth` [K] multiplies x's channels first
     (SmoothQuant's 1 / s, whose s the stored weight carries)."""
+    if weight_scale_row is not None:
+        _check_row_scale(weight_scale, weight_scale_row)
     if smooth is not None:  # unfused on every device: one elementwise pass over x
         x = x * smooth.to(x.dtype)
     if x.is_cuda:  # the branch fused into both kernels, 8-bit group scales folded at load
@@ -69,6 +71,23 @@ def quant_linear(
         branch = reference.low_rank_branch(x, lowrank_down, lowrank_up, lowrank_scale)
         out = out + branch.to(out.dtype)
     return out
+
+
+def _check_row_scale(weight_scale: torch.Tensor, weight_scale_row: torch.Tensor) -> None:
+    """Refuse a scale per row beside anything but the uint8 group multipliers it scales (on
+    CPU, per-channel scales [N] would broadcast against it into [N, N] group scales)."""
+    if (
+        weight_scale.dim() != 2
+        or weight_scale.dtype != torch.uint8
+        or tuple(weight_scale_row.shape) != (weight_scale.shape[0],)
+    ):
+        raise ValueError(
+            f"weight_scale_row {list(weight_scale_row.shape)} scales 8-bit group scales only "
+            f"(uint8 [N, K / g], one row scale per output row N), not weight_scale "
+            f"{weight_scale.dtype} {list(weight_scale.shape)}: pass the three tensors "
+            "quantize_weight(..., scale_group=g, scale_bits=8) returns, or no weight_scale_row "
+            "for float16 scales"
+        )
 
 
 def linear_output(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:

@@ -234,6 +234,27 @@ def test_8_bit_group_scales_store_exactly_what_the_op_dequantizes_with():
         quantize_weight(w, 4, h, scale_bits=8)
 
 
+def test_a_row_scale_without_8_bit_group_scales_is_refused_on_every_device():
+    """``weight_scale_row`` goes with uint8 group multipliers [N, G] only: beside per-channel
+    scales [N] the CPU path broadcast ``q · s_row`` into an [N, N] table of group scales and
+    returned a wrong output (CUDA refused), and beside float16 group scales it multiplied
+    them again."""
+    torch.manual_seed(0)
+    w, h, x = torch.randn(32, 256), hadamard("regular", 64), torch.randn(3, 256)
+    op = torch.ops.diffopt.quant_linear.default
+    per_channel = quantize_weight(w, 4, h)
+    float16_groups = quantize_weight(w, 4, h, scale_group=64)
+    stored, q, row = quantize_weight(w, 4, h, scale_group=64, scale_bits=8)
+    for weight, scale, row_scale in (
+        (*per_channel, row),
+        (*float16_groups, row),
+        (stored, q, row[:16]),
+    ):
+        with pytest.raises(ValueError, match=r"weight_scale_row .* scale_bits=8"):
+            op(x, weight, scale, None, h, 4, 4, None, None, None, None, row_scale)
+    op(x, stored, q, None, h, 4, 4, None, None, None, None, row)  # the stored form runs
+
+
 def test_the_low_rank_branch_keeps_the_top_singular_part_and_quantizes_the_rest():
     torch.manual_seed(0)
     w = torch.randn(64, 256) / 16 + torch.randn(64, 1) @ torch.randn(1, 256)  # one strong direction
