@@ -61,14 +61,22 @@ def relative_change(values: torch.Tensor) -> np.ndarray:
     return ((flat[1:] - flat[:-1]).norm(dim=2) / flat[:-1].norm(dim=2)).numpy()
 
 
+def velocities(outputs: torch.Tensor, inputs: int, guidance: float) -> dict[str, torch.Tensor]:
+    """The guided velocity [steps, inputs, ...] of the model's outputs per step, and with a
+    guidance batch ([steps, 2 × inputs, ...]: cond, then uncond) each branch's; guidance 1 runs
+    none (the sampler calls the model on the inputs alone), and the output is the velocity."""
+    if outputs.shape[1] == inputs:
+        return {"guided": outputs}
+    cond, uncond = outputs[:, :inputs], outputs[:, inputs:]
+    return {"guided": uncond + guidance * (cond - uncond), "cond": cond, "uncond": uncond}
+
+
 def sensitivity(reference: zoo.Reference, condition: Condition, fresh: int) -> dict[str, Any]:
     """Per step and input, the PSNR of a one-step reuse; per input, the observable changes."""
     labels, seeds = torch.arange(fresh) % 10, list(range(fresh))
     uncached = Recorder(reference.model)
     images = reference.sample(labels, seeds, denoiser=uncached, steps=condition.steps)
-    outputs = torch.stack(uncached.outputs)  # [steps, 2 × inputs, ...]: cond, then uncond
-    cond, uncond = outputs[:, :fresh], outputs[:, fresh:]
-    guided = uncond + condition.guidance * (cond - uncond)
+    observed = velocities(torch.stack(uncached.outputs), fresh, condition.guidance)
     psnr = []
     for step in range(1, condition.steps):
         stale = Recorder(reference.model, stale_at=step)
@@ -76,10 +84,7 @@ def sensitivity(reference: zoo.Reference, condition: Condition, fresh: int) -> d
         mse = quality.mse_per_sample(reused, images)
         psnr.append((10 * torch.log10(DATA_RANGE**2 / mse)).tolist())
     below = np.median(psnr, axis=1, keepdims=True) - np.array(psnr)  # dB below the median input
-    changes = {
-        name: relative_change(values)[:10].mean(0)
-        for name, values in (("guided", guided), ("cond", cond), ("uncond", uncond))
-    }
+    changes = {name: relative_change(values)[:10].mean(0) for name, values in observed.items()}
     return {
         "psnr_reuse_at_step": psnr,
         "sensitivity_db": below.mean(0).tolist(),
