@@ -83,7 +83,8 @@ class CacheConfig:
     indicator: Literal["profile", "block0"] = "profile"
     """``profile``: the calibrated per-step change of the block stack's residual (free at run
     time); ``block0``: the measured change of block 0's residual, per sample (block 0 always
-    runs)."""
+    runs), as a share of its calibrated whole-run change. Each reads its own calibration: a
+    model calibrated under one calibrates again on its first request under the other."""
     early: float = 0.25
     """Early-warning line: reuse whole steps while the accumulated change stays below it."""
     critical: float = 0.5

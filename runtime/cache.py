@@ -726,7 +726,9 @@ class CachingExecutor(RegionExecutor):
         half-way starts with nothing cached: its first `warmup` steps run in full)."""
         config = self._settings()
         self._refuse_tokens(config)
-        uncalibrated = config.profile is None and run.calibrated is None and config.mode == "online"
+        # a model calibrated under the other indicator has no calibration of this one's to read
+        measured = run.calibrated.recorded.get(self._indicator_key) if run.calibrated else None
+        uncalibrated = config.profile is None and not measured and config.mode == "online"
         if uncalibrated or run.request.calibrate:
             return Branch(None, calibrating=True)  # this request runs in full and calibrates
         steps = self._steps()

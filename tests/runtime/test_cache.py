@@ -171,6 +171,25 @@ def test_block0_indicator_decides_per_sample():
     assert "reuse" in req.actions[0] and req.actions[0][-1] == "full"
 
 
+@pytest.mark.parametrize(("before", "after"), [("profile", "block0"), ("block0", "profile")])
+def test_a_model_calibrated_under_one_indicator_calibrates_again_under_the_other(before, after):
+    """The two indicators read different calibrations (block 0's change, the stack's): a model
+    compiled under the other indicator than the one its calibration measured runs its next
+    request in full and calibrates, as an uncalibrated model would (before: a TypeError in
+    resample_profile, the profile it reads being None)."""
+    model, inputs = build()
+    settings = {"early": 0.2, "critical": 0.4}
+    calibrated(model, inputs, indicator=before, **settings)
+    torch._dynamo.reset()
+    compiled = cached(model, 12, indicator=after, **settings)
+    with diffopt.request(steps=12) as req:
+        denoise(compiled, inputs, 12)
+    assert req.actions[0] == ["full"] * 12  # it calibrates
+    with diffopt.request(steps=12) as req:
+        denoise(compiled, inputs, 12)
+    assert "reuse" in req.actions[0]
+
+
 def test_no_recompiles_over_fifty_steps():
     model, inputs = build()
     compiled = cached(model, steps=50, early=0.1, critical=0.2)
