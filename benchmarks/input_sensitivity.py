@@ -36,8 +36,7 @@ from tabulate import tabulate
 from diffopt import quality
 from diffopt.calibration import calibrate
 from diffopt.evaluation import zoo
-
-DATA_RANGE = 2.0
+from diffopt.evaluation.metrics import DATA_RANGE
 
 
 class Recorder:
@@ -82,7 +81,7 @@ def sensitivity(reference: zoo.Reference, condition: Condition, fresh: int) -> d
         stale = Recorder(reference.model, stale_at=step)
         reused = reference.sample(labels, seeds, denoiser=stale, steps=condition.steps)
         mse = quality.mse_per_sample(reused, images)
-        psnr.append((10 * torch.log10(DATA_RANGE**2 / mse)).tolist())
+        psnr.append(quality.to_psnr(mse, DATA_RANGE).tolist())
     below = np.median(psnr, axis=1, keepdims=True) - np.array(psnr)  # dB below the median input
     changes = {name: relative_change(values)[:10].mean(0) for name, values in observed.items()}
     return {
@@ -93,6 +92,8 @@ def sensitivity(reference: zoo.Reference, condition: Condition, fresh: int) -> d
 
 
 def sensitivity_markdown(result: dict[str, Any], condition: Condition) -> str:
+    """The most sensitive inputs, with what a change indicator sees of each, and the
+    correlation of the observable changes with the sensitivity."""
     db = np.array(result["sensitivity_db"])
     psnr = np.array(result["psnr_reuse_at_step"])
     order = np.argsort(-db)
@@ -135,7 +136,7 @@ def grid(
     for trial in found.trials:
         images, work, _ = measured.sample(trial.config)
         mse = quality.mse_per_sample(images, measured.images)
-        per_input = 10 * np.log10(DATA_RANGE**2 / mse.numpy())
+        per_input = quality.to_psnr(mse, DATA_RANGE).numpy()
         low = np.flatnonzero(per_input < np.median(per_input) - gap)
         rows.append(
             {
@@ -152,6 +153,8 @@ def grid(
 
 
 def grid_markdown(rows: list[dict[str, Any]], condition: Condition, gap: float) -> str:
+    """Every setting's PSNR on calibration and fresh inputs, and the fresh inputs that fall
+    `gap` dB or more behind the median; which inputs do so most often."""
     counts = Counter(i for row in rows for i in row["flips"])
     table = [
         [
@@ -176,6 +179,7 @@ def grid_markdown(rows: list[dict[str, Any]], condition: Condition, gap: float) 
 
 
 def main() -> None:
+    """Measure, write JSON and markdown, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--condition", default="euler-28 g4 s3 b16")
     parser.add_argument("--fresh", type=int, default=40)

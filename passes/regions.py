@@ -353,11 +353,15 @@ def find_roles(graph: DenoiserGraph) -> InputRoles:
     entering = user_values(region_inputs(graph, first))
     outputs = region_outputs(graph, first)
     leaving = {shape_of(n) for n in outputs}
-    # where several inputs have an output's shape (per-token gates beside the stream) and its
-    # chain of additions picks one, that one is the stream and the others are side inputs
+    # where several inputs have an output's shape (per-token gates beside the stream) and the
+    # chains of additions of *every* output of that shape pick their inputs, those are the streams
+    # and the others are side inputs (one unresolved output keeps all of them streams: a text
+    # stream whose chain breaks on an op the walk does not follow must not be dropped)
     bases = residual_pairs(outputs, entering)
     based = {entering[b] for b in bases if b is not None}
-    resolved = {shape_of(entering[b]) for b in bases if b is not None}
+    resolved = {shape_of(out) for out in outputs} - {
+        shape_of(out) for out, b in zip(outputs, bases, strict=True) if b is None
+    }
 
     for node in entering:
         shape = shape_of(node)

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import diffopt
 from diffopt import config as config_module
@@ -170,6 +171,49 @@ def test_the_block_guard_pairs_a_gated_block_with_its_stream_not_its_gates():
     assert reports["step_guard"].rewritten[0].what.endswith(f"= {stream} + cached residual")
     token = reports["token_guard"].rewritten[0].what
     assert f"gather top tokens of {stream}, " in token and token.endswith("+ cached residual")
+
+
+class _JointBlock(torch.nn.Module):
+    """Two streams of one length through joint attention; the text stream leaves clamped, so its
+    chain of additions breaks on an op the walk does not follow."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+
+    def forward(self, img, txt):
+        joint = torch.cat([txt, img], dim=1)
+        out = self.attn(joint, joint, joint, need_weights=False)[0]
+        return img + out[:, txt.shape[1] :], torch.clamp(txt + out[:, : txt.shape[1]], -9, 9)
+
+
+class _JointDenoiser(torch.nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.time = torch.nn.Linear(4, dim), torch.nn.Linear(1, dim)
+        self.blocks = torch.nn.ModuleList(_JointBlock(dim) for _ in range(2))
+        self.head = torch.nn.Linear(dim, 4)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        img = self.embed(hidden_states) + self.time(timestep[:, None].float())[:, None]
+        txt = encoder_hidden_states
+        for block in self.blocks:
+            img, txt = block(img, txt)
+        return self.head(img)
+
+
+def test_a_stream_whose_chain_of_additions_breaks_stays_a_stream():
+    """Equal-length image and text streams: the image output's additions reach the image
+    input, the clamped text output's reach nothing. Both inputs stay token streams (the review
+    found the text stream dropped once another output of its shape had found its base)."""
+    model = _JointDenoiser().eval()
+    inputs = {
+        "hidden_states": torch.randn(2, 8, 4),
+        "encoder_hidden_states": torch.randn(2, 8, 16),
+        "timestep": torch.tensor([500.0, 500.0]),
+    }
+    report = diffopt.inspect(model, inputs, Config(inner="eager", cache=CacheConfig(steps=10)))
+    assert len(report.roles.token_streams) == 2, report.roles.token_streams
 
 
 def test_ernie_image_gets_the_block_guard_and_its_tokens_first_stream_no_token_guard():
