@@ -2,8 +2,13 @@
 
 A region is written as `regions.Baked` (its weights as constants, its sizes read off its tensor
 inputs), traced on its recorded inputs, with the symbolic dimensions dynamo found as dynamic axes;
-diffopt's own ops are written in ONNX ops (`quant_onnx`). These files and the manifest are the
-engine directory every format starts from; onnxruntime runs them (`engine.load_engine`).
+diffopt's own ops are written in ONNX ops (`quant_onnx`), and so are the aten ops torch's
+exporter lacks or writes in a form onnxruntime's CPU provider cannot run (``aten.sort`` as TopK,
+boolean ``masked_fill`` as logical ops); attention ONNX cannot express is rewritten before tracing
+(`attention`: flex_attention as dense attention, bfloat16 attention in float32), and a complex
+input the call passes is bound as its ``view_as_real`` pairs (`regions.as_bound`). These files and
+the manifest are the engine directory every format starts from; onnxruntime runs them
+(`engine.load_engine`).
 """
 
 from __future__ import annotations
@@ -117,7 +122,8 @@ def write_region(
 
 
 def _translations(quant_form: str) -> dict[Any, Any]:
-    """diffopt's own ops, written in ONNX ops."""
+    """diffopt's own ops, and the aten ops written our way (sort, boolean masked_fill), in ONNX
+    ops."""
     import diffopt.kernels  # noqa: F401  (registers torch.ops.diffopt)
 
     from .quant_onnx import (
