@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -21,6 +20,7 @@ from diffopt.config import Config
 from diffopt.passes import InputRoles, PassReport
 from diffopt.passes.graph import INPUT_KEY, example_value
 from diffopt.runtime import LoweredRegion, RegionExecutor, RegionProgram
+from diffopt.runtime.flops import FlopCounter
 
 MAX_LISTED = 12  # entries per pass in the text report; the HTML page lists all
 
@@ -182,7 +182,7 @@ class _CountingExecutor(RegionExecutor):
         self.flops: dict[str, int] = {}
 
     def run_region(self, index: int, region: LoweredRegion, inputs: list[Any]) -> Sequence[Any]:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounter(display=False) as counter:
             outputs = region(*inputs)
         self.flops[region.region.name] = counter.get_total_flops()
         return outputs

@@ -13,7 +13,9 @@ Rules, in order of the graph (which is program order under dynamo):
 - any other module run between the first and the last block is a block of its own;
 - root code between blocks joins the region that follows it, so every block starts where the
   previous one ended;
-- everything before the first block is the prologue, everything after the last is the epilogue.
+- everything before the first block is the prologue, everything after the last is the epilogue;
+- a functorch transform level (an inlined ``vmap``) is never cut: its nodes without a module
+  stack count as code of the module that entered it, and all of it joins that node's region.
 """
 
 from __future__ import annotations
@@ -170,8 +172,9 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
     finished: set[str] = set()
     steps = _layer_steps(body)
     depth = _block_depth(body, steps)
+    scoped = _scoped_paths(body)
     for node in body:
-        paths = _module_paths(node)
+        paths = scoped[node]
         block = _block_path(paths, steps)
         if block is not None and block.count(".") != depth:
             block = None
@@ -223,6 +226,7 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
             node.meta[REGION_KEY] = name
         pending = []
     regions.append(Region("epilogue", "epilogue"))
+    _keep_transform_levels_whole(body)
     shards = _sequence_split_to_prologue(gm, regions[1].name)
     if shards:
         report.notes.append(
@@ -235,6 +239,61 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
         + ", ".join(sorted({r.group or r.name for r in regions if r.kind == "block"}))
     )
     return regions
+
+
+def _level_change(node: fx.Node) -> int:
+    """+1 where a node enters a functorch transform level (vmap, grad, jvp), -1 where it leaves.
+
+    Dynamo inlines ``torch.vmap`` (torch's `BlockMask` builds its tables with it, Kandinsky 6
+    SR's NABLA mask inside every attention block) as ``_vmap_increment_nesting``,
+    ``_add_batch_dim`` ... ``_remove_batch_dim``, ``_vmap_decrement_nesting``; in between, values
+    are batched tensors of that level.
+    """
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    if name.endswith("_increment_nesting"):
+        return 1
+    if name.endswith("_decrement_nesting"):
+        return -1
+    return 0
+
+
+def _scoped_paths(body: list[fx.Node]) -> dict[fx.Node, list[str]]:
+    """Each node's module paths, where a node dynamo recorded no module for inside a functorch
+    transform level (its ``_vmap_decrement_nesting``) takes those of the node that entered it.
+
+    Dynamo writes no ``nn_module_stack`` on the nodes that close a ``vmap``; read as root code,
+    they ended the block's run, and the rest of that block (its attention) became root code of a
+    finished block: after the last block, the epilogue, with the region cut inside the vmap.
+    """
+    paths: dict[fx.Node, list[str]] = {}
+    levels: list[list[str]] = []  # the paths of the node that entered each open level
+    for node in body:
+        own = _module_paths(node)
+        if not own and levels:
+            own = levels[-1]
+        change = _level_change(node)
+        if change > 0:
+            levels.append(own)
+        elif change < 0 and levels:
+            levels.pop()
+        paths[node] = own
+    return paths
+
+
+def _keep_transform_levels_whole(body: list[fx.Node]) -> None:
+    """Put every node of an outermost functorch transform level into the region of the node
+    that entered it: a region boundary inside would hand the next region batched tensors of a
+    level it does not hold (a cache keeping them fails on their first use: "your tensor may have
+    escaped from inside a function being vmapped"), and its compiled pieces would be traced
+    outside the transform."""
+    depth, region = 0, None
+    for node in body:
+        change = _level_change(node)
+        if depth == 0 and change > 0:
+            region = node.meta.get(REGION_KEY)
+        if depth > 0 or change > 0:
+            node.meta[REGION_KEY] = region
+        depth = max(depth + change, 0)
 
 
 def _sequence_split_to_prologue(gm: fx.GraphModule, first: str) -> list[str]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
+from .flops import FlopCounter
 from .lowering import LoweredRegion, RegionProgram, Slot
 
 
@@ -79,7 +79,7 @@ class RegionExecutor:
             calls[0] += 1
         if not _TALLIES:
             return self.run(args)
-        with FlopCounterMode(display=False) as counter:  # around `run`: any override is counted
+        with FlopCounter(display=False) as counter:  # around `run`: any override is counted
             outputs = self.run(args)
         for tally in _TALLIES:
             tally.total += counter.get_total_flops()

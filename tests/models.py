@@ -116,3 +116,64 @@ def user_model(depth: int = 3):
     torch.manual_seed(0)
     model = UserDenoiser(depth=depth).eval()
     return model, (torch.randn(2, 10, 4), torch.tensor([3.0, 700.0]))
+
+
+class SparseAttentionBlock(nn.Module):
+    """Kandinsky 6 SR's NABLA attention in small: the block builds its own `BlockMask` from its
+    queries and keys (`BlockMask.from_kv_blocks`, which runs a ``vmap`` inside the block) and
+    calls flex attention with it."""
+
+    BLOCK = 64
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.mod = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        scale, shift = self.mod(temb)[:, None].chunk(2, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        blocks = q.shape[2] // self.BLOCK
+        qa = q.unflatten(2, (blocks, self.BLOCK)).mean(-2)
+        ka = k.unflatten(2, (blocks, self.BLOCK)).mean(-2)
+        scores = qa @ ka.transpose(-2, -1)
+        keep = (scores >= scores.mean(-1, keepdim=True)) | torch.eye(blocks, dtype=torch.bool)
+        kv_nb = keep.sum(-1).to(torch.int32)
+        kv_inds = keep.int().argsort(dim=-1, descending=True).to(torch.int32)
+        mask = BlockMask.from_kv_blocks(
+            torch.zeros_like(kv_nb), kv_inds, kv_nb, kv_inds, BLOCK_SIZE=self.BLOCK, mask_mod=None
+        )
+        attn = flex_attention(q, k, v, block_mask=mask)
+        return x + self.out(attn.transpose(1, 2).flatten(2))
+
+
+class SparseAttentionDenoiser(nn.Module):
+    """embed → blocks of `SparseAttentionBlock` → head, over 128 tokens (two mask blocks)."""
+
+    def __init__(self, channels: int = 4, dim: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(channels, dim)
+        self.time = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(SparseAttentionBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time(timestep_embedding(t, self.dim))
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.head(h)
+
+
+def sparse_attention_model():
+    """(model, positional inputs) of `SparseAttentionDenoiser`, seeded."""
+    torch.manual_seed(0)
+    model = SparseAttentionDenoiser().eval()
+    return model, (torch.randn(2, 128, 4), torch.tensor([700.0, 3.0]))

@@ -9,7 +9,7 @@ import diffopt
 from diffopt.evaluation import zoo
 from diffopt.passes.regions import module_path
 
-from ..models import NoBlocks, user_model
+from ..models import NoBlocks, sparse_attention_model, user_model
 
 EXPECTED_BLOCKS = {
     "tiny-flux": lambda c: c.num_layers + c.num_single_layers,
@@ -142,3 +142,40 @@ def test_a_block_left_empty_by_cleanup_leaves_regions_and_guards():
     report = diffopt.inspect(model, inputs, options)
     assert "blocks.1" not in [r.name for r in report.regions]
     assert any("blocks.1" in note for p in report.passes for note in p.notes)
+
+
+def test_a_block_that_builds_a_flex_attention_mask_keeps_its_vmap_and_its_attention():
+    # BlockMask.from_kv_blocks runs a vmap, which dynamo inlines into the block with no module
+    # stack on the nodes closing it: they ended the last block's run, its attention went to the
+    # epilogue and the cut fell inside the vmap (Kandinsky 6 SR's NABLA attention)
+    model, inputs = sparse_attention_model()
+    report = diffopt.inspect(model, inputs, {"inner": "eager"})
+    assert [b.name for b in report.blocks] == ["blocks.0", "blocks.1"]
+    for block in report.blocks:
+        code = report.code_after[block.name]
+        assert code.count("flex_attention(") == 1
+        assert code.count("_vmap_increment_nesting(") == code.count("_vmap_decrement_nesting(") > 0
+        # counted: torch's FLOP counter alone does not run flex attention's higher-order op
+        # ("no implementation found ... TransformGetItemToIndex"); its formula counts it
+        assert block.flops >= 4 * 2 * 2 * 128 * 128 * 8  # dense attention: B, heads, N², head dim
+    assert "flex_attention" not in report.code_after["epilogue"]
+    assert "_vmap" not in report.code_after["epilogue"]
+
+
+def test_flex_attention_blocks_run_cached():
+    # the last block's region handed the epilogue batched tensors of its unfinished vmap: the
+    # cache kept them, and a reused step failed on them ("your tensor may have escaped from
+    # inside a function being vmapped")
+    model, (x, _) = sparse_attention_model()
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": 4}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    with torch.no_grad(), diffopt.request(steps=4) as request:
+        for step in range(4):
+            timestep = torch.full((2,), 900.0 - 200 * step)
+            out, ref = compiled(x, timestep), model(x, timestep)
+            if plan[step] == "full":
+                torch.testing.assert_close(out, ref, rtol=0, atol=0)
+            else:
+                assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert [a for actions in request.actions.values() for a in actions] == plan
