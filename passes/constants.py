@@ -15,20 +15,31 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .graph import INPUT_KEY, REGION_KEY
-from .regions import owning_module
+from .regions import level_change, owning_module
 
 
 def constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value depends only on the model's constants (and static sizes)."""
+    """Nodes whose value depends only on the model's constants (and static sizes).
+
+    Nothing inside a functorch transform level (an inlined ``vmap``, which torch's `BlockMask`
+    builds its tables with) is: its values are batched tensors of a level only the running
+    graph enters, so they cannot be evaluated on their own."""
     constant: set[fx.Node] = set()
+    depth = 0
     for node in gm.graph.nodes:
+        change = level_change(node)
+        inside = depth > 0 or change != 0
+        depth = max(depth + change, 0)
         if node.op == "placeholder":
             if node.meta.get(INPUT_KEY) in ("param", "buffer"):
                 constant.add(node)
-        elif node.op == "get_attr" or (
-            node.op.startswith("call")
-            and all(n in constant for n in node.all_input_nodes)
-            and not _is_random(node)
+        elif not inside and (
+            node.op == "get_attr"
+            or (
+                node.op.startswith("call")
+                and all(n in constant for n in node.all_input_nodes)
+                and not _is_random(node)
+            )
         ):
             constant.add(node)
     return constant
@@ -65,10 +76,18 @@ def op_name(node: fx.Node) -> str:
 
 
 def writes(node: fx.Node) -> bool:
-    """An in-place write (``x[i] = v``, ``x.add_(…)``, ``out=``) or another side effect."""
+    """An in-place write (``x[i] = v``, ``x.add_(…)``, ``out=``) or another side effect
+    (entering or leaving a functorch transform level: fx does not count ``vmap``'s as one, and
+    with them erased AnyFlow-FAR's mask tables were batched tensors of a level nothing entered)."""
     name = op_name(node)
     in_place = name.endswith("_") and not name.endswith("__")
-    return in_place or node.target is operator.setitem or "out" in node.kwargs or node.is_impure()
+    return (
+        in_place
+        or node.target is operator.setitem
+        or "out" in node.kwargs
+        or node.is_impure()
+        or level_change(node) != 0
+    )
 
 
 def evaluate(

@@ -241,7 +241,7 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
     return regions
 
 
-def _level_change(node: fx.Node) -> int:
+def level_change(node: fx.Node) -> int:
     """+1 where a node enters a functorch transform level (vmap, grad, jvp), -1 where it leaves.
 
     Dynamo inlines ``torch.vmap`` (torch's `BlockMask` builds its tables with it, Kandinsky 6
@@ -271,7 +271,7 @@ def _scoped_paths(body: list[fx.Node]) -> dict[fx.Node, list[str]]:
         own = _module_paths(node)
         if not own and levels:
             own = levels[-1]
-        change = _level_change(node)
+        change = level_change(node)
         if change > 0:
             levels.append(own)
         elif change < 0 and levels:
@@ -288,7 +288,7 @@ def _keep_transform_levels_whole(body: list[fx.Node]) -> None:
     outside the transform."""
     depth, region = 0, None
     for node in body:
-        change = _level_change(node)
+        change = level_change(node)
         if depth == 0 and change > 0:
             region = node.meta.get(REGION_KEY)
         if depth > 0 or change > 0:

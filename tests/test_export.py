@@ -523,12 +523,16 @@ def test_flex_attention_exports_as_dense_attention_under_its_block_mask(drop, tm
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-kandinsky6-sr", "tiny-lumina-next", "tiny-sana-wm"])
+@pytest.mark.parametrize(
+    "name", ["tiny-kandinsky6-sr", "tiny-lumina-next", "tiny-sana-wm", "tiny-anyflow-far"]
+)
 def test_families_the_coverage_matrix_found_failing_export_and_match(name, tmp_path):
     """Kandinsky 6 SR: its NABLA mask sorts, its attention is flex_attention. Lumina-Next: the
     call passes a complex rotary table. Sana-WM: its attention runs in bfloat16, which the
     engine computes as torch's math kernel does (torch's default flash kernel rounds otherwise:
-    the two kernels' outputs are 1.5e-4 apart here), so it is compared with that kernel's run."""
+    the two kernels' outputs are 1.5e-4 apart here), so it is compared with that kernel's run.
+    AnyFlow-FAR: its block mask's tables are built with a vmap of constants, and its complex
+    rotary is rewritten, whose cleanup erased the vmap's level changes."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel

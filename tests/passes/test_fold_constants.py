@@ -51,6 +51,34 @@ def test_a_weights_qr_is_folded_and_an_activations_is_not():
     assert len(_qr_nodes(kept.result.graph.gm)) == 2
 
 
+class OrthogonalizedWithVmap(Orthogonalized):
+    """`Orthogonalized`, scaled by a table built with ``torch.vmap`` from a weight, as torch's
+    `BlockMask` builds its tables (AnyFlow-FAR's, in its prologue)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        scale = torch.vmap(lambda row: row.abs().sum())(self.direction)
+        return super().forward(hidden_states) * scale
+
+
+def test_folding_keeps_a_vmap_of_constants_whole():
+    # fx counts vmap's level changes as pure: unread, the cleanup after folding erased them,
+    # and the graph made batched tensors of a level nothing entered ("your tensor may have
+    # escaped from inside a function being vmapped")
+    torch.manual_seed(0)
+    model, inputs = OrthogonalizedWithVmap(), {"hidden_states": torch.randn(2, 8, 8)}
+    torch._dynamo.reset()
+    captured = capture(model, inputs, Config(inner="eager", fold=FoldConfig()))
+    report = next(r for r in captured.result.reports if r.name == "fold_constants")
+    assert len(report.rewritten) == 1
+    names = [n.name for n in captured.result.graph.gm.graph.nodes]
+    assert any("_vmap_increment_nesting" in n for n in names)
+    assert any("_vmap_decrement_nesting" in n for n in names)
+    with torch.no_grad():
+        out = RegionExecutor(captured.result.program)(*captured.inputs)
+        # the folded QR rounds as the eager one does, the scale (~2) doubles its last bits
+        torch.testing.assert_close(tensors(out)[0], model(**inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_wan_animate_exports_with_its_motion_encoders_qr_folded(tmp_path):
     """Its motion encoder orthogonalizes a weight with linalg_qr on every call, which torch's
     ONNX exporter has no function for."""
