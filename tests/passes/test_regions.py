@@ -179,3 +179,29 @@ def test_flex_attention_blocks_run_cached():
             else:
                 assert torch.isfinite(out).all() and not torch.equal(out, ref)
     assert [a for actions in request.actions.values() for a in actions] == plan
+
+
+def test_kandinsky6_sr_runs_its_blocks_through_the_guards_and_the_cache():
+    """Its NABLA attention builds a BlockMask in every block (the model above, in diffusers)."""
+    from diffopt.evaluation import families
+
+    model, inputs = families.build("tiny-kandinsky6-sr")
+    scale = families.FAMILIES["tiny-kandinsky6-sr"].timestep_scale
+    report = diffopt.inspect(model, inputs, {"inner": "eager", "cache": {"steps": 4}})
+    assert [b.name for b in report.blocks] == [
+        "visual_transformer_blocks.0",
+        "visual_transformer_blocks.1",
+    ]
+    assert all(report.code_after[b.name].count("flex_attention(") == 1 for b in report.blocks)
+    ran = {p.name for p in report.passes}
+    assert {"step_guard", "block_guard"} <= ran
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": 4}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    with torch.no_grad(), diffopt.request(steps=4) as request:
+        for step in range(4):
+            timestep = torch.full_like(inputs["timestep"], scale * (0.9 - 0.2 * step))
+            out = compiled(**{**inputs, "timestep": timestep})[0]
+            if plan[step] == "full":
+                torch.testing.assert_close(out, model(**{**inputs, "timestep": timestep})[0])
+    assert [a for actions in request.actions.values() for a in actions] == plan
