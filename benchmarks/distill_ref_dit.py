@@ -24,6 +24,8 @@ Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` an
 The shipped ``ref-dit-1.5step-affine`` (50.0 min on the 2-core sandbox, beside CI):
 ``--joint --compensation affine --pairs 6000 --joint-steps 3000 --batch 64``; the shipped
 ``-lowrank`` is the earlier, shorter run (``--pairs 2000 --joint-steps 500 --batch 64``).
+The shipped ``ref-dit-1.67step-affine``: the 1.5's command with ``--joint-fraction 1.67``
+(105.7 min beside other jobs).
 """
 
 from __future__ import annotations
