@@ -125,6 +125,21 @@ def residual_path(
     return found
 
 
+def pair_residuals(
+    outputs: Sequence[_Value],
+    inputs: Sequence[_Value],
+    output_shapes: Sequence[tuple[int, ...] | None],
+    input_shapes: Sequence[tuple[int, ...] | None],
+    operands: Callable[[_Value], Iterable[_Value]],
+) -> list[int | None]:
+    """`residual_bases` of `outputs` among `inputs`, each output's residual path walked back
+    through `operands` (`residual_path`): the passes pair graph nodes, the runtime value slots."""
+    index = {value: i for i, value in enumerate(inputs)}
+    paths = residual_path(outputs, operands, index)
+    found = [{index[value] for value in path} for path in paths]
+    return residual_bases(output_shapes, input_shapes, found)
+
+
 def refresh_count(token_ratio: float, tokens: int) -> int:
     """How many of `tokens` tokens a token refresh recomputes (``cache.token_ratio`` of them)."""
     return max(1, round(token_ratio * tokens))

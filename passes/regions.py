@@ -27,7 +27,7 @@ from collections.abc import Collection
 import torch
 import torch.fx as fx
 
-from diffopt.guards import residual_bases, residual_path
+from diffopt.guards import pair_residuals
 
 from .graph import (
     INPUT_KEY,
@@ -385,13 +385,8 @@ def residual_pairs(outputs: list[fx.Node], inputs: list[fx.Node]) -> list[int | 
     """For each of a region's `outputs`, the index of the input among `inputs` it is a residual
     of (`diffopt.guards.residual_bases`: the one input of its shape, or of several, the one its
     chain of additions starts from); None: none, it is cached as a value."""
-    index = {node: i for i, node in enumerate(inputs)}
-    paths = residual_path(outputs, residual_operands, index)
-    return residual_bases(
-        [shape_of(n) for n in outputs],
-        [shape_of(n) for n in inputs],
-        [{index[n] for n in found} for found in paths],
-    )
+    shapes = [shape_of(n) for n in outputs], [shape_of(n) for n in inputs]
+    return pair_residuals(outputs, inputs, *shapes, residual_operands)
 
 
 def describe_residuals(outputs: list[fx.Node], inputs: list[fx.Node]) -> str:

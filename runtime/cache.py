@@ -42,10 +42,10 @@ from diffopt.guards import (
     Guard,
     GuardKind,
     action_applies,
+    pair_residuals,
     per_sample,
     polish_action,
     refresh_count,
-    residual_bases,
     residual_path,
     token_axes,
 )
@@ -517,10 +517,10 @@ class CachingExecutor(RegionExecutor):
             return
         shapes = [_shape(inputs[s]) for s in boundary.entries]
         exits = [_shape(values[s]) for s in boundary.exits]
-        index = {slot: i for i, slot in enumerate(boundary.entries)}
         operands = self.program.residual_operands
-        paths = residual_path(boundary.exits, lambda s: operands.get(s, ()), index)
-        bases = residual_bases(exits, shapes, [{index[s] for s in found} for found in paths])
+        bases = pair_residuals(
+            boundary.exits, boundary.entries, exits, shapes, lambda s: operands.get(s, ())
+        )
         pairs = [
             (out, None if b is None else boundary.entries[b])
             for out, b in zip(boundary.exits, bases, strict=True)
