@@ -36,11 +36,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm, trange
 
 import diffopt
 from diffopt.evaluation import zoo
-from diffopt.fewstep.compensation import save_compensation
+from diffopt.fewstep.compensation import load_compensation, save_compensation
 from diffopt.fewstep.sampler import initial_noise
 
 ASSETS = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets"
@@ -140,8 +141,14 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
     fit_on = slice(0, 200)
     for seed, kind in enumerate(args.compensation, start=10):
         two = zoo.load("ref-dit-2step")
+        out = args.out / f"ref-dit-{args.joint_fraction}step-{kind}"
+        if args.resume:  # continue from what an earlier --joint run wrote
+            two.model.load_state_dict(load_file(out / "diffusion_pytorch_model.safetensors"))
         sampler = joint_sampler(two.model, two.scheduler, kind, args.joint_fraction)
-        diffopt.fit_compensation(sampler, noise[fit_on], {"class_labels": labels[fit_on]})
+        if args.resume:
+            load_compensation(sampler, out / "compensation.safetensors")
+        else:
+            diffopt.fit_compensation(sampler, noise[fit_on], {"class_labels": labels[fit_on]})
         losses = diffopt.train_schedule(
             sampler,
             noise,
@@ -151,9 +158,8 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
             lr=args.joint_lr,
             lr_schedule=args.joint_lr_schedule,
             batch=args.batch,
-            seed=seed,
+            seed=seed + 100 * args.resume,  # a resumed run draws other batches
         )
-        out = args.out / f"ref-dit-{args.joint_fraction}step-{kind}"
         two.model.save_pretrained(out, safe_serialization=True)
         save_compensation(sampler, out / "compensation.safetensors")
         first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
@@ -166,6 +172,9 @@ def main() -> None:
     parser.add_argument("--compensation", nargs="+", default=["affine", "lowrank"])
     parser.add_argument("--joint-fraction", choices=JOINT_FRACTIONS, default="1.5")
     parser.add_argument("--joint-steps", type=int, default=600)
+    parser.add_argument(
+        "--resume", action="store_true", help="--joint from the weights it wrote, not the fit"
+    )
     parser.add_argument("--joint-lr", type=float, default=1e-4)
     parser.add_argument("--joint-lr-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--pairs", type=int, default=6000)
