@@ -20,7 +20,7 @@ from diffopt.passes.graph import Region
 from diffopt.runtime.executor import RegionExecutor
 from diffopt.runtime.lowering import RegionProgram
 
-from .manifest import decode_structure, read_manifest
+from .manifest import bind, decode_structure, read_manifest
 
 _NUMPY_DTYPES = {
     t: torch.empty(0, dtype=t).numpy().dtype
@@ -128,8 +128,7 @@ class Engine:
                 self._check(spec, value)
                 caller = caller or value.device
                 value = value.to(self.device)
-                if spec.get("bind") == "view_as_real":  # a complex input: its real pairs
-                    value = torch.view_as_real(value)
+                value = bind(value, spec)  # a complex input: its real pairs
             flat[spec["slot"]] = value
         from torch.utils import _pytree as pytree
 

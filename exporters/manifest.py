@@ -169,6 +169,23 @@ def returned_structure(model: nn.Module, example_inputs: Any, graph_outputs: Any
         return None
 
 
+_REAL_PAIRS = "view_as_real"
+"""An input's ``"bind"`` in the manifest for a complex tensor: the engine binds its real pairs,
+``view_as_real`` (ONNX has no complex tensors; Lumina-Next's call passes its rotary table)."""
+
+
+def binding(value: Any) -> dict[str, str]:
+    """How an engine binds `value`, as an input's manifest entry records it: a complex tensor as
+    its ``view_as_real`` pairs, ``{"bind": "view_as_real"}``; anything else as it is, ``{}``."""
+    return {"bind": _REAL_PAIRS} if isinstance(value, torch.Tensor) and value.is_complex() else {}
+
+
+def bind(value: Any, entry: dict[str, Any]) -> Any:
+    """`value` as an engine binds it, by what `entry` (its manifest entry, or `binding(value)`)
+    records."""
+    return torch.view_as_real(value) if entry.get("bind") == _REAL_PAIRS else value
+
+
 def describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict[str, Any]:
     """Where an engine finds graph input `slot` among the call's inputs: a (nested) keyword, or
     the size of one (``L['hidden_states'].size()[0]`` under dynamic shapes)."""
@@ -179,11 +196,10 @@ def describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict
     if size:
         return {"slot": slot, "path": path, "size": int(re.findall(r"\d+", size)[0])}
     tensor = fake if isinstance(fake, torch.Tensor) else None
-    bind = {"bind": "view_as_real"} if tensor is not None and tensor.is_complex() else {}
     return {
         "slot": slot,
         "path": path,
-        **bind,  # the engine binds a complex input's real pairs (ONNX has no complex tensors)
+        **binding(tensor),  # the engine binds a complex input's real pairs (`bind`)
         "shape": None
         if tensor is None
         else [n if isinstance(n, int) else None for n in tensor.shape],  # None: a dynamic axis

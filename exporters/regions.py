@@ -21,6 +21,7 @@ from diffopt.runtime.executor import RegionExecutor
 from diffopt.runtime.lowering import LoweredRegion, RegionProgram, Slot
 
 from .formats import ExportError
+from .manifest import bind, binding
 
 
 class RecordingExecutor(RegionExecutor):
@@ -67,10 +68,8 @@ class Baked(nn.Module):
 
 def as_bound(value: Any) -> Any:
     """A value as an engine binds it: a complex tensor as its real pairs, ``view_as_real``
-    (ONNX has no complex tensors; Lumina-Next's call passes its rotary table)."""
-    if isinstance(value, torch.Tensor) and value.is_complex():
-        return torch.view_as_real(value)
-    return value
+    (the manifest's rule, `manifest.binding`)."""
+    return bind(value, binding(value))
 
 
 @dataclasses.dataclass
