@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from quant_quality import quantized_layers
@@ -226,13 +227,10 @@ def layer_sqnr_text(reference: zoo.Reference, only: list[str] | None) -> str:
         torch._dynamo.reset()
     rows = []
     for name, sqnr in per_layer.items():
-        base = name.rsplit(", ", 1)[0]
         row = [name, len(sqnr), f"{statistics.fmean(sqnr.values()):.2f}", "", "", ""]
-        if base != name and base in per_layer:
-            delta = [sqnr[w] - per_layer[base][w] for w in sqnr if w in per_layer[base]]
-            sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
-            spread = f"{statistics.fmean(delta):+.3f} ± {sd:.3f}"
-            row[3:] = [spread, f"{min(delta):+.2f}", f"{max(delta):+.2f}"]
+        paired = paired_delta(name, per_layer, digits=3)
+        if paired is not None:
+            row[3:] = paired[1]
         rows.append(row)
     headers = ["setting", "layers", "mean SQNR dB", "Δ vs the row it extends", "Δ min", "Δ max"]
     return (
@@ -247,16 +245,33 @@ def paired_rows(record: dict) -> list[list[str]]:
     BASE's on the same seeds, mean ± standard deviation, least and largest."""
     rows = []
     for schedule, settings in record.items():
-        for name, result in settings.items():
-            base = name.rsplit(", ", 1)[0]
-            if base == name or base not in settings:
-                continue
-            pairs = zip(result["psnr_per_sample"], settings[base]["psnr_per_sample"], strict=True)
-            delta = [a - b for a, b in pairs]
-            sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
-            spread = [f"{statistics.fmean(delta):+.2f} ± {sd:.2f}", f"{min(delta):+.2f}"]
-            rows.append([schedule, name, base, *spread, f"{max(delta):+.2f}"])
+        per_sample = {name: result["psnr_per_sample"] for name, result in settings.items()}
+        for name in settings:
+            paired = paired_delta(name, per_sample)
+            if paired is not None:
+                base, cells = paired
+                rows.append([schedule, name, base, *cells])
     return rows
+
+
+def paired_delta(
+    name: str, values: dict[str, Any], digits: int = 2
+) -> tuple[str, list[str]] | None:
+    """The row `name` extends (``BASE`` of a row named ``BASE, EXTRA``) when `values` has it
+    too, and `name`'s paired differences against it: ``mean ± sd`` (to `digits` places), least
+    and largest. A row's values are a list (per sample: paired by position, same seeds) or a
+    dict (per layer: paired over the keys both have); None for a row that extends none."""
+    base = name.rsplit(", ", 1)[0]
+    if base == name or base not in values:
+        return None
+    ours, theirs = values[name], values[base]
+    if isinstance(ours, dict):
+        delta = [ours[k] - theirs[k] for k in ours if k in theirs]
+    else:
+        delta = [a - b for a, b in zip(ours, theirs, strict=True)]
+    sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
+    mean = f"{statistics.fmean(delta):+.{digits}f} ± {sd:.{digits}f}"
+    return base, [mean, f"{min(delta):+.2f}", f"{max(delta):+.2f}"]
 
 
 if __name__ == "__main__":
