@@ -213,7 +213,9 @@ def calibrate(
     if auto and target_psnr is None:
         raise ConfigError('cache="auto" needs a quality budget, e.g. target_psnr=30')
     base = CacheConfig(steps=steps) if cache in (None, "auto") else cache
-    base = dataclasses.replace(base, steps=steps, profile=None, curvature=None, mode="online")
+    base = dataclasses.replace(
+        base, steps=steps, profile=None, curvature=None, profile_indicator=None, mode="online"
+    )
     denoiser = torch.compile(model, backend="diffopt", options=Config(inner=inner, cache=base))
     # a model compiled often (a benchmark, repeated calibration) must not fall back to eager
     limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -255,7 +257,11 @@ def _profile(
     curvature = calibration_run.recorded.get("curvature") if key == "stack" else None
     measured_on = Condition.from_recorded(calibration_run.recorded, steps)
     return reference, dataclasses.replace(
-        base, profile=profile, curvature=curvature, calibrated_on=dataclasses.asdict(measured_on)
+        base,
+        profile=profile,
+        curvature=curvature,
+        profile_indicator=base.indicator,
+        calibrated_on=dataclasses.asdict(measured_on),
     )
 
 

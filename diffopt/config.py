@@ -84,7 +84,8 @@ class CacheConfig:
     """``profile``: the calibrated per-step change of the block stack's residual (free at run
     time); ``block0``: the measured change of block 0's residual, per sample (block 0 always
     runs), as a share of its calibrated whole-run change. Each reads its own calibration: a
-    model calibrated under one calibrates again on its first request under the other."""
+    model calibrated under one calibrates again on its first request under the other, and a
+    `profile` calibrated under one is refused under the other (`profile_indicator`)."""
     early: float = 0.25
     """Early-warning line: reuse whole steps while the accumulated change stays below it."""
     critical: float = 0.5
@@ -121,6 +122,11 @@ class CacheConfig:
     """What `profile` was measured on (`diffopt.runtime.profiles.Condition` as a dict: steps,
     batch, tokens, timesteps, early stream speed; `diffopt.calibrate` sets it): a request that
     differs in a way that moves quality is warned about, with the command that recalibrates."""
+    profile_indicator: Literal["profile", "block0"] | None = None
+    """The `indicator` `profile` was measured with (`diffopt.calibrate` sets it): the stack's
+    change and block 0's are different measurements, so a profile is used only under its own
+    (`check_profile`). None: not recorded (a profile saved before diffopt recorded it, or one
+    given by hand), taken as it is."""
     plan: list[CacheAction] | str | None = None
     """For ``mode="plan"``: one action per step, or the path of a JSON file holding the list."""
     step_guard: bool = True
@@ -132,6 +138,9 @@ class CacheConfig:
         _check_choice("cache.indicator", self.indicator, ("profile", "block0"))
         _check_choice("cache.polish", self.polish, ("token", "block", "none"))
         _check_choice("cache.check", self.check, ("none", "stack"))
+        if self.profile_indicator is not None:
+            _check_choice("cache.profile_indicator", self.profile_indicator, ("profile", "block0"))
+        self.check_profile()
         if self.check != "none" and self.indicator != "profile":
             raise ConfigError(
                 "cache.check compares the measured residual change with the calibrated profile; "
@@ -154,6 +163,26 @@ class CacheConfig:
                 'cache.mode="plan" needs cache.plan: a list of actions per step or a JSON file '
                 "(diffopt.calibrate(...).plan writes one)"
             )
+
+    def check_profile(self) -> None:
+        """Refuse a calibrated `profile` measured with another indicator than `indicator`
+        (its `profile_indicator`; an unrecorded one is taken as it is; ``mode="plan"`` reads
+        no profile)."""
+        measured = self.profile_indicator
+        if self.profile is None or measured in (None, self.indicator) or self.mode == "plan":
+            return
+        raise ConfigError(
+            f"cache.profile was calibrated with indicator={measured!r} "
+            f"({_INDICATORS[measured]}) but is used with indicator={self.indicator!r} "
+            f"({_INDICATORS[self.indicator]}): its thresholds would read the wrong measurement; "
+            f"recalibrate with that indicator (diffopt.calibrate(model, run, steps=N, "
+            f"cache=CacheConfig(indicator={self.indicator!r}, ...))), or pass "
+            f"indicator={measured!r}, the one the profile was calibrated with"
+        )
+
+
+_INDICATORS = {"profile": "the block stack's change", "block0": "block 0's change"}
+"""What each cache indicator's profile measures, in words."""
 
 
 QUANT_PRESETS: dict[str, dict[str, Any]] = {

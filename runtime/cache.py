@@ -725,6 +725,7 @@ class CachingExecutor(RegionExecutor):
         """A guidance branch's state, from `step` of the request on (a model taking over
         half-way starts with nothing cached: its first `warmup` steps run in full)."""
         config = self._settings()
+        config.check_profile()  # a profile's indicator changed after the config was built
         self._refuse_tokens(config)
         # a model calibrated under the other indicator has no calibration of this one's to read
         measured = run.calibrated.recorded.get(self._indicator_key) if run.calibrated else None

@@ -262,6 +262,48 @@ def test_the_check_needs_the_profile_indicator():
         CacheConfig(check="stack", indicator="block0")
 
 
+@pytest.mark.parametrize(("measured", "used"), [("profile", "block0"), ("block0", "profile")])
+def test_a_calibrated_profile_is_refused_under_the_other_indicator(measured, used, tmp_path):
+    """`diffopt.calibrate` records the indicator its profile measured (the stack's change, or
+    block 0's); a profile given under the other was read as if it were that one's, silently. A
+    profile saved before the indicator was recorded is taken as it is."""
+    model, inputs = build()
+    found = diffopt.calibrate(
+        model,
+        lambda denoiser: denoise(denoiser, inputs, 12),
+        steps=12,
+        cache=CacheConfig(indicator=measured),
+        inner="eager",
+    )
+    assert found.config.profile_indicator == measured
+    saved = json.loads(found.save(tmp_path / "cache.json").read_text())
+    Config(cache=found.config).save(tmp_path / "config.json")
+    for loaded in (CacheConfig(**saved), Config.load(tmp_path / "config.json").cache):
+        assert (loaded.profile, loaded.profile_indicator) == (found.config.profile, measured)
+    mismatch = (
+        rf"calibrated with indicator='{measured}' .* used with indicator='{used}' .*"
+        rf"recalibrate with that indicator .* or pass indicator='{measured}'"
+    )
+    with pytest.raises(ConfigError, match=mismatch):
+        CacheConfig(**{**saved, "indicator": used})
+    with pytest.raises(ConfigError, match=mismatch):
+        dataclasses.replace(found.config, indicator=used)
+    with pytest.raises(ConfigError, match=mismatch):
+        Config.from_dict({"cache": {**saved, "indicator": used}})
+    # changed after it was built: refused when a request starts
+    config = CacheConfig(**saved)
+    config.indicator = used
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model, backend="diffopt", options={"inner": "eager", "cache": config}, fullgraph=True
+    )
+    with pytest.raises(ConfigError, match=mismatch):
+        denoise(compiled, inputs, 12)
+    # saved before the indicator was recorded: unknown, accepted
+    del saved["profile_indicator"]
+    assert CacheConfig(**{**saved, "indicator": used}).profile_indicator is None
+
+
 def test_a_second_batch_size_recompiles_dynamic_and_keeps_the_calibration():
     """A new batch size compiles a new graph (a new executor); the model's profile, measured on
     its first request, is found again: no uncached request per new shape."""
