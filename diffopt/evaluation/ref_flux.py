@@ -132,6 +132,27 @@ class FluxReference(Reference):
         """Images [N, 1, 32, 32] from packed latents."""
         return unpack(latents)
 
+    def unroll(self, model: nn.Module, steps: int | float | str, **options: Any) -> Any:
+        """`diffopt.unroll` in `flux_call`'s convention (Flux takes σ: timesteps × 1e-3). A
+        fractional step runs the first blocks of the single-stream stack, 7 of the 8 blocks:
+        the dual-stream stack is one block, so a partial step there would still run all seven
+        single-stream blocks; on the single-stream tail a step of k of 7 costs about
+        (1 + k) / 8 of a full one, the granularity of ref-dit's 8 blocks, and the image stream
+        its compensation maps is all the model's output reads after that stack."""
+        options = {"timestep_scale": 1e-3, "blocks": "single_transformer_blocks", **options}
+        return super().unroll(model, steps, **options)
+
+    def shared_condition(self) -> dict[str, Any]:
+        """The rotary ids `flux_call` adds to every call."""
+        return {"img_ids": image_ids(), "txt_ids": text_ids()}
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """`model` (a student of ref-flux) in fp16 as ref-flux ships, with these class prompts
+        beside it: `load` reads the folder back."""
+        from diffopt.evaluation.training import save_fp16
+
+        save_fp16(model, self.embeddings, folder)
+
     def pipeline(self, transformer: nn.Module | None = None) -> Any:
         """A diffusers `FluxPipeline` around `transformer` (default: the model) with no VAE and no
         text encoders: call it with `pipeline_inputs` (prompt embeddings, ``output_type="latent"``)
@@ -165,12 +186,21 @@ class FluxReference(Reference):
         }
 
 
-def load(guidance: float, steps: int | Sequence[float], folder: Path | None = None) -> Reference:
-    """The shipped `ref-flux` (fp32 in memory, fp16 on disk)."""
+def load(
+    guidance: float,
+    steps: int | Sequence[float],
+    folder: Path | None = None,
+    *,
+    name: str = NAME,
+) -> Reference:
+    """The shipped `ref-flux` (fp32 in memory, fp16 on disk), or with `name` one of its
+    students (``ref-flux-1step``, ``ref-flux-2step``: ``benchmarks/distill_ref_dit.py --model
+    ref-flux`` writes them) from ``folder or ASSETS / name``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
+    made_by = None if name == NAME else "python benchmarks/distill_ref_dit.py --model ref-flux"
     model, embeddings = load_trained(
-        FluxTransformer2DModel, folder or ASSETS / NAME, class_embeddings
+        FluxTransformer2DModel, folder or ASSETS / name, class_embeddings, made_by
     )
     config = model.config
 
@@ -190,5 +220,5 @@ def load(guidance: float, steps: int | Sequence[float], folder: Path | None = No
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return FluxReference(
-        NAME, model, scheduler, make_inputs, NUM_CLASSES, guidance, steps, embeddings=embeddings
+        name, model, scheduler, make_inputs, NUM_CLASSES, guidance, steps, embeddings=embeddings
     )

@@ -15,9 +15,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from diffopt.fewstep.unroll import UnrolledSampler
 
 ExampleInputs = dict[str, Any] | tuple[Any, ...]
 
@@ -135,12 +138,26 @@ class Reference:
 
         `denoiser` defaults to the model; pass an optimized one to compare on the same seeds.
         """
+        latents = self.latents(labels, seeds, denoiser=denoiser, steps=steps, guidance=guidance)
+        return self.images(latents)
+
+    def latents(
+        self,
+        labels: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        denoiser: Callable[..., Any] | None = None,
+        steps: int | Sequence[float] | None = None,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
+        """`sample`'s final latents before `images` (what a student distilled from this model
+        learns to land on)."""
         from diffopt.fewstep.sampler import sample
 
         with torch.no_grad():
             cond = self.condition(labels)
             uncond = self.condition(torch.full_like(labels, self.null_class))
-        latents = sample(
+        return sample(
             self.calling(self.model if denoiser is None else denoiser),
             self.scheduler,
             self.noise(seeds),
@@ -149,7 +166,6 @@ class Reference:
             steps=steps or self.steps,
             guidance=self.guidance if guidance is None else guidance,
         )
-        return self.images(latents)
 
     # what a model class changes about sampling (`ref_flux.FluxReference` overrides these)
 
@@ -172,20 +188,50 @@ class Reference:
         """The sampler's final latents as images."""
         return latents
 
+    def unroll(
+        self, model: torch.nn.Module, steps: int | float | str, **options: Any
+    ) -> UnrolledSampler:
+        """`diffopt.unroll` of `model` (this reference's architecture: the model or a student
+        of it) under this reference's scheduler, in this reference's calling convention; the
+        sampler's conditioning is `unrolled_condition`."""
+        from diffopt.fewstep.unroll import unroll
+
+        return unroll(model, self.scheduler, steps, **options)
+
+    def unrolled_condition(self, labels: torch.Tensor) -> dict[str, Any]:
+        """`condition` as `unroll`'s sampler takes it: with `shared_condition`, which `calling`
+        adds to every call of the loop."""
+        return {**self.condition(labels), **self.shared_condition()}
+
+    def shared_condition(self) -> dict[str, Any]:
+        """The denoiser's inputs without a batch axis, the same for every image (Flux's rotary
+        ids): `diffopt.train_schedule`'s `shared`."""
+        return {}
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """Write `model` (this reference's architecture) as a diffusers folder that `load`
+        reads back under the folder's name."""
+        model.save_pretrained(folder, safe_serialization=True)
+
 
 EMBEDDINGS_FILE = "class_embeddings.safetensors"
 """The class prompts of a trained reference, beside its diffusers transformer folder."""
 
 
 def load_trained(
-    model_class: type, folder: Path, embeddings_for: Callable[[torch.nn.Module], ClassEmbeddings]
+    model_class: type,
+    folder: Path,
+    embeddings_for: Callable[[torch.nn.Module], ClassEmbeddings],
+    made_by: str | None = None,
 ) -> tuple[torch.nn.Module, ClassEmbeddings]:
     """A trained reference's transformer and class prompts from `folder` (fp16 on disk, fp32
     here, both frozen). The model is built from its config and its weights file rather than
     with ``from_pretrained``, which keeps Wan's fp32 modules only through accelerate, not a
-    dependency of diffopt; the folder still loads with ``from_pretrained`` where accelerate is."""
+    dependency of diffopt; the folder still loads with ``from_pretrained`` where accelerate is.
+    `made_by`: the command that writes the folder, for the error when it is missing (default:
+    ``benchmarks/train_<folder name>.py``)."""
     if not (folder / "config.json").exists():
-        script = f"benchmarks/train_{folder.name.replace('-', '_')}.py"
+        script = made_by or f"benchmarks/train_{folder.name.replace('-', '_')}.py"
         raise FileNotFoundError(f"{folder} is missing; make it with {script}")
     model = model_class.from_config(model_class.load_config(folder))
     embeddings = embeddings_for(model)
@@ -231,24 +277,34 @@ SHIPPED = {
     "ref-dit-1step": (1.0, [1.0]),  # students are guidance-distilled: one call per step
     "ref-dit-2step": (1.0, [1.0, 0.5]),
     "ref-flux": (2.0, 28),  # Flux, `ref_flux`: 100 % accurate at 28 steps (100 images)
+    "ref-flux-1step": (1.0, [1.0]),  # `distill_ref_dit.py --model ref-flux`; not shipped yet
+    "ref-flux-2step": (1.0, [1.0, 0.5]),
     "ref-wan": (4.0, 50),  # Wan, `ref_wan`: clips of 8 frames, 98 % of frames right (40 clips)
 }
 """Trained models in `ASSETS`: name → (guidance, default schedule)."""
+TRAINED = ("ref-flux", "ref-wan")
+"""The references with a module of their own (`ref_flux`, `ref_wan`), each with a ``load``."""
 
 
-def load(name: str) -> Reference:
+def load(name: str, folder: Path | None = None) -> Reference:
     """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt), its
     few-step students ``"ref-dit-1step"`` and ``"ref-dit-2step"`` (distilled from it, also
-    shipped), ``"ref-flux"`` (a Flux transformer trained on digits, shipped: `ref_flux`),
-    ``"ref-wan"`` (a Wan video transformer trained on moving digits, shipped: `ref_wan`) or
-    ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only)."""
+    shipped), ``"ref-flux"`` (a Flux transformer trained on digits, shipped: `ref_flux`), its
+    students ``"ref-flux-1step"`` and ``"ref-flux-2step"`` (``benchmarks/distill_ref_dit.py
+    --model ref-flux`` writes them), ``"ref-wan"`` (a Wan video transformer trained on moving
+    digits, shipped: `ref_wan`) or ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only).
+
+    `folder`: read a trained model's weights from there instead of ``ASSETS / name``."""
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-    if name in ("ref-flux", "ref-wan"):
-        module = importlib.import_module(f"diffopt.evaluation.{name.replace('-', '_')}")
-        return module.load(*SHIPPED[name])
+    family = next((f for f in TRAINED if name in (f, f"{f}-1step", f"{f}-2step")), None)
+    if family is not None and name in SHIPPED:  # a reference trained by `training`, or its student
+        module = importlib.import_module(f"diffopt.evaluation.{family.replace('-', '_')}")
+        if name == family:
+            return module.load(*SHIPPED[name], folder)
+        return module.load(*SHIPPED[name], folder, name=name)
     if name in SHIPPED:
-        folder = ASSETS / name
+        folder = folder or ASSETS / name
         if not (folder / "config.json").exists():
             script = "train_ref_dit.py" if name == "ref-dit" else "distill_ref_dit.py"
             raise FileNotFoundError(f"{folder} is missing; make it with benchmarks/{script}")

@@ -39,16 +39,19 @@ def train_schedule(
     train_denoiser: bool = True,
     ema: float = 0.99,
     progress: bool = True,
+    shared: Conditioning | None = None,
 ) -> list[float]:
     """Train `sampler` so that ``sampler(latents[i], cond[i])`` lands on ``targets[i]``.
 
     `latents` [N, ...] are the starting noises, `cond` the denoiser's conditioning with the
     same N first (nested as `UnrolledSampler.forward` takes it), `targets` the teacher's final
-    latents from the same noises. The compensation of every partial step trains, and with
-    `train_denoiser` the student's weights too (AdamW, gradients clipped to norm 1; `lr_schedule`
-    ``"constant"`` or ``"cosine"``, annealed to zero over `steps`); at the end both hold the
-    exponential moving average (`ema`) of the trained values. Guidance-distilled
-    students only: no unconditional batch. Returns the loss of each step.
+    latents from the same noises. `shared`: conditioning without a batch axis, passed whole
+    with every batch (Flux's ``img_ids`` and ``txt_ids``: inside `cond`, a tensor whose leading
+    size happened to equal N would be indexed as if batched). The compensation of every partial
+    step trains, and with `train_denoiser` the student's weights too (AdamW, gradients clipped
+    to norm 1; `lr_schedule` ``"constant"`` or ``"cosine"``, annealed to zero over `steps`); at
+    the end both hold the exponential moving average (`ema`) of the trained values.
+    Guidance-distilled students only: no unconditional batch. Returns the loss of each step.
     """
     count = latents.shape[0]
     if targets.shape != latents.shape:
@@ -79,7 +82,7 @@ def train_schedule(
     try:
         for step in bar:
             index = torch.randint(0, count, (min(batch, count),), generator=gen)
-            out = sampler(latents[index], _take(cond, index, count))
+            out = sampler(latents[index], {**_take(cond, index, count), **(shared or {})})
             loss = (out - targets[index]).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

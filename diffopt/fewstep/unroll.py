@@ -375,6 +375,9 @@ class UnrolledSampler(nn.Module):
         self.latents_input = _latents_keyword(denoiser)
         self.coefficients, self.schedule = coefficients, schedule
         self.guidance, self.guidance_input = guidance, guidance_input
+        self.stack = blocks
+        """The denoiser's attribute holding the block stack its partial steps cut (None when
+        the schedule has none)."""
         partial_steps = [i for i, s in enumerate(schedule) if isinstance(s, Partial)]
         self.compensation = nn.ModuleDict()
         parallel = getattr(denoiser, "_parallel_config", None)  # diffusers' enable_parallelism
