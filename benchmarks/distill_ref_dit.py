@@ -26,6 +26,27 @@ The shipped ``ref-dit-1.5step-affine`` (50.0 min on the 2-core sandbox, beside C
 ``-lowrank`` is the earlier, shorter run (``--pairs 2000 --joint-steps 500 --batch 64``).
 The shipped ``ref-dit-1.67step-affine``: the 1.5's command with ``--joint-fraction 1.67``
 (105.7 min beside other jobs).
+
+``--model ref-flux``: the same steps on `ref-flux` (guidance 2.0; packed 256×4 latents, class
+prompts), all through its `Reference` hooks (``noise``, ``latents``, ``condition``, ``calling``,
+``unroll``, ``save``). Writes ``ref-flux-1step/``, ``ref-flux-2step/`` (``zoo.load`` reads them)
+and ``ref-flux-FRACTIONstep-COMPENSATION/``, each in fp16 with the teacher's class prompts beside
+it, as ref-flux ships. A partial step runs the dual-stream block and the first 3 (1.5) or 4
+(1.67) of the 7 single-stream blocks. ``--pairs-file`` keeps the teacher pairs for the next run
+(``--joint`` is a run of its own).
+
+Cost (measured on 02cccd6 with this option: one thread, other jobs on the cores): a teacher pair
+is 4.4 s (28 guided steps), a training step of batch 128 is 37.5 s (reflow; 10.6 GB resident), of
+64: 17.8 s (reflow), 16.6 s (2-step), 21.4 s (``--joint`` 1.5). The defaults would take about 39
+hours on one thread (6000 pairs: 7.3 h; reflow: 15.6 h; the two specializations: 16 h) and
+``--joint`` 7 h more per compensation. What fits in an hour on 2 quiet cores (81 and 72 min on
+one thread; the 2-core figures assume 2 threads run 1.5× one, not measured): a twentieth of
+ref-dit's pairs, a thirtieth of its training images (a fifteenth of the shipped 1.5's joint run):
+
+    python benchmarks/distill_ref_dit.py --model ref-flux --pairs 300 --batch 32 \
+        --reflow-steps 180 --specialize-steps 110 --pairs-file out/ref-flux-pairs.pt  # ~54 min
+    python benchmarks/distill_ref_dit.py --model ref-flux --pairs 300 --batch 32 --joint \
+        --compensation affine --joint-steps 400 --pairs-file out/ref-flux-pairs.pt  # ~48 min
 """
 
 from __future__ import annotations
@@ -36,32 +57,58 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import load_file
 from tqdm import tqdm, trange
 
 import diffopt
 from diffopt.evaluation import zoo
 from diffopt.fewstep.compensation import load_compensation, save_compensation
-from diffopt.fewstep.sampler import initial_noise
 
 ASSETS = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets"
 PAIR_SEEDS = 100_000  # disjoint from the benchmark (0…) and calibration (10 000…) seeds
+MODELS = ("ref-dit", "ref-flux")
+PAIR_BATCH = {"ref-dit": 500, "ref-flux": 100}  # images per teacher call (memory only)
 
 
-def teacher_pairs(count: int, steps: int, batch: int) -> tuple[torch.Tensor, ...]:
-    """(noise, labels, images) from the teacher's guided sampling loop."""
-    teacher = zoo.load("ref-dit")
+def teacher_pairs(
+    teacher: zoo.Reference, count: int, steps: int, batch: int
+) -> tuple[torch.Tensor, ...]:
+    """(noise, labels, latents) from the teacher's guided sampling loop, through its own hooks
+    (`Reference.noise` and `Reference.latents`: ref-flux's are packed tokens)."""
     labels = torch.arange(count) % 10
-    noises, images = [], []
+    noises, latents = [], []
     for start in tqdm(range(0, count, batch), desc="teacher pairs"):
         seeds = range(PAIR_SEEDS + start, PAIR_SEEDS + min(count, start + batch))
-        noise = initial_noise((1, 16, 16), seeds)
+        noise = teacher.noise(seeds)
         noises.append(noise)
-        images.append(teacher.sample(labels[start : start + len(noise)], seeds, steps=steps))
-    return torch.cat(noises), labels, torch.cat(images)
+        latents.append(teacher.latents(labels[start : start + len(noise)], seeds, steps=steps))
+    return torch.cat(noises), labels, torch.cat(latents)
+
+
+def cached_pairs(args: argparse.Namespace, teacher: zoo.Reference) -> tuple[torch.Tensor, ...]:
+    """`teacher_pairs`, read from ``--pairs-file`` when an earlier run wrote it for the same
+    model, count and teacher steps (written there otherwise)."""
+    key = {"model": args.model, "pairs": args.pairs, "teacher_steps": args.teacher_steps}
+    path = args.pairs_file
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        if saved["key"] == key:
+            print(f"teacher pairs from {path}")
+            return saved["pairs"]
+        print(f"{path} holds pairs for {saved['key']}, not {key}: making them again")
+    start = time.time()
+    pairs = teacher_pairs(teacher, args.pairs, args.teacher_steps, PAIR_BATCH[args.model])
+    seconds = time.time() - start
+    print(f"teacher pairs: {seconds:.0f} s, {seconds / args.pairs:.3f} s an image")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "pairs": pairs}, path)
+    return pairs
 
 
 def train(
+    reference: zoo.Reference,
     student: torch.nn.Module,
     pairs: tuple[torch.Tensor, ...],
     *,
@@ -79,14 +126,20 @@ def train(
     """
     noise, labels, images = pairs
     student = student.train().requires_grad_(True)
-    for block in student.transformer_blocks:  # labels are never dropped: guidance is distilled
-        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    for module in student.modules():  # labels are never dropped: guidance is distilled
+        if isinstance(module, LabelEmbedding):  # DiT's; ref-flux's prompts have no dropout
+            module.dropout_prob = 0.0
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
+    call = reference.calling(student)
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return student(x, timestep=sigma * 1000, class_labels=y).sample
+        condition = reference.condition(y)
+        return call(hidden_states=x, timestep=sigma * 1000, **condition, return_dict=False)[0]
+
+    def per_image(values: torch.Tensor) -> torch.Tensor:  # [B] → [B, 1, …] against the latents
+        return values.reshape(-1, *[1] * (noise.dim() - 1))
 
     bar = trange(steps, desc=desc)
     for step in bar:
@@ -96,13 +149,13 @@ def train(
             sigma = torch.rand(batch, generator=gen)
         else:
             sigma = torch.tensor(sigmas)[torch.randint(0, len(sigmas), (batch,), generator=gen)]
-        s = sigma[:, None, None, None]
+        s = per_image(sigma)
         xt = (1 - s) * x0 + s * eps
         if sigmas is not None and len(sigmas) > 1:
             own = (sigma < sigmas[0]) & (torch.rand(batch, generator=gen) < 0.5)
             if own.any():  # one Euler step of the student from the previous σ in the list
                 prev = torch.tensor([sigmas[sigmas.index(v) - 1] for v in sigma[own].tolist()])
-                p = prev[:, None, None, None]
+                p = per_image(prev)
                 start = (1 - p) * x0[own] + p * eps[own]
                 with torch.no_grad():
                     xt[own] = start + (s[own] - p) * velocity(start, prev, y[own])
@@ -117,57 +170,88 @@ def train(
                 e.lerp_(p, 1 - min(0.995, (1 + step) / (10 + step)))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    seconds = bar.format_dict["elapsed"]
+    each = seconds / max(steps, 1)
+    print(f"{desc}: {steps} steps of {batch} in {seconds:.0f} s, {each:.2f} s a step")
     return ema
 
 
-JOINT_FRACTIONS = ("1.5", "1.67")  # step 2 runs 4 or 5 of the 8 blocks (1.50 or 1.63 NFE)
+JOINT_FRACTIONS = ("1.5", "1.67")
+"""ref-dit: step 2 runs 4 or 5 of the 8 blocks (1.50 or 1.63 NFE); ref-flux: its dual-stream
+block and 3 or 4 of the 7 single-stream ones (`FluxReference.unroll`)."""
 JOINT_SIGMAS = [1.0, 0.5]
 
 
 def joint_sampler(
-    student: torch.nn.Module, scheduler, compensation: str, fraction: str = "1.5"
+    student: zoo.Reference,
+    compensation: str,
+    fraction: str = "1.5",
+    model: torch.nn.Module | None = None,
 ) -> diffopt.UnrolledSampler:
-    """The fractional schedule of the 2-step student that ``--joint`` trains (and few_step.py
-    rebuilds to load what it wrote)."""
-    return diffopt.unroll(
-        student, scheduler, fraction, sigmas=JOINT_SIGMAS, compensation=compensation, rank=8
+    """The fractional schedule of the 2-step `student` (its model, or `model` of the same
+    architecture) that ``--joint`` trains (and few_step.py rebuilds to load what it wrote)."""
+    return student.unroll(
+        student.model if model is None else model,
+        fraction,
+        sigmas=JOINT_SIGMAS,
+        compensation=compensation,
+        rank=8,
     )
+
+
+def two_step(args: argparse.Namespace) -> zoo.Reference:
+    """The 2-step student ``--joint`` starts from: the one in ``--out`` if a run wrote it there,
+    else the shipped one."""
+    name = f"{args.model}-2step"
+    folder = args.out / name
+    if not (folder / "config.json").exists():
+        folder = zoo.ASSETS / name
+    print(f"--joint from {folder}")
+    return zoo.load(name, folder)
 
 
 def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> None:
     """Step 4: closed-form fit, then end-to-end training, per compensation form."""
-    noise, labels, images = pairs
-    cond = {"class_labels": labels}
+    noise, labels, latents = pairs
     fit_on = slice(0, 200)
     for seed, kind in enumerate(args.compensation, start=10):
-        two = zoo.load("ref-dit-2step")
-        out = args.out / f"ref-dit-{args.joint_fraction}step-{kind}"
+        two = two_step(args)
+        out = args.out / f"{args.model}-{args.joint_fraction}step-{kind}"
         if args.resume:  # continue from what an earlier --joint run wrote
-            two.model.load_state_dict(load_file(out / "diffusion_pytorch_model.safetensors"))
-        sampler = joint_sampler(two.model, two.scheduler, kind, args.joint_fraction)
+            weights = load_file(out / "diffusion_pytorch_model.safetensors")
+            two.model.load_state_dict(weights)  # ref-flux's fp16 file into fp32 weights
+        sampler = joint_sampler(two, kind, args.joint_fraction)
         if args.resume:
             load_compensation(sampler, out / "compensation.safetensors")
         else:
-            diffopt.fit_compensation(sampler, noise[fit_on], {"class_labels": labels[fit_on]})
+            diffopt.fit_compensation(sampler, noise[fit_on], two.unrolled_condition(labels[fit_on]))
+        start = time.time()
         losses = diffopt.train_schedule(
             sampler,
             noise,
-            cond,
-            images,
+            two.condition(labels),
+            latents,
             steps=args.joint_steps,
             lr=args.joint_lr,
             lr_schedule=args.joint_lr_schedule,
             batch=args.batch,
             seed=seed + 100 * args.resume,  # a resumed run draws other batches
+            shared=two.shared_condition(),
         )
-        two.model.save_pretrained(out, safe_serialization=True)
+        each = (time.time() - start) / max(args.joint_steps, 1)
+        two.save(two.model, out)
         save_compensation(sampler, out / "compensation.safetensors")
-        first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-        print(f"{kind}: loss {first:.5f} -> {last:.5f}; wrote {out}")
+        window = min(20, len(losses))
+        first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+        print(
+            f"{kind}: loss {first:.5f} -> {last:.5f}; {each:.2f} s a step "
+            f"of {min(args.batch, len(labels))}; wrote {out}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="ref-dit", help="the teacher")
     parser.add_argument("--joint", action="store_true", help="step 4 only (see the docstring)")
     parser.add_argument("--compensation", nargs="+", default=["affine", "lowrank"])
     parser.add_argument("--joint-fraction", choices=JOINT_FRACTIONS, default="1.5")
@@ -178,6 +262,11 @@ def main() -> None:
     parser.add_argument("--joint-lr", type=float, default=1e-4)
     parser.add_argument("--joint-lr-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--pairs", type=int, default=6000)
+    parser.add_argument(
+        "--pairs-file",
+        type=Path,
+        help="keep the teacher pairs here: read when an earlier run wrote the same ones",
+    )
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--reflow-steps", type=int, default=1500)
     parser.add_argument("--specialize-steps", type=int, default=800)
@@ -188,14 +277,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     start = time.time()
-    pairs = teacher_pairs(args.pairs, args.teacher_steps, batch=500)
+    teacher = zoo.load(args.model)
+    pairs = cached_pairs(args, teacher)
     if args.joint:
         train_joint(args, pairs)
         print(f"trained in {(time.time() - start) / 60:.1f} min")
         return
     common = {"lr": args.lr, "batch": args.batch}
     reflow = train(
-        zoo.load("ref-dit").model,
+        teacher,
+        copy.deepcopy(teacher.model),
         pairs,
         steps=args.reflow_steps,
         sigmas=None,
@@ -204,11 +295,12 @@ def main() -> None:
         **common,
     )
     students = {
-        "ref-dit-1step": [1.0],
-        "ref-dit-2step": [1.0, 0.5],
+        f"{args.model}-1step": [1.0],
+        f"{args.model}-2step": [1.0, 0.5],
     }
     for seed, (name, sigmas) in enumerate(students.items(), start=2):
         student = train(
+            teacher,
             copy.deepcopy(reflow),
             pairs,
             steps=args.specialize_steps,
@@ -217,7 +309,7 @@ def main() -> None:
             desc=name,
             **common,
         )
-        student.save_pretrained(args.out / name, safe_serialization=True)
+        teacher.save(student, args.out / name)
     print(f"distilled in {(time.time() - start) / 60:.1f} min; wrote {sorted(students)}")
 
 

@@ -1,4 +1,5 @@
-"""Few-step sampling on ref-dit: the teacher's loop against unrolled students and 1.x schedules.
+"""Few-step sampling on ref-dit (or ref-flux): the teacher's loop against unrolled students and 1.x
+schedules.
 
 Rows, all on the same labels and seeds:
 - the teacher (guidance 1.5, a batch of two per step) at 50 and 28 Euler steps, its Python loop;
@@ -15,6 +16,14 @@ accuracy from the digits classifier; wall time as ratios to the teacher's 50-ste
 interleaved runs in one process.
 
     python benchmarks/few_step.py --images 300
+
+``--model ref-flux``: the same rows for ref-flux (guidance 2.0) and the students
+``distill_ref_dit.py --model ref-flux`` writes (``--assets``: the folder it wrote them to, its
+``--out``); a 1.x step runs the dual-stream block and the first k of the 7 single-stream blocks.
+Rows whose weights are missing are left out. A ref-flux call costs about 20× a ref-dit one
+(0.08 s an image on one thread): the default teacher rows alone (300 images, 50 and 28 guided
+steps, run once for quality and ``--repeats`` times) take about 4 hours on one thread, and
+``--images 100 --repeats 1`` about 35 minutes.
 """
 
 from __future__ import annotations
@@ -28,8 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
-from distill_ref_dit import JOINT_FRACTIONS, joint_sampler
+from distill_ref_dit import JOINT_FRACTIONS, MODELS, joint_sampler
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -37,7 +45,7 @@ import diffopt
 from diffopt.evaluation import metrics, zoo
 from diffopt.evaluation.bench import _real_digits
 from diffopt.fewstep.compensation import load_compensation
-from diffopt.fewstep.sampler import initial_noise, sample
+from diffopt.fewstep.sampler import sample
 from diffopt.quality import psnr_stats
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,19 +54,38 @@ CALIBRATION_SEEDS = range(10_000, 10_020)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="ref-dit", help="the teacher")
+    parser.add_argument(
+        "--assets", type=Path, default=zoo.ASSETS, help="the students' folders (distill --out)"
+    )
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inner", default="inductor", choices=["eager", "inductor"])
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.25, 1.5, 1.67])
-    parser.add_argument("--out", type=Path, default=RESULTS / "few-step")
+    parser.add_argument(
+        "--teacher-steps",
+        type=int,
+        nargs="+",
+        default=[50, 28],
+        help="the teacher's loops; the first is what the students are measured against",
+    )
+    parser.add_argument("--out", type=Path, help="default: results/few-step[-MODEL]")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = "" if args.model == "ref-dit" else f"-{args.model}"
+        args.out = RESULTS / f"few-step{suffix}"
 
-    teacher, one, two = (zoo.load(n) for n in ("ref-dit", "ref-dit-1step", "ref-dit-2step"))
+    def student(name: str) -> zoo.Reference | None:
+        folder = args.assets / name
+        return zoo.load(name, folder) if (folder / "config.json").exists() else None
+
+    teacher = zoo.load(args.model)
+    one, two = (student(f"{args.model}-{n}") for n in ("1step", "2step"))
     labels = torch.arange(args.images) % 10
-    noise = initial_noise((1, 16, 16), range(args.images))
-    cond = {"class_labels": labels}
-    uncond = {"class_labels": torch.full_like(labels, teacher.null_class)}
+    noise = teacher.noise(range(args.images))
+    cond = teacher.unrolled_condition(labels)  # with Flux's ids: what an unrolled sampler takes
     options = {"inner": args.inner}
+    blocks = "blocks" if args.model == "ref-dit" else "single-stream blocks"
 
     def compiled(sampler: torch.nn.Module) -> Callable[[], torch.Tensor]:
         engine = torch.compile(sampler, backend="diffopt", options=options, fullgraph=True)
@@ -71,58 +98,64 @@ def main() -> None:
         return lambda: loop(noise, cond)
 
     def teacher_loop(steps: int) -> Callable[[], torch.Tensor]:
+        loop_cond = teacher.condition(labels)
+        uncond = teacher.condition(torch.full_like(labels, teacher.null_class))
         return lambda: sample(
-            teacher.model,
+            teacher.calling(teacher.model),
             teacher.scheduler,
             noise,
-            cond,
+            loop_cond,
             uncond,
             steps=steps,
             guidance=teacher.guidance,
         )
 
+    def fraction_label(sampler: diffopt.UnrolledSampler) -> str:
+        k, n = sampler.schedule[1].blocks, len(getattr(sampler.denoiser, sampler.stack))
+        return f"step 2 runs {k}/{n} {blocks}"
+
     rows: dict[str, tuple[Callable[[], torch.Tensor], float]] = {}
     guided_nfe = 2.0  # the teacher's cond + uncond batch: two model evaluations per step
-    rows["teacher, 50-step loop"] = (teacher_loop(50), 50 * guided_nfe)
-    rows["teacher, 28-step loop"] = (teacher_loop(28), 28 * guided_nfe)
+    for steps in args.teacher_steps:
+        rows[f"teacher, {steps}-step loop"] = (teacher_loop(steps), steps * guided_nfe)
+    reference = f"teacher, {args.teacher_steps[0]}-step loop"
+    versus = f"teacher-{args.teacher_steps[0]}"
     students = [
         ("1-step student", one, [1.0]),
         ("2-step student", two, [1.0, 0.5]),
         ("2-step student on 4 steps", two, [1.0, 0.75, 0.5, 0.25]),
     ]
-    for name, student, sigmas in students:
-        sampler = diffopt.unroll(student.model, student.scheduler, len(sigmas), sigmas=sigmas)
+    for name, model, sigmas in students:
+        if model is None:
+            continue
+        sampler = model.unroll(model.model, len(sigmas), sigmas=sigmas)
         rows[f"{name}, unrolled"] = (compiled(sampler), float(len(sigmas)))
-    calibration = initial_noise((1, 16, 16), CALIBRATION_SEEDS)
-    calibration_cond = {"class_labels": torch.arange(len(calibration)) % 10}
+    calibration = teacher.noise(CALIBRATION_SEEDS)
+    calibration_cond = teacher.unrolled_condition(torch.arange(len(calibration)) % 10)
     fits = {}
-    for fraction in args.fractions:
-        sampler = diffopt.unroll(two.model, two.scheduler, str(fraction), sigmas=[1.0, 0.5])
-        nfe = sampler.effective_nfe(noise[:10], {"class_labels": labels[:10]})
-        k = sampler.schedule[1].blocks
-        rows[f"1.x: 2-step student, step 2 runs {k}/8 blocks, no compensation"] = (
+    for fraction in args.fractions if two is not None else []:
+        sampler = two.unroll(two.model, str(fraction), sigmas=[1.0, 0.5])
+        nfe = sampler.effective_nfe(noise[:10], teacher.unrolled_condition(labels[:10]))
+        label = fraction_label(sampler)
+        rows[f"1.x: 2-step student, {label}, no compensation"] = (
             compiled(copy.deepcopy(sampler)),
             nfe,
         )
         fits[fraction] = diffopt.fit_compensation(sampler, calibration, calibration_cond)
-        rows[f"1.x: 2-step student, step 2 runs {k}/8 blocks, unrolled"] = (compiled(sampler), nfe)
+        rows[f"1.x: 2-step student, {label}, unrolled"] = (compiled(sampler), nfe)
         if fraction == max(args.fractions):
-            rows[f"1.x: 2-step student, step 2 runs {k}/8 blocks, step loop"] = (
-                step_loop(sampler),
-                nfe,
-            )
+            rows[f"1.x: 2-step student, {label}, step loop"] = (step_loop(sampler), nfe)
 
     joint = [(f, kind) for f in JOINT_FRACTIONS for kind in ("affine", "lowrank")]
     for fraction, kind in joint:  # written by distill_ref_dit.py --joint
-        folder = zoo.ASSETS / f"ref-dit-{fraction}step-{kind}"
+        folder = args.assets / f"{args.model}-{fraction}step-{kind}"
         if not folder.exists():
             continue
-        student = DiTTransformer2DModel.from_pretrained(folder).eval().requires_grad_(False)
-        sampler = joint_sampler(student, two.scheduler, kind, fraction)
+        trained = zoo.load(f"{args.model}-2step", folder)  # a 2-step student, trained further
+        sampler = joint_sampler(trained, kind, fraction)
         load_compensation(sampler, folder / "compensation.safetensors")
-        nfe = sampler.effective_nfe(noise[:10], {"class_labels": labels[:10]})
-        k = sampler.schedule[1].blocks
-        rows[f"1.x: jointly trained ({kind}), step 2 runs {k}/8 blocks, unrolled"] = (
+        nfe = sampler.effective_nfe(noise[:10], teacher.unrolled_condition(labels[:10]))
+        rows[f"1.x: jointly trained ({kind}), {fraction_label(sampler)}, unrolled"] = (
             compiled(sampler),
             nfe,
         )
@@ -130,7 +163,7 @@ def main() -> None:
     samples = {}
     for name, (run, _) in tqdm(rows.items(), desc="warm-up and quality"):
         with torch.no_grad():
-            samples[name] = run()
+            samples[name] = teacher.images(run())
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in tqdm(range(args.repeats), desc="timing rounds"):
         for name, (run, _) in rows.items():  # interleaved: drift hits every row alike
@@ -140,32 +173,31 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     real, _ = _real_digits()
-    base = statistics.median(times["teacher, 50-step loop"])
+    base = statistics.median(times[reference])
+    two_steps = samples.get("2-step student, unrolled")
     loop_1x = next((n for n in rows if n.endswith("blocks, step loop")), None)
     table = []
     for name, (_, nfe) in rows.items():
         seconds = statistics.median(times[name])
-        to_teacher = psnr_stats(samples[name], samples["teacher, 50-step loop"], metrics.DATA_RANGE)
+        to_teacher = psnr_stats(samples[name], samples[reference], metrics.DATA_RANGE)
         table.append(
             {
                 "schedule": name,
                 "effective NFE": round(nfe, 3),
                 "ref-FID": round(metrics.ref_fid(samples[name], real), 2),
                 "accuracy": round(metrics.class_accuracy(samples[name], labels), 3),
-                "PSNR vs teacher-50 dB": round(to_teacher.mean, 1),
+                f"PSNR vs {versus} dB": round(to_teacher.mean, 1),
                 "p5 dB": round(to_teacher.p5, 1),
-                "SSIM vs teacher-50": round(
-                    metrics.ssim(samples[name], samples["teacher, 50-step loop"]), 4
-                ),
-                "PSNR vs 2-step dB": round(
-                    metrics.psnr(samples[name], samples["2-step student, unrolled"]), 1
-                ),
+                f"SSIM vs {versus}": round(metrics.ssim(samples[name], samples[reference]), 4),
+                "PSNR vs 2-step dB": None
+                if two_steps is None
+                else round(metrics.psnr(samples[name], two_steps), 1),
                 "seconds": round(seconds, 3),
-                "time / teacher-50": round(seconds / base, 4),
+                f"time / {versus}": round(seconds / base, 4),
             }
         )
     print(
-        f"ref-dit few-step sampling: {args.images} images, median of {args.repeats} "
+        f"{args.model} few-step sampling: {args.images} images, median of {args.repeats} "
         f"interleaved runs, inner={args.inner}\n"
     )
     print(tabulate(table, headers="keys", tablefmt="github"))
@@ -177,16 +209,23 @@ def main() -> None:
         print(
             f"\nunrolling the 1.x schedule: {ratio:.2f}x faster than its step loop; "
             f"{base / statistics.median(times[unrolled_1x]):.1f}x faster than the teacher's "
-            "50-step loop"
+            f"{args.teacher_steps[0]}-step loop"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": table}, indent=2) + "\n"
+        json.dumps(
+            {
+                "args": vars(args) | {"out": str(args.out), "assets": str(args.assets)},
+                "rows": table,
+            },
+            indent=2,
+        )
+        + "\n"
     )
-    plot(table, args.out.with_suffix(".png"))
+    plot(table, args.out.with_suffix(".png"), args.model)
 
 
-def plot(table: list[dict], path: Path) -> None:
+def plot(table: list[dict], path: Path, model: str = "ref-dit") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +245,7 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("effective NFE (computed FLOPs / one full step)")
     ax.set_ylabel("ref-FID (lower is better)")
-    ax.set_title("ref-dit: teacher vs few-step students")
+    ax.set_title(f"{model}: teacher vs few-step students")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,108 @@
+"""benchmarks/distill_ref_dit.py on ref-flux: its students train and their samplers build,
+through the Reference's own hooks (the same code that distills ref-dit)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffopt
+from diffopt.evaluation import zoo
+from diffopt.fewstep.compensation import load_compensation, save_compensation
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delitem(sys.modules, "distill_ref_dit", raising=False)
+    return importlib.import_module("distill_ref_dit")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return zoo.load("ref-flux")
+
+
+def pairs(flux, count: int = 4) -> tuple[torch.Tensor, ...]:
+    """Tiny teacher pairs: one guided step from seeded noise (packed latents)."""
+    labels = torch.arange(count) % 10
+    seeds = range(100_000, 100_000 + count)
+    return flux.noise(seeds), labels, flux.latents(labels, seeds, steps=1)
+
+
+def test_a_ref_flux_student_trains_a_step_of_reflow_and_of_its_own_trajectory(script, flux):
+    """The 2-step specialization (σ ∈ {1, 0.5}, half the σ = 0.5 inputs from the student's own
+    first step) on packed Flux latents: the returned EMA student moved, the teacher did not."""
+    teacher = {k: v.clone() for k, v in flux.model.state_dict().items()}
+    student = script.train(
+        flux,
+        copy.deepcopy(flux.model),
+        pairs(flux),
+        steps=1,
+        sigmas=[1.0, 0.5],
+        lr=1e-4,
+        batch=4,
+        seed=0,
+        desc="test",
+    )
+    moved = [not torch.equal(p, teacher[n]) for n, p in student.state_dict().items()]
+    assert any(moved) and not any(p.requires_grad for p in student.parameters())
+    assert all(torch.equal(p, teacher[n]) for n, p in flux.model.state_dict().items())
+
+
+def test_the_unrolled_ref_flux_student_is_its_sampling_loop(flux):
+    """`FluxReference.unroll` calls Flux as `calling` does (σ as the timestep, the ids added)."""
+    labels, seeds = torch.tensor([3, 8]), [5, 6]
+    sampler = flux.unroll(flux.model, 2, sigmas=[1.0, 0.5])
+    with torch.no_grad():
+        unrolled = sampler(flux.noise(seeds), flux.unrolled_condition(labels))
+    loop = flux.latents(labels, seeds, steps=[1.0, 0.5], guidance=1.0)
+    torch.testing.assert_close(unrolled, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_the_ref_flux_joint_schedule_fits_trains_saves_and_loads(script, flux, tmp_path):
+    """``--joint`` on ref-flux: the 1.5-step schedule cuts the single-stream stack (3 of 7
+    after the dual-stream block: 1.5 NFE), fits, trains a step (4 pairs: as many as Flux's text
+    ids have rows, which `shared` keeps whole) and loads back as few_step.py loads it."""
+    model = copy.deepcopy(flux.model)
+    sampler = script.joint_sampler(flux, "affine", "1.5", model=model)
+    assert sampler.stack == "single_transformer_blocks" and sampler.schedule[1].blocks == 3
+    noise, labels, latents = pairs(flux)
+    cond = flux.unrolled_condition(labels)
+    assert sampler.effective_nfe(noise, cond) == pytest.approx(1.5, abs=0.02)
+    diffopt.fit_compensation(sampler, noise, cond)
+    scale = sampler.compensation["1"].scale.clone()
+    losses = diffopt.train_schedule(
+        sampler,
+        noise,
+        flux.condition(labels),
+        latents,
+        steps=1,
+        batch=2,
+        progress=False,
+        shared=flux.shared_condition(),
+    )
+    assert len(losses) == 1 and losses[0] == losses[0]  # finite, ran
+    assert not torch.equal(sampler.compensation["1"].scale, scale)
+
+    folder = tmp_path / "ref-flux-1.5step-affine"
+    flux.save(model, folder)
+    save_compensation(sampler, folder / "compensation.safetensors")
+    loaded = zoo.load("ref-flux-2step", folder)
+    assert loaded.name == "ref-flux-2step" and loaded.guidance == 1.0
+    again = script.joint_sampler(loaded, "affine", "1.5")
+    load_compensation(again, folder / "compensation.safetensors")
+    with torch.no_grad():  # fp16 on disk, as ref-flux ships
+        torch.testing.assert_close(again(noise, cond), sampler(noise, cond), atol=5e-3, rtol=0)
+
+
+def test_a_missing_ref_flux_student_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"distill_ref_dit\.py --model ref-flux"):
+        zoo.load("ref-flux-1step", tmp_path / "ref-flux-1step")
