@@ -259,6 +259,15 @@ class _Tap(nn.Module):
         self.block, self.keep, self.value = block, keep, None
         self.names = _stream_names(block)
 
+    def __getattr__(self, name: str) -> Any:
+        # the model may read a block's parts (DiT's forward takes block 0's norm1.emb)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden, encoder = _stream_inputs(self.names, args, kwargs)
         out = self.block(*args, **kwargs)
@@ -549,11 +558,14 @@ def _latents_keyword(denoiser: nn.Module) -> str:
 
 
 def _hidden_width(stack: nn.ModuleList) -> int:
-    """The hidden size of a block stack: what a block's last linear (the MLP out) writes."""
-    linears = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    """The hidden size of a block stack: what the first attention's query projection reads
+    (diffusers' ``to_q``), else what the block's last linear writes. The last linear alone is
+    not enough: Lumina-Next's feed-forward defines its up projection after the down one."""
+    named = [(n, m) for n, m in stack[0].named_modules() if isinstance(m, nn.Linear)]
+    if not named:
         raise ConfigError("partial steps need transformer blocks (found no nn.Linear in block 0)")
-    return linears[-1].out_features
+    queries = [m for n, m in named if n.rsplit(".", 1)[-1] == "to_q"]
+    return queries[0].in_features if queries else named[-1][1].out_features
 
 
 def unroll(

@@ -18,6 +18,7 @@ from torch import nn
 import diffopt
 from diffopt import ConfigError
 from diffopt.evaluation import zoo
+from diffopt.evaluation.families import FAMILIES
 from diffopt.fewstep.compensation import Compensation, load_compensation, save_compensation
 from diffopt.fewstep.sampler import guidance_batch, sample
 from diffopt.fewstep.unroll import parse_schedule
@@ -270,6 +271,38 @@ def dual_stream(name: str, batch: int = 2):
     model, inputs = zoo.build(name, batch=batch)
     skip = ("hidden_states", "timestep", "return_dict")
     return model, inputs["hidden_states"], {k: v for k, v in inputs.items() if k not in skip}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-dit",  # its forward reads block 0's norm1.emb: the tap on block 0 must pass it on
+        "tiny-lumina-next",  # its blocks' last linear writes 4× the hidden size
+        "tiny-ideogram4",
+    ],
+)
+def test_a_partial_step_given_the_true_residual_is_the_full_step(name):
+    """Blocks whose parts the model reads, or whose last linear is not the stream's width:
+    a partial step handed the residual its skipped block produces on this very step must give
+    the full step's output."""
+    family = FAMILIES[name]
+    model, inputs = family.build()
+    x = inputs[family.latents]
+    skip = (family.latents, family.timestep, "return_dict")
+    cond = {k: v for k, v in inputs.items() if k not in skip}
+    sampler = diffopt.unroll(
+        model,
+        FlowMatchEulerDiscreteScheduler(),
+        "1.5",
+        timestep_scale=family.timestep_scale / 1000,
+    )
+    t = x.new_full((x.shape[0],), 0.5 * family.timestep_scale)
+    with torch.no_grad():
+        full = sampler._call(sampler._views[0], x, t, cond)
+        sampler._reuse[1].residual = sampler._residual(sampler.schedule[1].blocks)
+        partial = sampler._call(sampler._views[1], x, t, cond)
+        sampler._reuse[1].residual = None
+    torch.testing.assert_close(partial, full, atol=1e-5, rtol=1e-4)
 
 
 DUAL_STREAM = [
