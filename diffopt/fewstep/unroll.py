@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -350,18 +351,39 @@ def _hooked_forward(view: nn.Module, model: nn.Module) -> Callable[..., Any]:
 
 
 def find_block_stack(denoiser: nn.Module, attribute: str | None = None) -> str:
-    """The attribute holding the denoiser's blocks: `attribute`, or its only `ModuleList`."""
+    """The attribute holding the denoiser's blocks: `attribute`, its only `ModuleList`, or of
+    several, the last one defined whose members are all one class of attention block.
+
+    Last, because that is the stack the model's output head reads (Flux, HunyuanVideo and
+    AuraFlow run their single-stream stack after the dual-stream one; Lumina 2 its layers after
+    the refiners), so skipping its tail is what a fractional step means. A UNet's down and up
+    stacks mix block classes and are refused: name one with `blocks=`."""
+    name = type(denoiser).__name__
     if attribute is not None:
         if not isinstance(getattr(denoiser, attribute, None), nn.ModuleList):
-            raise ConfigError(f"{type(denoiser).__name__}.{attribute} is not an nn.ModuleList")
+            raise ConfigError(f"{name}.{attribute} is not an nn.ModuleList")
         return attribute
-    lists = [name for name, child in denoiser.named_children() if isinstance(child, nn.ModuleList)]
-    if len(lists) != 1:
+    lists = {n: c for n, c in denoiser.named_children() if isinstance(c, nn.ModuleList)}
+    if len(lists) == 1:
+        return next(iter(lists))
+    stacks = [n for n, c in lists.items() if _attention_blocks(c)]
+    if not stacks:
         raise ConfigError(
-            f"partial steps need one block stack; {type(denoiser).__name__} has ModuleLists "
-            f"{lists}: pass blocks='<name>'"
+            f"partial steps need one block stack; {name} has ModuleLists {list(lists)}, none of "
+            "them a stack of one attention block class: pass blocks='<name>'"
         )
-    return lists[0]
+    return stacks[-1]
+
+
+def _attention_blocks(stack: nn.ModuleList) -> bool:
+    """Whether every member of `stack` is one class of attention block that keeps the stream's
+    resolution (a UNet's up and down blocks resample it: Kandinsky 3's ``UpSampleBlock``)."""
+    kinds = {type(block).__name__ for block in stack}
+    return (
+        len(kinds) == 1
+        and not re.search(r"(Up|Down)(Sample)?Block", kinds.pop())
+        and any("Attention" in type(m).__name__ for m in stack[0].modules())
+    )
 
 
 class UnrolledSampler(nn.Module):
@@ -590,7 +612,9 @@ def unroll(
         guidance: classifier-free guidance scale. With `guidance_input` unset and an `uncond`
             passed to the forward, each step runs cond and uncond as a batch of two.
         guidance_input: the denoiser's keyword for a guidance-distilled scale (Flux: "guidance").
-        blocks: the attribute holding the block stack (default: the denoiser's only ModuleList).
+        blocks: the attribute holding the block stack that partial steps cut (default: the
+            denoiser's only ModuleList; of several, the last stack of attention blocks it
+            defines, e.g. Flux's ``single_transformer_blocks``: `find_block_stack`).
         compensation: "affine" (per channel) or "lowrank" (affine plus a rank-`rank` map) on the
             reused residual of each partial step; identity until `diffopt.fit_compensation`.
         timestep_scale: multiplies the scheduler's timesteps before the denoiser sees them, for

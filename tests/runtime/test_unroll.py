@@ -259,11 +259,16 @@ def test_compensation_recovers_a_map_it_can_express(kind):
     torch.testing.assert_close(compensation(x), y, atol=1e-3, rtol=1e-3)
 
 
-def test_partial_steps_name_the_stack_when_there_are_several():
+def test_partial_steps_cut_the_last_attention_stack_or_ask_which():
+    """Flux runs its single-stream stack last, and its head reads it: a 1.x step cuts that one.
+    A UNet's down and up stacks resample the stream between blocks: refused, naming the fix."""
     flux = zoo.build("tiny-flux")[0]
+    sampler = diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), "1.5")
+    assert sampler.stack == "single_transformer_blocks"
+    unet = zoo.build("tiny-unet")[0]
     with pytest.raises(ConfigError, match="pass blocks="):
-        diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), "1.5")
-    diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), 2)  # full steps need no blocks
+        diffopt.unroll(unet, FlowMatchEulerDiscreteScheduler(), "1.5")
+    diffopt.unroll(unet, FlowMatchEulerDiscreteScheduler(), 2)  # full steps need no blocks
 
 
 def dual_stream(name: str, batch: int = 2):
