@@ -21,6 +21,7 @@ and the stand-in carry both streams (`Streams`), and the compensation maps the i
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import inspect
@@ -251,23 +252,32 @@ def _streams(out: tuple[Any, ...], hidden_in: torch.Tensor, block: nn.Module) ->
     return Streams(out[0 if hidden_first else 1], out[1 if hidden_first else 0], hidden_first)
 
 
-class _Tap(nn.Module):
+class _StandIn(nn.Module):
+    """A module in a block's place. Attributes it lacks come from that block: models read their
+    blocks' parts (DiT's forward takes block 0's ``norm1.emb``, Qwen-Image 2.1's every block's
+    ``attn.processor``)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_stands_for"] = block  # not registered: a view's weights stay the model's
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_stands_for" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_stands_for"], name)
+
+
+class _Tap(_StandIn):
     """Wraps a block of a full step; keeps its input or output, the boundary of a residual:
     a tensor, or `Streams` for a dual-stream block."""
 
     def __init__(self, block: nn.Module, keep: str) -> None:
-        super().__init__()
+        super().__init__(block)
         self.block, self.keep, self.value = block, keep, None
         self.names = _stream_names(block)
-
-    def __getattr__(self, name: str) -> Any:
-        # the model may read a block's parts (DiT's forward takes block 0's norm1.emb)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "block":
-                raise
-            return getattr(self.block, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden, encoder = _stream_inputs(self.names, args, kwargs)
@@ -288,7 +298,7 @@ class _Tap(nn.Module):
         return out
 
 
-class _Reuse(nn.Module):
+class _Reuse(_StandIn):
     """Stands in for the skipped blocks of a partial step: hidden + compensation(residual).
 
     For a dual-stream block it returns the pair in the block's order, and only the image stream
@@ -302,9 +312,10 @@ class _Reuse(nn.Module):
     uncompensated.)
     """
 
-    def __init__(self, compensation: Compensation, names: list[str]) -> None:
-        super().__init__()
-        self.compensation, self.residual, self.names = compensation, None, names
+    def __init__(self, compensation: Compensation, first_skipped: nn.Module) -> None:
+        super().__init__(first_skipped)
+        self.compensation, self.residual = compensation, None
+        self.names = _stream_names(first_skipped)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden, encoder = _stream_inputs(self.names, args, kwargs)
@@ -437,7 +448,7 @@ class UnrolledSampler(nn.Module):
         for i, step in enumerate(schedule):
             if isinstance(step, Partial):
                 self.compensation[str(i)] = Compensation(width, kind=compensation, rank=rank)
-                self._reuse[i] = _Reuse(self.compensation[str(i)], _stream_names(stack[0]))
+                self._reuse[i] = _Reuse(self.compensation[str(i)], stack[step.blocks])
                 self._views[i] = _with_blocks(
                     denoiser, blocks, [*stack[: step.blocks], self._reuse[i]]
                 )
@@ -581,13 +592,17 @@ def _latents_keyword(denoiser: nn.Module) -> str:
 
 def _hidden_width(stack: nn.ModuleList) -> int:
     """The hidden size of a block stack: what the first attention's query projection reads
-    (diffusers' ``to_q``), else what the block's last linear writes. The last linear alone is
-    not enough: Lumina-Next's feed-forward defines its up projection after the down one."""
-    named = [(n, m) for n, m in stack[0].named_modules() if isinstance(m, nn.Linear)]
-    if not named:
+    (``to_q``, ``to_query``, a fused ``qkv``), else the width most of the block's linears read.
+    Not what the last linear writes: Lumina-Next's feed-forward defines its up projection after
+    the down one, and LTX-2's blocks end with their audio stream's layers."""
+    named = [(n.rsplit(".", 1)[-1], m) for n, m in stack[0].named_modules()]
+    linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+    if not linears:
         raise ConfigError("partial steps need transformer blocks (found no nn.Linear in block 0)")
-    queries = [m for n, m in named if n.rsplit(".", 1)[-1] == "to_q"]
-    return queries[0].in_features if queries else named[-1][1].out_features
+    queries = [m for n, m in linears if n in ("to_q", "to_query", "q_proj") or "qkv" in n]
+    if queries:
+        return queries[0].in_features
+    return collections.Counter(m.in_features for _, m in linears).most_common(1)[0][0]
 
 
 def unroll(

@@ -284,6 +284,9 @@ def dual_stream(name: str, batch: int = 2):
         "tiny-dit",  # its forward reads block 0's norm1.emb: the tap on block 0 must pass it on
         "tiny-lumina-next",  # its blocks' last linear writes 4× the hidden size
         "tiny-ideogram4",
+        "tiny-kandinsky6",  # its query projection is to_query
+        "tiny-prx",  # a fused qkv projection; the last linear is a modulation (6× the width)
+        "tiny-qwenimage21",  # its forward reads every block's attn.processor, skipped ones too
     ],
 )
 def test_a_partial_step_given_the_true_residual_is_the_full_step(name):
