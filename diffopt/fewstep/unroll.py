@@ -362,13 +362,15 @@ def _hooked_forward(view: nn.Module, model: nn.Module) -> Callable[..., Any]:
 
 
 def find_block_stack(denoiser: nn.Module, attribute: str | None = None) -> str:
-    """The attribute holding the denoiser's blocks: `attribute`, its only `ModuleList`, or of
-    several, the last one defined whose members are all one class of attention block.
+    """The attribute holding the blocks that partial steps cut: `attribute`, the denoiser's
+    only `ModuleList`, or of several, the stack its output head reads, where that is clear.
 
-    Last, because that is the stack the model's output head reads (Flux, HunyuanVideo and
-    AuraFlow run their single-stream stack after the dual-stream one; Lumina 2 its layers after
-    the refiners), so skipping its tail is what a fractional step means. A UNet's down and up
-    stacks mix block classes and are refused: name one with `blocks=`."""
+    Candidates are stacks of one attention block class that keep the stream's resolution (a
+    UNet's up and down blocks resample it). Of several: the single-stream stack a dual-stream
+    model runs last (``single_transformer_blocks``: Flux, HunyuanVideo, AuraFlow; HiDream's
+    ``single_stream_blocks``), else the one longer than every other (Lumina 2's ``layers``
+    after its refiners, Wan's ``blocks`` beside VACE's). Anything else (Latte's spatial and
+    temporal stacks, run interleaved) is refused, naming the stacks."""
     name = type(denoiser).__name__
     if attribute is not None:
         if not isinstance(getattr(denoiser, attribute, None), nn.ModuleList):
@@ -377,22 +379,29 @@ def find_block_stack(denoiser: nn.Module, attribute: str | None = None) -> str:
     lists = {n: c for n, c in denoiser.named_children() if isinstance(c, nn.ModuleList)}
     if len(lists) == 1:
         return next(iter(lists))
-    stacks = [n for n, c in lists.items() if _attention_blocks(c)]
-    if not stacks:
-        raise ConfigError(
-            f"partial steps need one block stack; {name} has ModuleLists {list(lists)}, none of "
-            "them a stack of one attention block class: pass blocks='<name>'"
-        )
-    return stacks[-1]
+    stacks = {n: len(c) for n, c in lists.items() if _attention_blocks(c)}
+    single = [n for n in stacks if n.startswith("single_")]
+    longest = [n for n, size in stacks.items() if size == max(stacks.values(), default=0)]
+    if len(stacks) == 1 or len(single) == 1 or len(longest) == 1:
+        return (list(stacks) if len(stacks) == 1 else single or longest)[0]
+    raise ConfigError(
+        f"partial steps cut one block stack, and which of {name}'s ModuleLists {list(lists)} its "
+        f"output reads is not clear (stacks of attention blocks: {stacks or 'none'}): pass "
+        "blocks='<name>'"
+    )
 
 
 def _attention_blocks(stack: nn.ModuleList) -> bool:
     """Whether every member of `stack` is one class of attention block that keeps the stream's
-    resolution (a UNet's up and down blocks resample it: Kandinsky 3's ``UpSampleBlock``)."""
-    kinds = {type(block).__name__ for block in stack}
+    resolution (not a container: Stable Cascade's stacks are lists of lists; not a UNet's up or
+    down block, which resamples: Kandinsky 3's ``UpSampleBlock``)."""
+    kinds = {type(block) for block in stack}
+    if len(kinds) != 1:
+        return False
+    kind = kinds.pop()
     return (
-        len(kinds) == 1
-        and not re.search(r"(Up|Down)(Sample)?Block", kinds.pop())
+        not issubclass(kind, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
+        and not re.search(r"(Up|Down)(Sample)?Block", kind.__name__)
         and any("Attention" in type(m).__name__ for m in stack[0].modules())
     )
 

@@ -259,16 +259,26 @@ def test_compensation_recovers_a_map_it_can_express(kind):
     torch.testing.assert_close(compensation(x), y, atol=1e-3, rtol=1e-3)
 
 
-def test_partial_steps_cut_the_last_attention_stack_or_ask_which():
-    """Flux runs its single-stream stack last, and its head reads it: a 1.x step cuts that one.
-    A UNet's down and up stacks resample the stream between blocks: refused, naming the fix."""
-    flux = zoo.build("tiny-flux")[0]
-    sampler = diffopt.unroll(flux, FlowMatchEulerDiscreteScheduler(), "1.5")
-    assert sampler.stack == "single_transformer_blocks"
-    unet = zoo.build("tiny-unet")[0]
-    with pytest.raises(ConfigError, match="pass blocks="):
-        diffopt.unroll(unet, FlowMatchEulerDiscreteScheduler(), "1.5")
-    diffopt.unroll(unet, FlowMatchEulerDiscreteScheduler(), 2)  # full steps need no blocks
+@pytest.mark.parametrize(
+    ("name", "stack"),
+    [
+        ("tiny-flux", "single_transformer_blocks"),  # run last, read by the head
+        ("tiny-lumina2", "layers"),  # longer than its refiners
+        ("tiny-kandinsky5", "visual_transformer_blocks"),
+        ("tiny-latte", None),  # spatial and temporal stacks run interleaved
+        ("tiny-wan-animate", None),  # as many face-adapter blocks as blocks (tiny config)
+        ("tiny-unet", None),  # down and up blocks resample the stream
+        ("tiny-stable-cascade", None),  # stacks of lists
+    ],
+)
+def test_partial_steps_cut_the_stack_the_head_reads_or_ask_which(name, stack):
+    model = zoo.build(name)[0]
+    if stack is None:
+        with pytest.raises(ConfigError, match="pass blocks="):
+            diffopt.unroll(model, FlowMatchEulerDiscreteScheduler(), "1.5")
+        diffopt.unroll(model, FlowMatchEulerDiscreteScheduler(), 2)  # full steps need no blocks
+    else:
+        assert diffopt.unroll(model, FlowMatchEulerDiscreteScheduler(), "1.5").stack == stack
 
 
 def dual_stream(name: str, batch: int = 2):
