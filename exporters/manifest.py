@@ -71,8 +71,8 @@ def variant_entry(file: str, kept: list[int], examples: list[Any]) -> dict[str, 
 
 
 def _shapes(kept: list[int], examples: list[Any]) -> list[list[int]]:
-    """The shapes an engine binds (a complex input's real pairs end in a 2)."""
-    return [list(examples[i].shape) + [2] * examples[i].is_complex() for i in kept]
+    """The shapes an engine binds (`bind`: a complex input's real pairs end in a 2)."""
+    return [list(bind(examples[i], binding(examples[i])).shape) for i in kept]
 
 
 def engine_manifest(
@@ -182,8 +182,28 @@ def binding(value: Any) -> dict[str, str]:
 
 def bind(value: Any, entry: dict[str, Any]) -> Any:
     """`value` as an engine binds it, by what `entry` (its manifest entry, or `binding(value)`)
-    records."""
-    return torch.view_as_real(value) if entry.get("bind") == _REAL_PAIRS else value
+    records; a ``"bind"`` this diffopt does not know is a ConfigError (`_real_pairs`)."""
+    return torch.view_as_real(value) if _real_pairs(entry) else value
+
+
+def unbind(value: Any, entry: dict[str, Any]) -> Any:
+    """The inverse of `bind`: the value a region takes, from what the engine bound (a complex
+    tensor from its real pairs)."""
+    return torch.view_as_complex(value) if _real_pairs(entry) else value
+
+
+def _real_pairs(entry: dict[str, Any]) -> bool:
+    """Whether `entry` binds its value as real pairs; refuses a ``"bind"`` it does not know (an
+    engine whose manifest a later diffopt wrote, within the same format version)."""
+    rule = entry.get("bind")
+    if rule not in (None, _REAL_PAIRS):
+        name = ".".join(str(key) for key in entry.get("path", [])) or "an input"
+        raise ConfigError(
+            f"the engine binds {name} as {rule!r}, which diffopt {_version()} does not know "
+            f"(it binds a complex input as {_REAL_PAIRS!r}): re-export the engine with this "
+            "diffopt version"
+        )
+    return rule == _REAL_PAIRS
 
 
 def describe_input(slot: int, source: str, fake: Any, batch: int | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from diffopt.runtime.executor import RegionExecutor
 from diffopt.runtime.lowering import LoweredRegion, RegionProgram, Slot
 
 from .formats import ExportError
-from .manifest import bind, binding
+from .manifest import bind, binding, unbind
 
 
 class RecordingExecutor(RegionExecutor):
@@ -46,9 +46,7 @@ class Baked(nn.Module):
         self.module, self.plan = module, plan
         for i in sorted(plan.weights):
             self.register_buffer(f"w{i}", inputs[i].detach())
-        self.complex = {
-            i for i in plan.kept if isinstance(inputs[i], torch.Tensor) and inputs[i].is_complex()
-        }
+        self.bindings = {i: binding(inputs[i]) for i in plan.kept}  # the manifest's rule
 
     def forward(self, *activations: torch.Tensor) -> Any:
         by_position = dict(zip(self.plan.kept, activations, strict=True))
@@ -59,10 +57,8 @@ class Baked(nn.Module):
             elif i in self.plan.sizes:
                 tensor, dim = self.plan.sizes[i]
                 args.append(by_position[tensor].shape[dim])
-            elif i in self.complex:
-                args.append(torch.view_as_complex(by_position[i]))
-            else:
-                args.append(by_position[i])
+            else:  # a complex input back from its real pairs
+                args.append(unbind(by_position[i], self.bindings[i]))
         return self.module(*args)
 
 

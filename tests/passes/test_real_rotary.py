@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffopt.backend import capture
-from diffopt.config import Config, RealRotaryConfig
+from diffopt.config import Config, ConfigError, RealRotaryConfig
 from diffopt.evaluation import families
 from diffopt.passes.graph import example_value
 from diffopt.runtime.executor import RegionExecutor
@@ -176,6 +176,23 @@ def test_an_engine_binds_a_complex_input_as_its_real_pairs(tmp_path):
     torch.testing.assert_close(engine(**inputs), model(**inputs), atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="complex64"):  # its real pairs are not what it takes
         engine(**{**inputs, "rotary_emb": torch.view_as_real(inputs["rotary_emb"])})
+    spec["bind"] = "planar"  # a binding this diffopt does not know: refused, not passed through
+    engine.manifest["inputs"] = manifest["inputs"]
+    with pytest.raises(ConfigError, match=r"rotary_emb as 'planar'.*re-export the engine"):
+        engine(**inputs)
+
+
+def test_bind_refuses_a_binding_it_does_not_know():
+    from diffopt.exporters.manifest import bind, binding, unbind
+
+    table = torch.polar(torch.ones(3), torch.randn(3))
+    assert bind(table, binding(table)).shape == (3, 2)
+    assert torch.equal(unbind(bind(table, binding(table)), binding(table)), table)
+    real = torch.randn(3)
+    assert binding(real) == {} and bind(real, {}) is real and unbind(real, {}) is real
+    for rule in (bind, unbind):
+        with pytest.raises(ConfigError, match=r"'planar', which diffopt .* does not know"):
+            rule(real, {"bind": "planar", "path": ["rotary_emb"]})
 
 
 class RotaryWrittenInPlace(RotaryFromInput):
