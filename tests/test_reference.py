@@ -48,6 +48,21 @@ def test_dit_s2_is_dit_s2_sized():
     assert zoo.load("dit-s2").null_class == 1000 and zoo.load("ref-dit").null_class == 10
 
 
+def test_dit_s2_has_no_folder_to_read(tmp_path):
+    from diffopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dit-s2 has no weights to read"):
+        zoo.load("dit-s2", tmp_path)
+
+
+def test_latents_from_given_noise_are_the_seeds_latents(ref):
+    labels, seeds = torch.tensor([3, 7]), [11, 12]
+    from_seeds = ref.latents(labels, seeds, steps=2)
+    torch.testing.assert_close(ref.latents(labels, noise=ref.noise(seeds), steps=2), from_seeds)
+    with pytest.raises(TypeError, match="seeds or noise"):
+        ref.latents(labels, seeds, noise=ref.noise(seeds))
+
+
 def test_unknown_reference_is_a_clear_error():
     with pytest.raises(KeyError, match=r"choose one of \[.ref-dit"):
         zoo.load("ref-unet")

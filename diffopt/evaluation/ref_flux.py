@@ -19,7 +19,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch import nn
 
 from diffopt.evaluation.data import NUM_CLASSES
 from diffopt.evaluation.zoo import ASSETS, ClassEmbeddings, Reference, load_trained
+
+if TYPE_CHECKING:
+    from diffopt.fewstep.unroll import UnrolledSampler
 
 NAME = "ref-flux"
 IMAGE_SIZE = 32
@@ -132,13 +135,16 @@ class FluxReference(Reference):
         """Images [N, 1, 32, 32] from packed latents."""
         return unpack(latents)
 
-    def unroll(self, model: nn.Module, steps: int | float | str, **options: Any) -> Any:
+    def unroll(self, model: nn.Module, steps: int | float | str, **options: Any) -> UnrolledSampler:
         """`diffopt.unroll` in `flux_call`'s convention (Flux takes σ: timesteps × 1e-3). A
         fractional step runs the first blocks of the single-stream stack, 7 of the 8 blocks:
         the dual-stream stack is one block, so a partial step there would still run all seven
         single-stream blocks; on the single-stream tail a step of k of 7 costs about
         (1 + k) / 8 of a full one, the granularity of ref-dit's 8 blocks, and the image stream
         its compensation maps is all the model's output reads after that stack."""
+        # the stack pinned, though it is also unroll's default for Flux (the single_* stack run
+        # last): deliberate, so the students' schedules (JOINT_FRACTIONS in distill_ref_dit.py,
+        # their compensation files) do not move if that default does
         options = {"timestep_scale": 1e-3, "blocks": "single_transformer_blocks", **options}
         return super().unroll(model, steps, **options)
 

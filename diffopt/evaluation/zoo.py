@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffopt.config import ConfigError
+
 if TYPE_CHECKING:
     from diffopt.fewstep.unroll import UnrolledSampler
 
@@ -144,23 +146,27 @@ class Reference:
     def latents(
         self,
         labels: torch.Tensor,
-        seeds: Sequence[int],
+        seeds: Sequence[int] | None = None,
         *,
+        noise: torch.Tensor | None = None,
         denoiser: Callable[..., Any] | None = None,
         steps: int | Sequence[float] | None = None,
         guidance: float | None = None,
     ) -> torch.Tensor:
         """`sample`'s final latents before `images` (what a student distilled from this model
-        learns to land on)."""
+        learns to land on), from the initial latents `noise` (what ``noise(seeds)`` makes) or
+        from those of `seeds`."""
         from diffopt.fewstep.sampler import sample
 
+        if (seeds is None) == (noise is None):
+            raise TypeError("latents() takes seeds or noise (one of them)")
         with torch.no_grad():
             cond = self.condition(labels)
             uncond = self.condition(torch.full_like(labels, self.null_class))
         return sample(
             self.calling(self.model if denoiser is None else denoiser),
             self.scheduler,
-            self.noise(seeds),
+            self.noise(seeds) if noise is None else noise,
             cond,
             uncond,
             steps=steps or self.steps,
@@ -209,8 +215,8 @@ class Reference:
         return {}
 
     def save(self, model: torch.nn.Module, folder: Path) -> None:
-        """Write `model` (this reference's architecture) as a diffusers folder that `load`
-        reads back under the folder's name."""
+        """Write `model` (this reference's architecture) as a diffusers folder, which
+        ``load(name, folder)`` reads back (`name`: the reference or student it holds)."""
         model.save_pretrained(folder, safe_serialization=True)
 
 
@@ -294,7 +300,8 @@ def load(name: str, folder: Path | None = None) -> Reference:
     --model ref-flux`` writes them), ``"ref-wan"`` (a Wan video transformer trained on moving
     digits, shipped: `ref_wan`) or ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only).
 
-    `folder`: read a trained model's weights from there instead of ``ASSETS / name``."""
+    `folder`: read a trained model's weights from there instead of ``ASSETS / name``
+    (``"dit-s2"`` has no weights to read: a ConfigError)."""
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     family = next((f for f in TRAINED if name in (f, f"{f}-1step", f"{f}-2step")), None)
@@ -313,6 +320,11 @@ def load(name: str, folder: Path | None = None) -> Reference:
         )
         guidance, steps = SHIPPED[name]
     elif name == "dit-s2":
+        if folder is not None:
+            raise ConfigError(
+                f"dit-s2 has no weights to read (seeded random ones, for timing): drop "
+                f"folder={str(folder)!r}; a folder is for the trained models {sorted(SHIPPED)}"
+            )
         torch.manual_seed(0)
         model, guidance, steps = _dit_s2(), 1.5, 50
     else:
