@@ -35,7 +35,7 @@ it, as ref-flux ships. A partial step runs the dual-stream block and the first 3
 (1.67) of the 7 single-stream blocks. ``--pairs-file`` keeps the teacher pairs for the next run
 (``--joint`` is a run of its own).
 
-Cost (measured on 02cccd6 with this option: one thread, other jobs on the cores): a teacher pair
+Cost (measured on 46bf5d7 with this option: one thread, other jobs on the cores): a teacher pair
 is 4.4 s (28 guided steps), a training step of batch 128 is 37.5 s (reflow; 10.6 GB resident), of
 64: 17.8 s (reflow), 16.6 s (2-step), 21.4 s (``--joint`` 1.5). The defaults would take about 39
 hours on one thread (6000 pairs: 7.3 h; reflow: 15.6 h; the two specializations: 16 h) and
@@ -82,7 +82,9 @@ def teacher_pairs(
         seeds = range(PAIR_SEEDS + start, PAIR_SEEDS + min(count, start + batch))
         noise = teacher.noise(seeds)
         noises.append(noise)
-        latents.append(teacher.latents(labels[start : start + len(noise)], seeds, steps=steps))
+        latents.append(
+            teacher.latents(labels[start : start + len(noise)], noise=noise, steps=steps)
+        )
     return torch.cat(noises), labels, torch.cat(latents)
 
 
@@ -199,15 +201,67 @@ def joint_sampler(
     )
 
 
-def two_step(args: argparse.Namespace) -> zoo.Reference:
-    """The 2-step student ``--joint`` starts from: the one in ``--out`` if a run wrote it there,
-    else the shipped one."""
+def command(model: str, out: Path, *options: str) -> str:
+    """The command line of this script that writes `model`'s students (with `options`) to `out`:
+    for the messages that name a missing folder."""
+    parts = ["python benchmarks/distill_ref_dit.py", "--model", model, *options]
+    if Path(out).resolve() != ASSETS.resolve():
+        parts += ["--out", str(out)]
+    return " ".join(parts)
+
+
+def joint_command(model: str, out: Path, fraction: str, compensation: str) -> str:
+    """The ``--joint`` run that writes ``MODEL-FRACTIONstep-COMPENSATION/`` to `out`."""
+    options = ("--joint", "--joint-fraction", fraction, "--compensation", compensation)
+    return command(model, out, *options)
+
+
+def two_step_folder(args: argparse.Namespace) -> Path:
+    """The folder of the 2-step student ``--joint`` starts from: ``--out``'s if a run wrote it
+    there, else the shipped one; neither is a FileNotFoundError naming both."""
     name = f"{args.model}-2step"
-    folder = args.out / name
-    if not (folder / "config.json").exists():
-        folder = zoo.ASSETS / name
+    folders = [args.out / name]
+    if args.out.resolve() != zoo.ASSETS.resolve():
+        folders.append(zoo.ASSETS / name)
+    found = next((f for f in folders if (f / "config.json").exists()), None)
+    if found is None:
+        where = (
+            f"neither {folders[0]} nor {folders[1]}" if len(folders) > 1 else f"not {folders[0]}"
+        )
+        raise FileNotFoundError(
+            f"--joint starts from the 2-step student {name}, in {where}: pass the --out "
+            f"of the run that wrote it, or write it with {command(args.model, args.out)}"
+        )
+    return found
+
+
+def two_step(args: argparse.Namespace) -> zoo.Reference:
+    """The 2-step student ``--joint`` starts from (`two_step_folder`)."""
+    folder = two_step_folder(args)
     print(f"--joint from {folder}")
-    return zoo.load(name, folder)
+    return zoo.load(f"{args.model}-2step", folder)
+
+
+def joint_folder(args: argparse.Namespace, compensation: str) -> Path:
+    """Where ``--joint`` writes (and ``--resume`` reads) the schedule for `compensation`."""
+    return args.out / f"{args.model}-{args.joint_fraction}step-{compensation}"
+
+
+RESUMED = ("diffusion_pytorch_model.safetensors", "compensation.safetensors")
+"""What ``--resume`` reads from each `joint_folder`."""
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """``--resume`` reads what an earlier ``--joint`` run wrote: a missing file is a
+    FileNotFoundError naming the run that writes it (before the teacher pairs are made)."""
+    for kind in args.compensation:
+        folder = joint_folder(args, kind)
+        missing = [f for f in RESUMED if not (folder / f).exists()]
+        if missing:
+            run = joint_command(args.model, args.out, args.joint_fraction, kind)
+            raise FileNotFoundError(
+                f"--resume continues from {folder / missing[0]}, which is missing; {run} writes it"
+            )
 
 
 def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> None:
@@ -216,13 +270,13 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
     fit_on = slice(0, 200)
     for seed, kind in enumerate(args.compensation, start=10):
         two = two_step(args)
-        out = args.out / f"{args.model}-{args.joint_fraction}step-{kind}"
-        if args.resume:  # continue from what an earlier --joint run wrote
-            weights = load_file(out / "diffusion_pytorch_model.safetensors")
+        out = joint_folder(args, kind)
+        if args.resume:  # continue from what an earlier --joint run wrote (`check_resume`)
+            weights = load_file(out / RESUMED[0])
             two.model.load_state_dict(weights)  # ref-flux's fp16 file into fp32 weights
         sampler = joint_sampler(two, kind, args.joint_fraction)
         if args.resume:
-            load_compensation(sampler, out / "compensation.safetensors")
+            load_compensation(sampler, out / RESUMED[1])
         else:
             diffopt.fit_compensation(sampler, noise[fit_on], two.unrolled_condition(labels[fit_on]))
         start = time.time()
@@ -274,6 +328,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
+    if args.resume and not args.joint:
+        parser.error("--resume continues a --joint run: add --joint (without it, the reflow runs)")
+    if args.joint:  # what --joint reads, before the teacher pairs
+        two_step_folder(args)
+        if args.resume:
+            check_resume(args)
 
     torch.manual_seed(0)
     start = time.time()
@@ -294,10 +354,8 @@ def main() -> None:
         desc="reflow",
         **common,
     )
-    students = {
-        f"{args.model}-1step": [1.0],
-        f"{args.model}-2step": [1.0, 0.5],
-    }
+    names = (f"{args.model}-1step", f"{args.model}-2step")
+    students = {name: zoo.SHIPPED[name][1] for name in names}  # the sigmas `zoo.load` gives
     for seed, (name, sigmas) in enumerate(students.items(), start=2):
         student = train(
             teacher,

@@ -20,7 +20,9 @@ interleaved runs in one process.
 ``--model ref-flux``: the same rows for ref-flux (guidance 2.0) and the students
 ``distill_ref_dit.py --model ref-flux`` writes (``--assets``: the folder it wrote them to, its
 ``--out``); a 1.x step runs the dual-stream block and the first k of the 7 single-stream blocks.
-Rows whose weights are missing are left out. A ref-flux call costs about 20× a ref-dit one
+Rows whose weights are missing are left out, each printed with the folder and the
+``distill_ref_dit.py`` command that writes it (ref-dit's 1- and 2-step students ship: missing,
+they are an error). A ref-flux call costs about 20× a ref-dit one
 (0.08 s an image on one thread): the default teacher rows alone (300 images, 50 and 28 guided
 steps, run once for quality and ``--repeats`` times) take about 4 hours on one thread, and
 ``--images 100 --repeats 1`` about 35 minutes.
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from distill_ref_dit import JOINT_FRACTIONS, MODELS, joint_sampler
+from distill_ref_dit import JOINT_FRACTIONS, MODELS, command, joint_command, joint_sampler
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -45,11 +47,48 @@ import diffopt
 from diffopt.evaluation import metrics, zoo
 from diffopt.evaluation.bench import _real_digits
 from diffopt.fewstep.compensation import load_compensation
-from diffopt.fewstep.sampler import sample
 from diffopt.quality import psnr_stats
 
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION_SEEDS = range(10_000, 10_020)
+JOINT_KINDS = ("affine", "lowrank")
+
+
+def left_out(rows: list[str], folder: Path, run: str) -> None:
+    """Say which rows a missing `folder` leaves out, and the command `run` that writes it."""
+    print(f"left out ({folder} is missing; {run} writes it): {'; '.join(rows)}")
+
+
+def load_student(model: str, steps: str, assets: Path, rows: list[str]) -> zoo.Reference | None:
+    """`model`'s ``steps`` ("1step", "2step") student from `assets`, for `rows`. Missing, it is
+    None and the rows are printed as left out (`left_out`), except ref-dit's, which ship with
+    diffopt: those are a FileNotFoundError naming the command that writes them."""
+    name = f"{model}-{steps}"
+    folder = assets / name
+    if (folder / "config.json").exists():
+        return zoo.load(name, folder)
+    run = command(model, assets)
+    if model == "ref-dit":
+        raise FileNotFoundError(
+            f"{folder} is missing: {name} ships with diffopt (check --assets); {run} writes it"
+        )
+    left_out(rows, folder, run)
+    return None
+
+
+def joint_folders(model: str, assets: Path) -> list[tuple[str, str, Path]]:
+    """(fraction, compensation, folder) of the schedules ``distill_ref_dit.py --joint`` wrote to
+    `assets`; the missing ones are printed as left out (`left_out`)."""
+    found = []
+    for fraction in JOINT_FRACTIONS:
+        for kind in JOINT_KINDS:
+            folder = assets / f"{model}-{fraction}step-{kind}"
+            if folder.exists():
+                found.append((fraction, kind, folder))
+            else:
+                row = f"1.x: jointly trained ({kind}), {fraction} steps"
+                left_out([row], folder, joint_command(model, assets, fraction, kind))
+    return found
 
 
 def main() -> None:
@@ -75,12 +114,11 @@ def main() -> None:
         suffix = "" if args.model == "ref-dit" else f"-{args.model}"
         args.out = RESULTS / f"few-step{suffix}"
 
-    def student(name: str) -> zoo.Reference | None:
-        folder = args.assets / name
-        return zoo.load(name, folder) if (folder / "config.json").exists() else None
-
     teacher = zoo.load(args.model)
-    one, two = (student(f"{args.model}-{n}") for n in ("1step", "2step"))
+    one = load_student(args.model, "1step", args.assets, ["1-step student"])
+    two_rows = ["2-step student", "2-step student on 4 steps"]
+    two_rows += [f"1.x: 2-step student, {fraction} steps" for fraction in args.fractions]
+    two = load_student(args.model, "2step", args.assets, two_rows)
     labels = torch.arange(args.images) % 10
     noise = teacher.noise(range(args.images))
     cond = teacher.unrolled_condition(labels)  # with Flux's ids: what an unrolled sampler takes
@@ -98,17 +136,7 @@ def main() -> None:
         return lambda: loop(noise, cond)
 
     def teacher_loop(steps: int) -> Callable[[], torch.Tensor]:
-        loop_cond = teacher.condition(labels)
-        uncond = teacher.condition(torch.full_like(labels, teacher.null_class))
-        return lambda: sample(
-            teacher.calling(teacher.model),
-            teacher.scheduler,
-            noise,
-            loop_cond,
-            uncond,
-            steps=steps,
-            guidance=teacher.guidance,
-        )
+        return lambda: teacher.latents(labels, noise=noise, steps=steps)
 
     def fraction_label(sampler: diffopt.UnrolledSampler) -> str:
         k, n = sampler.schedule[1].blocks, len(getattr(sampler.denoiser, sampler.stack))
@@ -146,11 +174,7 @@ def main() -> None:
         if fraction == max(args.fractions):
             rows[f"1.x: 2-step student, {label}, step loop"] = (step_loop(sampler), nfe)
 
-    joint = [(f, kind) for f in JOINT_FRACTIONS for kind in ("affine", "lowrank")]
-    for fraction, kind in joint:  # written by distill_ref_dit.py --joint
-        folder = args.assets / f"{args.model}-{fraction}step-{kind}"
-        if not folder.exists():
-            continue
+    for fraction, kind, folder in joint_folders(args.model, args.assets):
         trained = zoo.load(f"{args.model}-2step", folder)  # a 2-step student, trained further
         sampler = joint_sampler(trained, kind, fraction)
         load_compensation(sampler, folder / "compensation.safetensors")

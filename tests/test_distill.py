@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +25,12 @@ def script(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.delitem(sys.modules, "distill_ref_dit", raising=False)
     return importlib.import_module("distill_ref_dit")
+
+
+@pytest.fixture
+def few_step(monkeypatch, script):
+    monkeypatch.delitem(sys.modules, "few_step", raising=False)
+    return importlib.import_module("few_step")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +97,7 @@ def test_the_ref_flux_joint_schedule_fits_trains_saves_and_loads(script, flux, t
         progress=False,
         shared=flux.shared_condition(),
     )
-    assert len(losses) == 1 and losses[0] == losses[0]  # finite, ran
+    assert len(losses) == 1 and math.isfinite(losses[0])
     assert not torch.equal(sampler.compensation["1"].scale, scale)
 
     folder = tmp_path / "ref-flux-1.5step-affine"
@@ -106,3 +114,64 @@ def test_the_ref_flux_joint_schedule_fits_trains_saves_and_loads(script, flux, t
 def test_a_missing_ref_flux_student_names_the_command_that_makes_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"distill_ref_dit\.py --model ref-flux"):
         zoo.load("ref-flux-1step", tmp_path / "ref-flux-1step")
+
+
+def test_few_step_prints_each_row_a_missing_student_leaves_out(few_step, tmp_path, capsys):
+    """ref-flux's students are not shipped: a missing one leaves its rows out, printed with its
+    folder and the distill_ref_dit.py command that writes it there."""
+    assert few_step.load_student("ref-flux", "2step", tmp_path, ["2-step student"]) is None
+    (tmp_path / "ref-flux-1.5step-affine").mkdir()
+    found = few_step.joint_folders("ref-flux", tmp_path)
+    assert found == [("1.5", "affine", tmp_path / "ref-flux-1.5step-affine")]
+    lines = capsys.readouterr().out.splitlines()
+    command = "python benchmarks/distill_ref_dit.py --model ref-flux"
+    assert lines[0] == (
+        f"left out ({tmp_path / 'ref-flux-2step'} is missing; {command} --out {tmp_path} "
+        "writes it): 2-step student"
+    )
+    assert len(lines) == 4  # the three other --joint schedules
+    lowrank = f"{command} --joint --joint-fraction 1.67 --compensation lowrank --out {tmp_path}"
+    assert str(tmp_path / "ref-flux-1.67step-lowrank") in lines[-1] and lowrank in lines[-1]
+
+
+def test_few_step_refuses_a_missing_shipped_ref_dit_student(few_step, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ships with diffopt.*--model ref-dit --out"):
+        few_step.load_student("ref-dit", "1step", tmp_path, ["1-step student"])
+
+
+def distill(script, monkeypatch, *options: str) -> None:
+    """distill_ref_dit.py's main with `options` (cheap ones: it must stop before training)."""
+    argv = ["distill_ref_dit.py", "--pairs", "1", "--teacher-steps", "1", *options]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+
+
+def test_distill_resume_without_joint_is_an_error(script, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        distill(script, monkeypatch, "--resume")
+    assert "--resume continues a --joint run" in capsys.readouterr().err
+
+
+def test_distill_resume_names_the_joint_run_that_writes_what_it_reads(
+    script, monkeypatch, tmp_path
+):
+    folder = re.escape(str(tmp_path / "ref-dit-1.67step-affine"))
+    run = re.escape(f"--joint --joint-fraction 1.67 --compensation affine --out {tmp_path}")
+    with pytest.raises(FileNotFoundError, match=rf"{folder}/diffusion_pytorch_model.*{run}"):
+        distill(
+            script,
+            monkeypatch,
+            *("--joint", "--resume", "--joint-fraction", "1.67", "--compensation", "affine"),
+            *("--out", str(tmp_path)),
+        )
+
+
+def test_distill_joint_names_both_folders_its_two_step_student_may_be_in(
+    script, monkeypatch, tmp_path
+):
+    assert not (zoo.ASSETS / "ref-flux-2step").exists()  # not shipped
+    both = f"neither {tmp_path / 'ref-flux-2step'} nor {zoo.ASSETS / 'ref-flux-2step'}"
+    out = f"--model ref-flux --out {tmp_path}"
+    match = rf"{re.escape(both)}: pass the --out .*{re.escape(out)}"
+    with pytest.raises(FileNotFoundError, match=match):
+        distill(script, monkeypatch, "--model", "ref-flux", "--joint", "--out", str(tmp_path))
