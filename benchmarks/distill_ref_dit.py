@@ -25,7 +25,8 @@ The shipped ``ref-dit-1.5step-affine`` (50.0 min on the 2-core sandbox, beside C
 ``--joint --compensation affine --pairs 6000 --joint-steps 3000 --batch 64``; the shipped
 ``-lowrank`` is the earlier, shorter run (``--pairs 2000 --joint-steps 500 --batch 64``).
 The shipped ``ref-dit-1.67step-affine``: the 1.5's command with ``--joint-fraction 1.67``
-(105.7 min beside other jobs).
+(105.7 min beside other jobs), then the same with ``--resume --joint-lr-schedule cosine`` (3,000
+steps more from those weights, the rate annealed to zero; 80.3 min beside other jobs).
 
 ``--model ref-flux``: the same steps on `ref-flux` (guidance 2.0; packed 256×4 latents, class
 prompts), all through its `Reference` hooks (``noise``, ``latents``, ``condition``, ``calling``,
