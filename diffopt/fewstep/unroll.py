@@ -253,9 +253,11 @@ def _streams(out: tuple[Any, ...], hidden_in: torch.Tensor, block: nn.Module) ->
 
 
 class _StandIn(nn.Module):
-    """A module in a block's place. Attributes it lacks come from that block: models read their
-    blocks' parts (DiT's forward takes block 0's ``norm1.emb``, Qwen-Image 2.1's every block's
-    ``attn.processor``)."""
+    """A module in a block's place. Public attributes it lacks come from that block: models read
+    their blocks' parts (DiT's forward takes block 0's ``norm1.emb``, Qwen-Image 2.1's every
+    block's ``attn.processor``). Private ones do not: diffusers finds a module's hooks by its
+    ``_diffusers_hook``, and the stand-in must not pass for the block it wraps there (under
+    context parallelism the block's split and gather would run twice)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -265,7 +267,7 @@ class _StandIn(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if "_stands_for" not in self.__dict__:
+            if name.startswith("_") or "_stands_for" not in self.__dict__:
                 raise
             return getattr(self.__dict__["_stands_for"], name)
 
