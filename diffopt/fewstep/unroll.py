@@ -639,8 +639,8 @@ def unroll(
             passed to the forward, each step runs cond and uncond as a batch of two.
         guidance_input: the denoiser's keyword for a guidance-distilled scale (Flux: "guidance").
         blocks: the attribute holding the block stack that partial steps cut (default: the
-            denoiser's only ModuleList; of several, the last stack of attention blocks it
-            defines, e.g. Flux's ``single_transformer_blocks``: `find_block_stack`).
+            denoiser's only ModuleList; of several, the one its output head reads where that
+            is clear, e.g. Flux's ``single_transformer_blocks``: `find_block_stack`).
         compensation: "affine" (per channel) or "lowrank" (affine plus a rank-`rank` map) on the
             reused residual of each partial step; identity until `diffopt.fit_compensation`.
         timestep_scale: multiplies the scheduler's timesteps before the denoiser sees them, for
