@@ -557,14 +557,19 @@ def guard_cell(report: Any, name: str, blocks: int) -> dict:
 def run_family(name: str, skip_export: bool, check_timeout: int, save: Callable) -> None:
     """Every check of family `name` into its row; `save(row)` after each one, so a process that
     dies or is killed mid-check leaves every finished cell and the name of the one running."""
+    import torch
+
+    from diffopt.evaluation import families
+
+    spec = families.FAMILIES[name]
     row: dict[str, Any] = {"family": name, "cells": {}, "seconds": {}, "started": time.time()}
 
     def check(column: str, fn: Callable[[], Any]) -> Any:
         row["running"] = column
         save(row)
         start = time.perf_counter()
-        try:
-            with alarm(check_timeout):
+        try:  # with the dynamo settings the class needs (`Family.dynamo`), as a user sets them
+            with alarm(check_timeout), torch._dynamo.config.patch(**spec.dynamo):
                 value = fn()
         except Exception as error:  # every failure is a cell
             value = cell("fail", "", reason_of(error))
@@ -577,9 +582,7 @@ def run_family(name: str, skip_export: bool, check_timeout: int, save: Callable)
         save(row)
         return value
 
-    from diffopt.evaluation import families
-
-    row["class"] = families.FAMILIES[name].cls
+    row["class"] = spec.cls
     family: list[Family] = []
 
     def build() -> dict:

@@ -148,8 +148,16 @@ def capture(
 
     def trace(fullgraph: bool) -> None:
         # dynamic only where asked: dynamo would otherwise make sizes that differ from an earlier
-        # capture in this process dynamic ("automatic dynamic"), since `call` is one code object
-        with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        # capture in this process dynamic ("automatic dynamic"), since `call` is one code object.
+        # An op whose output size comes from data (a boolean mask's nonzero) stays in the graph
+        # as an unbacked size: a break there inside a loop makes dynamo skip the whole frame and
+        # compile each block on its own (HunyuanVideo 1.5's per-sample token reordering)
+        patch = torch._dynamo.config.patch(
+            automatic_dynamic_shapes=False,
+            capture_dynamic_output_shape_ops=True,
+            capture_scalar_outputs=True,
+        )
+        with torch.no_grad(), patch:
             torch.compile(call, backend=backend, fullgraph=fullgraph)(model, *args, **kwargs)
 
     try:

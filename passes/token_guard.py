@@ -21,6 +21,7 @@ sequence (checked on fake tensors, so a token count baked into a ``view`` is cau
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -185,6 +186,14 @@ def _joint_layout(
         if sizes.count(tokens) != 1 or not all(s == tokens or s in others for s in sizes):
             continue
         at = sizes.index(tokens)
+        symbolic = [size for size in sizes if not isinstance(size, int)]
+        if symbolic:  # a cut behind the stream would have to count from a size known at run time
+            raise _CannotGather(
+                f"the blocks join the refreshed {tokens} tokens with a stream of {symbolic[0]} "
+                f"tokens ({node.name}), a count known only at run time (taken from data, or "
+                "dynamic): the cuts of the joint sequence cannot be made to follow a shorter "
+                "stream; use cache.polish='block' or 'none'"
+            )
         layouts.setdefault((sum(sizes[:at]), sum(sizes[at + 1 :])), node)
     if len(layouts) > 1:
         found = ", ".join(f"{n.name}: {b} before, {a} after" for (b, a), n in layouts.items())
@@ -430,6 +439,10 @@ def _fake(value: object, axes: list[int], fewer: int) -> object:
     return torch.empty(shape, dtype=value.dtype, device=value.device)
 
 
-def _longest(length: int | str) -> tuple[bool, int]:
-    """Sort key of a stream's token count: symbolic (a name) above any fixed count."""
-    return (isinstance(length, str), length if isinstance(length, int) else 0)
+def _longest(length: int | str) -> tuple[int, int]:
+    """Sort key of a stream's token count: symbolic (a name: the axis marked dynamic) above any
+    fixed count, and a count taken from data (an unbacked ``u0``: HunyuanVideo 1.5's text
+    reordered by its masks) below them, since the image stream is the one to refresh."""
+    if isinstance(length, int):
+        return (1, length)
+    return (0, 0) if re.search(r"\bu\d+", length) else (2, 0)

@@ -86,10 +86,6 @@ class Request:
     what the calibrated profile expects (1 where the profile describes this request)."""
     work: dict[int, list[float]] = field(default_factory=dict)
     """Per guidance branch, each step's guarded block work as a share of a full step's."""
-    timestep: float | None = None
-    """The noise level of the denoiser call running now, as the graph that reads it saw it: a
-    graph dynamo split off after a graph break (HunyuanVideo 1.5's prologue branches on data)
-    gets only the embedding, and tells steps and guidance branches apart by this."""
     recorded: dict[str, list[float | None]] = field(default_factory=dict)
     """Indicator per step (``"stack"``, ``"curvature"``, ``"block0"``) when this request
     calibrated, and what it ran under: the ``"timestep"`` and the stream's change
@@ -144,6 +140,10 @@ class Request:
 
 
 _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("diffopt_request")
+_TIMESTEP: contextvars.ContextVar[float | None] = contextvars.ContextVar("diffopt_timestep")
+"""The noise level of the denoiser call running now, as the graph that reads it saw it: a graph
+dynamo split off after a graph break (HunyuanVideo 1.5's prologue branches on data) gets only
+the embedding, and tells steps and guidance branches apart by this, in a request scope or not."""
 
 
 @contextlib.contextmanager
@@ -421,9 +421,7 @@ class TimestepRecorder(RegionExecutor):
         self.timestep_slot = timestep_slot
 
     def run(self, args: Sequence[Any]) -> Any:
-        ctx = _REQUEST.get(None)
-        if ctx is not None:
-            ctx.timestep = float(args[self.timestep_slot].reshape(-1)[0])
+        _TIMESTEP.set(float(args[self.timestep_slot].reshape(-1)[0]))
         return super().run(args)
 
 
@@ -549,8 +547,9 @@ class CachingExecutor(RegionExecutor):
         t = None
         if self.timestep_slot is not None:
             t = float(values[self.timestep_slot].reshape(-1)[0])
-        elif ctx is not None:  # read by a graph before a graph break (`TimestepRecorder`)
-            t = ctx.timestep
+            _TIMESTEP.set(t)
+        else:  # read by a graph before a graph break (`TimestepRecorder`)
+            t = _TIMESTEP.get(None)
         req = ctx if ctx is not None else self._implicit
         if req is None:
             req = self._implicit = Request()
@@ -566,8 +565,6 @@ class CachingExecutor(RegionExecutor):
             req.step, req.branch, req.step_t, req.calls = req.step + 1, 0, t, {}
             if t is not None:
                 req.timesteps.append(t)
-        if ctx is not None and self.timestep_slot is not None:
-            ctx.timestep = t  # a guarded graph after a graph break places its call by it
         guidance = req.calls.get(self, 0)
         req.calls[self] = guidance + 1
         key = self._model_key(values)

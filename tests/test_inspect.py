@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import diffopt
+from diffopt.backend import capture
 from diffopt.cli import main
 from diffopt.evaluation import zoo
+from diffopt.runtime import RegionExecutor
 
-from .models import user_model
+from .models import UserDenoiser, timestep_embedding, user_model
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,37 @@ def test_inspect_runs_across_a_size_taken_from_data_and_export_names_it(tmp_path
     line = r"at `if kept.shape\[0\] > 1:` \(.*test_inspect.py:\d+\)\..*torch\._check"
     with pytest.raises(ValueError, match=r"size taken from data " + line):
         diffopt.export(model, (x, t, torch.ones(3)), out=tmp_path / "engine")
+
+
+class _PoolsValidTokensInALoop(UserDenoiser):
+    """HunyuanVideo 1.5's shape: a branch on data, then boolean-mask indexing in a loop over the
+    batch (its valid text tokens moved first), then the blocks, all in one forward."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if torch.all(mask):  # data-dependent: dynamo breaks the graph here
+            x = x * 1.0
+        h = self.embed(x)
+        valid = []
+        for row, keep in zip(h, mask, strict=True):  # a for loop: a break here skips the frame
+            valid.append(row[keep].sum(0))
+        temb = self.time(timestep_embedding(t, self.dim)) + torch.stack(valid)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.head(h)
+
+
+def test_blocks_after_a_size_taken_from_data_in_a_loop_stay_one_stack():
+    # dynamo breaks at a mask's nonzero inside a loop by skipping the whole frame, compiling
+    # each block on its own; capture keeps the nonzero in the graph as an unbacked size
+    torch.manual_seed(0)
+    model = _PoolsValidTokensInALoop(depth=2).eval()
+    inputs = (torch.randn(2, 10, 4), torch.tensor([700.0, 3.0]), torch.rand(2, 10) > 0.5)
+    report = diffopt.inspect(model, inputs, {"inner": "eager"})
+    assert [b.name for b in report.blocks] == ["blocks.0", "blocks.1"]
+    captured = capture(model, inputs, diffopt.Config(inner="eager"), one_graph=False)
+    with torch.no_grad():
+        got = RegionExecutor(captured.result.program)(*captured.inputs)
+        torch.testing.assert_close(got, (model(*inputs),))
 
 
 def test_cli_inspect_builtin(capsys, tmp_path):

@@ -21,6 +21,7 @@ import torch
 
 import diffopt
 from diffopt.evaluation import zoo
+from diffopt.evaluation.families import FAMILIES
 from diffopt.runtime import profiles
 
 REPO = str(Path(__file__).resolve().parents[1])
@@ -322,8 +323,10 @@ CASES = {
     "z-image": Case("tiny-z-image", _z_image, _z_image_inputs, branches=1),
     "sd3": Case("tiny-sd3", _sd3, _sd3_inputs, branches=1),
     "wan": Case("tiny-wan", _wan, _wan_inputs, branches=2),
+    # with its dynamo settings (`Family.dynamo`) cond and uncond each reach the cache twice: the
+    # token refiner's graph before the break (`if is_t2v:`), then the blocks' graph after it
     "hunyuan-video15": Case(
-        "tiny-hunyuan-video15", _hunyuan_video15, _hunyuan_video15_inputs, branches=2
+        "tiny-hunyuan-video15", _hunyuan_video15, _hunyuan_video15_inputs, branches=4
     ),
     # LTX-2's default guidance makes three calls a step: cond and uncond batched, then
     # spatio-temporal guidance and modality isolation (batch 1, three graphs in all)
@@ -375,7 +378,8 @@ def test_the_cache_reuses_in_the_pipeline_and_no_state_leaks_between_requests(na
     uncached = generate(pipe, case, 0)
 
     pipe.transformer = torch.compile(model, backend="diffopt", options=CACHED)
-    with warnings.catch_warnings(record=True) as caught:
+    settings = torch._dynamo.config.patch(**FAMILIES[case.family].dynamo)  # as its user sets them
+    with settings, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = generate(pipe, case, 0)  # outside any request scope, as a user calls it
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -387,11 +391,15 @@ def test_the_cache_reuses_in_the_pipeline_and_no_state_leaks_between_requests(na
     assert request.compute() == pytest.approx(0.75)  # the reuse step skipped the blocks
     assert_same(scoped, first, atol=0)
     error = relative_error(first, uncached)
-    assert 0 < error < 0.2, error  # measured 5.6e-5 (HunyuanVideo 1.5) to 0.07 (Z-Image)
+    # measured 4.3e-3 (Flux2) to 0.07 (Z-Image); 5.6e-5 was HunyuanVideo 1.5's when the
+    # cache reached only its token refiner, not its blocks
+    assert 1e-3 < error < 0.2, error
 
     torch._dynamo.reset()
     pipe.transformer = torch.compile(model, backend="diffopt", options=CACHED)
-    assert_same(generate(pipe, case, 1), second, atol=0)  # a fresh compile, the same request
+    with settings:
+        again = generate(pipe, case, 1)
+    assert_same(again, second, atol=0)  # a fresh compile, the same request
 
 
 # one of each calling convention (two calls a step, batched guidance, lists of per-sample

@@ -19,7 +19,7 @@ import importlib
 import inspect
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +49,10 @@ class Family:
     """The input that carries the noisy latents (what a sampler updates)."""
     note: str = ""
     """Why an input looks the way it does, where the class is unusual."""
+    dynamo: dict[str, Any] = field(default_factory=dict, hash=False)
+    """Dynamo settings the class needs under torch.compile for its blocks to land in one graph
+    (``torch._dynamo.config.patch(**dynamo)``): HunyuanVideo 1.5 indexes with boolean masks in
+    a for loop, where a graph break makes dynamo skip the frame and compile each block alone."""
 
     def build(self, seed: int = 0) -> tuple[nn.Module, Inputs]:
         """The model (eval mode, weights from `seed`) and one call's keyword arguments.
@@ -1398,7 +1402,11 @@ def _framepack(g):
     }
 
 
-@family("tiny-hunyuan-video15", "HunyuanVideo15Transformer3DModel")
+@family(
+    "tiny-hunyuan-video15",
+    "HunyuanVideo15Transformer3DModel",
+    dynamo={"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True},
+)
 def _hunyuan_video15(g):
     from diffusers import HunyuanVideo15Transformer3DModel
 

@@ -71,6 +71,8 @@ def test_token_guard_covers_dual_stream_and_video_models(family, says):
         ("tiny-sana", "does not run on a 16-token sequence"),  # a token grid baked into the graph
         ("tiny-ideogram4", "runs over the tokens on axes [2, 3]"),  # an attention mask
         ("tiny-unet", "no [B, N, D] token stream"),
+        # its text reordered by boolean masks: the joint sequence's text length is unbacked
+        ("tiny-hunyuan-video15", "a count known only at run time"),
     ],
 )
 def test_token_guard_says_why_it_cannot_apply(family, reason):
