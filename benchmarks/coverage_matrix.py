@@ -330,14 +330,11 @@ class Family:
         if not actions:
             return cell("fail", "", "no graph took a cache decision")
         problems = []
-        if len(actions) != len(PLAN):
-            # a forward dynamo splits into several graphs reaches the cache once per graph
-            problems.append(
-                f"{len(PLAN)} denoiser calls took {len(actions)} cache decisions over "
-                f"{len(branches)} branches (the forward compiles to several graphs?): {branches}"
-            )
-        elif actions != PLAN:
-            problems.append(f"the actions taken {actions} are not the plan {PLAN}")
+        # each guarded graph of a call is a branch of its step (blocks on both sides of a graph
+        # break: HunyuanVideo 1.5's token refiner, then its blocks), so each follows the plan
+        off = {key: branch for key, branch in branches.items() if branch != PLAN}
+        if off:
+            problems.append(f"the actions taken {off} (of {len(branches)}) are not the plan {PLAN}")
         if "reuse" not in actions:
             problems.append(f"the plan's reuse step was not taken (actions {actions})")
         if not work < 1:

@@ -94,7 +94,10 @@ def capture(
 
     import torch
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
-    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+    from torch.fx.experimental.symbolic_shapes import (
+        ConstraintViolationError,
+        GuardOnDataDependentSymNode,
+    )
 
     captured: list[Captured] = []
 
@@ -143,22 +146,27 @@ def capture(
 
     # a graph break compiles the model's own frames too; drop them afterwards unless the user
     # had compiled that code already (dynamo keys entries by backend, so theirs stay apart)
-    forward = getattr(type(model).forward, "__code__", None)
+    forward = getattr(inspect.unwrap(type(model).forward), "__code__", None)  # not a decorator
     own_frames = forward is not None and not _debug_get_cache_entry_list(forward)
 
-    def trace(fullgraph: bool) -> None:
+    def trace(fullgraph: bool, sizes_from_data: bool = False) -> None:
         # dynamic only where asked: dynamo would otherwise make sizes that differ from an earlier
-        # capture in this process dynamic ("automatic dynamic"), since `call` is one code object.
-        # An op whose output size comes from data (a boolean mask's nonzero) stays in the graph
-        # as an unbacked size: a break there inside a loop makes dynamo skip the whole frame and
-        # compile each block on its own (HunyuanVideo 1.5's per-sample token reordering)
-        patch = torch._dynamo.config.patch(
-            automatic_dynamic_shapes=False,
-            capture_dynamic_output_shape_ops=True,
-            capture_scalar_outputs=True,
-        )
-        with torch.no_grad(), patch:
+        # capture in this process dynamic ("automatic dynamic"), since `call` is one code object
+        settings: dict[str, bool] = {"automatic_dynamic_shapes": False}
+        if sizes_from_data:  # an op whose output size comes from data stays in the graph
+            settings |= {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+        with torch.no_grad(), torch._dynamo.config.patch(**settings):
             torch.compile(call, backend=backend, fullgraph=fullgraph)(model, *args, **kwargs)
+
+    def forget_frames() -> None:
+        # what this capture compiled, and the resume functions dynamo made at its breaks: it
+        # keeps them, compiled or marked skipped (a break in a loop), for the next attempt
+        for code in _frames_of(call.__code__) + (_frames_of(forward) if own_frames else []):
+            reset_code(code)
+
+    def start_over() -> None:
+        captured.clear()
+        forget_frames()
 
     try:
         try:  # one graph where dynamo can make one: fullgraph traces ops it would otherwise
@@ -175,9 +183,25 @@ def capture(
                     "breaks; to export, remove the break there, or compute that size from the "
                     f"inputs' shapes instead of their values. Dynamo's message: {e}"
                 ) from e
-            captured.clear()
-            reset_code(call.__code__)
+            start_over()
             trace(fullgraph=False)
+            # a break at a mask's nonzero inside a loop makes dynamo skip the whole frame and
+            # compile each block alone (HunyuanVideo 1.5's per-sample text reordering): with
+            # such sizes kept in the graph (unbacked) the blocks can stay one stack. Kept where
+            # it finds more blocks: elsewhere it moves the breaks (Lumina2's main blocks left
+            # its graph) or fails on the size's value (Qwen-Image 2.1's tolist() of a slice)
+            plain = captured[:]
+            start_over()
+            try:
+                trace(fullgraph=False, sizes_from_data=True)
+            except (
+                torch._dynamo.exc.Unsupported,
+                torch._dynamo.exc.UserError,
+                GuardOnDataDependentSymNode,
+            ):
+                captured.clear()
+            if _most_blocks(captured) <= _most_blocks(plain):
+                captured[:] = plain
     except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
         raise ValueError(
             f"{type(model).__name__} does not allow a dynamic {asked} (its code fixes that "
@@ -186,15 +210,31 @@ def capture(
     finally:
         # drop only this capture's compiled frames: a global dynamo reset would also throw away
         # the user's compiled models (and with them their calibrated cache state)
-        reset_code(call.__code__)
-        if own_frames and len(captured) > 1:
-            reset_code(forward)
+        forget_frames()
     if not captured:
         raise RuntimeError("dynamo ran the model without compiling it (recompile limit reached?)")
     if asked:
         _check_guards_at_double_size(type(model).__name__, captured[0].result.graph.gm, asked)
     main = max(captured, key=lambda c: len(c.result.graph.blocks))  # the first, on a tie
     return dataclasses.replace(main, graphs=len(captured))
+
+
+def _frames_of(code: Any) -> list[Any]:
+    """`code` and the resume functions dynamo generated from it at graph breaks (and theirs)."""
+    from torch._dynamo.resume_execution import ContinueExecutionCache
+
+    found, todo = [], [code]
+    while todo:
+        code = todo.pop()
+        found.append(code)
+        if code in ContinueExecutionCache.cache:
+            todo.extend(ContinueExecutionCache.cache[code].values())
+    return found
+
+
+def _most_blocks(captured: list[Captured]) -> int:
+    """How many blocks the graph holding the most of them holds (0: no graph)."""
+    return max((len(c.result.graph.blocks) for c in captured), default=0)
 
 
 def model_line(message: str) -> tuple[str, str] | None:

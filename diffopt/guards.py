@@ -66,6 +66,10 @@ class Guard:
     """Token guard: the other streams' tokens before and after the refreshed stream where the
     blocks concatenate them into one sequence (Flux: text then image, ``(512, 0)``), so inputs
     indexed by that joint sequence keep the other streams' rows; ``(0, 0)``: no joint sequence."""
+    tokens: int = 0
+    """Token guard: how many tokens the refreshed stream holds (0: not recorded, an engine
+    written before it was). The runtime scores the exit of that length (or of the joint
+    sequence's); an exit of another stream's length passes whole (LTX-2's audio)."""
 
 
 def residual_bases(

@@ -257,7 +257,13 @@ def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
     )
     config = Config.from_dict(manifest["config"])
     guards = [
-        Guard(g["kind"], tuple(g["regions"]), g["why"], tuple(g.get("joint", (0, 0))))
+        Guard(
+            g["kind"],
+            tuple(g["regions"]),
+            g["why"],
+            tuple(g.get("joint", (0, 0))),
+            g.get("tokens", 0),
+        )
         for g in manifest["guards"]
     ]
     executor = build_executor(

@@ -110,6 +110,9 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
     why = f"gather top tokens of {', '.join(n.name for n in gathered)}; " + describe_residuals(
         exits, gathered
     )
+    passing = [n.name for n in exits if _passes_whole(n, entries, gathered, others)]
+    if passing:
+        why += f"; {', '.join(passing)}: another stream, which a refresh runs whole"
     shared = [n.name for n in gathered if not per_sample(shape_of(n), batch)]
     if shared:
         why += (
@@ -121,7 +124,7 @@ def token_guard(graph: DenoiserGraph, config: CacheConfig) -> tuple[DenoiserGrap
             f"; the blocks join the streams into one sequence ({joint[0]} other tokens, these "
             f"{tokens}, {joint[1]} other tokens), where the other streams pass whole"
         )
-    graph.guards.append(Guard("token", tuple(span), why, joint))
+    graph.guards.append(Guard("token", tuple(span), why, joint, tokens))
     report.rewrite(where, f"token guard over {len(span)} regions ({tokens} tokens): {why}")
     return graph, report
 
@@ -383,13 +386,23 @@ def _why_not(
             and _axes(node, layout) == [1]
             and shape not in entry_shapes
         )
-        if base is None and not joined:
+        if base is None and not joined and not _passes_whole(node, entries, gathered, others):
             return (
                 f"output {node.name} {list(shape or [])} does not map token by token onto one "
                 "gathered input nor onto the joint sequence of the streams (streams "
                 "concatenated or split inside the blocks?)"
             )
     return None
+
+
+def _passes_whole(
+    node: fx.Node, entries: list[fx.Node], gathered: list[fx.Node], others: list
+) -> bool:
+    """Whether exit `node` is another stream of its own length that enters the span whole and
+    leaves it so (LTX-2's audio beside its video): a refresh runs it on all its tokens."""
+    shape = shape_of(node)
+    whole = [shape_of(n) for n in entries if n not in gathered]
+    return shape is not None and len(shape) == 3 and shape[1] in others and shape in whole
 
 
 def _shorter_sequence_fails(

@@ -466,8 +466,11 @@ class CachingExecutor(RegionExecutor):
             raise ConfigError("no step or token guard applied; see the step_guard pass report")
         self.span = self._boundary(*span)
         self.token_span = spans.get("token")
-        self.joint = next((g.joint for g in guards if g.kind == "token"), (0, 0))
+        token = next((g for g in guards if g.kind == "token"), None)
+        self.joint = token.joint if token else (0, 0)
         """Where the refreshed stream sits in the blocks' joint sequence (`Guard.joint`)."""
+        self.stream_tokens = token.tokens if token else 0
+        """How many tokens the refreshed stream holds (`Guard.tokens`; 0: not recorded)."""
         self.block_spans = {
             index[g.regions[0]]: self._boundary(index[g.regions[0]], index[g.regions[0]] + 1)
             for g in guards
@@ -523,8 +526,17 @@ class CachingExecutor(RegionExecutor):
             (out, None if b is None else boundary.entries[b])
             for out, b in zip(boundary.exits, bases, strict=True)
         ]
-        # residual streams first: exits[0] is the token stream (sizes may exit too, dynamic=True)
-        pairs.sort(key=lambda pair: pair[1] is None)
+        # the refreshed stream (or the joint sequence) first, residual exits before the rest:
+        # exits[0] is what a token refresh scores (sizes may exit too, dynamic=True)
+        lengths = {self.stream_tokens, self.stream_tokens + sum(self.joint)}
+
+        def other_stream(out: int) -> bool:
+            shape = _shape(values[out])
+            if not self.stream_tokens:  # an engine that did not record it: the order as paired
+                return False
+            return shape is None or len(shape) < 2 or shape[1] not in lengths
+
+        pairs.sort(key=lambda pair: (other_stream(pair[0]), pair[1] is None))
         boundary.exits = [out for out, _ in pairs]
         boundary.strides = {
             s: values[s].stride() for s in boundary.exits if isinstance(values[s], torch.Tensor)
@@ -1225,9 +1237,12 @@ def _take(
 
 def _rows(chosen: torch.Tensor, length: int, tokens: int, joint: tuple[int, int]) -> torch.Tensor:
     """The rows of an axis of `length` that hold the `chosen` [B, k] of `tokens` tokens: those,
-    or on an axis over the joint sequence (`Guard.joint`) those and every other stream's row."""
+    or on an axis over the joint sequence (`Guard.joint`) those and every other stream's row,
+    or on another stream's own axis (an exit that passes whole) all of its rows."""
     if length == tokens:
         return chosen
+    if length != tokens + sum(joint):  # another stream's axis, which a refresh passes whole
+        return torch.arange(length, device=chosen.device).expand(len(chosen), -1)
     before = joint[0]
     rows = torch.arange(length, device=chosen.device).expand(len(chosen), -1)
     return torch.cat([rows[:, :before], before + chosen, rows[:, before + tokens :]], 1)

@@ -702,7 +702,7 @@ def _step_outputs(model, inputs, key, plan, **settings):
     return outs, refs
 
 
-@pytest.mark.parametrize("family", ["tiny-ltx", "tiny-sana-wm-refiner"])
+@pytest.mark.parametrize("family", ["tiny-ltx", "tiny-sana-wm-refiner", "tiny-ltx2"])
 @pytest.mark.parametrize("extrapolate", [False, True])
 def test_a_token_refresh_is_closer_to_the_full_step_than_a_reuse(family, extrapolate):
     """The refreshed quarter of the tokens moves towards the full step's output (there 3.6x
