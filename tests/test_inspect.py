@@ -150,7 +150,8 @@ class _PoolsValidTokensInALoop(UserDenoiser):
 
 def test_blocks_after_a_size_taken_from_data_in_a_loop_stay_one_stack():
     # dynamo breaks at a mask's nonzero inside a loop by skipping the whole frame, compiling
-    # each block on its own; capture keeps the nonzero in the graph as an unbacked size
+    # each block on its own; capture keeps the nonzero in the graph as an unbacked size, and a
+    # second capture of the model does so again (dynamo keeps the first one's skip mark)
     torch.manual_seed(0)
     model = _PoolsValidTokensInALoop(depth=2).eval()
     inputs = (torch.randn(2, 10, 4), torch.tensor([700.0, 3.0]), torch.rand(2, 10) > 0.5)
