@@ -26,6 +26,11 @@ from diffopt.passes.graph import INPUT_KEY, collective_groups, sequence_group
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
 
+SIZES_FROM_DATA = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+"""Dynamo settings that keep an op whose output size comes from data (a boolean mask's nonzero,
+``tolist()``) in the graph as an unbacked size instead of breaking there: a break inside a loop
+makes dynamo skip the whole frame and compile each block alone (HunyuanVideo 1.5)."""
+
 
 @dataclass
 class Optimized:
@@ -153,8 +158,8 @@ def capture(
         # dynamic only where asked: dynamo would otherwise make sizes that differ from an earlier
         # capture in this process dynamic ("automatic dynamic"), since `call` is one code object
         settings: dict[str, bool] = {"automatic_dynamic_shapes": False}
-        if sizes_from_data:  # an op whose output size comes from data stays in the graph
-            settings |= {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+        if sizes_from_data:
+            settings |= SIZES_FROM_DATA
         with torch.no_grad(), torch._dynamo.config.patch(**settings):
             torch.compile(call, backend=backend, fullgraph=fullgraph)(model, *args, **kwargs)
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffopt.backend import SIZES_FROM_DATA
+
 Inputs = dict[str, Any]
 Builder = Callable[[torch.Generator], tuple[nn.Module, Inputs]]
 
@@ -1405,7 +1407,7 @@ def _framepack(g):
 @family(
     "tiny-hunyuan-video15",
     "HunyuanVideo15Transformer3DModel",
-    dynamo={"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True},
+    dynamo=SIZES_FROM_DATA,
 )
 def _hunyuan_video15(g):
     from diffusers import HunyuanVideo15Transformer3DModel
