@@ -70,11 +70,7 @@ def variants_for(
         except diffopt.ConfigError as e:
             print(f"{steps} steps, {target} dB: {e}")
             continue
-        c = found.config
-        print(
-            f"{steps} steps, {target} dB: early={c.early} critical={c.critical} "
-            f"polish={c.polish} extrapolate={c.extrapolate}"
-        )
+        print(f"{steps} steps, {target} dB: {found.chosen.describe()}")
         out.append(bench.cached_variant(f"diffopt cache {target:g}dB", found.config))
         if target == min(targets):  # the caching policy alone, regions run eagerly like peers
             name = f"diffopt cache {target:g}dB eager"

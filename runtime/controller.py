@@ -56,6 +56,24 @@ def load_plan(plan: Sequence[str] | str, steps: int) -> list[CacheAction]:
     return plan
 
 
+def interval_plan(steps: int, every: int, warmup: int, phase: int = 0) -> list[CacheAction]:
+    """A fixed schedule (FORA's and TaylorSeer's shape): the first `warmup` steps full, then a
+    full step at ``warmup + phase`` and every `every` steps after it, reuse between; the last
+    step is full too, as the controller always runs it."""
+    if every < 1 or warmup < 0 or not 0 <= phase < every:
+        raise ConfigError(
+            f"an interval plan needs every >= 1, warmup >= 0 and 0 <= phase < every, got "
+            f"every={every}, warmup={warmup}, phase={phase}"
+        )
+    first = warmup + phase
+    return [
+        "full"
+        if s < warmup or s == steps - 1 or (s >= first and (s - first) % every == 0)
+        else "reuse"
+        for s in range(steps)
+    ]
+
+
 class Controller:
     """Decisions for one guidance branch of one request: one call per denoiser step."""
 

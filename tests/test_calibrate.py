@@ -45,6 +45,10 @@ def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_pa
     table = calibration.table()
     for words in ("PSNR dB", "p5 dB", "min dB", "fresh dB (90% interval)", "calibration inputs"):
         assert words in table
+    # fixed-interval plans are candidates too, one letter per step in the table
+    planned = [t for t in calibration.trials if t.config.mode == "plan"]
+    assert planned and all(t.plan == t.config.plan for t in planned)
+    assert '"plan": "ffffrrrrf' in table  # every 5 from the 4th step (warm-up 3, phase 1)
     # the same trials, another budget: nothing runs again
     looser = calibration.retarget(20)
     assert looser.trials is calibration.trials and looser.chosen.work <= chosen.work

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffopt.config import CacheConfig, ConfigError
-from diffopt.runtime.controller import Controller, load_plan, resample_profile
+from diffopt.runtime.controller import Controller, interval_plan, load_plan, resample_profile
 
 
 def decisions(config: CacheConfig, steps: int, change: list[float], polish="token") -> str:
@@ -67,6 +67,13 @@ def test_plan_mode_follows_the_plan_inside_the_guardrails(tmp_path):
     path.write_text(json.dumps(plan))
     config = CacheConfig(mode="plan", plan=str(path), warmup=1)
     assert decisions(config, 6, [9.0] * 6) == "frtbrf"  # the last step computes regardless
+
+
+def test_interval_plans_place_their_full_steps():
+    assert "".join(a[0] for a in interval_plan(10, 3, 2, 1)) == "ffrfrrfrrf"
+    assert "".join(a[0] for a in interval_plan(8, 2, 3)) == "ffffrfrf"  # the last step computes
+    with pytest.raises(ConfigError, match="0 <= phase < every"):
+        interval_plan(10, 3, 2, 3)
 
 
 def test_bad_plans_are_named():
