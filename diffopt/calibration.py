@@ -323,17 +323,18 @@ def _changed(config: CacheConfig, base: CacheConfig) -> dict[str, Any]:
 
 def _grid(base: CacheConfig) -> list[CacheConfig]:
     """Settings ``cache="auto"`` tries: push-only, push-then-polish with each refresh, and
-    fixed-interval plans."""
-    plans = {
-        tuple(interval_plan(base.steps, every, warmup, phase)): None
-        for warmup in INTERVAL_GRID["warmup"]
-        for every in INTERVAL_GRID["every"]
-        for phase in range(every)
-    }
+    fixed-interval plans (not under ``check="stack"``: a plan reads no profile, so the check
+    the user asked for would not run)."""
+    plans: dict[tuple[CacheAction, ...], None] = {}  # one trial per distinct plan
+    if base.check == "none":
+        for warmup in INTERVAL_GRID["warmup"]:
+            for every in INTERVAL_GRID["every"]:
+                for phase in range(every):
+                    plans[tuple(interval_plan(base.steps, every, warmup, phase))] = None
     grid = [
         dataclasses.replace(base, mode="plan", plan=list(plan), extrapolate=True) for plan in plans
     ]
-    pairs = [(c, extrapolate) for extrapolate, grid in CRITICAL_GRID.items() for c in grid]
+    pairs = [(c, extrapolate) for extrapolate, lines in CRITICAL_GRID.items() for c in lines]
     for critical, extrapolate in pairs:
         for max_reuse in (base.max_reuse, 2 * base.max_reuse):
             grid.append(

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 import diffopt
 from diffopt import quality
-from diffopt.calibration import Trial, select
+from diffopt.calibration import Trial, _grid, select
 from diffopt.config import CacheConfig, ConfigError
 from diffopt.evaluation import zoo
 
@@ -63,6 +63,12 @@ def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_pa
     with diffopt.request(steps=STEPS) as req:
         sampler(reference)(compiled)
     assert req.actions[0] == calibration.plan
+
+
+def test_plans_are_tried_only_where_the_asked_for_check_would_run():
+    # a plan reads no profile: under check="stack" it would drop the safety net asked for
+    assert any(c.mode == "plan" for c in _grid(CacheConfig(steps=STEPS)))
+    assert all(c.mode == "online" for c in _grid(CacheConfig(steps=STEPS, check="stack")))
 
 
 def test_an_impossible_budget_says_how_close_it_got(reference):
