@@ -30,7 +30,7 @@ found = diffopt.calibrate(
     ref.model, run, steps=args.steps, cache="auto", target_psnr=args.target_psnr
 )
 print(found.table())
-print("chosen:", {k: getattr(found.config, k) for k in ("early", "critical", "polish")})
+print("chosen:", found.chosen.describe())  # controller lines, or a plan (f full, r reuse)
 
 model = torch.compile(
     ref.model, backend="diffopt", options={"inner": "eager", "cache": found.config}
