@@ -25,7 +25,7 @@ from diffopt import quality
 from diffopt.config import CacheConfig, Config, ConfigError, InnerBackend
 from diffopt.guards import ACTIONS, CacheAction
 from diffopt.runtime.cache import request
-from diffopt.runtime.controller import interval_plan
+from diffopt.runtime.controller import interval_plan, open_loop_actions
 from diffopt.runtime.profiles import Condition
 
 Run = Callable[[Callable[..., Any]], torch.Tensor]
@@ -295,9 +295,16 @@ def measure(
     """Run each of `settings` as one request of `denoiser` (compiled with cache guards; nothing
     recompiles) on the inputs `run` samples, and score it against the `reference` samples: the
     statistics of these inputs, and the estimate for fresh ones at `confidence`. `trial` marks
-    the requests as a search's (no idle-guard warnings)."""
-    trials = []
+    the requests as a search's (no idle-guard warnings). Settings whose actions follow from
+    the settings alone (`diffopt.runtime.controller.open_loop_actions`) and match an earlier
+    one's give the same samples: those are run once."""
+    trials: list[Trial] = []
+    measured: dict[tuple[Any, ...], Trial] = {}
     for config in settings:
+        key = _same_samples_key(config, steps)
+        if key in measured:
+            trials.append(dataclasses.replace(measured[key], config=config))
+            continue
         # the search's own settings: guards idle under them are its finding, not a user error
         with request(steps=steps, cache=config, trial=trial) as req:
             samples = run(denoiser)
@@ -314,7 +321,20 @@ def measure(
                 mse.tolist(),
             )
         )
+        if key is not None:
+            measured[key] = trials[-1]
     return trials
+
+
+def _same_samples_key(config: CacheConfig, steps: int) -> tuple[Any, ...] | None:
+    """What decides `config`'s samples when its actions are known in advance: the actions, how
+    reuse rebuilds (extrapolated or held) and the refresh ratios the actions use."""
+    actions = open_loop_actions(config, steps)
+    if actions is None:
+        return None
+    token = config.token_ratio if "token" in actions else None
+    block = config.block_ratio if "block" in actions else None
+    return (tuple(actions), config.extrapolate, token, block)
 
 
 def _changed(config: CacheConfig, base: CacheConfig) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from diffopt.guards import (
 from diffopt.passes.graph import process_group
 
 from . import profiles
-from .controller import Controller, resample_profile
+from .controller import Controller, resample_profile, share
 from .executor import RegionExecutor, counting_graph_calls
 from .lowering import RegionProgram, compile_region
 from .profiles import Condition, ModelProfile
@@ -918,7 +918,7 @@ class CachingExecutor(RegionExecutor):
         if branch.calibrating:
             return torch.zeros(batch, device=device)
         profile = self._profile(branch)
-        return torch.full((batch,), profile[step] / max(sum(profile), 1e-12), device=device)
+        return torch.full((batch,), share(profile, step), device=device)
 
     def _curvature(self, branch: Branch, step: int, like: torch.Tensor) -> torch.Tensor | None:
         """With extrapolated reuse: this step's share of the calibrated curvature."""
@@ -929,8 +929,7 @@ class CachingExecutor(RegionExecutor):
             return None
         if branch.curvature is None:
             branch.curvature = resample_profile(curvature, branch.controller.steps)
-        total = max(sum(branch.curvature), 1e-12)
-        return torch.full_like(like, branch.curvature[step] / total)
+        return torch.full_like(like, share(branch.curvature, step))
 
     def _profile(self, branch: Branch) -> list[float]:
         if branch.profile is None:  # resampled once per request and branch

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffopt.config import CacheConfig, ConfigError
-from diffopt.guards import ACTIONS, CacheAction
+from diffopt.guards import ACTIONS, CacheAction, polish_action
 
 
 def resample_profile(profile: Sequence[float], steps: int) -> list[float]:
@@ -35,6 +35,12 @@ def resample_profile(profile: Sequence[float], steps: int) -> list[float]:
     source = np.linspace(0.0, 1.0, len(cumulative))
     target = np.interp(np.linspace(0.0, 1.0, steps + 1), source, cumulative)
     return np.diff(target).tolist()
+
+
+def share(values: Sequence[float], step: int) -> float:
+    """`values[step]` as a share of their total: what the controller reads from a calibrated
+    profile (or curvature) at `step`."""
+    return values[step] / max(sum(values), 1e-12)
 
 
 def load_plan(plan: Sequence[str] | str, steps: int) -> list[CacheAction]:
@@ -131,3 +137,25 @@ class Controller:
         else:
             self.since_full += 1
         return action
+
+
+def open_loop_actions(config: CacheConfig, steps: int) -> list[CacheAction] | None:
+    """The action `config`'s controller picks at each step of a `steps`-step request when they
+    follow from the settings alone: a plan, or the calibrated profile read open-loop
+    (``indicator="profile"``, no check). A strategy that cannot run yet (nothing cached) still
+    falls back to a full step at run time. None where the choice depends on what the run
+    measures."""
+    if config.indicator != "profile" or config.check != "none":
+        return None
+    controller = Controller(config, steps, polish_action(config.polish))
+    if controller.reads_indicator and not config.profile:
+        return None
+    profile = resample_profile(config.profile, steps) if controller.reads_indicator else None
+    bends = config.curvature if config.extrapolate and controller.reads_indicator else None
+    curvature = resample_profile(bends, steps) if bends else None
+    actions = []
+    for step in range(steps):
+        change = torch.tensor([share(profile, step) if profile else 0.0])
+        bend = torch.tensor([share(curvature, step)]) if curvature else None
+        actions.append(controller.decide(step, change, bend))
+    return actions

@@ -14,6 +14,7 @@ from diffopt import quality
 from diffopt.calibration import Trial, _grid, select
 from diffopt.config import CacheConfig, ConfigError
 from diffopt.evaluation import zoo
+from diffopt.runtime.controller import open_loop_actions
 
 STEPS = 20
 
@@ -29,9 +30,14 @@ def sampler(reference, images=6):
 
 
 def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_path, recwarn):
-    calibration = diffopt.calibrate(
-        reference.model, sampler(reference), steps=STEPS, cache="auto", target_psnr=30
-    )
+    runs = []
+    sample = sampler(reference)
+
+    def run(denoiser):
+        runs.append(denoiser)
+        return sample(denoiser)
+
+    calibration = diffopt.calibrate(reference.model, run, steps=STEPS, cache="auto", target_psnr=30)
     # settings the search chose itself are not the user's to fix: no idle-guard warnings
     assert not [w for w in recwarn if "never fired" in str(w.message)]
     assert len(calibration.config.profile) == STEPS
@@ -49,6 +55,15 @@ def test_auto_picks_the_cheapest_setting_that_meets_the_budget(reference, tmp_pa
     planned = [t for t in calibration.trials if t.config.mode == "plan"]
     assert planned and all(t.plan == t.config.plan for t in planned)
     assert '"plan": "ffffrrrrf' in table  # every 5 from the 4th step (warm-up 3, phase 1)
+    # actions known in advance are the ones the runs took; settings that share them ran once
+    for t in calibration.trials:
+        ahead = open_loop_actions(t.config, STEPS)
+        if "token" in ahead or "block" in ahead:  # a refresh before two full steps runs full
+            assert all(a in (b, "full") for a, b in zip(t.plan, ahead, strict=True))
+        else:
+            assert t.plan == ahead
+    distinct = {(tuple(t.plan), t.config.extrapolate) for t in calibration.trials}
+    assert len(runs) == 1 + len(distinct) < 1 + len(calibration.trials)
     # the same trials, another budget: nothing runs again
     looser = calibration.retarget(20)
     assert looser.trials is calibration.trials and looser.chosen.work <= chosen.work
