@@ -295,9 +295,9 @@ def measure(
     """Run each of `settings` as one request of `denoiser` (compiled with cache guards; nothing
     recompiles) on the inputs `run` samples, and score it against the `reference` samples: the
     statistics of these inputs, and the estimate for fresh ones at `confidence`. `trial` marks
-    the requests as a search's (no idle-guard warnings). Settings whose actions follow from
-    the settings alone (`diffopt.runtime.controller.open_loop_actions`) and match an earlier
-    one's give the same samples: those are run once."""
+    the requests as a search's (no idle-guard warnings). Settings whose full and reuse steps
+    follow from the settings alone (`diffopt.runtime.controller.open_loop_actions`) and match an
+    earlier one's give the same samples: those are run once."""
     trials: list[Trial] = []
     measured: dict[tuple[Any, ...], Trial] = {}
     for config in settings:
@@ -327,14 +327,14 @@ def measure(
 
 
 def _same_samples_key(config: CacheConfig, steps: int) -> tuple[Any, ...] | None:
-    """What decides `config`'s samples when its actions are known in advance: the actions, how
-    reuse rebuilds (extrapolated or held) and the refresh ratios the actions use."""
+    """What decides `config`'s samples when its actions are known in advance and only full
+    steps and reuse: the actions, and how reuse rebuilds (extrapolated or held). A refresh is
+    left out: where its guard did not apply it runs full, which restarts the controller's
+    accumulators at its thresholds, so equal planned actions need not stay equal."""
     actions = open_loop_actions(config, steps)
-    if actions is None:
+    if actions is None or not set(actions) <= {"full", "reuse"}:
         return None
-    token = config.token_ratio if "token" in actions else None
-    block = config.block_ratio if "block" in actions else None
-    return (tuple(actions), config.extrapolate, token, block)
+    return (tuple(actions), config.extrapolate)
 
 
 def _changed(config: CacheConfig, base: CacheConfig) -> dict[str, Any]:
