@@ -45,10 +45,10 @@ not the grid, is what a 41 dB peer point beats."""
 
 INTERVAL_GRID = {"every": (2, 3, 4, 5, 6), "warmup": (2, 3)}
 """Fixed schedules ``cache="auto"`` also tries (`diffopt.runtime.controller.interval_plan`, with
-extrapolated reuse), at every phase: on ref-flux at 28 steps (8 inputs) where the full steps fall
-moved PSNR by up to 4 dB at the same work (every 3: 44.6 to 48.6 dB at work 0.43), and the best
-phase beat the controller's own schedules (46.8 dB at work 0.47), as TaylorSeer's fixed
-interval did in the sweep."""
+extrapolated reuse), at every phase: on ref-flux at 28 steps (20 calibration inputs,
+``benchmarks/results/cache-sweep-ref-flux-28-plans-calibration.md``) every-3 plans at work 0.429
+ran from 43.7 to 49.0 dB by where the full steps fell, and the best beat the controller's best
+there (47.6 dB at work 0.464)."""
 
 
 Selection = Literal["fresh", "calibration"]
