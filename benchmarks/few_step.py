@@ -98,7 +98,9 @@ def main() -> None:
         "--assets", type=Path, default=zoo.ASSETS, help="the students' folders (distill --out)"
     )
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timing rounds; 0: quality only, no times"
+    )
     parser.add_argument("--inner", default="inductor", choices=["eager", "inductor"])
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.25, 1.5, 1.67])
     parser.add_argument(
@@ -197,12 +199,13 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     real, _ = _real_digits()
-    base = statistics.median(times[reference])
+    timed = args.repeats > 0
+    base = statistics.median(times[reference]) if timed else None
     two_steps = samples.get("2-step student, unrolled")
     loop_1x = next((n for n in rows if n.endswith("blocks, step loop")), None)
     table = []
     for name, (_, nfe) in rows.items():
-        seconds = statistics.median(times[name])
+        seconds = statistics.median(times[name]) if timed else None
         to_teacher = psnr_stats(samples[name], samples[reference], metrics.DATA_RANGE)
         table.append(
             {
@@ -216,18 +219,19 @@ def main() -> None:
                 "PSNR vs 2-step dB": None
                 if two_steps is None
                 else round(metrics.psnr(samples[name], two_steps), 1),
-                "seconds": round(seconds, 3),
-                f"time / {versus}": round(seconds / base, 4),
+                "seconds": round(seconds, 3) if timed else None,
+                f"time / {versus}": round(seconds / base, 4) if timed else None,
             }
         )
     print(
-        f"{args.model} few-step sampling: {args.images} images, median of {args.repeats} "
-        f"interleaved runs, inner={args.inner}\n"
+        f"{args.model} few-step sampling: {args.images} images, "
+        f"{f'median of {args.repeats} interleaved runs' if timed else 'not timed'}, "
+        f"inner={args.inner}\n"
     )
     print(tabulate(table, headers="keys", tablefmt="github"))
     for fraction, fit in fits.items():
         print(f"\ncompensation fit for {fraction}:\n{fit.table()}")
-    if loop_1x:
+    if loop_1x and timed:
         unrolled_1x = loop_1x.replace("blocks, step loop", "blocks, unrolled")
         ratio = statistics.median(times[loop_1x]) / statistics.median(times[unrolled_1x])
         print(
