@@ -20,12 +20,13 @@ interleaved runs in one process.
 ``--model ref-flux``: the same rows for ref-flux (guidance 2.0) and the students
 ``distill_ref_dit.py --model ref-flux`` writes (``--assets``: the folder it wrote them to, its
 ``--out``); a 1.x step runs the dual-stream block and the first k of the 7 single-stream blocks.
-Rows whose weights are missing are left out, each printed with the folder and the
-``distill_ref_dit.py`` command that writes it (ref-dit's 1- and 2-step students ship: missing,
-they are an error). A ref-flux call costs about 20× a ref-dit one
-(0.08 s an image on one thread): the default teacher rows alone (300 images, 50 and 28 guided
-steps, run once for quality and ``--repeats`` times) take about 4 hours on one thread, and
-``--images 100 --repeats 1`` about 35 minutes.
+The 1- and 2-step students of both models ship (missing, they are an error naming the
+``distill_ref_dit.py`` command that writes them); a jointly trained 1.x schedule whose folder is
+missing is left out, printed with the folder and the command that writes it. A ref-flux call
+costs about 20× a ref-dit one (0.08 s an image on one thread): the default teacher rows alone
+(300 images, 50 and 28 guided steps, run once for quality and ``--repeats`` times) take about 4
+hours on one thread, and ``--images 100 --repeats 1`` about 35 minutes; ``--repeats 0`` measures
+quality only.
 """
 
 from __future__ import annotations
@@ -54,26 +55,23 @@ CALIBRATION_SEEDS = range(10_000, 10_020)
 JOINT_KINDS = ("affine", "lowrank")
 
 
-def left_out(rows: list[str], folder: Path, run: str) -> None:
-    """Say which rows a missing `folder` leaves out, and the command `run` that writes it."""
-    print(f"left out ({folder} is missing; {run} writes it): {'; '.join(rows)}")
+def left_out(row: str, folder: Path, run: str) -> None:
+    """Say which row a missing `folder` leaves out, and the command `run` that writes it."""
+    print(f"left out ({folder} is missing; {run} writes it): {row}")
 
 
-def load_student(model: str, steps: str, assets: Path, rows: list[str]) -> zoo.Reference | None:
-    """`model`'s ``steps`` ("1step", "2step") student from `assets`, for `rows`. Missing, it is
-    None and the rows are printed as left out (`left_out`), except ref-dit's, which ship with
-    diffopt: those are a FileNotFoundError naming the command that writes them."""
+def load_student(model: str, steps: str, assets: Path) -> zoo.Reference:
+    """`model`'s ``steps`` ("1step", "2step") student from `assets`. Both models'
+    students ship with diffopt: a missing one is a FileNotFoundError naming the command that
+    writes it."""
     name = f"{model}-{steps}"
     folder = assets / name
-    if (folder / "config.json").exists():
-        return zoo.load(name, folder)
-    run = command(model, assets)
-    if model == "ref-dit":
+    if not (folder / "config.json").exists():
         raise FileNotFoundError(
-            f"{folder} is missing: {name} ships with diffopt (check --assets); {run} writes it"
+            f"{folder} is missing: {name} ships with diffopt (check --assets); "
+            f"{command(model, assets)} writes it"
         )
-    left_out(rows, folder, run)
-    return None
+    return zoo.load(name, folder)
 
 
 def joint_folders(model: str, assets: Path) -> list[tuple[str, str, Path]]:
@@ -87,7 +85,7 @@ def joint_folders(model: str, assets: Path) -> list[tuple[str, str, Path]]:
                 found.append((fraction, kind, folder))
             else:
                 row = f"1.x: jointly trained ({kind}), {fraction} steps"
-                left_out([row], folder, joint_command(model, assets, fraction, kind))
+                left_out(row, folder, joint_command(model, assets, fraction, kind))
     return found
 
 
@@ -117,10 +115,8 @@ def main() -> None:
         args.out = RESULTS / f"few-step{suffix}"
 
     teacher = zoo.load(args.model)
-    one = load_student(args.model, "1step", args.assets, ["1-step student"])
-    two_rows = ["2-step student", "2-step student on 4 steps"]
-    two_rows += [f"1.x: 2-step student, {fraction} steps" for fraction in args.fractions]
-    two = load_student(args.model, "2step", args.assets, two_rows)
+    one = load_student(args.model, "1step", args.assets)
+    two = load_student(args.model, "2step", args.assets)
     labels = torch.arange(args.images) % 10
     noise = teacher.noise(range(args.images))
     cond = teacher.unrolled_condition(labels)  # with Flux's ids: what an unrolled sampler takes
@@ -156,14 +152,12 @@ def main() -> None:
         ("2-step student on 4 steps", two, [1.0, 0.75, 0.5, 0.25]),
     ]
     for name, model, sigmas in students:
-        if model is None:
-            continue
         sampler = model.unroll(model.model, len(sigmas), sigmas=sigmas)
         rows[f"{name}, unrolled"] = (compiled(sampler), float(len(sigmas)))
     calibration = teacher.noise(CALIBRATION_SEEDS)
     calibration_cond = teacher.unrolled_condition(torch.arange(len(calibration)) % 10)
     fits = {}
-    for fraction in args.fractions if two is not None else []:
+    for fraction in args.fractions:
         sampler = two.unroll(two.model, str(fraction), sigmas=[1.0, 0.5])
         nfe = sampler.effective_nfe(noise[:10], teacher.unrolled_condition(labels[:10]))
         label = fraction_label(sampler)
@@ -201,7 +195,7 @@ def main() -> None:
     real, _ = _real_digits()
     timed = args.repeats > 0
     base = statistics.median(times[reference]) if timed else None
-    two_steps = samples.get("2-step student, unrolled")
+    two_steps = samples["2-step student, unrolled"]
     loop_1x = next((n for n in rows if n.endswith("blocks, step loop")), None)
     table = []
     for name, (_, nfe) in rows.items():
@@ -216,9 +210,7 @@ def main() -> None:
                 f"PSNR vs {versus} dB": round(to_teacher.mean, 1),
                 "p5 dB": round(to_teacher.p5, 1),
                 f"SSIM vs {versus}": round(metrics.ssim(samples[name], samples[reference]), 4),
-                "PSNR vs 2-step dB": None
-                if two_steps is None
-                else round(metrics.psnr(samples[name], two_steps), 1),
+                "PSNR vs 2-step dB": round(metrics.psnr(samples[name], two_steps), 1),
                 "seconds": round(seconds, 3) if timed else None,
                 f"time / {versus}": round(seconds / base, 4) if timed else None,
             }

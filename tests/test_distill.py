@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import diffopt
-from diffopt.evaluation import zoo
+from diffopt.evaluation import metrics, zoo
 from diffopt.fewstep.compensation import load_compensation, save_compensation
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -116,27 +116,49 @@ def test_a_missing_ref_flux_student_names_the_command_that_makes_it(tmp_path):
         zoo.load("ref-flux-1step", tmp_path / "ref-flux-1step")
 
 
-def test_few_step_prints_each_row_a_missing_student_leaves_out(few_step, tmp_path, capsys):
-    """ref-flux's students are not shipped: a missing one leaves its rows out, printed with its
-    folder and the distill_ref_dit.py command that writes it there."""
-    assert few_step.load_student("ref-flux", "2step", tmp_path, ["2-step student"]) is None
+def test_few_step_prints_each_joint_schedule_a_missing_folder_leaves_out(
+    few_step, tmp_path, capsys
+):
+    """A jointly trained 1.x schedule whose folder is missing leaves its row out, printed with
+    the folder and the distill_ref_dit.py command that writes it there."""
     (tmp_path / "ref-flux-1.5step-affine").mkdir()
     found = few_step.joint_folders("ref-flux", tmp_path)
     assert found == [("1.5", "affine", tmp_path / "ref-flux-1.5step-affine")]
     lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # the three other --joint schedules
     command = "python benchmarks/distill_ref_dit.py --model ref-flux"
-    assert lines[0] == (
-        f"left out ({tmp_path / 'ref-flux-2step'} is missing; {command} --out {tmp_path} "
-        "writes it): 2-step student"
-    )
-    assert len(lines) == 4  # the three other --joint schedules
     lowrank = f"{command} --joint --joint-fraction 1.67 --compensation lowrank --out {tmp_path}"
-    assert str(tmp_path / "ref-flux-1.67step-lowrank") in lines[-1] and lowrank in lines[-1]
+    assert lines[-1] == (
+        f"left out ({tmp_path / 'ref-flux-1.67step-lowrank'} is missing; {lowrank} writes it): "
+        "1.x: jointly trained (lowrank), 1.67 steps"
+    )
 
 
-def test_few_step_refuses_a_missing_shipped_ref_dit_student(few_step, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"ships with diffopt.*--model ref-dit --out"):
-        few_step.load_student("ref-dit", "1step", tmp_path, ["1-step student"])
+@pytest.mark.parametrize("model", ["ref-dit", "ref-flux"])
+def test_few_step_refuses_a_missing_shipped_student(few_step, tmp_path, model):
+    with pytest.raises(FileNotFoundError, match=rf"ships with diffopt.*--model {model} --out"):
+        few_step.load_student(model, "1step", tmp_path)
+
+
+def test_the_shipped_ref_flux_schedules_are_what_few_step_measures(few_step, script):
+    """The shipped ref-flux students, as few_step.py loads them with the default --assets: the
+    jointly trained 1.5-step schedule (compensation included) lands nearer the 2-step student's
+    images than the same student's partial step does with no compensation."""
+    ((fraction, kind, folder),) = few_step.joint_folders("ref-flux", zoo.ASSETS)
+    assert (fraction, kind) == ("1.5", "affine")
+    teacher = zoo.load("ref-flux")
+    two = few_step.load_student("ref-flux", "2step", zoo.ASSETS)
+    labels = torch.arange(10)
+    noise, cond = teacher.noise(range(500, 510)), teacher.unrolled_condition(labels)
+    trained = zoo.load("ref-flux-2step", folder)
+    joint = script.joint_sampler(trained, kind, fraction)
+    load_compensation(joint, folder / "compensation.safetensors")
+    uncompensated = two.unroll(two.model, fraction, sigmas=[1.0, 0.5])
+    with torch.no_grad():
+        reference = teacher.images(two.unroll(two.model, 2, sigmas=[1.0, 0.5])(noise, cond))
+        near = metrics.psnr(teacher.images(joint(noise, cond)), reference)
+        far = metrics.psnr(teacher.images(uncompensated(noise, cond)), reference)
+    assert near > far + 6.0  # 37.8 against 25.2 dB at 100 images (few-step-ref-flux.json)
 
 
 def distill(script, monkeypatch, *options: str) -> None:
@@ -169,7 +191,7 @@ def test_distill_resume_names_the_joint_run_that_writes_what_it_reads(
 def test_distill_joint_names_both_folders_its_two_step_student_may_be_in(
     script, monkeypatch, tmp_path
 ):
-    assert not (zoo.ASSETS / "ref-flux-2step").exists()  # not shipped
+    monkeypatch.setattr(zoo, "ASSETS", tmp_path / "assets")  # as if it were not shipped
     both = f"neither {tmp_path / 'ref-flux-2step'} nor {zoo.ASSETS / 'ref-flux-2step'}"
     out = f"--model ref-flux --out {tmp_path}"
     match = rf"{re.escape(both)}: pass the --out .*{re.escape(out)}"

@@ -68,7 +68,10 @@ def test_unknown_reference_is_a_clear_error():
         zoo.load("ref-unet")
 
 
-@pytest.mark.parametrize("name, steps", [("ref-dit-1step", 1), ("ref-dit-2step", 2)])
+@pytest.mark.parametrize(
+    "name, steps",
+    [("ref-dit-1step", 1), ("ref-dit-2step", 2), ("ref-flux-1step", 1), ("ref-flux-2step", 2)],
+)
 def test_few_step_students_ship_and_draw_their_class_in_their_steps(name, steps):
     student = zoo.load(name)
     assert student.guidance == 1.0 and len(student.steps) == steps  # guidance-distilled

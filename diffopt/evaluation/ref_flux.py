@@ -200,8 +200,8 @@ def load(
     name: str = NAME,
 ) -> Reference:
     """The shipped `ref-flux` (fp32 in memory, fp16 on disk), or with `name` one of its
-    students (``ref-flux-1step``, ``ref-flux-2step``: ``benchmarks/distill_ref_dit.py --model
-    ref-flux`` writes them) from ``folder or ASSETS / name``."""
+    students (``ref-flux-1step``, ``ref-flux-2step``: shipped; ``benchmarks/distill_ref_dit.py
+    --model ref-flux`` writes them) from ``folder or ASSETS / name``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     made_by = None if name == NAME else "python benchmarks/distill_ref_dit.py --model ref-flux"

@@ -283,7 +283,8 @@ SHIPPED = {
     "ref-dit-1step": (1.0, [1.0]),  # students are guidance-distilled: one call per step
     "ref-dit-2step": (1.0, [1.0, 0.5]),
     "ref-flux": (2.0, 28),  # Flux, `ref_flux`: 100 % accurate at 28 steps (100 images)
-    "ref-flux-1step": (1.0, [1.0]),  # `distill_ref_dit.py --model ref-flux`; not shipped yet
+    "ref-flux-1step": (1.0, [1.0]),  # `distill_ref_dit.py --model ref-flux` (the docstring's
+    # hour-scale commands), shipped with its jointly trained ``ref-flux-1.5step-affine``
     "ref-flux-2step": (1.0, [1.0, 0.5]),
     "ref-wan": (4.0, 50),  # Wan, `ref_wan`: clips of 8 frames, 98 % of frames right (40 clips)
 }
@@ -296,7 +297,7 @@ def load(name: str, folder: Path | None = None) -> Reference:
     """A reference model by name: ``"ref-dit"`` (trained on digits, ships with diffopt), its
     few-step students ``"ref-dit-1step"`` and ``"ref-dit-2step"`` (distilled from it, also
     shipped), ``"ref-flux"`` (a Flux transformer trained on digits, shipped: `ref_flux`), its
-    students ``"ref-flux-1step"`` and ``"ref-flux-2step"`` (``benchmarks/distill_ref_dit.py
+    students ``"ref-flux-1step"`` and ``"ref-flux-2step"`` (shipped; ``benchmarks/distill_ref_dit.py
     --model ref-flux`` writes them), ``"ref-wan"`` (a Wan video transformer trained on moving
     digits, shipped: `ref_wan`) or ``"dit-s2"`` (DiT-S/2 size, random weights, for timing only).
 
