@@ -10,6 +10,9 @@ others.
 
     python benchmarks/cache_sweep.py --steps 50 28 --images 300
     python benchmarks/cache_sweep.py --model ref-flux --steps 28 --images 300
+
+Under the table, each peer against diffopt at the peer's PSNR (`at_peer_quality`);
+``--summarize FILE.json…`` prints that comparison for sweeps already written.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
 import diffopt
 from diffopt.evaluation import bench, peers, zoo
@@ -104,6 +108,59 @@ def family_of(name: str) -> str:
     return re.sub(r" [\d.]+(dB)?( eager)?$", lambda m: " eager" if m.group(2) else "", name)
 
 
+def at_peer_quality(rows: list[dict]) -> list[dict]:
+    """Each peer row against diffopt at the peer's PSNR, from diffopt's measured cached rows
+    (those on the sweep's inner backend; `rows` as `BenchResult.to_dict` writes them):
+    - ``diffopt ≥ PSNR``: the fastest diffopt row at least as good, as measured (none above
+      diffopt's best);
+    - ``interpolated``: time and FLOPs linear in PSNR between the two diffopt rows that bracket
+      the peer's (none outside diffopt's range: a setting in between is assumed to exist).
+    Ratios are diffopt over the peer: below 1, diffopt is faster at that quality."""
+    ours = sorted(
+        (r for r in rows if r["name"].startswith("diffopt cache") and " eager" not in r["name"]),
+        key=lambda r: r["psnr"],
+    )
+    table = []
+    for peer in (r for r in rows if r["family"] == "peer" and r["flops_ratio"] < 1):
+        psnr = peer["psnr"]
+        better = [r for r in ours if r["psnr"] >= psnr]
+        fastest = min(better, key=lambda r: r["time_ratio"], default=None)
+        below = [r for r in ours if r["psnr"] < psnr]
+        time = flops = None
+        if below and better:
+            low, high = below[-1], min(better, key=lambda r: r["psnr"])
+            share = (psnr - low["psnr"]) / (high["psnr"] - low["psnr"])
+            time, flops = (
+                low[k] + share * (high[k] - low[k]) for k in ("time_ratio", "flops_ratio")
+            )
+        table.append(
+            {
+                "peer": peer["name"],
+                "PSNR dB": round(psnr, 1),
+                "peer time": round(peer["time_ratio"], 3),
+                "diffopt ≥ PSNR": "none"
+                if fastest is None
+                else f"{fastest['psnr']:.1f} dB at {fastest['time_ratio']:.3f}",
+                "time ratio (measured)": None
+                if fastest is None
+                else round(fastest["time_ratio"] / peer["time_ratio"], 3),
+                "time ratio (interpolated)": None
+                if time is None
+                else round(time / peer["time_ratio"], 3),
+                "FLOPs ratio (interpolated)": None
+                if flops is None
+                else round(flops / peer["flops_ratio"], 3),
+            }
+        )
+    return table
+
+
+def peer_comparison(rows: list[dict]) -> str:
+    """`at_peer_quality` as a markdown table under its caption."""
+    caption = "Each peer against diffopt at the peer's PSNR (ratios: diffopt / peer)"
+    return f"{caption}\n\n{tabulate(at_peer_quality(rows), headers='keys', tablefmt='github')}"
+
+
 def plot(result: bench.BenchResult, path: Path) -> Path:
     import matplotlib
 
@@ -143,7 +200,14 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", choices=sorted(PEER_KNOBS), default=list(PEER_KNOBS))
     parser.add_argument("--inner", default="inductor")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--summarize", type=Path, nargs="+", help="written sweeps (.json): compare, run nothing"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        for path in args.summarize:
+            print(f"{path}:\n{peer_comparison(json.loads(path.read_text())['rows'])}\n")
+        return
 
     reference = zoo.load(args.model)
     out = Path(args.out)
@@ -162,7 +226,7 @@ def main() -> None:
             inner=args.inner,
             memory=False,
         )
-        table = result.markdown()
+        table = result.markdown() + "\n\n" + peer_comparison(result.to_dict()["rows"])
         print(table)
         (out / f"{stem}.md").write_text(table + "\n")
         (out / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

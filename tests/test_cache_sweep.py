@@ -1,0 +1,51 @@
+"""benchmarks/cache_sweep.py's comparison at equal quality: each peer against diffopt at the
+peer's PSNR, read off diffopt's measured rows."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def sweep(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delitem(sys.modules, "cache_sweep", raising=False)
+    return importlib.import_module("cache_sweep")
+
+
+def row(name: str, family: str, psnr: float, time: float, flops: float) -> dict:
+    return {"name": name, "family": family, "psnr": psnr, "time_ratio": time, "flops_ratio": flops}
+
+
+ROWS = [
+    row("baseline", "baseline", float("inf"), 1.0, 1.0),
+    row("torch.compile", "peer", 140.0, 0.9, 1.0),  # saves no compute: not a caching peer
+    row("diffopt cache 40dB", "diffopt", 44.0, 0.40, 0.40),
+    row("diffopt cache 30dB", "diffopt", 32.0, 0.20, 0.20),
+    row("diffopt cache 30dB eager", "diffopt", 32.0, 0.10, 0.20),  # another backend: not read
+    row("peer A", "peer", 41.0, 0.50, 0.40),
+    row("peer B", "peer", 50.0, 0.60, 0.60),
+    row("peer C", "peer", 30.0, 0.25, 0.25),
+]
+
+
+def test_each_caching_peer_is_read_against_diffopt_at_its_psnr(sweep):
+    table = {r["peer"]: r for r in sweep.at_peer_quality(ROWS)}
+    assert sorted(table) == ["peer A", "peer B", "peer C"]
+    a = table["peer A"]  # 41 dB: 3/4 of the way from diffopt's 32 dB row to its 44 dB row
+    assert a["diffopt ≥ PSNR"] == "44.0 dB at 0.400"
+    assert a["time ratio (measured)"] == pytest.approx(0.8)
+    assert a["time ratio (interpolated)"] == pytest.approx(0.35 / 0.5)
+    assert a["FLOPs ratio (interpolated)"] == pytest.approx(0.35 / 0.4)
+    b = table["peer B"]  # better than diffopt's best row: nothing to read
+    assert b["diffopt ≥ PSNR"] == "none" and b["time ratio (measured)"] is None
+    c = table["peer C"]  # under diffopt's lowest row: only the measured, over-stated side
+    assert c["time ratio (measured)"] == pytest.approx(0.8)
+    assert c["time ratio (interpolated)"] is None
+    assert "| peer A" in sweep.peer_comparison(ROWS)
