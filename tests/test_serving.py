@@ -80,7 +80,7 @@ def test_a_request_that_fails_half_way_leaves_the_others_unaffected(service, one
     same_images([service.generate(REQUESTS[0])], one_by_one[:1])  # the failed one, again
 
 
-def test_requests_that_arrive_before_the_first_compile_wait_for_it(one_by_one):
+def test_requests_that_arrive_before_the_first_compile_wait_for_it():
     torch._dynamo.reset()
     # no warm-up: the first of 16 requests compiles and calibrates (in full) while the others
     # wait; without the wait, each thread compiled once more up to dynamo's recompile limit,
@@ -93,7 +93,10 @@ def test_requests_that_arrive_before_the_first_compile_wait_for_it(one_by_one):
     replies = asyncio.run(serve_all())
     calibrated = [r for r in cold.served if all(set(a) == {"full"} for a in r.actions.values())]
     assert len(calibrated) == 1
-    differ = [i for i, (a, b) in enumerate(zip(replies, one_by_one, strict=True)) if a.ne(b).any()]
+    # against the same service one by one: which request arrives first (and so calibrates) is
+    # up to the threads, and another calibration's profile may choose other steps
+    again = [cold.generate(r) for r in REQUESTS]
+    differ = [i for i, (a, b) in enumerate(zip(replies, again, strict=True)) if a.ne(b).any()]
     assert len(differ) <= 1, differ  # the calibrating request, uncached
 
 
