@@ -206,6 +206,7 @@ def main() -> None:
                 "schedule": name,
                 "effective NFE": round(nfe, 3),
                 "ref-FID": round(metrics.ref_fid(samples[name], real), 2),
+                "ref-FID sd": round(metrics.ref_fid_spread(samples[name], real), 2),
                 "accuracy": round(metrics.class_accuracy(samples[name], labels), 3),
                 f"PSNR vs {versus} dB": round(to_teacher.mean, 1),
                 "p5 dB": round(to_teacher.p5, 1),

@@ -41,6 +41,15 @@ def test_ref_fid_separates_real_from_noise(real):
     assert same < 0.2 * noise
 
 
+def test_ref_fid_spread_shrinks_with_more_images(real):
+    images, _ = real
+    few, many = images[:40], images[:240]
+    spread_few = metrics.ref_fid_spread(few, images[240:], resamples=8)
+    spread_many = metrics.ref_fid_spread(many, images[240:], resamples=8)
+    assert 0 < spread_many < spread_few
+    assert metrics.ref_fid_spread(few, images[240:], resamples=8) == spread_few  # seeded
+
+
 def test_count_flops_of_a_matmul():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     result, flops = metrics.count_flops(lambda: a @ b)

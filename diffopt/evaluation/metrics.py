@@ -166,6 +166,20 @@ def ref_fid(images: torch.Tensor, real: torch.Tensor) -> float:
     return fid.compute().item()
 
 
+def ref_fid_spread(
+    images: torch.Tensor, real: torch.Tensor, resamples: int = 30, seed: int = 0
+) -> float:
+    """The standard deviation of `ref_fid` over bootstrap resamples of `images` (drawn with
+    replacement, `real` kept whole): how far apart two ref-FIDs of the same sampler at this many
+    images can land by the draw of the images alone."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = [
+        ref_fid(images[torch.randint(len(images), (len(images),), generator=gen)], real)
+        for _ in range(resamples)
+    ]
+    return torch.tensor(draws).std().item()
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run `fn()` once under torch.utils.flop_counter; returns its result and the FLOPs counted."""
     from torch.utils.flop_counter import FlopCounterMode
