@@ -170,8 +170,8 @@ def ref_fid_spread(
     images: torch.Tensor, real: torch.Tensor, resamples: int = 30, seed: int = 0
 ) -> float:
     """The standard deviation of `ref_fid` over bootstrap resamples of `images` (drawn with
-    replacement, `real` kept whole): how far apart two ref-FIDs of the same sampler at this many
-    images can land by the draw of the images alone."""
+    replacement, `real` kept whole): how much a ref-FID at this many images moves with the draw
+    of the images alone."""
     gen = torch.Generator().manual_seed(seed)
     draws = [
         ref_fid(images[torch.randint(len(images), (len(images),), generator=gen)], real)
