@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
+from typing import Any
 
 # Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before
 # triton is first imported. DIFFOPT_TEST_DEVICE=cuda runs them compiled, on a GPU.
@@ -43,3 +47,16 @@ def first_output(out):
     if isinstance(out, torch.Tensor):
         return out
     return out[0] if isinstance(out, tuple) else out.sample
+
+
+@pytest.fixture
+def benchmark_script(monkeypatch):
+    """Import a script of benchmarks/ by name, afresh, with that folder on sys.path for the test
+    (the scripts import each other)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+
+    def load(name: str) -> Any:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        return importlib.import_module(name)
+
+    return load

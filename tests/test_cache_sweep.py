@@ -3,20 +3,12 @@ peer's PSNR, read off diffopt's measured rows."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture
-def sweep(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "cache_sweep", raising=False)
-    return importlib.import_module("cache_sweep")
+def sweep(benchmark_script):
+    return benchmark_script("cache_sweep")
 
 
 def row(name: str, family: str, psnr: float, time: float, flops: float) -> dict:

@@ -4,11 +4,9 @@ through the Reference's own hooks (the same code that distills ref-dit)."""
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +15,15 @@ import diffopt
 from diffopt.evaluation import metrics, zoo
 from diffopt.fewstep.compensation import load_compensation, save_compensation
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+@pytest.fixture
+def script(benchmark_script):
+    return benchmark_script("distill_ref_dit")
 
 
 @pytest.fixture
-def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "distill_ref_dit", raising=False)
-    return importlib.import_module("distill_ref_dit")
-
-
-@pytest.fixture
-def few_step(monkeypatch, script):
-    monkeypatch.delitem(sys.modules, "few_step", raising=False)
-    return importlib.import_module("few_step")
+def few_step(benchmark_script):
+    return benchmark_script("few_step")
 
 
 @pytest.fixture(scope="module")

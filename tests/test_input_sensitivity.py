@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports cache_robustness beside it
-    monkeypatch.delitem(sys.modules, "input_sensitivity", raising=False)
-    return importlib.import_module("input_sensitivity")
+def script(benchmark_script):
+    return benchmark_script("input_sensitivity")  # it imports cache_robustness beside it
 
 
 def test_the_velocities_with_a_guidance_batch_and_without_one(script):

@@ -155,13 +155,24 @@ def ref_fid(images: torch.Tensor, real: torch.Tensor) -> float:
 
     Clips [N, C, F, H, W] (both sides) get the video ref-FID: each clip's mean frame features and
     their mean frame-to-frame change."""
+    return _fid_score(_fid_against(real, images), images)
+
+
+def _fid_against(real: torch.Tensor, images: torch.Tensor) -> Any:
+    """A torchmetrics FID holding `real`'s features (scored once, kept across `reset`), for
+    `images` of the same kind."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if images.dim() != real.dim():
         raise ValueError(f"images are {images.dim()}-D but real data is {real.dim()}-D")
-    features = _ClipFeatures() if images.dim() == 5 else _ClassifierFeatures()
-    fid = FrechetInceptionDistance(feature=features, normalize=True)
+    features = _ClipFeatures() if real.dim() == 5 else _ClassifierFeatures()
+    fid = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
     fid.update((real.clamp(-1, 1) + 1) / 2, real=True)
+    return fid
+
+
+def _fid_score(fid: Any, images: torch.Tensor) -> float:
+    fid.reset()
     fid.update((images.clamp(-1, 1) + 1) / 2, real=False)
     return fid.compute().item()
 
@@ -172,9 +183,9 @@ def ref_fid_spread(
     """The standard deviation of `ref_fid` over bootstrap resamples of `images` (drawn with
     replacement, `real` kept whole): how much a ref-FID at this many images moves with the draw
     of the images alone."""
-    gen = torch.Generator().manual_seed(seed)
+    fid, gen = _fid_against(real, images), torch.Generator().manual_seed(seed)
     draws = [
-        ref_fid(images[torch.randint(len(images), (len(images),), generator=gen)], real)
+        _fid_score(fid, images[torch.randint(len(images), (len(images),), generator=gen)])
         for _ in range(resamples)
     ]
     return torch.tensor(draws).std().item()
