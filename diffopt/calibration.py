@@ -43,12 +43,13 @@ ref-dit at 28 steps (budgets 42/40/34/30 picked the same settings as without the
 bound 38.9 dB, work 0.25) for 0.2 (45.4 dB on fresh inputs, work 0.29): the bound's margin,
 not the grid, is what a 41 dB peer point beats."""
 
-INTERVAL_GRID = {"every": (2, 3, 4, 5, 6), "warmup": (2, 3)}
+INTERVAL_GRID = {"every": (2, 3, 4, 5, 6, 7, 8), "warmup": (2, 3)}
 """Fixed schedules ``cache="auto"`` also tries (`diffopt.runtime.controller.interval_plan`, with
 extrapolated reuse), at every phase: on ref-flux at 28 steps (20 calibration inputs,
 ``benchmarks/results/cache-sweep-ref-flux-28-plans-calibration.md``) every-3 plans at work 0.429
 ran from 43.7 to 49.0 dB by where the full steps fell, and the best beat the controller's best
-there (47.6 dB at work 0.464)."""
+there (47.6 dB at work 0.464). Every 7 and 8 reach TaylorSeer 8's work (0.18 on ref-wan at 50
+steps), which every 6 (0.24) did not."""
 
 
 Selection = Literal["fresh", "calibration"]

@@ -4,6 +4,9 @@ Two lines on the change accumulated since the last full step: below `early` the 
 is reused (push); between `early` and `critical` the step is polished with a block or token
 refresh; past `critical` a full step runs and the accumulator restarts. The first `warmup` steps
 and the last step always compute, and no more than `max_reuse` steps in a row skip the full stack.
+A calibrated plan (``mode="plan"``) decides every step after the warm-up, the last included: its
+quality was measured with that action, while the online controller cannot know what an unprotected
+last step would cost.
 
 Every sample keeps its own accumulator. A batch runs the most compute any of its samples asks
 for, so no sample is ever skipped because its batch mates changed little; a sample that receives
@@ -64,8 +67,10 @@ def load_plan(plan: Sequence[str] | str, steps: int) -> list[CacheAction]:
 
 def interval_plan(steps: int, every: int, warmup: int, phase: int = 0) -> list[CacheAction]:
     """A fixed schedule (FORA's and TaylorSeer's shape): the first `warmup` steps full, then a
-    full step at ``warmup + phase`` and every `every` steps after it, reuse between; the last
-    step is full too, as the controller always runs it."""
+    full step at ``warmup + phase`` and every `every` steps after it, reuse between. The last
+    step follows the pattern too, as in TaylorSeer: on ref-flux at 28 steps (8 seeds), letting
+    it reuse saved 0.036 of the work and moved PSNR by -0.23 to +0.12 dB (calibration tries
+    every phase, so one of them ends on a full step)."""
     if every < 1 or warmup < 0 or not 0 <= phase < every:
         raise ConfigError(
             f"an interval plan needs every >= 1, warmup >= 0 and 0 <= phase < every, got "
@@ -73,9 +78,7 @@ def interval_plan(steps: int, every: int, warmup: int, phase: int = 0) -> list[C
         )
     first = warmup + phase
     return [
-        "full"
-        if s < warmup or s == steps - 1 or (s >= first and (s - first) % every == 0)
-        else "reuse"
+        "full" if s < warmup or (s >= first and (s - first) % every == 0) else "reuse"
         for s in range(steps)
     ]
 
@@ -117,10 +120,12 @@ class Controller:
             self.accumulated = torch.zeros_like(change)
             self.since_full = torch.zeros_like(change)
         config = self.config
-        if step < self.start + config.warmup or step >= self.steps - 1:
+        if step < self.start + config.warmup:
             action: CacheAction = "full"
         elif self.plan is not None:
-            action = self.plan[step]
+            action = self.plan[step]  # the last step too: the plan was measured with it
+        elif step >= self.steps - 1:
+            action = "full"
         else:
             self.accumulated += change if curvature is None else curvature * (self.since_full + 1)
             # Per sample: 0 reuse, 1 polish, 2 full; the batch runs the most anyone needs.
