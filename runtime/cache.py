@@ -162,6 +162,9 @@ def request(
     """
     req = Request(steps, cache, calibrate, trial)
     token = _REQUEST.set(req)
+    # a noise level recorded by another model's graphs before this scope is not this request's:
+    # a graph that reads it but has no recorder of its own would take every call for one step
+    timestep = _TIMESTEP.set(None)
     failed = True
     try:
         with counting_graph_calls() as calls:
@@ -169,6 +172,7 @@ def request(
         failed = False
     finally:
         _REQUEST.reset(token)
+        _TIMESTEP.reset(timestep)
         req.close(failed)
     if not calls[0]:
         warnings.warn(

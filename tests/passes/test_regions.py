@@ -9,6 +9,7 @@ import diffopt
 from diffopt.evaluation import zoo
 from diffopt.passes.regions import module_path
 
+from ..caching import build, cached, denoise
 from ..models import NoBlocks, sparse_attention_model, user_model
 
 EXPECTED_BLOCKS = {
@@ -127,17 +128,22 @@ class _NoopBlockInStack(torch.nn.Module):
         return x
 
 
+def _planned_request(model, inputs, plan):
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": len(plan)}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    with torch.no_grad(), diffopt.request(steps=len(plan)) as request:
+        for step in range(len(plan)):
+            compiled(inputs[0], torch.full((2,), 0.9 - 0.2 * step))
+    return options, request
+
+
 def test_a_block_left_empty_by_cleanup_leaves_regions_and_guards():
     # a block of no-ops (a same-dtype cast; Mochi's dropout) is erased by remove_noops: no region
     # runs it, so no guard may name it (the cache executor looked every guard region up in the
     # lowered program: KeyError 'ff.net.1')
     model, inputs = _NoopBlockInStack().eval(), (torch.randn(2, 5, 16), torch.rand(2))
     plan = ["full", "full", "reuse", "full"]
-    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": 4}}
-    compiled = torch.compile(model, backend="diffopt", options=options)
-    with torch.no_grad(), diffopt.request(steps=4) as request:
-        for step in range(4):
-            compiled(inputs[0], torch.full((2,), 0.9 - 0.2 * step))
+    options, request = _planned_request(model, inputs, plan)
     assert [a for actions in request.actions.values() for a in actions] == plan
     report = diffopt.inspect(model, inputs, options)
     assert "blocks.1" not in [r.name for r in report.regions]
@@ -205,3 +211,15 @@ def test_kandinsky6_sr_runs_its_blocks_through_the_guards_and_the_cache():
             if plan[step] == "full":
                 torch.testing.assert_close(out, model(**{**inputs, "timestep": timestep})[0])
     assert [a for actions in request.actions.values() for a in actions] == plan
+
+
+def test_a_model_without_a_timestep_input_ignores_the_noise_level_another_model_left():
+    """This stack's noise level is no graph input (it scales the stream), so each call is a
+    step. Another model run before, outside a scope, left its own noise level behind; read in
+    the next request, it made every call another guidance branch of step 0 (nothing reused)."""
+    other, other_inputs = build()
+    denoise(cached(other, 12), other_inputs, 12)
+    model, inputs = _NoopBlockInStack().eval(), (torch.randn(2, 5, 16), torch.rand(2))
+    plan = ["full", "full", "reuse", "full"]
+    _, request = _planned_request(model, inputs, plan)
+    assert request.actions == {0: plan}
