@@ -101,7 +101,8 @@ class CacheConfig:
     controller then accumulates the calibrated curvature, weighted by the distance from the last
     full step (the error a linear extrapolation makes), instead of the change."""
     warmup: int = 1
-    """The first steps always compute (the last step always does too)."""
+    """The first steps always compute (the last step does too, except under a plan: the plan
+    was measured with the action it names there)."""
     max_reuse: int = 8
     """Cap on consecutive steps that are not full."""
     check: Literal["none", "stack"] = "none"

@@ -47,7 +47,7 @@ def token_refresh_runs(
     executor = build_executor(
         program, config, guards, timestep_slot=timestep_slot, param_slots=weights, variants=record
     )
-    plan = ["full", "full", "token", "full"]  # the last step of a request always runs in full
+    plan = ["full", "full", "token", "full"]  # a token refresh between full steps
     # an uncalibrated cache has no change profile; a planned request only needs one to exist
     settings = dataclasses.replace(
         config.cache, mode="plan", plan=plan, profile=config.cache.profile or [1.0] * len(plan)
