@@ -193,8 +193,9 @@ def capture(
             # a break at a mask's nonzero inside a loop makes dynamo skip the whole frame and
             # compile each block alone (HunyuanVideo 1.5's per-sample text reordering): with
             # such sizes kept in the graph (unbacked) the blocks can stay one stack. Kept where
-            # it finds more blocks: elsewhere it moves the breaks (Lumina2's main blocks left
-            # its graph) or fails on the size's value (Qwen-Image 2.1's tolist() of a slice)
+            # it finds more blocks, or as many in fewer graphs (Z-Image: its blocks then share
+            # a graph with the noise level): elsewhere it moves the breaks (Lumina2's main
+            # blocks left its graph) or fails on the size's value (Qwen-Image 2.1's tolist())
             plain = captured[:]
             start_over()
             try:
@@ -237,9 +238,10 @@ def _frames_of(code: Any) -> list[Any]:
     return found
 
 
-def _most_blocks(captured: list[Captured]) -> int:
-    """How many blocks the graph holding the most of them holds (0: no graph)."""
-    return max((len(c.result.graph.blocks) for c in captured), default=0)
+def _most_blocks(captured: list[Captured]) -> tuple[int, int]:
+    """How many blocks the graph holding the most of them holds (0: no graph), then how few
+    graphs hold the call: the better capture compares higher."""
+    return max((len(c.result.graph.blocks) for c in captured), default=0), -len(captured)
 
 
 def model_line(message: str) -> tuple[str, str] | None:

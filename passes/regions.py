@@ -43,7 +43,9 @@ from .graph import (
 )
 from .report import PassReport
 
-_PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
+# a ModuleDict key may hold any character but a dot (Z-Image's all_x_embedder['2-1'] reads
+# ``.2-1``): ``\w+`` took it for the index 2, and the embedder for a block
+_PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.([^.\[\]]+)")
 _SKIPPED_TOKENS = {"__dict__", "_modules"}
 _TIME_NAMES = ("timestep", "timesteps", "sigma", "sigmas", "t")
 
@@ -173,12 +175,12 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
     steps = _layer_steps(body)
     depth = _block_depth(body, steps)
     scoped = _scoped_paths(body)
+    current: str | None = None  # the block the last node run inside a module belongs to
     for node in body:
         paths = scoped[node]
         block = _block_path(paths, steps)
         if block is not None and block.count(".") != depth:
             block = None
-        current = runs[-1][1] if runs and runs[-1][0] == "block" else None
         if block is not None and block != current and block in finished:
             block = None  # a finished block's submodule called again later: root code
         if block is not None:
@@ -187,11 +189,15 @@ def _assign_regions(gm: fx.GraphModule, report: PassReport) -> list[Region]:
             kind, owner = "module", paths[0]
         else:
             kind, owner = None, None
+        # code outside any module (Z-Image's autocast around the rotary embedding inside its
+        # attention) leaves the block open: the block's nodes after it are still the block's
+        if kind is not None:
+            if current is not None and owner != current:
+                finished.add(current)
+            current = owner if kind == "block" else None
         if runs and runs[-1][:2] == (kind, owner):
             runs[-1][2].append(node)
         else:
-            if current is not None:
-                finished.add(current)
             runs.append((kind, owner, [node]))
 
     block_runs = [i for i, run in enumerate(runs) if run[0] == "block"]

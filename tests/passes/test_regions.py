@@ -83,6 +83,25 @@ def test_module_path_normalizes_dynamo_sources():
     source = "L['self'].__dict__['_modules']['transformer_blocks'].__dict__['_modules']['3']"
     assert module_path(source) == "transformer_blocks.3"
     assert module_path("L['self'].transformer_blocks[3].attn") == "transformer_blocks.3.attn"
+    # a ModuleDict key (Z-Image's all_x_embedder['2-1']) is one name, not the index 2
+    assert module_path("L['self'].all_x_embedder.2-1") == "all_x_embedder.2-1"
+
+
+def test_z_image_blocks_are_its_refiners_and_layers_whole():
+    """Z-Image's patch embedder and final layer sit in ModuleDicts keyed "2-1": read as index 2
+    they were blocks, and the step guard's span ran from the embedder to the final layer. Its
+    attention switches autocast off around the rotary embedding (code outside any module):
+    that closed the block there, and the last layer's second half went to the epilogue."""
+    model, inputs = zoo.build("tiny-z-image")
+    report = diffopt.inspect(model, inputs, {"inner": "eager", "cache": {"steps": 4}})
+    assert report.graphs == 1  # the noise level and the blocks in one graph
+    blocks = [r.name for r in report.regions if r.kind == "block"]
+    assert blocks[0] == "noise_refiner.0" and blocks[-1] == "layers.1"
+    step, block = (
+        next(p for p in report.passes if p.name == n) for n in ("step_guard", "block_guard")
+    )
+    assert len(step.rewritten) == 1 and step.rewritten[0].what.endswith(": x_16 = cached value")
+    assert {e.where for e in block.rewritten} == {"noise_refiner.0", "layers.1"}
 
 
 class _FeedForwardTail(torch.nn.Module):
