@@ -469,6 +469,20 @@ class Family:
             return f"output[0] is a {kind} (per-sample tensors), not the batch's prediction"
         return None
 
+    def image_to_video_split(self, latents: Any) -> tuple[Any, Any, int]:
+        """(latents, concat, channel axis) for `diffopt.unroll`: where the prediction has fewer
+        channels than the input on one axis, the rest are conditioning an image-to-video
+        pipeline joins on (HunyuanVideo 1.5, SVD, Kandinsky 6 SR)."""
+        out = self.reference[0]
+        if out.dim() != latents.dim():
+            return latents, None, 1
+        differ = [a for a in range(1, latents.dim()) if out.shape[a] != latents.shape[a]]
+        if len(differ) != 1 or out.shape[differ[0]] > latents.shape[differ[0]]:
+            return latents, None, 1  # same shape, or learned sigma's extra output channels
+        axis, kept = differ[0], out.shape[differ[0]]
+        rest = latents.shape[axis] - kept
+        return latents.narrow(axis, 0, kept), latents.narrow(axis, kept, rest), axis
+
     def unroll(self, partial: bool) -> dict:
         import torch
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -479,7 +493,7 @@ class Family:
         if why:
             return cell("skip", "", why)
         spec = self.spec
-        latents = self.inputs[spec.latents]
+        latents, concat, axis = self.image_to_video_split(self.inputs[spec.latents])
         cond = {
             k: v
             for k, v in self.fresh().items()
@@ -488,10 +502,14 @@ class Family:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         steps = "1.5" if partial else 2
         sampler = diffopt.unroll(
-            self.model, scheduler, steps, timestep_scale=spec.timestep_scale / 1000
+            self.model,
+            scheduler,
+            steps,
+            timestep_scale=spec.timestep_scale / 1000,
+            channel_axis=axis,
         )
         with torch.no_grad():
-            eager = sampler(latents.clone(), cond)
+            eager = sampler(latents.clone(), cond, concat=concat)
         if partial:
             return cell("ok", str(sampler.schedule[-1]))
         torch._dynamo.reset()
@@ -499,7 +517,7 @@ class Family:
             sampler, backend="diffopt", options={"inner": "eager"}, fullgraph=True
         )
         with torch.no_grad():
-            out = compiled(latents.clone(), copy.deepcopy(cond))
+            out = compiled(latents.clone(), copy.deepcopy(cond), concat=concat)
         diff = max_diff(out, eager)
         if diff <= TOLERANCE:
             return cell("ok", f"{diff:.0e}", max_diff=diff)

@@ -115,8 +115,11 @@ def fit_compensation(
     cond: Conditioning,
     uncond: Conditioning | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    concat: torch.Tensor | None = None,
 ) -> CompensationFit:
-    """Fit every partial step's compensation on calibration inputs, in schedule order.
+    """Fit every partial step's compensation on calibration inputs, in schedule order
+    (`concat`: the sampler's image-to-video channels, as its forward takes them).
 
     Each partial step is fit on the trajectory the sampler really takes: earlier partial steps
     already use their fitted compensation. Returns the residual errors before and after.
@@ -127,7 +130,9 @@ def fit_compensation(
     errors = {}
     for i in partial_steps:
         with torch.no_grad():
-            _, (reused, target) = sampler._run(latents, cond, uncond, noise, collect=i)
+            _, (reused, target) = sampler._run(
+                latents, cond, uncond, noise, collect=i, concat=concat
+            )
         compensation = sampler.compensation[str(i)]
         before = _relative_error(compensation(reused), target)
         compensation.fit(reused, target, group=sampler.group)

@@ -422,9 +422,13 @@ class UnrolledSampler(nn.Module):
         blocks: str | None,
         compensation: str,
         rank: int,
+        channel_axis: int = 1,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
+        self.channel_axis = channel_axis
+        """The latents' channel axis: where `forward`'s ``concat`` joins them (SVD's
+        [B, F, C, H, W] latents: 2)."""
         self.latents_input = _latents_keyword(denoiser)
         self.coefficients, self.schedule = coefficients, schedule
         self.guidance, self.guidance_input = guidance, guidance_input
@@ -477,11 +481,16 @@ class UnrolledSampler(nn.Module):
         cond: Conditioning,
         uncond: Conditioning | None = None,
         noise: torch.Tensor | None = None,
+        *,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final latents from starting `latents`, conditioning `cond` (the denoiser's keyword
         inputs, nested as pipelines pass them) and, with guidance by a batch of two, `uncond`.
-        `noise`: [noisy_steps, *latents shape] for consistency samplers (drawn fresh when None)."""
-        return self._run(latents, cond, uncond, noise)[0]
+        `noise`: [noisy_steps, *latents shape] for consistency samplers (drawn fresh when None).
+        `concat`: channels an image-to-video pipeline joins onto the latents at every step (Wan
+        I2V's condition, HunyuanVideo 1.5's image latents and mask), after the input scaling,
+        on the channel axis; the denoiser predicts the latents' channels only."""
+        return self._run(latents, cond, uncond, noise, concat=concat)[0]
 
     def _run(
         self,
@@ -490,6 +499,7 @@ class UnrolledSampler(nn.Module):
         uncond: Conditioning | None,
         noise: torch.Tensor | None,
         collect: int | None = None,
+        concat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The loop; with `collect` = a partial step's index, also runs that step in full and
         returns (reused residual, the residual the skipped blocks really produce) there."""
@@ -500,9 +510,9 @@ class UnrolledSampler(nn.Module):
                 f"{self.noisy_steps} steps: pass [{self.noisy_steps}, *latents.shape]"
             )
         x, residuals, pair, noisy = latents, {}, None, 0
+        axis = self.channel_axis
         for i, (c, step) in enumerate(zip(self.coefficients, self.schedule, strict=True)):
-            model_in = c.input_scale * x
-            batch = torch.cat([model_in, model_in]) if guided else model_in
+            batch = self._model_input(c.input_scale * x, concat, guided)
             timestep = batch.new_full((batch.shape[0],), c.timestep)
             if isinstance(step, Partial):
                 if i == collect:
@@ -514,7 +524,14 @@ class UnrolledSampler(nn.Module):
                 self._reuse[i].residual = None
             elif self._views:
                 residuals = {k: self._residual(k) for k in self._taps if k != "end"}
-            out = out[:, : x.shape[1]]  # learned-sigma models append variance channels
+            if out.shape[axis] < x.shape[axis]:
+                raise ConfigError(
+                    f"the denoiser predicts {out.shape[axis]} channels for latents of "
+                    f"{x.shape[axis]} (axis {axis}): its input carries conditioning channels "
+                    f"(image-to-video); pass the latents' {out.shape[axis]} channels as latents "
+                    "and the rest as concat="
+                )
+            out = out.narrow(axis, 0, x.shape[axis])  # learned sigma appends variance channels
             if guided:
                 out = mix_guidance(out, self.guidance)
             eps = None
@@ -525,6 +542,15 @@ class UnrolledSampler(nn.Module):
         for tap in self._taps.values():
             tap.value = None  # hold no activations between calls
         return x, pair
+
+    def _model_input(
+        self, latents: torch.Tensor, concat: torch.Tensor | None, guided: bool
+    ) -> torch.Tensor:
+        """One step's denoiser input: the scaled latents with the `concat` channels, doubled
+        for guidance by a batch of two."""
+        if concat is not None:
+            latents = torch.cat([latents, concat], dim=self.channel_axis)
+        return torch.cat([latents, latents]) if guided else latents
 
     def _inputs(
         self,
@@ -544,15 +570,17 @@ class UnrolledSampler(nn.Module):
         latents: torch.Tensor,
         cond: Conditioning,
         uncond: Conditioning | None = None,
+        *,
+        concat: torch.Tensor | None = None,
     ) -> float:
         """FLOPs of one sampler call over the FLOPs of one full step, counted on these inputs."""
         from torch.utils.flop_counter import FlopCounterMode
 
         guided, inputs = self._inputs(latents, cond, uncond)
-        batch = torch.cat([latents, latents]) if guided else latents
+        batch = self._model_input(latents, concat, guided)
         timestep = batch.new_full((batch.shape[0],), self.coefficients[0].timestep)
         with torch.no_grad(), FlopCounterMode(display=False) as whole:
-            self(latents, cond, uncond)
+            self(latents, cond, uncond, concat=concat)
         with torch.no_grad(), FlopCounterMode(display=False) as step:
             self._call(self.denoiser, batch, timestep, inputs)
         return whole.get_total_flops() / step.get_total_flops()
@@ -628,6 +656,7 @@ def unroll(
     compensation: str = "affine",
     rank: int = 8,
     timestep_scale: float = 1.0,
+    channel_axis: int = 1,
 ) -> UnrolledSampler:
     """The whole sampling schedule of `denoiser` under `scheduler` as one module.
 
@@ -645,6 +674,8 @@ def unroll(
             reused residual of each partial step; identity until `diffopt.fit_compensation`.
         timestep_scale: multiplies the scheduler's timesteps before the denoiser sees them, for
             models that take another scale (diffusers' Flux transformer takes t / 1000: 1e-3).
+        channel_axis: the latents' channel axis (1; SVD's [B, F, C, H, W]: 2): where the
+            forward's ``concat`` channels join them and learned-sigma outputs are cut.
     """
     explicit = isinstance(steps, Sequence) and not isinstance(steps, str)
     if explicit:
@@ -676,4 +707,5 @@ def unroll(
         blocks=stack if needs_blocks else None,
         compensation=compensation,
         rank=rank,
+        channel_axis=channel_axis,
     )

@@ -665,3 +665,29 @@ def test_a_cosine_learning_rate_moves_the_weights_less_than_a_constant_one():
     assert 0.6 < moved["cosine"] / moved["constant"] < 0.9
     with pytest.raises(ConfigError, match="lr_schedule must be"):
         diffopt.train_schedule(sampler, latents, cond, targets, steps=1, lr_schedule="linear")
+
+
+def test_image_to_video_channels_join_the_latents_at_every_step():
+    """Wan I2V's pipeline joins its condition channels onto the latents before each call and
+    the model predicts the latents' channels only: `concat=` does that inside the sampler."""
+    from diffusers import WanTransformer3DModel
+
+    from diffopt.evaluation.families import _WAN_SIZES
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**_WAN_SIZES, "in_channels": 8}).eval()
+    generator = torch.Generator().manual_seed(1)
+    latents, image = torch.randn(2, 2, 4, 2, 8, 8, generator=generator)
+    cond = {"encoder_hidden_states": torch.randn(2, 6, 16, generator=generator)}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(3)
+    x = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            joined = torch.cat([x, image], dim=1)
+            out = model(joined, timestep=t.expand(2), **cond, return_dict=False)[0]
+            x = scheduler.step(out, t, x, return_dict=False)[0]
+        sampler = diffopt.unroll(model, FlowMatchEulerDiscreteScheduler(shift=3.0), 3)
+        torch.testing.assert_close(sampler(latents, cond, concat=image), x)
+        with pytest.raises(ConfigError, match="predicts 4 channels for latents of 8"):
+            sampler(torch.cat([latents, image], dim=1), cond)
