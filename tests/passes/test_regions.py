@@ -100,7 +100,8 @@ def test_z_image_blocks_are_its_refiners_and_layers_whole():
     step, block = (
         next(p for p in report.passes if p.name == n) for n in ("step_guard", "block_guard")
     )
-    assert len(step.rewritten) == 1 and step.rewritten[0].what.endswith(": x_16 = cached value")
+    # the span caches the stream alone (one value; the node's name is dynamo's to choose)
+    assert len(step.rewritten) == 1 and step.rewritten[0].what.count("cached value") == 1
     assert {e.where for e in block.rewritten} == {"noise_refiner.0", "layers.1"}
 
 
