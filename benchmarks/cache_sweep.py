@@ -12,7 +12,10 @@ others.
     python benchmarks/cache_sweep.py --model ref-flux --steps 28 --images 300
 
 Under the table, each peer against diffopt at the peer's PSNR (`at_peer_quality`);
-``--summarize FILE.json…`` prints that comparison for sweeps already written.
+``--summarize FILE.json…`` prints that comparison for sweeps already written. ``--calibrated
+DIR`` saves each budget's chosen config there (``found.save``) and, when a later run finds them
+all, times those instead of calibrating again (the calibration is seeded: a re-timing, e.g. with
+more ``--repeats``, gets the same settings without the half hour; no calibration table then).
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tabulate import tabulate
 
 import diffopt
+from diffopt.calibration import Calibration
+from diffopt.config import CacheConfig
 from diffopt.evaluation import bench, peers, zoo
 
 MODELS = ("ref-dit", "ref-flux", "ref-wan")
@@ -45,9 +52,12 @@ def variants_for(
     targets: list[float],
     peer_names: list[str],
     calibration_table: Path | None = None,
+    calibrated: Path | None = None,
 ) -> list:
     """The rows of one sweep; `calibration_table`: where to write every setting the calibration
-    tried, with its estimate and work (the evidence behind diffopt's rows)."""
+    tried, with its estimate and work (the evidence behind diffopt's rows); `calibrated`: where
+    each budget's chosen config is saved, and read from instead of calibrating when all are
+    there."""
     labels, seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
 
     def calibration_run(denoiser):
@@ -59,26 +69,21 @@ def variants_for(
         bench.torch_compile_variant(),
         bench.diffopt_variant("diffopt no cache"),
     ]
-    try:  # the settings tried do not depend on the budget: try them once, choose per budget
-        trials = diffopt.calibrate(
-            reference.model, calibration_run, steps=steps, cache="auto", target_psnr=min(targets)
-        )
-    except diffopt.ConfigError as e:  # a budget no setting meets is a finding, not a crash
-        print(f"{steps} steps, {min(targets)} dB: {e}")
-        trials, targets = None, []
-    if trials is not None and calibration_table is not None:
-        calibration_table.write_text(trials.table() + "\n")
-    for target in targets:
-        try:
-            found = trials.retarget(target)
-        except diffopt.ConfigError as e:
-            print(f"{steps} steps, {target} dB: {e}")
-            continue
-        print(f"{steps} steps, {target} dB: {found.chosen.describe()}")
-        out.append(bench.cached_variant(f"diffopt cache {target:g}dB", found.config))
+    saved = {t: Path(calibrated or ".") / f"{reference.name}-{steps}-{t:g}dB.json" for t in targets}
+    if calibrated is not None and all(path.exists() for path in saved.values()):
+        chosen = {t: CacheConfig(**json.loads(saved[t].read_text())) for t in targets}
+    else:
+        found = calibrations(reference.model, calibration_run, steps, targets, calibration_table)
+        if calibrated is not None:
+            calibrated.mkdir(parents=True, exist_ok=True)
+            for target, calibration in found.items():
+                calibration.save(saved[target])
+        chosen = {target: calibration.config for target, calibration in found.items()}
+    for target, config in chosen.items():
+        out.append(bench.cached_variant(f"diffopt cache {target:g}dB", config))
         if target == min(targets):  # the caching policy alone, regions run eagerly like peers
             name = f"diffopt cache {target:g}dB eager"
-            out.append(bench.cached_variant(name, found.config, "eager"))
+            out.append(bench.cached_variant(name, config, "eager"))
     # MagCache's magnitude-ratio calibration: seeds disjoint from the benchmark's (from 0)
     small = (torch.arange(10), list(range(10_020, 10_030)))
 
@@ -96,6 +101,34 @@ def variants_for(
     for name in peer_names:
         out += [makers[name](knob) for knob in PEER_KNOBS[name]]
     return out
+
+
+def calibrations(
+    model: torch.nn.Module,
+    run: Callable[[Any], torch.Tensor],
+    steps: int,
+    targets: list[float],
+    calibration_table: Path | None,
+) -> dict[float, Calibration]:
+    """`calibrate(cache="auto")` once (the settings tried do not depend on the budget), then the
+    setting chosen for each budget; a budget no setting meets is printed, not raised."""
+    try:
+        trials = diffopt.calibrate(model, run, steps=steps, cache="auto", target_psnr=min(targets))
+    except diffopt.ConfigError as e:
+        print(f"{steps} steps, {min(targets)} dB: {e}")
+        return {}
+    if calibration_table is not None:
+        calibration_table.write_text(trials.table() + "\n")
+    chosen = {}
+    for target in targets:
+        try:
+            found = trials.retarget(target)
+        except diffopt.ConfigError as e:
+            print(f"{steps} steps, {target} dB: {e}")
+            continue
+        print(f"{steps} steps, {target} dB: {found.chosen.describe()}")
+        chosen[target] = found
+    return chosen
 
 
 def result_stem(model: str, steps: int) -> str:
@@ -203,6 +236,9 @@ def main() -> None:
     parser.add_argument(
         "--summarize", type=Path, nargs="+", help="written sweeps (.json): compare, run nothing"
     )
+    parser.add_argument(
+        "--calibrated", type=Path, help="save the chosen configs here; reuse them when all exist"
+    )
     args = parser.parse_args()
     if args.summarize:
         for path in args.summarize:
@@ -215,7 +251,12 @@ def main() -> None:
     for steps in args.steps:
         stem = result_stem(args.model, steps)
         variants = variants_for(
-            reference, steps, args.targets, args.peers, out / f"{stem}-calibration.md"
+            reference,
+            steps,
+            args.targets,
+            args.peers,
+            out / f"{stem}-calibration.md",
+            args.calibrated,
         )
         result = bench.run(
             reference,
