@@ -13,7 +13,9 @@ Rows, all on the same labels and seeds:
 Effective NFE is computed FLOPs over the FLOPs of one single-batch call; the teacher's guidance
 batch of two counts 2 per step (the 1.x-Distill paper's "28 × 2"). Quality: ref-FID and class
 accuracy from the digits classifier; wall time as ratios to the teacher's 50-step loop, median of
-interleaved runs in one process.
+interleaved runs in one process. Beside each ref-FID, its bootstrap spread and its difference from
+the 2-step student's with the paired spread of that difference (the same seeds' images resampled
+together, `metrics.ref_fid_difference`): what a "ref-FID ≤ the 2-step student's" claim needs.
 
     python benchmarks/few_step.py --images 300
 
@@ -201,12 +203,15 @@ def main() -> None:
     for name, (_, nfe) in rows.items():
         seconds = statistics.median(times[name]) if timed else None
         to_teacher = psnr_stats(samples[name], samples[reference], metrics.DATA_RANGE)
+        gap, gap_sd = metrics.ref_fid_difference(samples[name], two_steps, real)
         table.append(
             {
                 "schedule": name,
                 "effective NFE": round(nfe, 3),
                 "ref-FID": round(metrics.ref_fid(samples[name], real), 2),
                 "ref-FID sd": round(metrics.ref_fid_spread(samples[name], real), 2),
+                "ref-FID - 2-step": round(gap, 2),
+                "paired sd": round(gap_sd, 2),
                 "accuracy": round(metrics.class_accuracy(samples[name], labels), 3),
                 f"PSNR vs {versus} dB": round(to_teacher.mean, 1),
                 "p5 dB": round(to_teacher.p5, 1),

@@ -50,6 +50,18 @@ def test_ref_fid_spread_shrinks_with_more_images(real):
     assert metrics.ref_fid_spread(few, images[240:], resamples=8) == spread_few  # seeded
 
 
+def test_a_paired_ref_fid_difference_is_tighter_than_either_spread(real):
+    images, _ = real
+    few, rest = images[:80], images[240:]
+    blurred = (few + 0.1 * torch.randn_like(few)).clamp(-1, 1)
+    gap, sd = metrics.ref_fid_difference(blurred, few, rest, resamples=8)
+    assert gap == pytest.approx(metrics.ref_fid(blurred, rest) - metrics.ref_fid(few, rest))
+    assert 0 < sd < 0.5 * metrics.ref_fid_spread(few, rest, resamples=8)
+    assert metrics.ref_fid_difference(few, few, rest, resamples=4) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same seeds"):
+        metrics.ref_fid_difference(few, images[:40], rest)
+
+
 def test_count_flops_of_a_matmul():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     result, flops = metrics.count_flops(lambda: a @ b)

@@ -183,12 +183,39 @@ def ref_fid_spread(
     """The standard deviation of `ref_fid` over bootstrap resamples of `images` (drawn with
     replacement, `real` kept whole): how much a ref-FID at this many images moves with the draw
     of the images alone."""
-    fid, gen = _fid_against(real, images), torch.Generator().manual_seed(seed)
-    draws = [
-        _fid_score(fid, images[torch.randint(len(images), (len(images),), generator=gen)])
-        for _ in range(resamples)
-    ]
-    return torch.tensor(draws).std().item()
+    (draws,) = _paired_fid_draws([images], real, resamples, seed)
+    return draws.std().item()
+
+
+def ref_fid_difference(
+    images: torch.Tensor,
+    other: torch.Tensor,
+    real: torch.Tensor,
+    resamples: int = 30,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``ref_fid(images) - ref_fid(other)`` and its standard deviation over paired bootstrap
+    resamples: the same draw of indices for both, which needs `images[i]` and `other[i]` to
+    come from the same seed and label. Two samplers on the same seeds share most of their
+    ref-FID's draw-to-draw noise, so a gap far inside either one's `ref_fid_spread` can still
+    be told apart from zero by its paired spread."""
+    if images.shape != other.shape:
+        raise ValueError(
+            "a paired ref-FID difference needs samples of the same seeds, got "
+            f"{tuple(images.shape)} and {tuple(other.shape)}"
+        )
+    first, second = _paired_fid_draws([images, other], real, resamples, seed)
+    return ref_fid(images, real) - ref_fid(other, real), (first - second).std().item()
+
+
+def _paired_fid_draws(
+    samples: list[torch.Tensor], real: torch.Tensor, resamples: int, seed: int
+) -> list[torch.Tensor]:
+    """Each of `samples`' ref-FID on the same `resamples` bootstrap draws of indices."""
+    fid, gen = _fid_against(real, samples[0]), torch.Generator().manual_seed(seed)
+    n = len(samples[0])
+    picks = [torch.randint(n, (n,), generator=gen) for _ in range(resamples)]
+    return [torch.tensor([_fid_score(fid, images[pick]) for pick in picks]) for images in samples]
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
