@@ -38,10 +38,10 @@ from diffopt.config import CacheConfig, ConfigError
 from diffopt.evaluation import zoo
 
 FRONTIER_TARGETS = tuple(range(20, 50, 2))
+"""Budgets edge-picking is asked for to trace its fresh-PSNR-vs-work frontier."""
 METHODS = ("old", "new", "new+check")
 """Edge-picking on the calibration figure; the fresh-input selection; the same with the online
 check turned on (``--check``)."""
-"""Budgets edge-picking is asked for to trace its fresh-PSNR-vs-work frontier."""
 
 
 @dataclass(frozen=True)
