@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -142,15 +143,16 @@ def family_of(name: str) -> str:
 
 
 def at_peer_quality(rows: list[dict]) -> list[dict]:
-    """Each peer row against diffopt at the peer's PSNR, from diffopt's measured cached rows
-    (those on the sweep's inner backend; `rows` as `BenchResult.to_dict` writes them):
-    - ``diffopt ≥ PSNR``: the fastest diffopt row at least as good, as measured (none above
-      diffopt's best);
-    - ``interpolated``: time and FLOPs linear in PSNR between the two diffopt rows that bracket
-      the peer's (none outside diffopt's range: a setting in between is assumed to exist).
+    """Each peer row against diffopt at the peer's PSNR, from diffopt's measured rows on the
+    sweep's inner backend, cached and not (`rows` as `BenchResult.to_dict` writes them):
+    - ``diffopt ≥ PSNR``: the fastest diffopt row at least as good, as measured (diffopt without
+      a cache is exact: above its best cached row, it is the one);
+    - ``interpolated``: time and FLOPs linear in PSNR between the two cached rows that bracket
+      the peer's (none outside their range: a setting in between is assumed to exist).
     Ratios are diffopt over the peer: below 1, diffopt is faster at that quality."""
+    diffopt_rows = ("diffopt cache", "diffopt no cache")
     ours = sorted(
-        (r for r in rows if r["name"].startswith("diffopt cache") and " eager" not in r["name"]),
+        (r for r in rows if r["name"].startswith(diffopt_rows) and " eager" not in r["name"]),
         key=lambda r: r["psnr"],
     )
     table = []
@@ -159,9 +161,10 @@ def at_peer_quality(rows: list[dict]) -> list[dict]:
         better = [r for r in ours if r["psnr"] >= psnr]
         fastest = min(better, key=lambda r: r["time_ratio"], default=None)
         below = [r for r in ours if r["psnr"] < psnr]
+        cached_better = [r for r in better if math.isfinite(r["psnr"])]
         time = flops = None
-        if below and better:
-            low, high = below[-1], min(better, key=lambda r: r["psnr"])
+        if below and cached_better:
+            low, high = below[-1], min(cached_better, key=lambda r: r["psnr"])
             share = (psnr - low["psnr"]) / (high["psnr"] - low["psnr"])
             time, flops = (
                 low[k] + share * (high[k] - low[k]) for k in ("time_ratio", "flops_ratio")

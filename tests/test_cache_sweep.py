@@ -35,9 +35,19 @@ def test_each_caching_peer_is_read_against_diffopt_at_its_psnr(sweep):
     assert a["time ratio (measured)"] == pytest.approx(0.8)
     assert a["time ratio (interpolated)"] == pytest.approx(0.35 / 0.5)
     assert a["FLOPs ratio (interpolated)"] == pytest.approx(0.35 / 0.4)
-    b = table["peer B"]  # better than diffopt's best row: nothing to read
+    b = table["peer B"]  # better than diffopt's best cached row: nothing to read
     assert b["diffopt ≥ PSNR"] == "none" and b["time ratio (measured)"] is None
     c = table["peer C"]  # under diffopt's lowest row: only the measured, over-stated side
     assert c["time ratio (measured)"] == pytest.approx(0.8)
     assert c["time ratio (interpolated)"] is None
     assert "| peer A" in sweep.peer_comparison(ROWS)
+
+
+def test_diffopt_without_a_cache_is_the_point_above_its_best_cached_row(sweep):
+    rows = [*ROWS, row("diffopt no cache", "diffopt", float("inf"), 0.55, 1.0)]
+    b = {r["peer"]: r for r in sweep.at_peer_quality(rows)}["peer B"]
+    assert b["diffopt ≥ PSNR"] == "inf dB at 0.550"
+    assert b["time ratio (measured)"] == pytest.approx(0.55 / 0.6, abs=1e-3)  # rounded
+    assert b["time ratio (interpolated)"] is None  # nothing to interpolate towards exact
+    a = {r["peer"]: r for r in sweep.at_peer_quality(rows)}["peer A"]
+    assert a["time ratio (interpolated)"] == pytest.approx(0.35 / 0.5)  # as without it
