@@ -70,14 +70,15 @@ def variants_for(
         bench.torch_compile_variant(),
         bench.diffopt_variant("diffopt no cache"),
     ]
-    saved = {t: Path(calibrated or ".") / f"{reference.name}-{steps}-{t:g}dB.json" for t in targets}
-    if calibrated is not None and all(path.exists() for path in saved.values()):
-        chosen = {t: CacheConfig(**json.loads(saved[t].read_text())) for t in targets}
+    name = f"{reference.name}-{steps}-{{:g}}dB.json"
+    saved = {t: calibrated / name.format(t) for t in targets} if calibrated else {}
+    if saved and all(path.exists() for path in saved.values()):
+        chosen = {t: CacheConfig(**json.loads(path.read_text())) for t, path in saved.items()}
     else:
         found = calibrations(reference.model, calibration_run, steps, targets, calibration_table)
-        if calibrated is not None:
-            calibrated.mkdir(parents=True, exist_ok=True)
-            for target, calibration in found.items():
+        for target, calibration in found.items():
+            if saved:
+                saved[target].parent.mkdir(parents=True, exist_ok=True)
                 calibration.save(saved[target])
         chosen = {target: calibration.config for target, calibration in found.items()}
     for target, config in chosen.items():

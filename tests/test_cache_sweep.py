@@ -51,3 +51,33 @@ def test_diffopt_without_a_cache_is_the_point_above_its_best_cached_row(sweep):
     assert b["time ratio (interpolated)"] is None  # nothing to interpolate towards exact
     a = {r["peer"]: r for r in sweep.at_peer_quality(rows)}["peer A"]
     assert a["time ratio (interpolated)"] == pytest.approx(0.35 / 0.5)  # as without it
+
+
+def test_calibrated_configs_are_saved_then_timed_without_calibrating(sweep, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffopt.calibration import Calibration
+    from diffopt.config import CacheConfig
+
+    plan = ["full", "full", "reuse", "full"]
+    config = CacheConfig(steps=4, mode="plan", plan=plan)
+    monkeypatch.setattr(sweep, "calibrations", lambda *a: {30.0: Calibration(config, plan)})
+    reference = SimpleNamespace(name="ref-dit", model=None, sample=None)
+    first = sweep.variants_for(reference, 4, [30.0], [], calibrated=tmp_path)
+    assert (tmp_path / "ref-dit-4-30dB.json").exists()
+
+    def refuse(*args):
+        raise AssertionError("calibrated again although every budget's config was saved")
+
+    monkeypatch.setattr(sweep, "calibrations", refuse)
+    timed = []
+    made = sweep.bench.cached_variant
+    monkeypatch.setattr(
+        sweep.bench, "cached_variant", lambda name, c, *a: timed.append(c) or made(name, c, *a)
+    )
+    again = sweep.variants_for(reference, 4, [30.0], [], calibrated=tmp_path)
+    assert [v.name for v in again] == [v.name for v in first]
+    assert "diffopt cache 30dB" in [v.name for v in again]
+    assert timed and all(c == config for c in timed)  # the saved config, read back whole
+    with pytest.raises(AssertionError, match="calibrated again"):  # a new budget calibrates
+        sweep.variants_for(reference, 4, [30.0, 40.0], [], calibrated=tmp_path)

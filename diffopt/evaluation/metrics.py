@@ -183,7 +183,7 @@ def ref_fid_spread(
     """The standard deviation of `ref_fid` over bootstrap resamples of `images` (drawn with
     replacement, `real` kept whole): how much a ref-FID at this many images moves with the draw
     of the images alone."""
-    (draws,) = _paired_fid_draws([images], real, resamples, seed)
+    (draws,) = _bootstrap_fids(_fid_against(real, images), [images], resamples, seed)
     return draws.std().item()
 
 
@@ -204,16 +204,18 @@ def ref_fid_difference(
             "a paired ref-FID difference needs samples of the same seeds, got "
             f"{tuple(images.shape)} and {tuple(other.shape)}"
         )
-    first, second = _paired_fid_draws([images, other], real, resamples, seed)
-    return ref_fid(images, real) - ref_fid(other, real), (first - second).std().item()
+    fid = _fid_against(real, images)  # the real features, scored once for every draw
+    gap = _fid_score(fid, images) - _fid_score(fid, other)
+    first, second = _bootstrap_fids(fid, [images, other], resamples, seed)
+    return gap, (first - second).std().item()
 
 
-def _paired_fid_draws(
-    samples: list[torch.Tensor], real: torch.Tensor, resamples: int, seed: int
+def _bootstrap_fids(
+    fid: Any, samples: list[torch.Tensor], resamples: int, seed: int
 ) -> list[torch.Tensor]:
-    """Each of `samples`' ref-FID on the same `resamples` bootstrap draws of indices."""
-    fid, gen = _fid_against(real, samples[0]), torch.Generator().manual_seed(seed)
-    n = len(samples[0])
+    """Each of `samples`' ref-FID (on `fid`, from `_fid_against`) over the same `resamples`
+    bootstrap draws of indices."""
+    gen, n = torch.Generator().manual_seed(seed), len(samples[0])
     picks = [torch.randint(n, (n,), generator=gen) for _ in range(resamples)]
     return [torch.tensor([_fid_score(fid, images[pick]) for pick in picks]) for images in samples]
 
