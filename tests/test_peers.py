@@ -46,6 +46,18 @@ def test_diffusers_hook_peers(ref, make):
     _check(ref, make())
 
 
+def test_taylorseer_of_order_two_extrapolates_differently(ref):
+    labels, seeds = torch.arange(2), [0, 1]
+    outs = []
+    for order in (1, 2):
+        variant = peers.taylorseer_cache(4, max_order=order)
+        denoiser = variant.build(copy.deepcopy(ref.model), "eager")
+        variant.reset(denoiser)
+        outs.append(ref.sample(labels, seeds, denoiser=denoiser, steps=STEPS))
+    assert variant.name == "diffusers TaylorSeer 4 order 2"
+    assert not torch.allclose(outs[0], outs[1])
+
+
 def test_mag_cache_calibrates_itself(ref):
     labels, seeds = torch.arange(4), [0, 1, 2, 3]
     _check(

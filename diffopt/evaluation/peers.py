@@ -140,7 +140,9 @@ def first_block_cache(threshold: float = 0.05) -> Variant:
     return _hook_variant(name, apply)
 
 
-def taylorseer_cache(interval: int = 5) -> Variant:
+def taylorseer_cache(interval: int = 5, max_order: int = 1) -> Variant:
+    """diffusers' TaylorSeer on every block, a full step every `interval`; `max_order`: the
+    Taylor expansion's order (diffusers' default 1)."""
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     def apply(model: torch.nn.Module, spec: Layout) -> None:
@@ -148,12 +150,14 @@ def taylorseer_cache(interval: int = 5) -> Variant:
         # DiT's attn1 and Wan's attn1 / attn2
         config = TaylorSeerCacheConfig(
             cache_interval=interval,
+            max_order=max_order,
             taylor_factors_dtype=torch.float32,
             cache_identifiers=[pattern + "$" for pattern in _block_patterns(spec)],
         )
         apply_taylorseer_cache(model, config)
 
-    return _hook_variant(f"diffusers TaylorSeer {interval}", apply)
+    order = f" order {max_order}" if max_order != 1 else ""
+    return _hook_variant(f"diffusers TaylorSeer {interval}{order}", apply)
 
 
 def pyramid_attention_broadcast(skip_range: int = 2) -> Variant:
