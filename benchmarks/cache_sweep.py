@@ -16,6 +16,8 @@ Under the table, each peer against diffopt at the peer's PSNR (`at_peer_quality`
 DIR`` saves each budget's chosen config there (``found.save``) and, when a later run finds them
 all, times those instead of calibrating again (the calibration is seeded: a re-timing, e.g. with
 more ``--repeats``, gets the same settings without the half hour; no calibration table then).
+``--refine`` also searches where each budget's full steps fall (`Calibration.refine`, tens of
+extra sampling runs per budget), the plans it tried in the calibration table.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ def variants_for(
     peer_names: list[str],
     calibration_table: Path | None = None,
     calibrated: Path | None = None,
+    refine: bool = False,
 ) -> list:
     """The rows of one sweep; `calibration_table`: where to write every setting the calibration
     tried, with its estimate and work (the evidence behind diffopt's rows); `calibrated`: where
     each budget's chosen config is saved, and read from instead of calibrating when all are
-    there."""
+    there; `refine`: search where each budget's full steps fall (`Calibration.refine`)."""
     labels, seeds = torch.arange(20) % 10, list(range(10_000, 10_020))
 
     def calibration_run(denoiser):
@@ -71,12 +74,14 @@ def variants_for(
         bench.torch_compile_variant(),
         bench.diffopt_variant("diffopt no cache"),
     ]
-    name = f"{reference.name}-{steps}-{{:g}}dB.json"
+    name = f"{reference.name}-{steps}-{{:g}}dB{'-refined' if refine else ''}.json"
     saved = {t: calibrated / name.format(t) for t in targets} if calibrated else {}
     if saved and all(path.exists() for path in saved.values()):
         chosen = {t: CacheConfig(**json.loads(path.read_text())) for t, path in saved.items()}
     else:
-        found = calibrations(reference.model, calibration_run, steps, targets, calibration_table)
+        found = calibrations(
+            reference.model, calibration_run, steps, targets, calibration_table, refine
+        )
         for target, calibration in found.items():
             if saved:
                 saved[target].parent.mkdir(parents=True, exist_ok=True)
@@ -113,25 +118,29 @@ def calibrations(
     steps: int,
     targets: list[float],
     calibration_table: Path | None,
+    refine: bool = False,
 ) -> dict[float, Calibration]:
     """`calibrate(cache="auto")` once (the settings tried do not depend on the budget), then the
-    setting chosen for each budget; a budget no setting meets is printed, not raised."""
+    setting chosen for each budget (with `refine`, `Calibration.refine` from it: the plans
+    tried for one budget join the next one's trials); a budget no setting meets is printed,
+    not raised."""
     try:
         trials = diffopt.calibrate(model, run, steps=steps, cache="auto", target_psnr=min(targets))
     except diffopt.ConfigError as e:
         print(f"{steps} steps, {min(targets)} dB: {e}")
         return {}
-    if calibration_table is not None:
-        calibration_table.write_text(trials.table() + "\n")
     chosen = {}
     for target in targets:
         try:
-            found = trials.retarget(target)
+            found = trials.refine(target) if refine else trials.retarget(target)
         except diffopt.ConfigError as e:
             print(f"{steps} steps, {target} dB: {e}")
             continue
         print(f"{steps} steps, {target} dB: {found.chosen.describe()}")
         chosen[target] = found
+        trials = found if refine else trials
+    if calibration_table is not None:
+        calibration_table.write_text(trials.table() + "\n")
     return chosen
 
 
@@ -245,6 +254,9 @@ def main() -> None:
     parser.add_argument(
         "--calibrated", type=Path, help="save the chosen configs here; reuse them when all exist"
     )
+    parser.add_argument(
+        "--refine", action="store_true", help="search where each budget's full steps fall"
+    )
     args = parser.parse_args()
     if args.summarize:
         for path in args.summarize:
@@ -263,6 +275,7 @@ def main() -> None:
             args.peers,
             out / f"{stem}-calibration.md",
             args.calibrated,
+            args.refine,
         )
         result = bench.run(
             reference,

@@ -198,3 +198,27 @@ def test_cached_transformer_inside_a_diffusers_pipeline():
     assert np.isfinite(images).all() and not np.array_equal(images, baseline)
     with diffopt.request(steps=STEPS, cache=CacheConfig(steps=STEPS, early=0, critical=0)):
         np.testing.assert_allclose(generate(), baseline, atol=1e-5)  # thresholds 0: all full
+
+
+def test_refine_drops_or_moves_full_steps_while_the_budget_holds(reference):
+    found = diffopt.calibrate(
+        reference.model, sampler(reference), steps=STEPS, cache="auto", target_psnr=30
+    )
+    if set(found.chosen.plan) - {"full", "reuse"}:
+        pytest.skip("the 30 dB choice refreshes: nothing for refine to move")
+    refined = found.refine(rounds=2)
+    assert refined.trials[: len(found.trials)] == found.trials  # the evidence so far is kept
+    new = refined.trials[len(found.trials) :]
+    assert new and all(t.config.mode == "plan" and t.plan == t.config.plan for t in new)
+    warmup = found.chosen.plan.index("reuse")
+    start = found.chosen.plan
+    for t in new[: start[warmup:].count("full")]:  # the first round: one full step fewer each
+        assert t.plan[:warmup] == start[:warmup]
+        assert sum(a != b for a, b in zip(t.plan, start, strict=True)) == 1
+        assert t.plan.count("full") == start.count("full") - 1
+    # the choice is made again over every trial: never more work, the budget still kept
+    assert refined.chosen.fresh.meets(30) and refined.chosen.work <= found.chosen.work
+    assert refined.chosen is select(refined.trials, 30)
+    assert refined.retarget(25).search is found.search  # a second refine can start from there
+    with pytest.raises(ConfigError, match="refine needs the calibration"):
+        diffopt.calibration.Calibration(found.config, found.plan, found.trials, 30).refine()
