@@ -158,11 +158,11 @@ class Calibration:
         moves one full step by one step instead, keeping the move that raises the mean's lower
         bound most, and stops when none does. Every plan tried joins the trials, and the choice
         is made again over all of them (`select`), so the result is never worse on the
-        calibration inputs' evidence. Measured on ref-flux at 28 steps (10 calibration inputs,
-        10 fresh ones, moves only): from the best every-5 and every-8 plans, +1.4 and +0.7 dB
-        on fresh inputs at the same work; from every 3, +0.7 dB on the calibration inputs and
-        -0.1 dB on fresh ones. Many plans tried on the same inputs flatter the best of them:
-        check the refined setting on fresh inputs. Costs up to ``3 * full steps`` sampling runs
+        calibration inputs' evidence. Measured on ref-flux at 28 steps (``cache_sweep.py
+        --refine``, one run, 10 fresh images): the 38.4 dB budget went from 42.5 dB at work 0.32
+        to 39.8 dB (p5 37.6) at 0.29, TaylorSeer 5's work, where TaylorSeer 5 reaches 38.1 dB.
+        Many plans tried on the same inputs flatter the best of them: check the refined setting
+        on fresh inputs. Costs up to ``3 * full steps`` sampling runs
         per round. Needs a setting of full steps and reuse only (a plan, or the controller
         without refresh), from `calibrate` in this process."""
         target = self.target_psnr if target_psnr is None else target_psnr
@@ -178,13 +178,17 @@ class Calibration:
                 f"({current.describe()}) also refreshes tokens or blocks: use it as it is"
             )
         warmup = current.plan.index("reuse") if "reuse" in current.plan else len(current.plan)
-        seen = {tuple(t.plan) for t in self.trials if not set(t.plan) - {"full", "reuse"}}
+        steps = self.search.base.steps
+        seen = {_same_samples_key(t.config, steps) for t in self.trials}
         tried: list[Trial] = []
 
         def run(plans: list[list[CacheAction]]) -> list[Trial]:
-            fresh = [p for p in plans if tuple(p) not in seen]
-            seen.update(tuple(p) for p in fresh)
-            trials = self.search.measure(fresh, like=current.config)
+            """The plans not measured yet, with the current setting's reuse (extrapolated or
+            held)."""
+            settings = [dataclasses.replace(current.config, mode="plan", plan=p) for p in plans]
+            new = [c for c in settings if _same_samples_key(c, steps) not in seen]
+            seen.update(_same_samples_key(c, steps) for c in new)
+            trials = self.search.measure(new)
             tried.extend(trials)
             return trials
 
@@ -274,9 +278,8 @@ class _Search:
     data_range: float
     confidence: float
 
-    def measure(self, plans: list[list[CacheAction]], *, like: CacheConfig) -> list[Trial]:
-        """Each plan as a trial, with `like`'s other settings (its reuse, extrapolated or held)."""
-        settings = [dataclasses.replace(like, mode="plan", plan=list(p)) for p in plans]
+    def measure(self, settings: list[CacheConfig]) -> list[Trial]:
+        """Each setting as a trial on the calibration inputs, as `calibrate` ran its own."""
         with _recompile_limit():
             trials = measure(
                 self.denoiser,
