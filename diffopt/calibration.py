@@ -160,7 +160,8 @@ class Calibration:
         is made again over all of them (`select`), so the result is never worse on the
         calibration inputs' evidence. Measured on ref-flux at 28 steps (``cache_sweep.py
         --refine``, one run, 10 fresh images): the 38.4 dB budget went from 42.5 dB at work 0.32
-        to 39.8 dB (p5 37.6) at 0.29, TaylorSeer 5's work, where TaylorSeer 5 reaches 38.1 dB.
+        to 39.8 dB (p5 37.6) at 0.29, TaylorSeer 5's work, where TaylorSeer 5 reaches 38.1 dB; on
+        ref-wan at 50 steps each budget kept its PSNR with 0.83-0.89 of TaylorSeer's work.
         Many plans tried on the same inputs flatter the best of them: check the refined setting
         on fresh inputs. Costs up to ``3 * full steps`` sampling runs
         per round. Needs a setting of full steps and reuse only (a plan, or the controller
