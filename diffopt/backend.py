@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
 import threading
 import warnings
 import weakref
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dynamo.utils import orig_code_map
 
 from diffopt.config import Config, ConfigError
 from diffopt.guards import Guard
@@ -360,15 +362,16 @@ def diffopt_backend(
             "pass settings as options={'inner': 'inductor', ...}"
         )
     config = Config.coerce(options)
-    key = _graph_key(gm, example_inputs, config)
+    starts_call = _starts_call()
+    key = (*_graph_key(gm, example_inputs, config), starts_call)
     with _BUILDING:  # requests arriving together before the first compile finished
         built = _BUILT.get(key)
         if built is None:
             weights = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
             if config.quant is not None and weights:
-                built = PerModel(gm, example_inputs, config, weights[0])
+                built = PerModel(gm, example_inputs, config, weights[0], starts_call)
             else:
-                built = _build(gm, example_inputs, config)
+                built = _build(gm, example_inputs, config, starts_call)
             _BUILT[key] = built
     return built
 
@@ -382,10 +385,15 @@ class PerModel:
     own quantized output, against a quantization error of 0.12."""
 
     def __init__(
-        self, gm: fx.GraphModule, example_inputs: list[Any], config: Config, weight_slot: int
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        config: Config,
+        weight_slot: int,
+        starts_call: bool,
     ) -> None:
         self.graph = copy.deepcopy(gm)  # the passes rewrite the graph they are given
-        self.config, self.weight_slot = config, weight_slot
+        self.config, self.weight_slot, self.starts_call = config, weight_slot, starts_call
         self.built: dict[int, tuple[int, RegionExecutor]] = {}
         """By the id of a model's first weight (dropped with it): its version, its executor.
         (Not a WeakKeyDictionary: it compares tensors with ==.)"""
@@ -402,7 +410,8 @@ class PerModel:
                 if found is None or found[0] != weight._version:
                     if found is None:
                         weakref.finalize(weight, self.built.pop, id(weight), None)
-                    built = _build(copy.deepcopy(self.graph), list(args), self.config)
+                    graph = copy.deepcopy(self.graph)
+                    built = _build(graph, list(args), self.config, self.starts_call)
                     found = self.built[id(weight)] = (weight._version, built)
         return found[1]
 
@@ -453,7 +462,23 @@ def _global_state() -> str:
         return f"grad={torch.is_grad_enabled()} autocast={autocast} {inference}"
 
 
-def _build(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> RegionExecutor:
+def _starts_call() -> bool:
+    """Whether the graph dynamo compiles now runs first in each call of the compiled function:
+    no frame on the stack runs code dynamo compiled. A resume function after a graph break, or
+    a frame dynamo compiles on its own inside the call (a block whose forward breaks), runs
+    above the frame that started the call. (A function whose first line breaks starts with no
+    graph: its first graph is a resume function's.)"""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in orig_code_map:
+            return False
+        frame = frame.f_back
+    return True
+
+
+def _build(
+    gm: fx.GraphModule, example_inputs: list[Any], config: Config, starts_call: bool = True
+) -> RegionExecutor:
     optimized = optimize(gm, example_inputs, config)
     if config.cache is not None and not optimized.graph.blocks and collective_groups(gm):
         warnings.warn(
@@ -465,10 +490,10 @@ def _build(gm: fx.GraphModule, example_inputs: list[Any], config: Config) -> Reg
             "once before torch.compile (or before its first compiled call), e.g. one step",
             stacklevel=4,
         )
-    return executor_for(optimized, config)
+    return executor_for(optimized, config, starts_call)
 
 
-def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
+def executor_for(optimized: Optimized, config: Config, starts_call: bool = True) -> RegionExecutor:
     """The plain region executor, or the caching one when cache guards applied."""
     timestep_slot, weight_slots = input_slots(optimized.graph)
     return build_executor(
@@ -478,6 +503,7 @@ def executor_for(optimized: Optimized, config: Config) -> RegionExecutor:
         timestep_slot=timestep_slot,
         param_slots=weight_slots,
         group=sequence_group(optimized.graph),
+        starts_call=starts_call,
     )
 
 
@@ -500,12 +526,14 @@ def build_executor(
     param_slots: set[int],
     variants: VariantProvider | None = None,
     group: str | None = None,
+    starts_call: bool = True,
 ) -> RegionExecutor:
     """`RegionExecutor`, or `CachingExecutor` when there is a cache config and guards; the
     regions may be compiled torch code or engine sessions. `variants` supplies the regions a
     token refresh runs (`CachingExecutor`'s argument; an exporter records them with it);
-    `group` the process group of a context-parallel graph (`sequence_group`)."""
-    if config.cache is not None and not guards and timestep_slot is not None:
+    `group` the process group of a context-parallel graph (`sequence_group`); `starts_call`:
+    whether the graph runs first in each call (an engine's one graph does)."""
+    if config.cache is not None and not guards and (timestep_slot is not None or starts_call):
         return TimestepRecorder(program, timestep_slot)  # for a guarded graph after a break
     if config.cache is None or not guards:
         return RegionExecutor(program)
@@ -518,4 +546,5 @@ def build_executor(
         inner=config.inner,
         variants=variants,
         group=group,
+        starts_call=starts_call,
     )

@@ -143,7 +143,9 @@ _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("diffo
 _TIMESTEP: contextvars.ContextVar[float | None] = contextvars.ContextVar("diffopt_timestep")
 """The noise level of the denoiser call running now, as the graph that reads it saw it: a graph
 dynamo split off after a graph break (HunyuanVideo 1.5's prologue branches on data) gets only
-the embedding, and tells steps and guidance branches apart by this, in a request scope or not."""
+the embedding, and tells steps and guidance branches apart by this, in a request scope or not.
+The graph that starts each call sets it (None without a timestep input), so no call reads the
+value an earlier call, or another model, left."""
 
 
 @contextlib.contextmanager
@@ -418,14 +420,17 @@ token refresh's shorter sequence."""
 
 class TimestepRecorder(RegionExecutor):
     """A graph without guards that reads the noise level (the part of a forward before a graph
-    break): it records each call's timestep on the request for the guarded graph after it."""
+    break): it records each call's timestep for the guarded graph after it. One with no timestep
+    input that starts the call (`timestep_slot` None) clears the value instead: what is there was
+    left by an earlier call, maybe of another model, and is not this call's noise level."""
 
-    def __init__(self, program: RegionProgram, timestep_slot: int) -> None:
+    def __init__(self, program: RegionProgram, timestep_slot: int | None) -> None:
         super().__init__(program)
         self.timestep_slot = timestep_slot
 
     def run(self, args: Sequence[Any]) -> Any:
-        _TIMESTEP.set(float(args[self.timestep_slot].reshape(-1)[0]))
+        slot = self.timestep_slot
+        _TIMESTEP.set(None if slot is None else float(args[slot].reshape(-1)[0]))
         return super().run(args)
 
 
@@ -453,8 +458,12 @@ class CachingExecutor(RegionExecutor):
         inner: InnerBackend,
         variants: VariantProvider | None = None,
         group: str | None = None,
+        starts_call: bool = True,
     ) -> None:
         super().__init__(program)
+        self.starts_call = starts_call
+        """Whether this graph runs first in each call of the compiled function (no graph before
+        it in the call could have recorded the noise level)."""
         self.variants = variants
         self.group = process_group(group)
         self._refuse_tokens(config)  # at compile time already, for the compiled settings
@@ -564,6 +573,8 @@ class CachingExecutor(RegionExecutor):
         if self.timestep_slot is not None:
             t = float(values[self.timestep_slot].reshape(-1)[0])
             _TIMESTEP.set(t)
+        elif self.starts_call:  # a value there was left by an earlier call (another model's)
+            _TIMESTEP.set(None)
         else:  # read by a graph before a graph break (`TimestepRecorder`)
             t = _TIMESTEP.get(None)
         req = ctx if ctx is not None else self._implicit

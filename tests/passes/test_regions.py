@@ -233,6 +233,32 @@ def test_kandinsky6_sr_runs_its_blocks_through_the_guards_and_the_cache():
     assert [a for actions in request.actions.values() for a in actions] == plan
 
 
+class _BreakBeforeTheStack(_NoopBlockInStack):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x * t[:, None, None]
+        torch._dynamo.graph_break()  # the stack runs in a graph of its own, after this one
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("model_class", [_NoopBlockInStack, _BreakBeforeTheStack])
+def test_outside_a_request_a_model_without_a_timestep_input_ignores_another_models(model_class):
+    """As below, with no request scope: the noise level another model's call left behind was
+    read as this call's (every call another guidance branch of step 0: nothing reused). The
+    graph that starts a call clears it, whether it holds the stack or runs before a break."""
+    other, other_inputs = build()
+    denoise(cached(other, 12), other_inputs, 12)
+    model, x = model_class().eval(), torch.randn(2, 5, 16)
+    plan = ["full", "full", "reuse", "full"]
+    options = {"inner": "eager", "cache": {"mode": "plan", "plan": plan, "steps": len(plan)}}
+    compiled = torch.compile(model, backend="diffopt", options=options)
+    with torch.no_grad():
+        for step, action in enumerate(plan):
+            t = torch.full((2,), 0.9 - 0.2 * step)
+            assert torch.equal(compiled(x, t), model(x, t)) == (action == "full"), step
+
+
 def test_a_model_without_a_timestep_input_ignores_the_noise_level_another_model_left():
     """This stack's noise level is no graph input (it scales the stream), so each call is a
     step. Another model run before, outside a scope, left its own noise level behind; read in
