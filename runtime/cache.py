@@ -429,9 +429,20 @@ class TimestepRecorder(RegionExecutor):
         self.timestep_slot = timestep_slot
 
     def run(self, args: Sequence[Any]) -> Any:
-        slot = self.timestep_slot
-        _TIMESTEP.set(None if slot is None else float(args[slot].reshape(-1)[0]))
+        noise_level(args, self.timestep_slot, starts_call=True)
         return super().run(args)
+
+
+def noise_level(values: Sequence[Any], slot: int | None, starts_call: bool) -> float | None:
+    """This call's noise level: read from the graph's input at `slot`, or else recorded by a
+    graph before this one in the call; None in a graph that starts the call without one. A
+    graph that reads it from its input or starts the call records it for the graphs after it
+    (clearing what an earlier call, maybe another model's, left)."""
+    if slot is None and not starts_call:
+        return _TIMESTEP.get(None)
+    t = None if slot is None else float(values[slot].reshape(-1)[0])
+    _TIMESTEP.set(t)
+    return t
 
 
 class CachingExecutor(RegionExecutor):
@@ -569,14 +580,7 @@ class CachingExecutor(RegionExecutor):
         """Place the call in its request (which step, which guidance branch) and return the
         state of the model that runs it there."""
         ctx = _REQUEST.get(None)
-        t = None
-        if self.timestep_slot is not None:
-            t = float(values[self.timestep_slot].reshape(-1)[0])
-            _TIMESTEP.set(t)
-        elif self.starts_call:  # a value there was left by an earlier call (another model's)
-            _TIMESTEP.set(None)
-        else:  # read by a graph before a graph break (`TimestepRecorder`)
-            t = _TIMESTEP.get(None)
+        t = noise_level(values, self.timestep_slot, self.starts_call)
         req = ctx if ctx is not None else self._implicit
         if req is None:
             req = self._implicit = Request()
