@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from diffopt.cli import main
 from diffopt.evaluation import bench, peers, zoo
@@ -58,3 +59,16 @@ def test_demo_writes_table_and_grids(tmp_path, capsys):
     assert len(list(tmp_path.glob("grid_*.png"))) == 4  # baseline, capture, cache, w4a4
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["name"] == "baseline"
+
+
+def test_a_grid_of_clips_lays_each_clips_frames_side_by_side(tmp_path):
+    import matplotlib.image
+
+    clips = torch.linspace(-1, 1, 3).reshape(3, 1, 1, 1, 1).expand(3, 1, 4, 6, 5)  # [N, C, T, H, W]
+    clips = clips.clone()
+    clips[:, :, -1] = 1.0  # the last frame of every clip is white
+    path = bench.save_grid(clips, tmp_path / "clips.png", columns=2)
+    grid = matplotlib.image.imread(path)[..., 0]
+    assert grid.shape == (2 * (6 + 2), 2 * (4 * 5 + 2))  # two rows of tiles, T * W wide each
+    first = grid[1:7, 1:21]  # clip 0's tile inside its border
+    assert first[:, :15].max() == 0.0 and first[:, 15:].min() == 1.0  # frames 0-2 black, 3 white

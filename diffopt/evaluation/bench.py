@@ -380,12 +380,16 @@ def _real_clips(count: int) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10) -> Path:
-    """Write images [N, 1, H, W] in [-1, 1] as one grayscale PNG, `columns` per row."""
+    """Write images [N, 1, H, W] in [-1, 1] as one grayscale PNG, `columns` per row; clips
+    [N, 1, T, H, W] (ref-wan's samples) are tiles of their T frames side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if images.dim() == 5:  # a clip's frames left to right: [N, 1, H, T * W]
+        n, c, t, h, w = images.shape
+        images = images.permute(0, 1, 3, 2, 4).reshape(n, c, h, t * w)
     n, _, h, w = images.shape
     rows = -(-n // columns)
     padded = torch.full((rows * columns, h + 2, w + 2), -1.0)
