@@ -14,6 +14,8 @@ so it is not a speed claim; see benchmarks/w4a4_gpu.py for the kernels.
 
     python benchmarks/quant_quality.py --images 300
     python benchmarks/quant_quality.py --model ref-flux --images 40
+    python benchmarks/quant_quality.py --model ref-wan --images 10 --only "W4A4 g64" \
+        --weight-clip output
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ def main() -> None:
         nargs="+",
         help="keep the variants whose name contains one of these (and the baseline)",
     )
+    parser.add_argument(
+        "--weight-clip",
+        choices=("auto", "output", "weight", "none"),
+        help="every diffopt setting with this quant.weight_clip (default: each preset's own)",
+    )
     args = parser.parse_args()
 
     reference = zoo.load(args.model)
@@ -137,9 +144,16 @@ def main() -> None:
         labels, seeds = torch.arange(args.images) % 10, list(range(20_000, 20_000 + args.images))
         reference.sample(labels, seeds, denoiser=model, steps=1)
 
+    def setting(preset: str) -> str | QuantConfig:
+        if args.weight_clip is None:
+            return preset
+        return dataclasses.replace(QuantConfig.preset(preset), weight_clip=args.weight_clip)
+
+    clip = f", clip {args.weight_clip}" if args.weight_clip else ""
     variants = [bench.baseline()]
     variants += [
-        bench.diffopt_variant(name, {"quant": q}, warmup=capture) for name, q in SETTINGS.items()
+        bench.diffopt_variant(f"{name}{clip}", {"quant": setting(q)}, warmup=capture)
+        for name, q in SETTINGS.items()
     ]
     variants += [
         peers.convrot_quant(select),
@@ -162,6 +176,7 @@ def main() -> None:
     memory = tabulate(memory_rows(args.model, reference), MEMORY_HEADERS, tablefmt="github")
     RESULTS.mkdir(exist_ok=True)
     stem = "quant-quality" if args.model == "ref-dit" else f"quant-quality-{args.model}"
+    stem += f"-clip-{args.weight_clip}" if args.weight_clip else ""
     text = (
         f"{result.markdown()}\n\n{len(chosen)} linears quantized (the blocks' attention and MLP "
         "projections; embedders, AdaLN modulation and the final layer stay in float).\n\n"
