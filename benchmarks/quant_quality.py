@@ -14,7 +14,7 @@ so it is not a speed claim; see benchmarks/w4a4_gpu.py for the kernels.
 
     python benchmarks/quant_quality.py --images 300
     python benchmarks/quant_quality.py --model ref-flux --images 40
-    python benchmarks/quant_quality.py --model ref-wan --images 10 --only "W4A4 g64" \
+    python benchmarks/quant_quality.py --model ref-wan --images 10 --only "W4A4 g64, clip" \
         --weight-clip output
 """
 
