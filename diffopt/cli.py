@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     try:
         return args.run(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"diffopt {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -188,7 +188,7 @@ _INDICATORS = {"profile": "the block stack's change", "block0": "block 0's chang
 
 QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a4": {},
-    "w4a4-rht": {},  # rotated (regular Hadamard transform): DESIGN.md's name for the default
+    "w4a4-rht": {},  # rotated (regular Hadamard transform): the default under its design name
     "w4a4-rtn": {"rotation": "none"},
     "w4a4-sylvester": {"rotation": "sylvester"},
     "w4a8": {"act_bits": 8},

@@ -195,6 +195,22 @@ def test_cli_rejects_unknown_model(capsys):
     assert "not a built-in model" in capsys.readouterr().err
 
 
+def test_cli_without_the_eval_extra_says_which_extra(capsys, monkeypatch):
+    # the verbs resolve models through the evaluation kit, whose import names the missing extra
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, "diffopt.evaluation")  # imported again, without sklearn
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sklearn" else find_spec(name, *a),
+    )
+    assert main(["inspect", "tiny-dit"]) == 2
+    err = capsys.readouterr().err
+    assert "diffopt inspect: error" in err and "'eval' extra" in err and "sklearn" in err
+
+
 def test_the_model_line_is_the_deepest_frame_that_is_neither_torch_nor_diffopt():
     from diffopt.backend import model_line
 

@@ -1,6 +1,6 @@
 """The evaluation kit: reference models (`zoo`), quality and cost metrics (`metrics`), the
 benchmark harness (`bench`), peer libraries wrapped as bench variants (`peers`), the digits data
-(`data`) and the demo (`demo`).
+(`data`), which the ``diffopt demo`` command (`diffopt/cli.py`) runs on.
 
 Its dependencies (scikit-learn, torchmetrics, matplotlib, tqdm) come with the ``eval``
 extra: ``pip install "diffopt[eval]"``.
