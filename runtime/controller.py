@@ -114,7 +114,7 @@ class Controller:
         With `curvature` (for extrapolated reuse), the accumulated quantity is the error a linear
         extrapolation makes instead: each step's curvature weighs by its distance from the
         last full step. `veto` [B] marks samples a measured check found drifting: they get a
-        full step whatever the indicator says.
+        full step whatever the indicator says, on top of the full steps the indicator asks for.
         """
         if self.accumulated is None:
             self.accumulated = torch.zeros_like(change)
@@ -132,9 +132,13 @@ class Controller:
             want = (self.accumulated >= config.early).to(torch.int8)
             want += self.accumulated >= config.critical
             want[self.since_full >= config.max_reuse] = 2
-            if veto is not None:
-                want[veto] = 2
             rank = int(want.max())  # the one host read per step
+            if veto is not None and rank < 2 and bool(veto.any()):
+                # the check adds this full step; the profile's schedule goes on as if it had
+                # reused, so the check never moves a full step the profile would run (moved
+                # later it reused the costly last steps: ref-dit, 28 steps, guidance 4, -5 dB)
+                self.since_full += 1
+                return "full"
             action = ("reuse", self.polish, "full")[rank]
         if action == "full":
             self.accumulated.zero_()

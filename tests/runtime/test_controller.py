@@ -58,7 +58,23 @@ def test_a_vetoed_sample_gets_a_full_step_for_its_batch():
         "reuse",
     ]
     assert controller.decide(3, torch.zeros(2), veto=torch.tensor([False, True])) == "full"
-    assert controller.decide(4, torch.zeros(2), veto=calm) == "reuse"  # accumulators restarted
+    assert controller.decide(4, torch.zeros(2), veto=calm) == "reuse"
+
+
+def test_the_check_adds_full_steps_and_never_moves_the_profiles_own():
+    # the profile's schedule runs full at steps 0, 3, 6 and 9; a veto at step 4 adds one there,
+    # and the profile's next full step stays at 6 (restarting at 4, it would have moved to 7)
+    config = CacheConfig(early=0.25, critical=0.25, max_reuse=100, extrapolate=False)
+
+    def actions(vetoed_at: int | None) -> str:
+        controller = Controller(config, 10, "reuse")
+        return "".join(
+            controller.decide(s, torch.tensor([0.1]), veto=torch.tensor([s == vetoed_at]))[0]
+            for s in range(10)
+        )
+
+    assert actions(None) == "frrfrrfrrf"
+    assert actions(4) == "frrffrfrrf"
 
 
 def test_plan_mode_follows_the_plan_inside_the_guardrails(tmp_path):
