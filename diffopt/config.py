@@ -110,7 +110,8 @@ class CacheConfig:
     sample's block-stack residual moved per step since the last full step (free: the executor
     holds both), against what the calibrated profile expects; a sample that moved more than
     `check_tolerance` times that runs full steps (and with it its batch) until a full step
-    finds it back within tolerance. The profile decides everywhere else."""
+    finds it back within tolerance. The profile decides everywhere else, and its own full steps
+    stay where they were: the check only adds full steps."""
     check_tolerance: float = 1.2
     """Ratio of a sample's measured residual change to the profile's above which the check
     vetoes reuse for it."""
