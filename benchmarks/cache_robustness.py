@@ -12,8 +12,14 @@ check turned on (as chosen, not recalibrated). `--transfer` also runs the settin
 first condition under the others, to see how far a profile carries.
 
     python benchmarks/cache_robustness.py --calibration 12 --fresh 40 --targets 26 30 34
+    python benchmarks/cache_robustness.py --model ref-flux --calibration 12 --fresh 40
 
-Writes benchmarks/results/cache-robustness.{json,md,png} (or --out).
+``--model ref-flux`` / ``ref-wan`` runs the trained modern references under their own conditions
+(`MODEL_CONDITIONS`: the shipped schedule first, then other step counts, guidance scales and
+shifts, at serving batches that fit a 2-core CPU).
+
+Writes benchmarks/results/cache-robustness.{json,md,png} (`-MODEL` for the modern references; or
+--out and --stem).
 """
 
 from __future__ import annotations
@@ -84,6 +90,21 @@ CONDITIONS = [
     Condition("dpm-20 g2 s1 b16", "dpm", 20, 2.0, 1.0, 16),
     Condition("dpm-28 g3 s2 b16", "dpm", 28, 3.0, 2.0, 16),
 ]
+MODEL_CONDITIONS = {
+    "ref-dit": CONDITIONS,
+    # the modern references: their shipped schedule first (what `--transfer` carries elsewhere)
+    "ref-flux": [
+        Condition("euler-28 g2 s1 b4", "euler", 28, 2.0, 1.0, 4),
+        Condition("euler-20 g3.5 s2 b4", "euler", 20, 3.5, 2.0, 4),
+        Condition("euler-40 g2 s3 b1", "euler", 40, 2.0, 3.0, 1),
+    ],
+    "ref-wan": [
+        Condition("euler-50 g4 s1 b2", "euler", 50, 4.0, 1.0, 2),
+        Condition("euler-30 g4 s1 b2", "euler", 30, 4.0, 1.0, 2),
+        Condition("euler-30 g2.5 s3 b1", "euler", 30, 2.5, 3.0, 1),
+    ],
+}
+"""Conditions per reference model (``--model``); ref-dit's nine are `CONDITIONS`."""
 
 
 @dataclass
@@ -434,6 +455,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODEL_CONDITIONS), default="ref-dit")
     parser.add_argument("--calibration", type=int, default=12, help="calibration inputs")
     parser.add_argument("--fresh", type=int, default=40, help="fresh inputs per condition")
     parser.add_argument("--targets", type=float, nargs="+", default=[26, 30, 34])
@@ -443,7 +465,7 @@ def main() -> None:
     parser.add_argument("--conditions", nargs="+", help="names (default: all)")
     parser.add_argument("--transfer", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--stem", default="cache-robustness")
+    parser.add_argument("--stem", help="results name (default: cache-robustness[-MODEL])")
     parser.add_argument("--resume", action="store_true", help="keep conditions already written")
     parser.add_argument("--report", action="store_true", help="only rewrite table and plot")
     parser.add_argument("--merge", nargs="+", default=[], help="JSON files to join (--report)")
@@ -453,8 +475,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch._dynamo.config.recompile_limit = 256  # one model, many settings and batch sizes
-    base = zoo.load("ref-dit")
-    conditions = [c for c in CONDITIONS if not args.conditions or c.name in args.conditions]
+    base = zoo.load(args.model)
+    args.stem = args.stem or "cache-robustness" + (
+        "" if args.model == "ref-dit" else f"-{args.model}"
+    )
+    available = MODEL_CONDITIONS[args.model]
+    unknown = set(args.conditions or []) - {c.name for c in available}
+    if unknown:
+        parser.error(
+            f"--conditions {sorted(unknown)}: {args.model} has {[c.name for c in available]}"
+        )
+    conditions = [c for c in available if not args.conditions or c.name in args.conditions]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / f"{args.stem}.json"
@@ -471,7 +502,7 @@ def main() -> None:
         results.append(run_condition(base, condition, args))
         print(f"{condition.name}: {results[-1]['seconds']:.0f} s", flush=True)
         _save(out, args, results, transfers)
-    order = [c.name for c in CONDITIONS]
+    order = [c.name for c in available]
     results.sort(key=lambda r: order.index(r["condition"]["name"]))
     source = next((r for r in results if r["condition"]["name"] == order[0]), None)
     if args.transfer and source is not None and not transfers:  # the README's schedule's choice
