@@ -133,8 +133,10 @@ class Controller:
             want = (self.accumulated >= config.early).to(torch.int8)
             want += self.accumulated >= config.critical
             want[self.since_full >= config.max_reuse] = 2
-            rank = int(want.max())  # the one host read per step
-            if veto is not None and rank < 2 and bool(veto.any()):
+            vetoed = veto.any() if veto is not None else torch.zeros((), dtype=torch.bool)
+            # the one host read per step: the profile's rank and whether the check vetoed
+            rank, vetoed = torch.stack([want.max(), vetoed.to(want.device, torch.int8)]).tolist()
+            if vetoed and rank < 2:
                 # the check adds this full step; the profile's schedule goes on as if it had
                 # reused, so the check never moves a full step the profile would run (moved
                 # later, the costly last steps were reused: ref-dit, 28 steps, guidance 4, median
