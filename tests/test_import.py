@@ -49,10 +49,10 @@ def test_a_second_checkout_refuses_the_installed_ones_subpackages(tmp_path):
 def test_the_checkouts_kernels_folder_never_shadows_hugging_faces_kernels():
     """transformers installs Hugging Face's `kernels` and diffusers imports it: from the checkout's
     root (where pytest and `python -m` put sys.path[0]) that import must still reach it."""
-    root = Path(diffopt.__file__).parent.parent
+    root = str(Path(diffopt.__file__).parent.parent)
     out = python(
         "import importlib.metadata, sys\n"
-        f"assert sys.path[0] in ('', {str(root)!r})\n"
+        f"assert sys.path[0] in ('', {root!r})\n"
         "try:\n"
         "    importlib.metadata.version('kernels')\n"
         "except importlib.metadata.PackageNotFoundError:\n"
@@ -64,9 +64,9 @@ def test_the_checkouts_kernels_folder_never_shadows_hugging_faces_kernels():
         "except ModuleNotFoundError:\n"
         "    assert not installed\n"
         "else:\n"
-        f"    assert installed and not kernels.__file__.startswith({str(root)!r}), kernels.__file__\n"
+        f"    assert installed and not kernels.__file__.startswith({root!r}), kernels.__file__\n"
         "import diffopt.kernels, diffusers.models.transformers.transformer_flux\n"
         "assert diffopt.kernels.rotate is not None\n",
-        cwd=root,
+        cwd=Path(root),
     )
     assert out.returncode == 0, out.stderr
