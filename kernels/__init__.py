@@ -16,8 +16,8 @@ if __name__ == "kernels":
     # This folder is diffopt.kernels. Run from a checkout's root (python -m, pytest), the root is on
     # sys.path and the folder would shadow Hugging Face's `kernels` package, which transformers
     # installs and diffusers imports. Hand that import over to the installed package.
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is None:
         raise ModuleNotFoundError("No module named 'kernels' (diffopt's is diffopt.kernels)")
