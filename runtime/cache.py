@@ -89,7 +89,7 @@ class Request:
     recorded: dict[str, list[float | None]] = field(default_factory=dict)
     """Indicator per step (``"stack"``, ``"curvature"``, ``"block0"``) when this request
     calibrated, and what it ran under: the ``"timestep"`` and the stream's change
-    (``"stream"``) at each step, its ``"batch"`` and ``"tokens"``
+    (``"stream"``) at each step, its ``"batch"``, distinct ``"inputs"`` and ``"tokens"``
     (`diffopt.runtime.profiles.Condition.from_recorded`)."""
     step: int = -1
     """The index of the step running now, counted over every executor and model in the request
@@ -324,6 +324,9 @@ class Run:
     """That model's calibrated profile (`runtime.profiles`), if it has one."""
     seen: tuple[int, int | None] = (0, None)
     """The request's batch and token count (the condition a calibration records)."""
+    inputs: int = 0
+    """How many distinct inputs the batch holds (0 until an exact early step measured it): a
+    classifier-free-guidance batch repeats each input's stream, the same change row for row."""
     last_step: int = -1
     """The last step of the request this model ran."""
     kept: bool = False
@@ -653,7 +656,10 @@ class CachingExecutor(RegionExecutor):
             # (in this model: a model taking over has no last stream of its own)
             exact = last is not None and branch.last_action == "full"
             req.stream.extend([None] * (step - len(req.stream)))
-            req.stream.append(float(relative_change(stream, last).mean()) if exact else None)
+            changes = relative_change(stream, last).tolist() if exact else None
+            req.stream.append(sum(changes) / len(changes) if changes else None)
+            if changes and not run.inputs:
+                run.inputs = len({f"{change:.6g}" for change in changes})
             branch.last_stream = stream
         else:
             branch.last_stream = None
@@ -662,6 +668,7 @@ class CachingExecutor(RegionExecutor):
             recorded["timestep"] = req.timesteps
             recorded["stream"] = req.stream
             recorded["batch"], recorded["tokens"] = [run.seen[0]], [run.seen[1] or 0]
+            recorded["inputs"] = [run.inputs]
             return
         calibrated = self._calibration_condition()
         if calibrated is None or steps is None:
@@ -672,6 +679,8 @@ class CachingExecutor(RegionExecutor):
             run.seen[1],
             tuple(req.timesteps),
             profiles.early_speed(req.stream, steps),
+            run.inputs or None,
+            tuple(req.stream),
         )
         for kind, difference in calibrated.differences(now).items():
             self._warn_transfer(calibrated, kind, difference, steps)

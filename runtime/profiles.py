@@ -22,10 +22,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 SPEED_TOLERANCE = 0.06
 """How much faster than at calibration the early token stream may move, in a batch of 8 or more
-samples, before a request counts as another guidance scale or sampler (ref-dit: +7 % at guidance
+inputs, before a request counts as another guidance scale or sampler (ref-dit: +7 % at guidance
 2.5, +16-23 % at 4, against 1.5; batches of 12 and 16 other inputs agree within 1 %). One
-sample's speed varies by about 5 %, so smaller batches get a tolerance that grows as one over
-the square root of their size."""
+input's speed varies by about 5 % (ref-dit), so fewer inputs get a
+tolerance that grows as one over the square root of their number. Inputs, not rows: a
+classifier-free-guidance batch repeats each input's stream (counted as rows, a 2-clip ref-wan
+request was held to 8.5 % and warned at +9 % on its own schedule)."""
 
 SCHEDULE_TOLERANCE = 0.02
 """How far (as a share of the first timestep) a request's timesteps may sit from the calibrated
@@ -50,6 +52,12 @@ class Condition:
     speed: float | None = None
     """Mean relative change per step of the stream entering the blocks over the first third of
     the steps, times the step count (so step counts compare); larger under stronger guidance."""
+    inputs: int | None = None
+    """Distinct inputs in the batch (a classifier-free-guidance batch holds each twice), if
+    measured: how far `speed` can move by chance."""
+    stream: tuple[float | None, ...] = ()
+    """The stream's change at each early step `speed` averages (None where a reuse made it
+    inexact), so that a request is compared on the steps both measured."""
 
     def describe(self) -> str:
         """``28 steps, batch 20, 64 tokens``."""
@@ -66,12 +74,15 @@ class Condition:
             tokens=int(tokens) if tokens else None,
             timesteps=tuple(recorded.get("timestep", ())),
             speed=early_speed(recorded.get("stream", []), steps),
+            inputs=int(recorded.get("inputs", [0])[0]) or None,
+            stream=tuple(recorded.get("stream", ())),
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Condition:
         """Inverse of `dataclasses.asdict` (a config's `calibrated_on`, read from JSON)."""
-        return cls(**{**data, "timesteps": tuple(data.get("timesteps", ()))})
+        tuples = {key: tuple(data.get(key, ())) for key in ("timesteps", "stream")}
+        return cls(**{**data, **tuples})
 
     def schedule_at(self, step: int, steps: int) -> float | None:
         """The calibrated timestep at `step` of a `steps`-step request (linear in the position
@@ -100,13 +111,31 @@ class Condition:
                 found["schedule"] = (
                     f"another timestep schedule (scheduler or shift: {off:.0%} of the range off)"
                 )
-        tolerance = SPEED_TOLERANCE * max(1.0, (8 / max(now.batch, 1)) ** 0.5)
-        if self.speed and now.speed and now.speed > (1 + tolerance) * self.speed:
+        inputs = now.inputs or now.batch
+        tolerance = SPEED_TOLERANCE * max(1.0, (8 / max(inputs, 1)) ** 0.5)
+        faster = self.speed_ratio(now)
+        if faster is not None and faster > 1 + tolerance:
             found["speed"] = (
-                f"a stream moving {now.speed / self.speed - 1:.0%} faster early on (a higher "
+                f"a stream moving {faster - 1:.0%} faster early on (a higher "
                 "guidance scale or another sampler)"
             )
         return found
+
+    def speed_ratio(self, now: Condition) -> float | None:
+        """How much faster `now`'s early stream moves than this calibration's. At the same step
+        count, over the early steps both measured exactly: a request that reuses early measures
+        only some of them, and the change per step is not flat (on ref-wan at 50 steps the first
+        steps move more than the third's mean). Else by `speed`."""
+        if now.steps == self.steps and self.stream and now.stream:
+            third = max(now.steps // 3, 2)
+            pairs = [
+                (mine, theirs)
+                for mine, theirs in zip(self.stream[1:third], now.stream[1:third], strict=False)
+                if mine is not None and theirs is not None
+            ]
+            if len(pairs) >= 2:
+                return sum(t for _, t in pairs) / sum(m for m, _ in pairs)
+        return now.speed / self.speed if self.speed and now.speed else None
 
 
 def early_speed(stream: list[float | None], steps: int) -> float | None:

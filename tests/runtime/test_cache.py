@@ -403,6 +403,44 @@ def test_the_calibration_records_the_image_streams_tokens(family, text, tokens):
     calibrated(model, inputs, steps=6)
     found = profiles.lookup(profiles.model_weights(model.parameters()))
     assert (found.condition.batch, found.condition.tokens) == (2, tokens)
+    assert found.condition.inputs == 2
+
+
+def test_a_guidance_batch_counts_each_input_once():
+    """Classifier-free guidance runs each input twice (the same latents): the early speed of its
+    2 rows is one input's, and may move as much by chance as one input's does."""
+    model, inputs = build(batch=4)
+    compiled = cached(model, 6)
+    x, labels = inputs["hidden_states"][:2].clone(), inputs["class_labels"][:2]
+    with torch.no_grad():
+        for t in torch.linspace(1000.0, 1000.0 / 6, 6):
+            call = {**inputs, "hidden_states": torch.cat([x, x]), "timestep": t.expand(4)}
+            call["class_labels"] = torch.cat([labels, torch.full_like(labels, 10)])
+            cond, uncond = first_output(compiled(**call))[:, : x.shape[1]].chunk(2)
+            x = x - (uncond + 4.0 * (cond - uncond)) / 6
+    found = profiles.lookup(profiles.model_weights(model.parameters()))
+    assert (found.condition.batch, found.condition.inputs) == (4, 2)
+    # ref-wan, 2 clips on their own schedule: +9 % is within one input's spread of 5 %
+    measured = profiles.Condition(50, 24, 512, speed=1.0, inputs=12)
+    clips = profiles.Condition(50, 4, 512, speed=1.09, inputs=2)
+    assert "speed" not in measured.differences(clips)
+    assert "speed" in measured.differences(dataclasses.replace(clips, inputs=4))
+    assert "speed" in measured.differences(dataclasses.replace(clips, speed=1.25))
+
+
+def test_a_request_that_reuses_early_is_compared_on_the_steps_it_measured():
+    """The first steps move more than the third's mean: a request exact only at steps 1 and 2
+    (a reuse from step 3) is as fast as its calibration there, though its mean is 9 % higher."""
+    measured = profiles.Condition(18, 16, 64, stream=(None, 0.030, 0.028) + (0.025,) * 4)
+    measured = dataclasses.replace(measured, speed=profiles.early_speed(measured.stream, 18))
+    early = (None, 0.030, 0.028, None, None, None, None)
+    now = profiles.Condition(18, 16, 64, speed=profiles.early_speed(early, 18), stream=early)
+    assert now.speed > 1.08 * measured.speed and measured.speed_ratio(now) == pytest.approx(1.0)
+    assert "speed" not in measured.differences(now)
+    faster = tuple(None if v is None else 1.2 * v for v in early)
+    assert "speed" in measured.differences(dataclasses.replace(now, stream=faster))
+    # a profile saved before per-step changes were kept compares by the mean, as it did
+    assert "speed" in dataclasses.replace(measured, stream=()).differences(now)
 
 
 def test_another_resolution_recompiles_dynamic_with_the_token_guard_skipped():
