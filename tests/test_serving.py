@@ -133,7 +133,9 @@ def test_ray_serve_replicas_serve_concurrent_requests_as_one_by_one(one_by_one):
     try:
         serve.start(proxy_location="Disabled")  # handles only: nothing listens
         build = functools.partial(reference_service, "ref-flux", OPTIONS, steps=STEPS)
-        handle = serve.run(ray_app(build, replicas=2), name="digits")
+        # the replicas run torch on as many threads as `one_by_one` did: the images match bitwise
+        app = ray_app(build, replicas=2, threads=torch.get_num_threads())
+        handle = serve.run(app, name="digits")
         in_flight = [handle.remote(r) for r in REQUESTS]
         same_images([reply.result(timeout_s=300) for reply in in_flight], one_by_one)
         with pytest.raises(Exception, match="label 12 is not a class"):
