@@ -24,10 +24,9 @@ SPEED_TOLERANCE = 0.06
 """How much faster than at calibration the early token stream may move, in a batch of 8 or more
 inputs, before a request counts as another guidance scale or sampler (ref-dit: +7 % at guidance
 2.5, +16-23 % at 4, against 1.5; batches of 12 and 16 other inputs agree within 1 %). One
-input's speed varies by about 5 % (ref-dit), so fewer inputs get a
-tolerance that grows as one over the square root of their number. Inputs, not rows: a
-classifier-free-guidance batch repeats each input's stream (counted as rows, a 2-clip ref-wan
-request was held to 8.5 % and warned at +9 % on its own schedule)."""
+input's speed varies by about 5 % (ref-dit), so fewer inputs get a tolerance that grows as one
+over the square root of their number. Inputs, not rows: a classifier-free-guidance batch repeats
+each input's stream (counted as rows, a 2-clip ref-wan request was held to 8.5 %)."""
 
 SCHEDULE_TOLERANCE = 0.02
 """How far (as a share of the first timestep) a request's timesteps may sit from the calibrated
