@@ -121,9 +121,10 @@ def calibrations(
     refine: bool = False,
 ) -> dict[float, Calibration]:
     """`calibrate(cache="auto")` once (the settings tried do not depend on the budget), then the
-    setting chosen for each budget (with `refine`, `Calibration.refine` from it: the plans
-    tried for one budget join the next one's trials); a budget no setting meets is printed,
-    not raised."""
+    setting chosen for each budget (with `refine`, `Calibration.refine` from it where it is a
+    plan of full and reused steps: the plans tried for one budget join the next one's trials;
+    a setting that also refreshes blocks or tokens is taken as it is); a budget no setting
+    meets is printed, not raised."""
     try:
         trials = diffopt.calibrate(model, run, steps=steps, cache="auto", target_psnr=min(targets))
     except diffopt.ConfigError as e:
@@ -132,7 +133,9 @@ def calibrations(
     chosen = {}
     for target in targets:
         try:
-            found = trials.refine(target) if refine else trials.retarget(target)
+            found = trials.retarget(target)
+            if refine and set(found.plan) <= {"full", "reuse"}:  # refine moves full steps only
+                found = trials.refine(target)
         except diffopt.ConfigError as e:
             print(f"{steps} steps, {target} dB: {e}")
             continue
