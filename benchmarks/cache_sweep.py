@@ -134,11 +134,14 @@ def calibrations(
     for target in targets:
         try:
             found = trials.retarget(target)
-            if refine and set(found.plan) <= {"full", "reuse"}:  # refine moves full steps only
-                found = trials.refine(target)
         except diffopt.ConfigError as e:
             print(f"{steps} steps, {target} dB: {e}")
             continue
+        if refine:
+            try:
+                found = trials.refine(target)
+            except diffopt.ConfigError as e:  # a setting refine cannot move: taken as it is
+                print(f"{steps} steps, {target} dB, not refined: {e}")
         print(f"{steps} steps, {target} dB: {found.chosen.describe()}")
         chosen[target] = found
         trials = found if refine else trials

@@ -133,9 +133,12 @@ class Controller:
             want = (self.accumulated >= config.early).to(torch.int8)
             want += self.accumulated >= config.critical
             want[self.since_full >= config.max_reuse] = 2
-            vetoed = veto.any() if veto is not None else torch.zeros((), dtype=torch.bool)
-            # the one host read per step: the profile's rank and whether the check vetoed
-            rank, vetoed = torch.stack([want.max(), vetoed.to(want.device, torch.int8)]).tolist()
+            # the one host read per step: the profile's rank, and whether the check vetoed
+            if veto is None:
+                rank, vetoed = int(want.max()), False
+            else:
+                both = torch.stack([want.max(), veto.any().to(want.device, torch.int8)])
+                rank, vetoed = both.tolist()
             if vetoed and rank < 2:
                 # the check adds this full step; the profile's schedule goes on as if it had
                 # reused, so the check never moves a full step the profile would run (moved
