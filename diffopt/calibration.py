@@ -163,21 +163,30 @@ class Calibration:
         to 39.8 dB (p5 37.6) at 0.29, TaylorSeer 5's work, where TaylorSeer 5 reaches 38.1 dB; on
         ref-wan at 50 steps each budget kept its PSNR with 0.83-0.89 of TaylorSeer's work.
         Many plans tried on the same inputs flatter the best of them: check the refined setting
-        on fresh inputs. Costs up to ``3 * full steps`` sampling runs
-        per round. Needs a setting of full steps and reuse only (a plan, or the controller
-        without refresh), from `calibrate` in this process."""
+        on fresh inputs. Costs up to ``3 * full steps`` sampling runs per round. Starts from
+        the cheapest setting of full steps and reuse alone (a plan, or the controller without
+        refresh) that keeps the budget, also where a refreshing setting won the grid (on
+        ref-dit at 28 steps the 50 dB budget chose a block refresh at work 0.50). Needs the
+        calibration `calibrate` returned in this process."""
         target = self.target_psnr if target_psnr is None else target_psnr
         if self.search is None or target is None:
             raise ConfigError(
                 "refine needs the calibration calibrate(cache='auto', target_psnr=...) returned "
                 "in this process (a loaded config has no calibration inputs to search on)"
             )
-        current = select(self.trials, target)
-        if set(current.plan) - {"full", "reuse"}:
+        # refine moves full steps, so it starts from the cheapest setting of full steps and
+        # reuse alone that keeps the budget, also where a block or token refresh won the grid
+        movable = [t for t in self.trials if not set(t.plan) - {"full", "reuse"}]
+        try:
+            if not movable:
+                raise ConfigError("every setting tried refreshes tokens or blocks")
+            current = select(movable, target)
+        except ConfigError as e:
+            chosen = select(self.trials, target)
             raise ConfigError(
-                f"refine moves full steps; the setting chosen for {target:g} dB "
-                f"({current.describe()}) also refreshes tokens or blocks: use it as it is"
-            )
+                f"refine moves full steps, and no setting of full steps and reuse alone keeps "
+                f"{target:g} dB: use the choice as it is ({chosen.describe()})"
+            ) from e
         warmup = current.plan.index("reuse") if "reuse" in current.plan else len(current.plan)
         steps = self.search.base.steps
         seen = {_same_samples_key(t.config, steps) for t in self.trials}

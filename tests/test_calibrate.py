@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 import diffopt
 from diffopt import quality
-from diffopt.calibration import Trial, _grid, select
+from diffopt.calibration import Calibration, Trial, _grid, select
 from diffopt.config import CacheConfig, ConfigError
 from diffopt.evaluation import zoo
 from diffopt.runtime.controller import open_loop_actions
@@ -222,3 +223,27 @@ def test_refine_drops_or_moves_full_steps_while_the_budget_holds(reference):
     assert refined.retarget(25).search is found.search  # a second refine can start from there
     with pytest.raises(ConfigError, match="refine needs the calibration"):
         diffopt.calibration.Calibration(found.config, found.plan, found.trials, 30).refine()
+
+
+def test_refine_starts_from_full_steps_and_reuse_where_a_refresh_was_chosen(reference):
+    found = diffopt.calibrate(
+        reference.model, sampler(reference), steps=STEPS, cache="auto", target_psnr=30
+    )
+    movable = [t for t in found.trials if not set(t.plan) - {"full", "reuse"}]
+    start = select(movable, 30)
+    refreshing = next(t for t in found.trials if set(t.plan) & {"block", "token"})
+    # a refresh that wins the grid (made cheaper than anything else here)
+    winner = dataclasses.replace(refreshing, work=start.work / 2, fresh=start.fresh)
+    trials = [*found.trials, winner]
+    chosen = Calibration(winner.config, winner.plan, trials, 30, winner, found.search)
+    refined = chosen.refine(rounds=1)
+    new = refined.trials[len(trials) :]
+    assert new, "refine tried nothing"
+    warmup = start.plan.index("reuse")
+    for t in new:  # each one full step fewer than the cheapest full-and-reuse setting, or moved
+        assert t.plan[:warmup] == start.plan[:warmup]
+        assert sum(a != b for a, b in zip(t.plan, start.plan, strict=True)) in (1, 2)
+    assert refined.chosen is winner  # the choice is still made over every trial
+    only_refreshing = [t for t in trials if set(t.plan) & {"block", "token"}]
+    with pytest.raises(ConfigError, match="no setting of full steps and reuse alone keeps"):
+        Calibration(winner.config, winner.plan, only_refreshing, 30, winner, found.search).refine()
