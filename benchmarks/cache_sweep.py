@@ -121,10 +121,10 @@ def calibrations(
     refine: bool = False,
 ) -> dict[float, Calibration]:
     """`calibrate(cache="auto")` once (the settings tried do not depend on the budget), then the
-    setting chosen for each budget (with `refine`, `Calibration.refine` from it where it is a
-    plan of full and reused steps: the plans tried for one budget join the next one's trials;
-    a setting that also refreshes blocks or tokens is taken as it is); a budget no setting
-    meets is printed, not raised."""
+    setting chosen for each budget (with `refine`, `Calibration.refine` for it: the plans tried
+    for one budget join the next one's trials; where no setting of full and reused steps keeps
+    the budget, the choice is taken as it is); a budget no setting meets is printed, not
+    raised."""
     try:
         trials = diffopt.calibrate(model, run, steps=steps, cache="auto", target_psnr=min(targets))
     except diffopt.ConfigError as e:
@@ -140,7 +140,7 @@ def calibrations(
         if refine:
             try:
                 found = trials.refine(target)
-            except diffopt.ConfigError as e:  # a setting refine cannot move: taken as it is
+            except diffopt.ConfigError as e:  # nothing refine can move: taken as it is
                 print(f"{steps} steps, {target} dB, not refined: {e}")
         print(f"{steps} steps, {target} dB: {found.chosen.describe()}")
         chosen[target] = found
