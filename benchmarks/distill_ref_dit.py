@@ -56,6 +56,7 @@ import argparse
 import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.models.embeddings import LabelEmbedding
@@ -63,7 +64,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm, trange
 
 import diffopt
-from diffopt.evaluation import zoo
+from diffopt.evaluation import metrics, zoo
 from diffopt.fewstep.compensation import load_compensation, save_compensation
 
 ASSETS = Path(__file__).parent.parent / "diffopt" / "evaluation" / "assets"
@@ -292,6 +293,7 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
             batch=args.batch,
             seed=seed + 100 * args.resume,  # a resumed run draws other batches
             shared=two.shared_condition(),
+            **feature_term(two, args.feature_weight),
         )
         each = (time.time() - start) / max(args.joint_steps, 1)
         two.save(two.model, out)
@@ -302,6 +304,19 @@ def train_joint(args: argparse.Namespace, pairs: tuple[torch.Tensor, ...]) -> No
             f"{kind}: loss {first:.5f} -> {last:.5f}; {each:.2f} s a step "
             f"of {min(args.batch, len(labels))}; wrote {out}"
         )
+
+
+def feature_term(student: zoo.Reference, weight: float) -> dict[str, Any]:
+    """``--feature-weight``'s options of `diffopt.train_schedule`: the digits classifier's
+    features (ref-FID's feature space) of the student's images, or none at weight 0."""
+    if weight == 0:
+        return {}
+    classify = metrics.classifier()
+
+    def features(latents: torch.Tensor) -> torch.Tensor:
+        return classify.features(student.images(latents).clamp(-1, 1))
+
+    return {"features": features, "feature_weight": weight}
 
 
 def main() -> None:
@@ -315,6 +330,12 @@ def main() -> None:
         "--resume", action="store_true", help="--joint from the weights it wrote, not the fit"
     )
     parser.add_argument("--joint-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.0,
+        help="--joint: add this times the squared distance in the classifier's features",
+    )
     parser.add_argument("--joint-lr-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--pairs", type=int, default=6000)
     parser.add_argument(

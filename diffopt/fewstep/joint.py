@@ -6,13 +6,16 @@ block-cached step in the loop and the compensation learned jointly with it. The 
 sampler is one differentiable module, so that is plain gradient descent on it: from teacher
 pairs (noise, conditioning → the teacher's final latents), the loss is the squared distance of
 the sampler's final latents to the teacher's, and the gradient reaches the student's weights
-through every step, the partial one included, and each partial step's compensation.
+through every step, the partial one included, and each partial step's compensation. A feature
+term (``features=``: a frozen network, e.g. the classifier behind ref-FID) adds the distance of
+the sampler's final latents to the teacher's in that network's feature space, where a squared
+distance in latents weighs every pixel alike.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -40,6 +43,8 @@ def train_schedule(
     ema: float = 0.99,
     progress: bool = True,
     shared: Conditioning | None = None,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    feature_weight: float = 1.0,
 ) -> list[float]:
     """Train `sampler` so that ``sampler(latents[i], cond[i])`` lands on ``targets[i]``.
 
@@ -51,6 +56,9 @@ def train_schedule(
     step trains, and with `train_denoiser` the student's weights too (AdamW, gradients clipped
     to norm 1; `lr_schedule` ``"constant"`` or ``"cosine"``, annealed to zero over `steps`); at
     the end both hold the exponential moving average (`ema`) of the trained values.
+    `features`: a frozen map of final latents to features (ref-flux: the digits classifier's
+    ``features`` of ``reference.images(latents)``); the loss then adds `feature_weight` times
+    the mean squared distance between the sampler's features and the targets'.
     Guidance-distilled students only: no unconditional batch. Returns the loss of each step.
     """
     count = latents.shape[0]
@@ -61,6 +69,8 @@ def train_schedule(
         )
     if lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', not {lr_schedule!r}")
+    if features is not None and not feature_weight > 0:
+        raise ConfigError(f"feature_weight must be positive with features, not {feature_weight}")
     if not sampler.compensation and not train_denoiser:
         raise ConfigError("nothing to train: no partial step and train_denoiser=False")
     trained = list(sampler.compensation.parameters())
@@ -84,6 +94,10 @@ def train_schedule(
             index = torch.randint(0, count, (min(batch, count),), generator=gen)
             out = sampler(latents[index], {**_take(cond, index, count), **(shared or {})})
             loss = (out - targets[index]).pow(2).mean()
+            if features is not None:
+                with torch.no_grad():
+                    goal = features(targets[index])
+                loss = loss + feature_weight * (features(out) - goal).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
