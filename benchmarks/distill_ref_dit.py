@@ -16,7 +16,9 @@ Seeded; about 25 minutes. Writes ``diffopt/evaluation/assets/ref-dit-1step/`` an
    compensation; ``--joint-fraction 1.67``: 5 of 8) is fit in closed form, then trained end to
    end on the teacher pairs (`diffopt.train_schedule`: the student's weights and the
    compensation together, through the partial step). Writes ``ref-dit-FRACTIONstep-COMPENSATION/``
-   (the student and ``compensation.safetensors``) for each ``--compensation``.
+   (the student and ``compensation.safetensors``) for each ``--compensation``. ``--feature-weight
+   W`` adds W times the squared distance in the digits classifier's features (ref-FID's feature
+   space) to the loss (`diffopt.train_schedule`'s ``features``).
 
     python benchmarks/distill_ref_dit.py
     python benchmarks/distill_ref_dit.py --joint --compensation affine lowrank
