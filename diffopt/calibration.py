@@ -177,16 +177,13 @@ class Calibration:
         # refine moves full steps, so it starts from the cheapest setting of full steps and
         # reuse alone that keeps the budget, also where a block or token refresh won the grid
         movable = [t for t in self.trials if not set(t.plan) - {"full", "reuse"}]
-        try:
-            if not movable:
-                raise ConfigError("every setting tried refreshes tokens or blocks")
-            current = select(movable, target)
-        except ConfigError as e:
+        if not any(t.fresh.meets(target) for t in movable):
             chosen = select(self.trials, target)
             raise ConfigError(
                 f"refine moves full steps, and no setting of full steps and reuse alone keeps "
                 f"{target:g} dB: use the choice as it is ({chosen.describe()})"
-            ) from e
+            )
+        current = select(movable, target)
         warmup = current.plan.index("reuse") if "reuse" in current.plan else len(current.plan)
         steps = self.search.base.steps
         seen = {_same_samples_key(t.config, steps) for t in self.trials}
