@@ -27,6 +27,7 @@ from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
 from diffopt.passes.graph import INPUT_KEY, collective_groups, sequence_group
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
+from diffopt.specialization import Checks, specialized_branches, split_checks
 
 SIZES_FROM_DATA = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 """Dynamo settings that keep an op whose output size comes from data (a boolean mask's nonzero,
@@ -76,6 +77,8 @@ class Captured:
     """Where each graph input came from, as dynamo names it (``L['hidden_states']``)."""
     graphs: int = 1
     """How many graphs dynamo split the call into (graph breaks); this one holds the blocks."""
+    checks: Checks | None = None
+    """The branches on tensor values this one graph was specialized on (`specialization`)."""
 
 
 def capture(
@@ -121,11 +124,12 @@ def capture(
             if keyword and node.name != f"l_{keyword.group(1)}_":
                 node._rename(f"l_{keyword.group(1)}_")
         gm.recompile()
+        checks = split_checks(gm)  # the branches a specialized capture fixed, with their checks
         result = optimize(gm, inputs, config, keep_before=keep_before, compile_regions=False)
         executor = RegionExecutor(result.program)
 
         def run(*args: Any) -> Any:
-            captured.append(Captured(result, list(args), sources))
+            captured.append(Captured(result, list(args), sources, checks=checks))
             return executor(*args)
 
         return run
@@ -165,6 +169,22 @@ def capture(
         with torch.no_grad(), torch._dynamo.config.patch(**settings):
             torch.compile(call, backend=backend, fullgraph=fullgraph)(model, *args, **kwargs)
 
+    def trace_specialized(failure: Exception) -> Exception | None:
+        """One graph with each branch on a tensor's value taken as the example takes it (and
+        checked by the engine). Where that makes no graph either, what stops it: the next
+        obstacle, or `failure` itself where a size read from data would be fixed unchecked."""
+        start_over()
+        try:
+            with specialized_branches() as fixed:
+                trace(fullgraph=True)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            start_over()
+            return e
+        if fixed:  # not an engine to hand out
+            start_over()
+            return failure
+        return None
+
     def forget_frames() -> None:
         # what this capture compiled, and the resume functions dynamo made at its breaks: it
         # keeps them, compiled or marked skipped (a break in a loop), for the next attempt
@@ -180,7 +200,8 @@ def capture(
             trace(fullgraph=True)  # break at (Mochi's nonzero becomes an unbacked size)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             # UserError: a size the one graph would need from data (Lumina2's, HiDream's routing)
-            if one_graph:
+            # a branch on a tensor's value (OmniGen's): one graph taking the example's way
+            if one_graph and (e := trace_specialized(e)) is not None:
                 where = model_line(str(e))
                 raise ValueError(
                     f"an engine needs the denoiser as one graph; {type(model).__name__} has a "
@@ -188,28 +209,31 @@ def capture(
                     + (f" at `{where[0]}` ({where[1]})" if where else "")
                     + ". `diffopt.inspect` and torch.compile(backend='diffopt') run across "
                     "breaks; to export, remove the break there, or compute that size from the "
-                    f"inputs' shapes instead of their values. Dynamo's message: {e}"
+                    "inputs' shapes instead of their values (a branch on a tensor's value needs "
+                    "no change: the engine takes it as the example does and checks it on each "
+                    f"call). Dynamo's message: {e}"
                 ) from e
-            start_over()
-            trace(fullgraph=False)
-            # a break at a mask's nonzero inside a loop makes dynamo skip the whole frame and
-            # compile each block alone (HunyuanVideo 1.5's per-sample text reordering): with
-            # such sizes kept in the graph (unbacked) the blocks can stay one stack. Kept where
-            # it finds more blocks, or as many in fewer graphs (Z-Image: its blocks then share
-            # a graph with the noise level): elsewhere it moves the breaks (Lumina2's main
-            # blocks left its graph) or fails on the size's value (Qwen-Image 2.1's tolist())
-            plain = captured[:]
-            start_over()
-            try:
-                trace(fullgraph=False, sizes_from_data=True)
-            except (
-                torch._dynamo.exc.Unsupported,
-                torch._dynamo.exc.UserError,
-                GuardOnDataDependentSymNode,
-            ):
-                captured.clear()
-            if _most_blocks(captured) <= _most_blocks(plain):
-                captured[:] = plain
+            elif not one_graph:
+                start_over()
+                trace(fullgraph=False)
+                # a break at a mask's nonzero inside a loop makes dynamo skip the whole frame and
+                # compile each block alone (HunyuanVideo 1.5's per-sample text reordering): with
+                # such sizes kept in the graph (unbacked) the blocks can stay one stack. Kept where
+                # it finds more blocks, or as many in fewer graphs (Z-Image: its blocks then share
+                # a graph with the noise level): elsewhere it moves the breaks (Lumina2's main
+                # blocks left its graph) or fails on the size's value (Qwen-Image 2.1's tolist())
+                plain = captured[:]
+                start_over()
+                try:
+                    trace(fullgraph=False, sizes_from_data=True)
+                except (
+                    torch._dynamo.exc.Unsupported,
+                    torch._dynamo.exc.UserError,
+                    GuardOnDataDependentSymNode,
+                ):
+                    captured.clear()
+                if _most_blocks(captured) <= _most_blocks(plain):
+                    captured[:] = plain
     except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
         raise ValueError(
             f"{type(model).__name__} does not allow a dynamic {asked} (its code fixes that "

@@ -106,10 +106,16 @@ class Engine:
     """A loaded engine: call it like the denoiser (same keyword inputs), get its outputs."""
 
     def __init__(
-        self, manifest: dict[str, Any], executor: RegionExecutor, device: torch.device
+        self,
+        manifest: dict[str, Any],
+        executor: RegionExecutor,
+        device: torch.device,
+        checks: _SessionRegion | None = None,
     ) -> None:
         self.manifest, self.executor, self.device = manifest, executor, device
         """The sessions' device: inputs move there once, outputs come back to the caller's."""
+        self.checks = checks
+        """The conditions of the branches the engine was specialized on (manifest "checks")."""
 
     def __call__(self, **inputs: Any) -> Any:
         flat: list[Any] = [None] * self.manifest["num_inputs"]
@@ -132,6 +138,8 @@ class Engine:
             flat[spec["slot"]] = value
         from torch.utils import _pytree as pytree
 
+        if self.checks is not None:
+            self._check_branches(flat)
         outputs = self.executor(*flat)
         if caller is not None:
             outputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(caller), outputs)
@@ -139,6 +147,19 @@ class Engine:
             return outputs
 
         return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.manifest["returns"]))
+
+    def _check_branches(self, flat: list[Any]) -> None:
+        """Refuse a call whose inputs go another way than the example's at a branch on a tensor
+        value that the engine holds only one way of (`diffopt.specialization`)."""
+        assert self.checks is not None
+        held = self.checks(*(flat[i] for i in self.checks.inputs))
+        for condition, message in zip(held, self.manifest["checks"]["messages"], strict=True):
+            if not bool(condition):
+                raise ValueError(
+                    f"{message}; this call's inputs go the other way there. Export an engine "
+                    "with example inputs that go that way (one engine per way), or run the model "
+                    "under torch.compile(backend='diffopt'), which follows either way"
+                )
 
     def _check(self, spec: dict[str, Any], value: torch.Tensor) -> None:
         """An input's dtype, static sizes and dynamic-axis ranges, as the manifest records them."""
@@ -269,4 +290,13 @@ def load_engine(path: str | Path, provider: str = "cpu") -> Engine:
     executor = build_executor(
         program, config, guards, timestep_slot=manifest["timestep_slot"], param_slots=set()
     )
-    return Engine(manifest, executor, device)
+    checks = manifest.get("checks")
+    if checks:
+        checks = _SessionRegion(
+            Region("checks", "block"),
+            session(checks["file"]),
+            checks["inputs"],
+            checks["outputs"],
+            device,
+        )
+    return Engine(manifest, executor, device, checks)

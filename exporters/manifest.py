@@ -30,8 +30,12 @@ from diffopt.guards import Guard
 from diffopt.runtime.lowering import RegionProgram, Slot
 
 FORMAT = "diffopt-engine"
-FORMAT_VERSION = 2
-"""2: per-region export shapes (TensorRT profiles), per-axis size ranges, token variants.
+FORMAT_VERSION = 3
+"""3: ``"checks"``, the branches on tensor values an engine was specialized on, which it checks
+on every call (`diffopt.specialization`); a diffopt that predates it would skip the checks, so
+it refuses format 3.
+
+2: per-region export shapes (TensorRT profiles), per-axis size ranges, token variants.
 
 ``"residual_operands"`` (the regions' chains of additions, `RegionProgram.residual_operands`)
 came later within format 2, as an optional field: an engine without it loads and pairs a span's
@@ -90,6 +94,7 @@ def engine_manifest(
     returned: str | None,
     guards: list[Guard],
     timestep_slot: int | None,
+    checks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of an engine, less the hashes of its files (`file_hashes`). `inputs`: the
     graph inputs an engine is called with (`describe_input`); `regions`: `region_entry`s."""
@@ -116,6 +121,8 @@ def engine_manifest(
         "returns": returned,
         "guards": [dataclasses.asdict(g) for g in guards],
         "timestep_slot": timestep_slot,
+        # a `region_entry` of the specialized branches' conditions, and a message per condition
+        "checks": checks,
     }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from diffopt.passes.graph import Region, example_value
 from diffopt.runtime.executor import RegionExecutor
 from diffopt.runtime.lowering import LoweredRegion, RegionProgram, Slot
+from diffopt.specialization import Checks
 
 from .formats import ExportError
 from .manifest import bind, binding, unbind
@@ -134,6 +135,13 @@ def single_region(program: RegionProgram, gm: torch.fx.GraphModule, inputs: int)
     structure = torch.utils._pytree.tree_map(lambda _: Slot(next(slots)), output)
     whole = LoweredRegion(Region("model", "block"), FlatOutputs(gm), list(range(inputs)), outputs)
     return RegionProgram(inputs, inputs + count, [whole], structure, [[]])
+
+
+def checks_region(checks: Checks, num_slots: int) -> LoweredRegion:
+    """The specialized branches' conditions as a region over the graph's input slots; its
+    outputs get slots past the program's, so their names never meet an input's."""
+    outputs = list(range(num_slots, num_slots + len(checks.messages)))
+    return LoweredRegion(Region("checks", "block"), FlatOutputs(checks.gm), checks.inputs, outputs)
 
 
 class FlatOutputs(nn.Module):

@@ -31,8 +31,10 @@ from .manifest import (
     write_manifest,
 )
 from .onnx import QUANT_FORMS, write_region
-from .regions import RecordingExecutor, plan_inputs, single_region
+from .regions import RecordingExecutor, checks_region, plan_inputs, single_region
 from .variants import token_refresh_runs
+
+CHECKS_FILE = "checks.onnx"
 
 
 def export(
@@ -114,6 +116,14 @@ def export(
             regions[-1]["token_variants"][str(count)] = variant_entry(
                 short, plan.kept, short_examples
             )
+    checks = None
+    if captured.checks is not None:  # branches taken as the example took them: checked per call
+        lowered = checks_region(captured.checks, program.num_slots)
+        plan = plan_inputs(lowered, weights)
+        examples = [flat[i] for i in lowered.inputs]
+        write_region(lowered, examples, plan, out / CHECKS_FILE, quant_form)
+        checks = region_entry(lowered, CHECKS_FILE, plan.kept, examples)
+        checks["messages"] = captured.checks.messages
     batch = next(
         (
             v.shape[0]
@@ -140,6 +150,7 @@ def export(
         returned=returned,
         guards=graph.guards,
         timestep_slot=timestep_slot,
+        checks=checks,
     )
     manifest["hashes"] = file_hashes(out)
     write_manifest(out, manifest)

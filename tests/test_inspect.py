@@ -90,19 +90,34 @@ class _BranchesOnData(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         if torch.all(image == 0):  # data-dependent: dynamo breaks the graph here
-            x = x * 1.0
+            x = x * 0.5
         return self.inner(x, t)["sample"]
 
 
-def test_inspect_runs_across_a_graph_break_and_export_names_it(tmp_path):
+def test_inspect_runs_across_a_graph_break(tmp_path):
     model = _BranchesOnData().eval()
     x, t = user_model()[1]
     report = diffopt.inspect(model, (x, t, torch.zeros(2, 3)))
     assert report.graphs == 2
     assert [b.name for b in report.blocks] == [f"inner.blocks.{i}" for i in range(3)]
     assert "compiles to 2 graphs" in str(report)
-    with pytest.raises(ValueError, match="graph break"):
-        diffopt.export(model, (x, t, torch.zeros(2, 3)), out=tmp_path / "engine")
+
+
+@pytest.mark.parametrize("image", [torch.zeros(2, 3), torch.ones(2, 3)], ids=["zero", "set"])
+def test_export_takes_a_branch_on_data_as_the_example_does_and_the_engine_checks_it(
+    tmp_path, image
+):
+    model = _BranchesOnData().eval()
+    x, t = user_model()[1]
+    diffopt.export(model, (x, t, image), out=tmp_path / "engine")
+    engine = diffopt.load_engine(tmp_path / "engine")
+    with torch.no_grad():
+        expected = model(x, t, image)
+    torch.testing.assert_close(engine(x=x, t=t, image=image), expected, atol=1e-5, rtol=1e-5)
+    other = 1 - image  # the other way at the branch: this engine holds only one
+    line = r"`if torch\.all\(image == 0\):` being " + str(bool(image.eq(0).all()))
+    with pytest.raises(ValueError, match=line + r".*go the other way"):
+        engine(x=x, t=t, image=other)
 
 
 class _SizeFromData(torch.nn.Module):
