@@ -27,7 +27,12 @@ from diffopt.passes import DenoiserGraph, PassReport, analyze, run_passes
 from diffopt.passes.graph import INPUT_KEY, collective_groups, sequence_group
 from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
-from diffopt.specialization import Checks, specialized_branches, split_checks
+from diffopt.specialization import (
+    Checks,
+    recorded_branches,
+    specialized_branches,
+    split_checks,
+)
 
 SIZES_FROM_DATA = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 """Dynamo settings that keep an op whose output size comes from data (a boolean mask's nonzero,
@@ -169,20 +174,18 @@ def capture(
         with torch.no_grad(), torch._dynamo.config.patch(**settings):
             torch.compile(call, backend=backend, fullgraph=fullgraph)(model, *args, **kwargs)
 
-    def trace_specialized(failure: Exception) -> Exception | None:
-        """One graph with each branch on a tensor's value taken as the example takes it (and
-        checked by the engine). Where that makes no graph either, what stops it: the next
-        obstacle, or `failure` itself where a size read from data would be fixed unchecked."""
+    def trace_specialized() -> Exception | None:
+        """One graph with each branch on a tensor's value taken as an eager run of the example
+        takes it (and checked by the engine); else what stops it."""
         start_over()
+        with torch.no_grad(), recorded_branches() as branches:
+            model(*args, **kwargs)
         try:
-            with specialized_branches() as fixed:
-                trace(fullgraph=True)
+            with specialized_branches(branches):
+                trace(fullgraph=True, sizes_from_data=True)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             start_over()
             return e
-        if fixed:  # not an engine to hand out
-            start_over()
-            return failure
         return None
 
     def forget_frames() -> None:
@@ -198,10 +201,10 @@ def capture(
     try:
         try:  # one graph where dynamo can make one: fullgraph traces ops it would otherwise
             trace(fullgraph=True)  # break at (Mochi's nonzero becomes an unbacked size)
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):
             # UserError: a size the one graph would need from data (Lumina2's, HiDream's routing)
             # a branch on a tensor's value (OmniGen's): one graph taking the example's way
-            if one_graph and (e := trace_specialized(e)) is not None:
+            if one_graph and (e := trace_specialized()) is not None:
                 where = model_line(str(e))
                 raise ValueError(
                     f"an engine needs the denoiser as one graph; {type(model).__name__} has a "

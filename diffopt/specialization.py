@@ -5,8 +5,9 @@ Dynamo cannot trace ``if <tensor>:`` (OmniGen's ``if seq_len > max_positions:``,
 `specialized_branches` is active, each such branch takes the way the example inputs take it and
 its condition stays in the graph as ``torch._assert_async(condition, message)``;
 `split_checks` moves those conditions into a graph of their own, which the engine runs on every
-call and which refuses an input that would take the other way. Sizes read from data (a count
-taken from a mask) are not specialized: nothing would check them, so the capture refuses them.
+call and which refuses an input that would take the other way. Which way each line went comes
+from one eager run (`recorded_branches`). Sizes read from data (a count taken from a mask) are
+not specialized: they stay sizes known only at run time, or the capture refuses them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import linecache
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +46,40 @@ class Checks:
     """Per condition: the model's line and the way the engine was exported with."""
 
 
-def _specializing(original: Any) -> Any:
-    """A dynamo jump handler that takes a one-element tensor's branch from its real value."""
+Branches = dict[tuple[str, int], set[bool]]
+"""(file, line) → the values ``if <tensor>:`` took there while the model ran eagerly."""
+
+
+@contextlib.contextmanager
+def recorded_branches() -> Iterator[Branches]:
+    """Inside, every truth test of a tensor (``Tensor.__bool__``: an ``if``, ``and``, ``not``)
+    is recorded by the line that made it, into the yielded dict; run the model eagerly in it."""
+    values: Branches = {}
+    truth = torch.Tensor.__bool__
+
+    def recording(tensor: torch.Tensor) -> bool:
+        value = truth(tensor)
+        caller = sys._getframe(1)
+        values.setdefault((caller.f_code.co_filename, caller.f_lineno), set()).add(value)
+        return value
+
+    torch.Tensor.__bool__ = recording  # type: ignore[method-assign]
+    try:
+        yield values
+    finally:
+        torch.Tensor.__bool__ = truth  # type: ignore[method-assign]
+
+
+def _specializing(original: Any, branches: Branches) -> Any:
+    """A dynamo jump handler that takes a tensor's branch the way the eager run took it, where
+    that line always went one way; any other jump is left to `original` (a graph break)."""
     from torch._dynamo.variables import ConstantVariable, TensorVariable
 
     def handler(tx: Any, inst: Any) -> None:
         value = tx.stack[-1]
-        real = None
-        if isinstance(value, TensorVariable):
-            real = getattr(value.proxy.node.meta.get("example_value"), "real_tensor", None)
-        if real is not None and real.numel() == 1:
-            taken = bool(real)
+        seen = branches.get((tx.f_code.co_filename, tx.lineno), set())
+        if isinstance(value, TensorVariable) and len(seen) == 1:
+            (taken,) = seen
             line = linecache.getline(tx.f_code.co_filename, tx.lineno).split("  #")[0].strip()
             where = tx.f_code.co_filename.split("site-packages/")[-1]
             message = f"{CHECK_PREFIX}`{line}` being {taken} ({where}:{tx.lineno})"
@@ -72,16 +97,14 @@ def _specializing(original: Any) -> Any:
 
 
 @contextlib.contextmanager
-def specialized_branches() -> Iterator[list[str]]:
-    """Inside, dynamo traces ``if <tensor>:`` the way the example's values go and records the
-    condition (see the module docstring). Yields a list that fills with the data-dependent sizes
-    the trace fixed to their example values; the caller must refuse the graph if it is not empty.
+def specialized_branches(branches: Branches) -> Iterator[None]:
+    """Inside, dynamo traces ``if <tensor>:`` the way `branches` (`recorded_branches`) says the
+    line went and records the condition in the graph (see the module docstring). A line that
+    went both ways (a loop over blocks that differ) still breaks the graph.
 
-    It patches dynamo's bytecode dispatch tables and a ShapeEnv hook process-wide for the
-    duration: run nothing else under dynamo meanwhile."""
-    import torch._functorch.config as functorch_config
+    It patches dynamo's bytecode dispatch tables process-wide for the duration: run nothing
+    else under dynamo meanwhile."""
     from torch._dynamo import symbolic_convert
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     def translators(cls: type) -> Iterator[type]:
         yield cls
@@ -94,26 +117,16 @@ def specialized_branches() -> Iterator[list[str]]:
         if "dispatch_table" in vars(cls)
     }
     opcodes = [dis.opmap[name] for name in _JUMPS if name in dis.opmap]
-    fixed: list[str] = []
-    log = ShapeEnv._log_real_tensor_propagation
-
-    def record(env: Any, expr: Any, result: Any) -> None:
-        fixed.append(f"{expr} == {result}")
-        log(env, expr, result)
-
     try:
         for cls, table in tables.items():
             patched = list(table)
             for op in opcodes:
-                patched[op] = _specializing(table[op])
+                patched[op] = _specializing(table[op], branches)
             cls.dispatch_table = patched
-        ShapeEnv._log_real_tensor_propagation = record
-        with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
-            yield fixed
+        yield
     finally:
         for cls, table in tables.items():
             cls.dispatch_table = table
-        ShapeEnv._log_real_tensor_propagation = log
 
 
 def split_checks(gm: fx.GraphModule) -> Checks | None:

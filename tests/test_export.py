@@ -272,6 +272,27 @@ def test_complex_rotary_families_export_with_a_cache_and_run_like_torch(name, tm
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_hunyuan_video15_exports_its_text_reordering_and_checks_its_t2v_branch(tmp_path):
+    """HunyuanVideo 1.5 branches on `torch.all(image_embeds == 0)` and moves each sample's valid
+    text tokens first (sizes from the mask). The engine takes the branch the example took and
+    refuses the other; the text sizes stay sizes known at run time, so another mask runs."""
+    from tests.test_families import tensors
+
+    model, inputs = zoo.build("tiny-hunyuan-video15")
+    export(model, dict(inputs), {}, out=tmp_path)
+    engine = load_engine(tmp_path)
+    shorter = inputs["encoder_attention_mask"].clone()
+    shorter[0, -2:] = 0  # two prompts of other lengths than the example's
+    shorter[1, -4:] = 0
+    for call in (inputs, {**inputs, "encoder_attention_mask": shorter}):
+        with torch.no_grad():
+            want = tensors(model(**call))
+        torch.testing.assert_close(tensors(engine(**call)), want, atol=1e-4, rtol=1e-4)
+    image = {**inputs, "image_embeds": torch.ones_like(inputs["image_embeds"])}
+    with pytest.raises(ValueError, match=r"`if is_t2v:` being True .*go the other way"):
+        engine(**image)
+
+
 def test_token_refreshes_run_in_an_engine_as_in_torch(tmp_path):
     from tests.caching import build, denoise
 
