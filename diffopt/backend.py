@@ -29,8 +29,8 @@ from diffopt.runtime import RegionExecutor, RegionProgram, lower, split_regions
 from diffopt.runtime.cache import CachingExecutor, TimestepRecorder, VariantProvider
 from diffopt.specialization import (
     Checks,
-    recorded_branches,
-    specialized_branches,
+    recorded_reads,
+    specialized,
     split_checks,
 )
 
@@ -176,17 +176,20 @@ def capture(
 
     def trace_specialized() -> Exception | None:
         """One graph with each branch on a tensor's value taken as an eager run of the example
-        takes it (and checked by the engine); else what stops it."""
+        takes it, and where that is not enough, each value read into Python (``tolist()``)
+        read as it was there; the engine checks both. Else what stops it."""
         start_over()
-        with torch.no_grad(), recorded_branches() as branches:
+        with torch.no_grad(), recorded_reads() as reads:
             model(*args, **kwargs)
-        try:
-            with specialized_branches(branches):
-                trace(fullgraph=True, sizes_from_data=True)
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
-            start_over()
-            return e
-        return None
+        for values in (False, True):  # values only where needed: sizes stay dynamic otherwise
+            try:
+                with specialized(reads, values=values):
+                    trace(fullgraph=True, sizes_from_data=True)
+                return None
+            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+                start_over()
+                failure = e
+        return failure
 
     def forget_frames() -> None:
         # what this capture compiled, and the resume functions dynamo made at its breaks: it

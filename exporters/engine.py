@@ -156,9 +156,9 @@ class Engine:
         for condition, message in zip(held, self.manifest["checks"]["messages"], strict=True):
             if not bool(condition):
                 raise ValueError(
-                    f"{message}; this call's inputs go the other way there. Export an engine "
+                    f"{message}; this call's inputs go another way there. Export an engine "
                     "with example inputs that go that way (one engine per way), or run the model "
-                    "under torch.compile(backend='diffopt'), which follows either way"
+                    "under torch.compile(backend='diffopt'), which follows every way"
                 )
 
     def _check(self, spec: dict[str, Any], value: torch.Tensor) -> None:

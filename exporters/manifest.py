@@ -159,21 +159,50 @@ def read_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def returned_structure(model: nn.Module, example_inputs: Any, graph_outputs: Any) -> str | None:
+def returned_structure(
+    model: nn.Module, example_inputs: Any, graph_outputs: Any
+) -> tuple[str | None, list[int] | None]:
     """How the model packs the graph's outputs (a pytree spec), when it is a plain container of
-    exactly those tensors; None keeps the graph's own tuple."""
+    tensors (None keeps the graph's own tuple); and which of the graph's outputs it returns,
+    where the graph has more (None: all). Dynamo returns the tensors a model stores on itself
+    too (OmniGen's ``self.inv_freq = …``, Wan-Animate 2's rotary cache) for its glue code to
+    store: an engine leaves them out. Each returned tensor is paired with the first unpaired
+    graph output equal to it (to rounding: the graph ran diffopt's passes)."""
     from torch.utils import _pytree as pytree
 
     args, kwargs = (
         ((), example_inputs) if isinstance(example_inputs, dict) else (example_inputs, {})
     )
     leaves, spec = pytree.tree_flatten(model(*args, **kwargs))
-    if len(leaves) != len(graph_outputs) or not all(isinstance(v, torch.Tensor) for v in leaves):
-        return None
+    outputs = pytree.tree_leaves(graph_outputs)
+    if not all(isinstance(v, torch.Tensor) for v in leaves):
+        return None, None
+    kept: list[int] | None = None
+    if len(leaves) < len(outputs):
+        kept = []
+        for leaf in leaves:
+            kept.append(
+                next(
+                    (
+                        i
+                        for i, out in enumerate(outputs)
+                        if i not in kept
+                        and isinstance(out, torch.Tensor)
+                        and out.shape == leaf.shape
+                        and out.dtype == leaf.dtype
+                        and torch.allclose(out, leaf, rtol=1e-4, atol=1e-5, equal_nan=True)
+                    ),
+                    -1,
+                )
+            )
+        if -1 in kept:
+            return None, None
+    elif len(leaves) != len(outputs):
+        return None, None
     try:
-        return pytree.treespec_dumps(spec)
+        return pytree.treespec_dumps(spec), kept
     except (TypeError, NotImplementedError):  # an output class pytree cannot serialize
-        return None
+        return None, kept
 
 
 _REAL_PAIRS = "view_as_real"

@@ -96,7 +96,10 @@ def export(
     recorder = RecordingExecutor(program)
     with torch.no_grad():
         graph_outputs = recorder(*flat)
-        returned = returned_structure(model, example_inputs, graph_outputs)
+        returned, kept = returned_structure(model, example_inputs, graph_outputs)
+    if kept is not None:  # the graph also returns what the model stores on itself: left out
+        slots = torch.utils._pytree.tree_leaves(program.output)
+        program = dataclasses.replace(program, output=tuple(slots[i] for i in kept))
 
     shorts = token_refresh_runs(program, config, graph.guards, timestep_slot, weights, flat)
     single = len(program.regions) == 1

@@ -289,7 +289,7 @@ def test_hunyuan_video15_exports_its_text_reordering_and_checks_its_t2v_branch(t
             want = tensors(model(**call))
         torch.testing.assert_close(tensors(engine(**call)), want, atol=1e-4, rtol=1e-4)
     image = {**inputs, "image_embeds": torch.ones_like(inputs["image_embeds"])}
-    with pytest.raises(ValueError, match=r"`if is_t2v:` being True .*go the other way"):
+    with pytest.raises(ValueError, match=r"`if is_t2v:` being True .*go another way"):
         engine(**image)
 
 

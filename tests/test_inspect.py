@@ -116,8 +116,40 @@ def test_export_takes_a_branch_on_data_as_the_example_does_and_the_engine_checks
     torch.testing.assert_close(engine(x=x, t=t, image=image), expected, atol=1e-5, rtol=1e-5)
     other = 1 - image  # the other way at the branch: this engine holds only one
     line = r"`if torch\.all\(image == 0\):` being " + str(bool(image.eq(0).all()))
-    with pytest.raises(ValueError, match=line + r".*go the other way"):
+    with pytest.raises(ValueError, match=line + r".*go another way"):
         engine(x=x, t=t, image=other)
+
+
+class _ReadsItsGridFromATensor(torch.nn.Module):
+    """Wan-Animate 2's shape: the token grid comes as a tensor read with ``tolist()`` into the
+    key of a cache of tables, and the model stores the table on itself (dynamo returns it
+    beside the output, for its glue code to store)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, _ = user_model()
+        self.tables: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        key = tuple(grid.tolist())
+        if key not in self.tables:
+            self.tables[key] = torch.arange(key[0] * key[1], dtype=x.dtype).view(1, *key)
+        self.table = self.tables[key] * 2
+        return self.inner(x + self.table.mean(-1, keepdim=True), t)["sample"]
+
+
+def test_export_reads_a_tensor_into_python_as_the_example_does_and_the_engine_checks_it(tmp_path):
+    model = _ReadsItsGridFromATensor().eval()
+    x, t = user_model()[1]
+    grid = torch.tensor([10, 3])
+    diffopt.export(model, (x, t, grid), out=tmp_path / "engine")
+    engine = diffopt.load_engine(tmp_path / "engine")
+    with torch.no_grad():
+        expected = model(x, t, grid)
+    # the engine returns the model's output alone, not the table the model stored on itself
+    torch.testing.assert_close(engine(x=x, t=t, grid=grid), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"`key = tuple\(grid\.tolist\(\)\)` reading \[10, 3\]"):
+        engine(x=x, t=t, grid=torch.tensor([10, 5]))
 
 
 class _SizeFromData(torch.nn.Module):
