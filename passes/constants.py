@@ -109,11 +109,33 @@ def evaluate(
     return {node: interpreter.env[node] for node in wanted}
 
 
+_FRESH = {"zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like", "full_like"}
+"""Ops that make a new tensor, not a view of another."""
+
+
 def erase_unread(gm: fx.GraphModule, candidates: set[fx.Node]) -> None:
-    """Erase the nodes of `candidates` nothing reads any more (the tables' complex ops); never
-    a write (Bria-Fibo2 builds its attention mask with ``mask[...] = True``, used by nobody)."""
+    """Erase the nodes of `candidates` nothing reads any more (the tables' complex ops). A
+    write goes only with the tensor it writes into, once nothing but writes uses that
+    (Lumina2's per-sample rotary tables, folded); Bria-Fibo2's ``mask[...] = True`` stays, since
+    the mask is read after it."""
+
+    def unread_write(node: fx.Node) -> bool:
+        target = node.args[0] if node.args else None
+        return (
+            isinstance(target, fx.Node)
+            and target in candidates
+            and op_name(target) in _FRESH  # no view: a write into one would reach its base
+            and node.target is operator.setitem
+            and all(writes(u) and not u.users for u in target.users)
+        )
+
     for node in reversed(list(gm.graph.nodes)):
-        if node in candidates and node.op != "placeholder" and not node.users and not writes(node):
+        if (
+            node in candidates
+            and node.op != "placeholder"
+            and not node.users
+            and (not writes(node) or unread_write(node))
+        ):
             gm.graph.erase_node(node)
 
 
@@ -139,13 +161,20 @@ def fold_values(
 ) -> dict[fx.Node, torch.Tensor]:
     """The values of the constant nodes `wanted`, evaluated on the capture's weights.
 
-    `NotFoldable` when an in-place op writes into what they are computed from (evaluating them
-    alone would miss the write; the runtime keeps computing them) or the capture's inputs are
-    fake tensors."""
+    An in-place write into what they are computed from is evaluated with them where it is
+    itself constant and runs before they are done (Lumina2 fills its rotary table per sample
+    with ``freqs[i, :n] = …``). `NotFoldable` when another write does (evaluating the values
+    alone would miss it; the runtime keeps computing them) or the capture's inputs are fake
+    tensors."""
     built = ancestors(wanted)
-    written = [u for n in built for u in n.users if u not in built and writes(u)]
-    if written:
-        raise NotFoldable(location(written[0]), "an in-place op writes into the values' inputs")
+    constant = constant_nodes(gm)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    while written := [u for n in built for u in n.users if u not in built and writes(u)]:
+        late = max(order[n] for n in built)
+        outside = [u for u in written if u not in constant or order[u] > late]
+        if outside:
+            raise NotFoldable(location(outside[0]), "an in-place op writes into the values' inputs")
+        built |= ancestors(set(written))
     values = evaluate(gm, built, wanted, inputs)
     if values is None:
         raise NotFoldable("graph", "the capture holds fake inputs, so nothing can be evaluated")

@@ -196,15 +196,18 @@ def test_bind_refuses_a_binding_it_does_not_know():
 
 
 class RotaryWrittenInPlace(RotaryFromInput):
-    """A constant table with an in-place write: folding it would miss the write."""
+    """A table whose angles are written in place: with a constant (Lumina2 fills its tables per
+    sample), or with a value of the call's inputs, which folding would miss."""
 
-    def __init__(self) -> None:
+    def __init__(self, from_inputs: bool) -> None:
         super().__init__()
         self.register_buffer("angles", torch.randn(6, 4))
+        self.from_inputs = from_inputs
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        angles = self.angles.clone()
-        angles[0] = 0.0
+        angles = torch.zeros(6, 4)
+        angles[1:] = self.angles[1:]
+        angles[0] = hidden_states.mean() if self.from_inputs else 0.5
         table = torch.polar(torch.ones_like(angles), angles)
         for block in self.blocks:
             hidden_states = block(hidden_states, table)
@@ -221,13 +224,21 @@ def test_export_refuses_a_table_from_the_inputs_with_the_passs_reason(tmp_path):
         export(RotaryFromInput(), inputs, out=tmp_path)
 
 
-def test_a_table_written_in_place_is_left_alone_and_reported():
-    model, inputs = RotaryWrittenInPlace(), {"hidden_states": torch.randn(2, 6, 8)}
+@pytest.mark.parametrize("from_inputs", [False, True], ids=["constant", "from-inputs"])
+def test_a_table_written_in_place_is_folded_with_constant_writes_and_else_reported(from_inputs):
+    model = RotaryWrittenInPlace(from_inputs)
+    inputs = {"hidden_states": torch.randn(2, 6, 8)}
     torch._dynamo.reset()
     captured = capture(model, inputs, Config(inner="eager", rotary={}))
     report = next(r for r in captured.result.reports if r.name == "real_rotary")
-    assert not report.rewritten
-    assert "in-place op" in report.skipped[0].what
+    if from_inputs:
+        assert not report.rewritten
+        assert "in-place op" in report.skipped[0].what
+    else:  # folded with its writes, which go with the table nothing reads any more
+        assert report.rewritten and not report.skipped
+        gm = captured.result.graph.gm
+        assert not _complex_nodes(gm)
+        assert not [n for n in gm.graph.nodes if n.target is operator.setitem]
     with torch.no_grad():
         out = RegionExecutor(captured.result.program)(*captured.inputs)
         torch.testing.assert_close(tensors(out)[0], model(**inputs))
