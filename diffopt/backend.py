@@ -83,7 +83,7 @@ class Captured:
     graphs: int = 1
     """How many graphs dynamo split the call into (graph breaks); this one holds the blocks."""
     checks: Checks | None = None
-    """The branches on tensor values this one graph was specialized on (`specialization`)."""
+    """The reads of tensor values this one graph was specialized on (`specialization`)."""
 
 
 def capture(
@@ -206,8 +206,9 @@ def capture(
             trace(fullgraph=True)  # break at (Mochi's nonzero becomes an unbacked size)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):
             # UserError: a size the one graph would need from data (Lumina2's, HiDream's routing)
-            # a branch on a tensor's value (OmniGen's): one graph taking the example's way
-            if one_graph and (e := trace_specialized()) is not None:
+            if one_graph:  # an engine: reads of data taken as the example's, where that helps
+                e = trace_specialized()
+            if one_graph and e is not None:
                 where = model_line(str(e))
                 raise ValueError(
                     f"an engine needs the denoiser as one graph; {type(model).__name__} has a "
@@ -215,9 +216,9 @@ def capture(
                     + (f" at `{where[0]}` ({where[1]})" if where else "")
                     + ". `diffopt.inspect` and torch.compile(backend='diffopt') run across "
                     "breaks; to export, remove the break there, or compute that size from the "
-                    "inputs' shapes instead of their values (a branch on a tensor's value needs "
-                    "no change: the engine takes it as the example does and checks it on each "
-                    f"call). Dynamo's message: {e}"
+                    "inputs' shapes instead of their values (a branch on a tensor's value or a "
+                    "value read with tolist() needs no change where it is the one obstacle: the "
+                    f"engine takes it as the example does and checks it). Dynamo's message: {e}"
                 ) from e
             elif not one_graph:
                 start_over()

@@ -115,7 +115,7 @@ class Engine:
         self.manifest, self.executor, self.device = manifest, executor, device
         """The sessions' device: inputs move there once, outputs come back to the caller's."""
         self.checks = checks
-        """The conditions of the branches the engine was specialized on (manifest "checks")."""
+        """The conditions of the reads of data the engine was specialized on (`checks.onnx`)."""
 
     def __call__(self, **inputs: Any) -> Any:
         flat: list[Any] = [None] * self.manifest["num_inputs"]
