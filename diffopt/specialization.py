@@ -171,15 +171,16 @@ def specialized(reads: Reads, values: bool = False) -> Iterator[None]:
     }
     opcodes = [dis.opmap[name] for name in _JUMPS if name in dis.opmap]
     methods = {f"method_{name}": name for name in _READS[1:]} if values else {}
-    handlers = {attr: getattr(TensorVariable, attr) for attr in methods}
+    # dynamo's tensor handlers by name; a torch without one leaves that read unspecialized
+    handlers = {a: getattr(TensorVariable, a) for a in methods if hasattr(TensorVariable, a)}
     try:
         for cls, table in tables.items():
             patched = list(table)
             for op in opcodes:
                 patched[op] = _specialized_jump(table[op], reads)
             cls.dispatch_table = patched
-        for attr, name in methods.items():
-            setattr(TensorVariable, attr, _specialized_read(handlers[attr], name, reads))
+        for attr, handler in handlers.items():
+            setattr(TensorVariable, attr, _specialized_read(handler, methods[attr], reads))
         yield
     finally:
         for cls, table in tables.items():
