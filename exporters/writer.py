@@ -124,7 +124,17 @@ def export(
         lowered = checks_region(captured.checks, program.num_slots)
         plan = plan_inputs(lowered, weights)
         examples = [flat[i] for i in lowered.inputs]
-        write_region(lowered, examples, plan, out / CHECKS_FILE, quant_form)
+        try:
+            write_region(lowered, examples, plan, out / CHECKS_FILE, quant_form)
+        except ExportError as e:
+            if not (dynamic_batch or dynamic_resolution):
+                raise
+            raise ExportError(
+                "the engine is specialized on values the model reads from its inputs ("
+                + "; ".join(captured.checks.messages)
+                + "), and checking them fixes those inputs' sizes: export with "
+                "dynamic_batch=False and dynamic_resolution=False"
+            ) from e
         checks = region_entry(lowered, CHECKS_FILE, plan.kept, examples)
         checks["messages"] = captured.checks.messages
     batch = next(

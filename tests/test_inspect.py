@@ -270,3 +270,14 @@ def test_the_model_line_is_the_deepest_frame_that_is_neither_torch_nor_diffopt()
     )
     assert model_line(stack) == ("f = lambda x: x[x > 0]", "diffusers/models/m.py:3")
     assert model_line("no stack here") is None
+
+
+def test_a_value_read_from_an_input_refuses_a_dynamic_batch_saying_why(tmp_path):
+    """Checking the value it read fixes the input's size, so the batch cannot vary (here the
+    grid's length happens to equal the batch, as Wan-Animate 2's [B, 3] grid sizes do)."""
+    from diffopt.exporters import ExportError
+
+    model = _ReadsItsGridFromATensor().eval()
+    x, t = user_model()[1]
+    with pytest.raises(ExportError, match=r"reading \[10, 3\].*dynamic_batch=False"):
+        diffopt.export(model, (x, t, torch.tensor([10, 3])), out=tmp_path, dynamic_batch=True)
