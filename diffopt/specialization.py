@@ -68,6 +68,7 @@ def recorded_reads() -> Iterator[Reads]:
     eagerly in it."""
     reads: Reads = {}
     originals = {name: getattr(torch.Tensor, name) for name in _READS}
+    own = {name for name in _READS if name in vars(torch.Tensor)}  # the rest come from C
 
     def recording(name: str) -> Any:
         def read(tensor: torch.Tensor) -> Any:
@@ -85,7 +86,10 @@ def recorded_reads() -> Iterator[Reads]:
         yield reads
     finally:
         for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
+            if name in own:
+                setattr(torch.Tensor, name, method)
+            else:  # as it was: inherited, not an attribute of torch.Tensor's own
+                delattr(torch.Tensor, name)
 
 
 def _one_value(reads: Reads, name: str, tx: Any) -> tuple[bool, Any]:
