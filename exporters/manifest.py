@@ -31,7 +31,7 @@ from diffopt.runtime.lowering import RegionProgram, Slot
 
 FORMAT = "diffopt-engine"
 FORMAT_VERSION = 3
-"""3: ``"checks"``, the branches on tensor values an engine was specialized on, which it checks
+"""3: ``"checks"``, the reads of tensor values an engine was specialized on, which it checks
 on every call (`diffopt.specialization`); a diffopt that predates it would skip the checks, so
 it refuses format 3.
 
@@ -121,7 +121,7 @@ def engine_manifest(
         "returns": returned,
         "guards": [dataclasses.asdict(g) for g in guards],
         "timestep_slot": timestep_slot,
-        # a `region_entry` of the specialized branches' conditions, and a message per condition
+        # a `region_entry` of the specialized reads' conditions, and a message per condition
         "checks": checks,
     }
 

@@ -138,7 +138,7 @@ def single_region(program: RegionProgram, gm: torch.fx.GraphModule, inputs: int)
 
 
 def checks_region(checks: Checks, num_slots: int) -> LoweredRegion:
-    """The specialized branches' conditions as a region over the graph's input slots; its
+    """The specialized reads' conditions as a region over the graph's input slots; its
     outputs get slots past the program's, so their names never meet an input's."""
     outputs = list(range(num_slots, num_slots + len(checks.messages)))
     return LoweredRegion(Region("checks", "block"), FlatOutputs(checks.gm), checks.inputs, outputs)

@@ -120,7 +120,7 @@ def export(
                 short, plan.kept, short_examples
             )
     checks = None
-    if captured.checks is not None:  # branches taken as the example took them: checked per call
+    if captured.checks is not None:  # reads of data taken as the example's: checked per call
         lowered = checks_region(captured.checks, program.num_slots)
         plan = plan_inputs(lowered, weights)
         examples = [flat[i] for i in lowered.inputs]
