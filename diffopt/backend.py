@@ -191,6 +191,31 @@ def capture(
                 failure = e
         return failure
 
+    def trace_across_breaks() -> None:
+        """Several graphs, as under torch.compile, keeping the capture whose graph holds more
+        blocks: with sizes from data kept in the graph (unbacked) or without.
+
+        A break at a mask's nonzero inside a loop makes dynamo skip the whole frame and compile
+        each block alone (HunyuanVideo 1.5's per-sample text reordering): with such sizes kept
+        in the graph the blocks can stay one stack. Kept where it finds more blocks, or as many
+        in fewer graphs (Z-Image: its blocks then share a graph with the noise level):
+        elsewhere it moves the breaks (Lumina2's main blocks left its graph) or fails on the
+        size's value (Qwen-Image 2.1's tolist())."""
+        start_over()
+        trace(fullgraph=False)
+        plain = captured[:]
+        start_over()
+        try:
+            trace(fullgraph=False, sizes_from_data=True)
+        except (
+            torch._dynamo.exc.Unsupported,
+            torch._dynamo.exc.UserError,
+            GuardOnDataDependentSymNode,
+        ):
+            captured.clear()
+        if _most_blocks(captured) <= _most_blocks(plain):
+            captured[:] = plain
+
     def forget_frames() -> None:
         # what this capture compiled, and the resume functions dynamo made at its breaks: it
         # keeps them, compiled or marked skipped (a break in a loop), for the next attempt
@@ -206,10 +231,10 @@ def capture(
             trace(fullgraph=True)  # break at (Mochi's nonzero becomes an unbacked size)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):
             # UserError: a size the one graph would need from data (Lumina2's, HiDream's routing)
-            if one_graph:  # an engine: reads of data taken as the example's, where that helps
-                e = trace_specialized()
-            if one_graph and e is not None:
-                where = model_line(str(e))
+            if not one_graph:
+                trace_across_breaks()
+            elif (failure := trace_specialized()) is not None:  # an engine needs one graph
+                where = model_line(str(failure))
                 raise ValueError(
                     f"an engine needs the denoiser as one graph; {type(model).__name__} has a "
                     f"graph break or a size taken from data"
@@ -218,29 +243,9 @@ def capture(
                     "breaks; to export, remove the break there, or compute that size from the "
                     "inputs' shapes instead of their values (a branch on a tensor's value or a "
                     "value read with tolist() needs no change where it is the one obstacle: the "
-                    f"engine takes it as the example does and checks it). Dynamo's message: {e}"
-                ) from e
-            elif not one_graph:
-                start_over()
-                trace(fullgraph=False)
-                # a break at a mask's nonzero inside a loop makes dynamo skip the whole frame and
-                # compile each block alone (HunyuanVideo 1.5's per-sample text reordering): with
-                # such sizes kept in the graph (unbacked) the blocks can stay one stack. Kept where
-                # it finds more blocks, or as many in fewer graphs (Z-Image: its blocks then share
-                # a graph with the noise level): elsewhere it moves the breaks (Lumina2's main
-                # blocks left its graph) or fails on the size's value (Qwen-Image 2.1's tolist())
-                plain = captured[:]
-                start_over()
-                try:
-                    trace(fullgraph=False, sizes_from_data=True)
-                except (
-                    torch._dynamo.exc.Unsupported,
-                    torch._dynamo.exc.UserError,
-                    GuardOnDataDependentSymNode,
-                ):
-                    captured.clear()
-                if _most_blocks(captured) <= _most_blocks(plain):
-                    captured[:] = plain
+                    "engine takes it as the example does and checks it). Dynamo's message: "
+                    f"{failure}"
+                ) from failure
     except ConstraintViolationError as e:  # mark_dynamic on a size the model specializes
         raise ValueError(
             f"{type(model).__name__} does not allow a dynamic {asked} (its code fixes that "

@@ -33,8 +33,10 @@ _JUMPS = (  # opcodes that pop a condition and jump on it (3.11 has forward/back
     "POP_JUMP_BACKWARD_IF_FALSE",
     "POP_JUMP_BACKWARD_IF_TRUE",
 )
-_READS = ("__bool__", "tolist", "item")
-"""The tensor methods whose values are recorded; the latter two are specialized on request."""
+_VALUE_READS = ("tolist", "item")
+"""The tensor methods whose values are specialized on request (`specialized`'s `values`)."""
+_READS = ("__bool__", *_VALUE_READS)
+"""The tensor methods whose values are recorded."""
 
 
 @dataclass
@@ -174,7 +176,7 @@ def specialized(reads: Reads, values: bool = False) -> Iterator[None]:
         if "dispatch_table" in vars(cls)
     }
     opcodes = [dis.opmap[name] for name in _JUMPS if name in dis.opmap]
-    methods = {f"method_{name}": name for name in _READS[1:]} if values else {}
+    methods = {f"method_{name}": name for name in _VALUE_READS} if values else {}
     # dynamo's tensor handlers by name; a torch without one leaves that read unspecialized
     handlers = {a: getattr(TensorVariable, a) for a in methods if hasattr(TensorVariable, a)}
     try:
