@@ -124,6 +124,16 @@ def collective_groups(gm: fx.GraphModule) -> tuple[str, ...]:
     return tuple(groups)
 
 
+def is_dtensor(value: object) -> bool:
+    """Whether `value` is a DTensor: a weight that diffusers' tensor parallelism
+    (``TensorParallelConfig``) sharded over ranks, or an activation its plan wraps."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
 def shape_of(node: fx.Node) -> tuple[int | str, ...] | None:
     """The captured shape; a symbolic dimension (dynamic shapes) appears as its name, ``"s0"``."""
     value = example_value(node)

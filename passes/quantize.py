@@ -12,11 +12,17 @@ time-embedding projections (`QuantConfig.exclude`). A layer whose output SQNR on
 capture's inputs falls below `min_sqnr` stays in high precision, reported as a skip. The same
 run on the capture's inputs hands each layer's input rows to the format, for the settings that
 calibrate on them (`smooth_alpha`, `gptq`).
+
+Under diffusers' tensor parallelism a weight is a DTensor sharded along N (colwise) or K
+(rowwise): each rank stores its own shard with its own scales, calibrated on the rows that shard
+sees, and the op runs on local tensors between the DTensor the parallel plan hands the layer and
+the one it expects back (`_Sharded`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import partial
@@ -31,7 +37,14 @@ from diffopt.config import QuantConfig
 from diffopt.kernels import Constant, LinearInputs, QuantizedLinear, Unsupported, quant_format
 
 from .constants import add_constant
-from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, process_group, sequence_group
+from .graph import (
+    INPUT_KEY,
+    REGION_KEY,
+    DenoiserGraph,
+    is_dtensor,
+    process_group,
+    sequence_group,
+)
 from .manager import register_pass
 from .regions import owning_module
 from .report import PassReport
@@ -46,6 +59,8 @@ class _Candidate:
     where: str
     weight: torch.Tensor
     quantized: QuantizedLinear
+    sharded: _Sharded | None = None
+    """How tensor parallelism split the weight (None: a plain tensor)."""
 
 
 @register_pass("quantize", config="quant")
@@ -67,13 +82,15 @@ def quantize(graph: DenoiserGraph, config: QuantConfig) -> tuple[DenoiserGraph, 
         q = c.quantized
         with graph.gm.graph.inserting_before(node):
             add = partial(_add_constant, graph.gm, where=c.where, user=node)
-            args = q.bind(node.args[0], _bias(node), add)
-            op = graph.gm.graph.call_function(q.op, args)
-        op.meta = dict(node.meta)  # same region, module stack and output value
+            if c.sharded is None:
+                op = graph.gm.graph.call_function(q.op, q.bind(node.args[0], _bias(node), add))
+                op.meta = dict(node.meta)  # same region, module stack and output value
+            else:
+                op = c.sharded.call(graph.gm.graph, node, q, add)
         node.replace_all_uses_with(op)
         graph.gm.graph.erase_node(node)
         quantized_bytes += q.stored_bytes
-        fp16_bytes += c.weight.numel() * 2
+        fp16_bytes += _local(c.weight).numel() * 2
         shown = f", SQNR {quality:.1f} dB" if quality is not None else ""
         report.rewrite(c.where, f"{q.summary}{shown}")
     report.stats.update(
@@ -144,7 +161,9 @@ def _prepare(
     def prepare(node: fx.Node, inputs: LinearInputs | None) -> None:
         where, weight = selected[node]
         try:
-            chosen[node] = _Candidate(where, weight, fmt.prepare(weight, config, inputs))
+            sharded = _Sharded.of(weight)
+            stored = fmt.prepare(_local(weight), config, inputs)
+            chosen[node] = _Candidate(where, weight, stored, sharded)
         except Unsupported as why:
             report.skip(where, str(why))
 
@@ -167,12 +186,17 @@ def _prepare(
         def run_node(self, node: fx.Node):
             out = super().run_node(node)
             if node in selected:
-                x = self.env[node.args[0]]
+                x = _local(self.env[node.args[0]])  # a tensor-parallel shard sees its rows
                 prepare(node, LinearInputs(x.detach().reshape(-1, x.shape[-1]).float(), group))
                 if node in chosen and config.min_sqnr is not None:
-                    q, bias = chosen[node].quantized, _bias(node)
-                    args = q.bind(x, bias and self.env[bias], lambda k: k.value)
-                    found[node] = _sqnr(out, q.op(*args), group)
+                    c, bias = chosen[node], _bias(node)
+                    bias, exact = bias and self.env[bias], out
+                    if c.sharded is not None:  # each shard's own output, summed over the shards
+                        bias = _local(bias) if c.sharded.colwise else None
+                        exact = F.linear(x, _local(c.weight), bias)
+                    args = c.quantized.bind(x, bias, lambda k: k.value)
+                    shards = c.sharded and c.sharded.group
+                    found[node] = _sqnr(exact, c.quantized.op(*args), group or shards)
             return out
 
     # dynamic shapes pass sizes as SymInts: run at the sizes the capture saw
@@ -180,6 +204,71 @@ def _prepare(
     with torch.no_grad():
         Calibrate(graph.gm).run(*inputs)
     return chosen, found
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    """A weight that diffusers' tensor parallelism split over a 1-D mesh: along N (colwise,
+    ``Shard(0)``: the output's features are sharded) or along K (rowwise, ``Shard(1)``: each
+    rank's output is a partial sum over its slice of the input's features)."""
+
+    colwise: bool
+    group: Any
+    """The mesh's process group: what a layer's SQNR is summed over."""
+
+    @staticmethod
+    def of(weight: torch.Tensor) -> _Sharded | None:
+        """How `weight` is sharded; None for a plain tensor; `Unsupported` for other layouts."""
+        if not is_dtensor(weight):
+            return None
+        from torch.distributed.tensor import Shard
+
+        placements = tuple(weight.placements)
+        if len(placements) != 1 or placements[0] not in (Shard(0), Shard(1)):
+            raise Unsupported(
+                f"its weight is a DTensor placed {placements}; only a 1-D mesh's colwise "
+                "(Shard(0)) or rowwise (Shard(1)) split is quantized"
+            )
+        return _Sharded(placements[0] == Shard(0), weight.device_mesh.get_group())
+
+    def call(self, graph: fx.Graph, node: fx.Node, q: QuantizedLinear, add: Any) -> fx.Node:
+        """The nodes that replace `node`: the op on this rank's shard, between the DTensors the
+        parallel plan passes in and expects back (a rowwise bias is added once, after the
+        partial sums are reduced)."""
+        x, bias = node.args[0], _bias(node)
+        local = dict(node.meta)
+        local.pop("val", None)  # the shard's value, not the DTensor's
+        local.pop("example_value", None)
+
+        def call(target: Any, args: tuple, meta: dict) -> fx.Node:
+            new = graph.call_function(target, args)
+            new.meta = dict(meta)
+            return new
+
+        x = call(_local, (x,), local)
+        own_bias = call(_local, (bias,), local) if bias is not None and self.colwise else None
+        y = call(q.op, q.bind(x, own_bias, add), local)
+        out = call(_as_dtensor, (y, node.args[0], self.colwise), node.meta)
+        if bias is not None and not self.colwise:
+            out = call(operator.add, (out, bias), node.meta)
+        return out
+
+
+def _local(value: Any) -> Any:
+    """This rank's shard of a DTensor; anything else as it is."""
+    return value.to_local() if is_dtensor(value) else value
+
+
+def _as_dtensor(y: torch.Tensor, like: Any, colwise: bool) -> Any:
+    """A shard's output as the DTensor the parallel plan expects, on `like`'s mesh (the layer's
+    input): features sharded (colwise), or the partial sums reduced (rowwise)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = like.device_mesh
+    if colwise:
+        return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
+    partial_sums = DTensor.from_local(y, mesh, [Partial()], run_check=False)
+    return partial_sums.redistribute(mesh, [Replicate()])
 
 
 def _constant_values(graph: DenoiserGraph) -> dict[fx.Node, torch.Tensor]:

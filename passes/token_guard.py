@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from diffopt.config import CacheConfig
 from diffopt.guards import Guard, per_sample, refresh_count, token_axes
 
-from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, example_value, shape_of
+from .graph import INPUT_KEY, REGION_KEY, DenoiserGraph, example_value, is_dtensor, shape_of
 from .manager import register_pass
 from .regions import (
     describe_residuals,
@@ -446,6 +446,11 @@ def _fake(value: object, axes: list[int], fewer: int) -> object:
     """An empty tensor like `value`, with `fewer` tokens on its token `axes` (a gathered one)."""
     if not isinstance(value, torch.Tensor):
         return value
+    if is_dtensor(value):  # a tensor-parallel weight: its shard, on its mesh
+        from torch.distributed.tensor import DTensor
+
+        local = _fake(value.to_local(), axes, fewer)
+        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False)
     shape = list(value.shape)
     for axis in axes:
         shape[axis] -= fewer

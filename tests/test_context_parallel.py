@@ -1,4 +1,5 @@
-"""diffopt under diffusers' context parallelism: Ulysses 2 on two CPU processes (gloo).
+"""diffopt under diffusers' context parallelism (Ulysses 2) and tensor parallelism (2 shards), on
+two CPU processes (gloo).
 
 One module fixture starts two ranks once (imports cost ~20 s a process on a 2-core machine) and
 runs every check in them; the tests read what each rank measured. Each rank also runs the same
@@ -12,6 +13,8 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ Not here, because diffusers 0.42's own context-parallel forward fails on them be
 runs: LTX-2 (its rotary table is not split with the tokens), Helios (its plan names blocks 0–39
 one by one, and the toy has 2). LTX-Video runs without its text mask: with one, diffusers' Ulysses
 attention hands SDPA a mask over half the text tokens."""
+TENSOR_PARALLEL = ("tiny-flux", "tiny-qwenimage")
+"""Classes with a tensor-parallel plan (`_tp_plan`) in diffusers 0.42, checked under 2 shards."""
 STEPS = 6
 BASE = {"steps": STEPS, "polish": "none"}
 REQUESTS = {
@@ -121,31 +126,40 @@ QUANT = {"rank": 2, "smooth_alpha": 0.5, "gptq": True}
 
 
 def _quantized(single, model, inputs: dict) -> dict:
-    """`QUANT` compiled on one process and on the context-parallel model: the outputs, and a
-    digest of each layer's stored tensors as the context-parallel rank prepared them."""
+    """`QUANT` compiled on one process and on the parallel model: the outputs, a digest of each
+    layer's stored tensors as the parallel rank prepared them, and the shape of each weight the
+    format was handed in either run."""
     import hashlib
 
     from diffopt.kernels import formats
 
     digests: list[str] = []
+    shapes: dict[str, list[tuple[int, ...]]] = {"one": [], "cp": []}
     plain = formats.quant_format("int")
 
-    def recording(weight, config, layer_inputs):
-        prepared = plain.prepare(weight, config, layer_inputs)
-        stored = [a.value for a in prepared.args if isinstance(a, formats.Constant)]
-        data = b"".join(v.numpy().tobytes() for v in stored if v is not None)
-        digests.append(hashlib.sha1(data).hexdigest())
-        return prepared
+    def recording(run: str):
+        def prepare(weight, config, layer_inputs):
+            prepared = plain.prepare(weight, config, layer_inputs)
+            stored = [a.value for a in prepared.args if isinstance(a, formats.Constant)]
+            data = b"".join(v.numpy().tobytes() for v in stored if v is not None)
+            if run == "cp":
+                digests.append(hashlib.sha1(data).hexdigest())
+            shapes[run].append(tuple(weight.shape))
+            return prepared
+
+        return formats.QuantFormat("int", prepare)
 
     options = {"inner": "eager", "quant": QUANT}
+    outputs = {}
     with torch.no_grad():
-        one = torch.compile(single, backend="diffopt", options=options)(**inputs)[0]
-        formats._FORMATS["int"] = formats.QuantFormat("int", recording)
         try:
-            cp = torch.compile(model, backend="diffopt", options=options)(**inputs)[0]
+            for run, denoiser in (("one", single), ("cp", model)):
+                formats._FORMATS["int"] = recording(run)
+                compiled = torch.compile(denoiser, backend="diffopt", options=options)
+                outputs[run] = compiled(**inputs)[0]
         finally:
             formats._FORMATS["int"] = plain
-    return {"one": one, "cp": cp, "digests": digests}
+    return {**outputs, "digests": digests, "shapes": shapes}
 
 
 def _unrolled(single, model, inputs: dict, timestep_scale: float, blocks: str | None) -> dict:
@@ -186,10 +200,27 @@ def _unrolled(single, model, inputs: dict, timestep_scale: float, blocks: str | 
     return found
 
 
-def _parity(family: str, parallel: Any) -> tuple:
-    """One process and Ulysses 2 side by side: eager, compiled, cached requests, calibrated W4A4.
-    Returns the one-process model, the context-parallel one, the call, the top noise level and
-    what was measured."""
+def _token_refresh(single, model, inputs: dict, top: float) -> dict:
+    """A request that refreshes tokens, on one process and on the parallel model (tensor
+    parallelism only: under context parallelism a rank holds a slice of the tokens)."""
+    import diffopt
+
+    token = diffopt.CacheConfig(steps=STEPS, polish="token", early=0.05, critical=0.6)
+    options = {"inner": "eager", "cache": {"steps": STEPS}}
+    found = {}
+    for run, denoiser in (("one", single), ("cp", model)):
+        compiled = torch.compile(denoiser, backend="diffopt", options=options)
+        with diffopt.request(steps=STEPS):  # the first request calibrates
+            _denoise(compiled, inputs, top)
+        with diffopt.request(steps=STEPS, cache=token) as req:
+            found[run] = {"x": _denoise(compiled, inputs, top), "actions": req.actions}
+    return found
+
+
+def _parity(family: str, parallel: Callable[[], Any]) -> tuple:
+    """One process and the `parallel()` config (Ulysses 2, or 2 tensor-parallel shards) side by
+    side: eager, compiled, cached requests, calibrated W4A4. Returns the one-process model, the
+    parallel one, the call, the top noise level and what was measured."""
     from diffopt.evaluation import families, zoo
 
     found: dict = {}
@@ -205,7 +236,7 @@ def _parity(family: str, parallel: Any) -> tuple:
             **inputs
         )[0]
     found["one"] = _requests(torch.compile(single, backend="diffopt", options=options), inputs, top)
-    model.enable_parallelism(config=parallel(ulysses_degree=2))
+    model.enable_parallelism(config=parallel())
     with torch.no_grad():
         # diffusers' context-parallel hook on Wan's blocks.0 looks its forward's signature up on
         # its first call, which dynamo cannot trace: compiled first, the whole forward would
@@ -251,8 +282,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # diffusers places each rank on device `rank % torch.accelerator.device_count()`, a
         # division by zero without an accelerator; on CPU, gloo's one "device" is the CPU
         torch.accelerator.device_count = lambda: 1
-    from diffusers import ContextParallelConfig
+    import diffusers.hooks.tensor_parallel
+    from diffusers import ContextParallelConfig, TensorParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
 
+    # diffusers lists the accelerators it tested tensor parallelism on; its DTensor sharding
+    # runs on CPU with gloo as well
+    diffusers.hooks.tensor_parallel._SUPPORTED_TP_DEVICES += ("cpu",)
     results: dict = {}
     try:
         for family in FAMILIES + BREADTH:
@@ -260,10 +296,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             # every model's compile against that one code object, and past its recompile limit
             # (8) it runs the forward uncompiled, with only a log line
             torch._dynamo.reset()
-            single, model, inputs, top, found = _parity(family, ContextParallelConfig)
+            ulysses = partial(ContextParallelConfig, ulysses_degree=2)
+            single, model, inputs, top, found = _parity(family, ulysses)
             if family in FAMILIES:
                 found.update(_in_depth(family, single, model, inputs, top))
             results[family] = found
+        for family in TENSOR_PARALLEL:
+            torch._dynamo.reset()
+            shards = lambda: TensorParallelConfig(mesh=init_device_mesh("cpu", (world,)))  # noqa: E731
+            single, model, inputs, top, found = _parity(family, shards)
+            found["token"] = _token_refresh(single, model, inputs, top)
+            results[f"tp {family}"] = found
         results["cold"] = _compiled_cold()
     except Exception:
         results["error"] = traceback.format_exc()
@@ -373,6 +416,57 @@ def test_calibrated_w4a4_prepares_the_same_weights_on_every_rank(ranks, family):
         found = result[family]
         error = _gap(found["quant"]["one"], found["eager"])
         assert _gap(found["quant"]["cp"], found["quant"]["one"]) <= 0.5 * error
+
+
+@pytest.mark.parametrize("family", TENSOR_PARALLEL)
+def test_tensor_parallel_matches_one_process_compiled_and_cached(ranks, family):
+    """Each rank holds half of every planned weight (a DTensor): diffopt compiles the model
+    diffusers sharded, and its cached requests take one process's actions, a token refresh
+    included (every rank holds every token)."""
+    (rank0, rank1), _ = ranks
+    for result in (rank0, rank1):
+        found = result[f"tp {family}"]
+        assert _gap(found["cp_eager"], found["eager"]) <= 1e-4  # diffusers' own parity
+        assert _gap(found["cp_plain"], found["eager"]) <= 1e-4
+        for name in REQUESTS:
+            assert found["cp"][name]["actions"] == found["one"][name]["actions"], name
+            assert _gap(found["cp"][name]["x"], found["one"][name]["x"]) <= 1e-4, name
+    assert "reuse" in rank0[f"tp {family}"]["one"]["reuse"]["actions"][0]
+    for result in (rank0, rank1):
+        token = result[f"tp {family}"]["token"]
+        assert token["cp"]["actions"] == token["one"]["actions"]
+        assert _gap(token["cp"]["x"], token["one"]["x"]) <= 1e-4
+    assert "token" in rank0[f"tp {family}"]["token"]["one"]["actions"][0]
+
+
+@pytest.mark.parametrize("family", TENSOR_PARALLEL)
+def test_w4a4_under_tensor_parallelism_quantizes_each_shard_with_its_own_scales(ranks, family):
+    """`QUANT` (branch, smoothing, GPTQ) on 2 shards: each rank stores its own half of every
+    layer, calibrated on the rows its half sees (a rowwise shard scales its own slice of K), and
+    runs the op on its local tensors; the partial sums of rowwise layers are reduced before the
+    bias. Both ranks end with the same output, about as far from float as one process's W4A4."""
+    (rank0, rank1), _ = ranks
+    digests = [result[f"tp {family}"]["quant"]["digests"] for result in (rank0, rank1)]
+    shapes = rank0[f"tp {family}"]["quant"]["shapes"]
+    assert len(shapes["cp"]) == len(shapes["one"]) == len(digests[0]) == len(digests[1])
+    sharded = 0
+    for one, shard, first, second in zip(shapes["one"], shapes["cp"], *digests, strict=True):
+        if shard == one:  # a layer the plan leaves whole: the same weights on both ranks
+            assert first == second
+            continue
+        sharded += 1  # half of N (colwise) or of K (rowwise), with its own scales
+        assert shard in ((one[0] // 2, one[1]), (one[0], one[1] // 2)) and first != second
+    assert sharded >= 8
+    outputs = [result[f"tp {family}"]["quant"]["cp"] for result in (rank0, rank1)]
+    assert torch.equal(*outputs)
+    found = rank0[f"tp {family}"]
+    one_error = _relative_error(found["quant"]["one"], found["eager"])
+    shard_error = _relative_error(found["quant"]["cp"], found["eager"])
+    assert 0 < shard_error <= 1.5 * one_error
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
