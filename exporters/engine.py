@@ -153,8 +153,10 @@ class Engine:
         value that the engine holds only one way of (`diffopt.specialization`)."""
         assert self.checks is not None
         held = self.checks(*(flat[i] for i in self.checks.inputs))
+        # one host read for every check: each bool() would wait on the device on its own
+        held = torch.stack([torch.as_tensor(c).reshape(()).bool() for c in held]).tolist()
         for condition, message in zip(held, self.manifest["checks"]["messages"], strict=True):
-            if not bool(condition):
+            if not condition:
                 raise ValueError(
                     f"{message}; this call's inputs go another way there. Export an engine "
                     "with example inputs that go that way (one engine per way), or run the model "
