@@ -100,6 +100,12 @@ class CacheConfig:
     """Reused residuals are extended linearly from the last two full steps (else held); the
     controller then accumulates the calibrated curvature, weighted by the distance from the last
     full step (the error a linear extrapolation makes), instead of the change."""
+    damping: float = 1.0
+    """With `extrapolate`, a reused residual moves by ``damping`` times its slope between the
+    last two full steps (1: linear; 0: held). Below 1 it allows for the trajectory bending
+    between full steps: on ref-flux at 28 steps (12 calibration seeds) 0.85 raised an every-3
+    plan from 49.0 to 50.5 dB and a 10-full-step plan from 44.9 to 47.7 dB, where 0.55 lost.
+    `Calibration.refine` searches it (`DAMPING_GRID`)."""
     warmup: int = 1
     """The first steps always compute (the last step does too, except under a plan: the plan
     was measured with the action it names there)."""
@@ -155,6 +161,8 @@ class CacheConfig:
                 f"cache thresholds need 0 <= early <= critical, got early={self.early}, "
                 f"critical={self.critical}"
             )
+        if not 0 <= self.damping <= 1.5:
+            raise ConfigError(f"cache.damping must be in [0, 1.5], got {self.damping}")
         for name in ("token_ratio", "block_ratio"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"cache.{name} must be in (0, 1], got {getattr(self, name)}")

@@ -213,10 +213,10 @@ class Trend:
         """A partial refresh: a better estimate now, same slope."""
         self.latest, self.at_step = value, step
 
-    def at(self, step: int, extrapolate: bool) -> torch.Tensor:
-        if not extrapolate or self.slope is None:
+    def at(self, step: int, extrapolate: bool, damping: float = 1.0) -> torch.Tensor:
+        if not extrapolate or self.slope is None or damping == 0:
             return self.latest
-        return self.latest + self.slope * (step - self.at_step)
+        return self.latest + self.slope * (damping * (step - self.at_step))
 
     def change(self, group: Any = None) -> float:
         """Relative L1 change per step at the last full step (0 before there were two); with
@@ -1007,7 +1007,7 @@ class CachingExecutor(RegionExecutor):
         branch.earlier_stack, branch.last_stack = last, value
 
     def _rebuild(self, trend: Trend, base: int | None, entries: dict[int, Any], step, config):
-        cached = trend.at(step, config.extrapolate)
+        cached = trend.at(step, config.extrapolate, config.damping)
         return entries[base] + cached if base is not None else cached
 
     def _release(self, span: Boundary, values: list[Any]) -> None:

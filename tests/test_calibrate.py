@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 import diffopt
 from diffopt import quality
-from diffopt.calibration import Calibration, Trial, _grid, select
+from diffopt.calibration import DAMPING_GRID, Calibration, Trial, _grid, select
 from diffopt.config import CacheConfig, ConfigError
 from diffopt.evaluation import zoo
 from diffopt.runtime.controller import open_loop_actions
@@ -210,9 +210,14 @@ def test_refine_drops_or_moves_full_steps_while_the_budget_holds(reference):
     refined = found.refine(rounds=2)
     assert refined.trials[: len(found.trials)] == found.trials  # the evidence so far is kept
     new = refined.trials[len(found.trials) :]
+    start = found.chosen.plan
+    # first the extrapolation's dampings on the starting setting (its actions unchanged)
+    damped = new[: len(DAMPING_GRID)] if found.chosen.config.extrapolate else []
+    assert [t.config.damping for t in damped] == list(DAMPING_GRID)[: len(damped)]
+    assert all(t.plan == start for t in damped)
+    new = new[len(damped) :]
     assert new and all(t.config.mode == "plan" and t.plan == t.config.plan for t in new)
     warmup = found.chosen.plan.index("reuse")
-    start = found.chosen.plan
     for t in new[: start[warmup:].count("full")]:  # the first round: one full step fewer each
         assert t.plan[:warmup] == start[:warmup]
         assert sum(a != b for a, b in zip(t.plan, start, strict=True)) == 1
@@ -237,7 +242,7 @@ def test_refine_starts_from_full_steps_and_reuse_where_a_refresh_was_chosen(refe
     trials = [*found.trials, winner]
     chosen = Calibration(winner.config, winner.plan, trials, 30, winner, found.search)
     refined = chosen.refine(rounds=1)
-    new = refined.trials[len(trials) :]
+    new = [t for t in refined.trials[len(trials) :] if t.plan != start.plan]  # not a damping
     assert new, "refine tried nothing"
     warmup = start.plan.index("reuse")
     for t in new:  # each one full step fewer than the cheapest full-and-reuse setting, or moved

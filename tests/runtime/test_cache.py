@@ -989,6 +989,26 @@ def test_a_reused_step_re_adds_the_residual_to_the_stream_not_to_a_gate(name):
     assert (outs[2] - fresh).abs().mean() < 0.75 * (stale - fresh).abs().mean()
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.5, 1.0])
+def test_an_extrapolated_residual_moves_by_the_damping_times_its_slope(damping):
+    """Reuse extends the stack's residual from the last two full steps by `damping` times its
+    slope: 0 holds it, 1 is linear (`CacheConfig.damping`)."""
+    model, blocks, inputs = _gated("gated")
+    plan = ["full", "full", "reuse", "full"]
+    compiled = cached(model, steps=4, mode="plan", plan=plan, extrapolate=True, damping=damping)
+    calls = _steps_of(inputs, len(plan))
+    with diffopt.request(steps=len(plan)) as req, torch.no_grad():
+        outs = [first_output(compiled(**call)) for call in calls]
+    assert req.actions[0] == plan
+    first, second = (_block_ends(model, blocks, calls[k]) for k in (0, 1))
+    residuals = [ends[-1][1] - ends[0][0] for ends in (first, second)]
+    residual = residuals[1] + damping * (residuals[1] - residuals[0])
+    expected = _with_outputs(
+        model, blocks, calls[2], {len(blocks) - 1: lambda x0, x: x0 + residual}
+    )
+    torch.testing.assert_close(outs[2], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["gated", "tiny-ernie-image"])
 def test_a_block_refresh_re_adds_each_reused_blocks_residual_to_its_own_stream(name):
     """Half the blocks run on a block refresh; each other re-adds its last full step's residual
